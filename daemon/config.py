@@ -1,0 +1,416 @@
+"""Configuration: commented YAML loaded into frozen dataclasses.
+
+Validation is cheap and separate from model loading: `load_config()` checks types,
+unknown keys, device strings and required model paths and raises `ConfigError` with
+one line naming the file and the key. Nothing here imports torch or touches a model.
+
+Environment overrides (the seed's, and no others): ASR_ENGINE, TTS_ENGINE, ASR_DEVICE,
+TTS_DEVICE; S2S_CONFIG names the file; S2S_MODELS overrides `models_root`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Tuple
+
+import yaml
+
+DEFAULT_CONFIG_PATHS = ("/etc/s2s/s2s.yaml",)
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "s2s.yaml"
+
+_DEVICE_RE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
+ENV_OVERRIDES = {
+    "ASR_ENGINE": ("asr", "engine"),
+    "TTS_ENGINE": ("tts", "engine"),
+    "ASR_DEVICE": ("asr", "device"),
+    "TTS_DEVICE": ("tts", "device"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message is one line naming file and key."""
+
+    def __init__(self, key: str, message: str, source: str = "<config>"):
+        self.key = key
+        self.source = source
+        super().__init__(f"{source}: {key}: {message}")
+
+
+def valid_device(value: str) -> bool:
+    return bool(_DEVICE_RE.match(value))
+
+
+# --- sections -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    # Directory for the IPC socket files; systemd's RuntimeDirectory= sets
+    # $RUNTIME_DIRECTORY, which wins when the file leaves this empty.
+    runtime_dir: str = ""
+    asr_endpoint: str = "ipc://{runtime_dir}/asr.sock"
+    tts_endpoint: str = "ipc://{runtime_dir}/tts.sock"
+    # Octal file mode for ipc:// socket files, as a string ("0660").
+    socket_mode: str = "0660"
+    drain_timeout: float = 5.0
+    # Refuse to start instead of falling back to bundled models when weights are absent.
+    strict: bool = False
+    # High-water mark (messages) on each ROUTER socket.
+    hwm: int = 1000
+
+    @property
+    def socket_mode_bits(self) -> int:
+        return int(self.socket_mode.replace("0o", ""), 8)
+
+    def resolved_runtime_dir(self) -> str:
+        return self.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "") or "/run/s2s"
+
+    def endpoint(self, which: str) -> str:
+        template = self.asr_endpoint if which == "asr" else self.tts_endpoint
+        return template.replace("{runtime_dir}", self.resolved_runtime_dir().split(":")[0])
+
+
+@dataclass(frozen=True)
+class FunASRModels:
+    paraformer: str = "paraformer-large"
+    vad: str = "fsmn-vad"
+    punc: str = "ct-punc"
+    # Optional: streaming Paraformer for 2-pass partials. Empty = no partials.
+    streaming: str = ""
+
+
+@dataclass(frozen=True)
+class WhisperModels:
+    model: str = "whisper-base"
+    compute_type: str = "int8"
+    beam_size: int = 1
+    # fsmn-vad directory used for endpointing (same VAD as FunASR).
+    vad: str = "fsmn-vad"
+
+
+@dataclass(frozen=True)
+class ASRConfig:
+    engine: str = "funasr"
+    device: str = "cuda:1"
+    # auto: float16 on CUDA (never bfloat16 below compute 8.0), float32 on CPU.
+    dtype: str = "auto"
+    language: str = "zh"
+    hotwords: Tuple[str, ...] = ()
+    partials: bool = True
+    # Seconds of speech between partials when a streaming model is configured.
+    partial_interval: float = 0.6
+    funasr: FunASRModels = field(default_factory=FunASRModels)
+    whisper: WhisperModels = field(default_factory=WhisperModels)
+    # Engine used when the selected engine's weights are absent (unless daemon.strict).
+    fallback_engine: str = "whisper"
+    ncpu: int = 2
+
+
+@dataclass(frozen=True)
+class MeloModels:
+    # config.json + checkpoint.pth
+    model: str = "melo-zh"
+    # HF_HOME holding the BERT tokenizers/models melo reaches for.
+    hf_home: str = "hf"
+    nltk_data: str = "nltk_data"
+
+
+@dataclass(frozen=True)
+class PiperModels:
+    voice: str = "piper/en_US-joe-medium.onnx"
+
+
+@dataclass(frozen=True)
+class TTSConfig:
+    engine: str = "melo"
+    device: str = "cuda:1"
+    fallback_device: str = "cpu"
+    language: str = "ZH"
+    speed: float = 1.0
+    sample_rate: int = 24000
+    melo: MeloModels = field(default_factory=MeloModels)
+    piper: PiperModels = field(default_factory=PiperModels)
+    fallback_engine: str = "piper"
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # Origins allowed to open the websocket; empty = same host as the page only.
+    allowed_origins: Tuple[str, ...] = ()
+    # Optional bearer token (query ?token= or the `start` message). Empty = no auth.
+    token: str = ""
+    max_connections: int = 16
+    max_message_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    kind: str = "langgraph"
+    url: str = "http://127.0.0.1:8000"
+    assistant_id: str = "agent"
+    # OpenAI-compatible only.
+    model: str = ""
+    api_key: str = ""
+    timeout: float = 30.0
+    # Used by scripts/start-s2s.sh: fall back to the built-in echo agent when the
+    # configured one does not answer.
+    fallback_echo: bool = True
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_sessions: int = 32
+    idle_timeout: float = 60.0
+    max_utterance_seconds: float = 30.0
+    max_text_chars: int = 2000
+    max_tts_queue: int = 32
+    # Longest audio accepted in one ASR `audio` message, in seconds.
+    max_chunk_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class Config:
+    models_root: str = "/var/lib/s2s/models"
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    asr: ASRConfig = field(default_factory=ASRConfig)
+    tts: TTSConfig = field(default_factory=TTSConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "<defaults>"
+    overrides: Tuple[str, ...] = ()
+
+    def model_path(self, relative: str) -> Path:
+        """Resolve a model path from the config: absolute stays, relative is under models_root."""
+        p = Path(os.path.expanduser(relative))
+        return p if p.is_absolute() else Path(self.models_root) / p
+
+
+# --- allowed values -----------------------------------------------------------------
+
+CHOICES = {
+    "asr.engine": ("funasr", "whisper"),
+    "asr.fallback_engine": ("whisper", "funasr", "none"),
+    "asr.dtype": ("auto", "float16", "float32"),
+    "asr.language": ("zh", "en", "auto"),
+    "asr.whisper.compute_type": ("int8", "int8_float16", "float16", "float32", "default"),
+    "tts.engine": ("melo", "piper"),
+    "tts.fallback_engine": ("piper", "melo", "none"),
+    "tts.language": ("ZH", "EN"),
+    "agent.kind": ("langgraph", "openai", "echo"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+DEVICE_KEYS = ("asr.device", "tts.device", "tts.fallback_device")
+POSITIVE = (
+    "daemon.drain_timeout", "daemon.hwm", "asr.partial_interval", "asr.ncpu", "tts.speed",
+    "tts.sample_rate", "bridge.max_connections", "bridge.max_message_bytes", "agent.timeout",
+    "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
+    "limits.max_text_chars", "limits.max_tts_queue", "limits.max_chunk_seconds",
+    "asr.whisper.beam_size",
+)
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__}", source)
+        return _build(tp, value, key, source)
+    if origin in (tuple, Tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__}", source)
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is typing.Union:  # Optional[...]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}", source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}", source)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}", source)
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}", source)
+        return value
+    raise ConfigError(key, f"unsupported type {_type_name(tp)}", source)  # pragma: no cover
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name not in ("source", "overrides")}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(key, "unknown key", source)
+        kwargs[k] = _coerce(v, hints[k], key, source)
+    return cls(**kwargs)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _validate(cfg: Config) -> None:
+    src = cfg.source
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}", src)
+    for key in DEVICE_KEYS:
+        value = _get(cfg, key)
+        if not valid_device(value):
+            raise ConfigError(key, f"{value!r} is not a device (use cpu, auto, cuda or cuda:N)", src)
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(key, "must be greater than zero", src)
+    if not re.match(r"^(0o?)?[0-7]{3}$", cfg.daemon.socket_mode):
+        raise ConfigError("daemon.socket_mode", f"{cfg.daemon.socket_mode!r} is not an octal mode such as \"0660\"", src)
+    if not 0 < cfg.bridge.port < 65536 and cfg.bridge.port != 0:
+        raise ConfigError("bridge.port", "must be a TCP port", src)
+    for which in ("asr", "tts"):
+        ep = _get(cfg, f"daemon.{which}_endpoint")
+        if not re.match(r"^(ipc|tcp|inproc)://.+", ep):
+            raise ConfigError(f"daemon.{which}_endpoint", f"{ep!r} is not a ZeroMQ endpoint", src)
+    if not 8000 <= cfg.tts.sample_rate <= 48000:
+        raise ConfigError("tts.sample_rate", "must be between 8000 and 48000", src)
+    # The selected engine must name its model paths (existence is checked at load).
+    required = {
+        "funasr": ("asr.funasr.paraformer", "asr.funasr.vad"),
+        "whisper": ("asr.whisper.model",),
+    }[cfg.asr.engine]
+    required += {"melo": ("tts.melo.model",), "piper": ("tts.piper.voice",)}[cfg.tts.engine]
+    for key in required:
+        if not _get(cfg, key):
+            raise ConfigError(key, f"required by the selected engine but empty", src)
+    if not cfg.models_root:
+        raise ConfigError("models_root", "must not be empty", src)
+
+
+def _apply_env(data: dict, env: Mapping[str, str]) -> Tuple[str, ...]:
+    applied = []
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = env.get(var)
+        if value:
+            data.setdefault(section, {})
+            if not isinstance(data[section], dict):
+                continue  # the type error is reported by _build
+            data[section][key] = value
+            applied.append(f"{var}={value} -> {section}.{key}")
+    if env.get("S2S_MODELS"):
+        data["models_root"] = env["S2S_MODELS"]
+        applied.append(f"S2S_MODELS={env['S2S_MODELS']} -> models_root")
+    return tuple(applied)
+
+
+def find_config_path(explicit: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> Path:
+    """--config wins, then $S2S_CONFIG, then /etc/s2s/s2s.yaml, then the repo's etc/s2s.yaml."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get("S2S_CONFIG"):
+        return Path(env["S2S_CONFIG"])
+    for p in DEFAULT_CONFIG_PATHS:
+        if Path(p).exists():
+            return Path(p)
+    return REPO_CONFIG
+
+
+def parse_config(data: Any, source: str = "<config>", env: Optional[Mapping[str, str]] = None) -> Config:
+    """Build a validated Config from parsed YAML (a mapping or None), applying env overrides."""
+    env = os.environ if env is None else env
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("<top>", "the file must hold a mapping of sections", source)
+    data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    overrides = _apply_env(data, env)
+    cfg = _build(Config, data, "", source)
+    cfg = dataclasses.replace(cfg, source=source, overrides=overrides)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> Config:
+    p = find_config_path(path, env)
+    source = str(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("<file>", f"cannot read: {e.strerror or e}", source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<yaml>"
+        raise ConfigError(where, f"invalid YAML: {getattr(e, 'problem', e)}", source) from None
+    return parse_config(data, source, env)
+
+
+def as_dict(cfg: Config, redact: bool = True) -> dict:
+    """The effective config as plain data; secrets redacted for logs and `describe`."""
+    d = dataclasses.asdict(cfg)
+    if redact:
+        if d["bridge"]["token"]:
+            d["bridge"]["token"] = "***"
+        if d["agent"]["api_key"]:
+            d["agent"]["api_key"] = "***"
+    return d
+
+
+def reloadable_diff(old: Config, new: Config) -> Tuple[list, list]:
+    """Split changes between two configs into (applied on SIGHUP, needing a restart)."""
+    live_prefixes = ("limits.", "logging.", "asr.hotwords", "asr.partial_interval", "tts.speed",
+                     "daemon.drain_timeout")
+    applied, restart = [], []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if dataclasses.is_dataclass(a):
+            for f in dataclasses.fields(a):
+                if f.name in ("source", "overrides"):
+                    continue
+                walk(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}.")
+        elif a != b:
+            key = prefix[:-1]
+            (applied if key.startswith(live_prefixes) else restart).append(key)
+
+    walk(old, new, "")
+    return applied, restart

