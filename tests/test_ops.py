@@ -1,0 +1,90 @@
+"""Operations: systemd units verify and pin nothing; the P100 install script's dry run."""
+
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+VENV_BIN = Path(sys.executable).parent
+
+
+def unit(name):
+    p = configparser.ConfigParser(strict=False, interpolation=None)
+    p.optionxform = str
+    # systemd allows repeated keys (DeviceAllow=); keep the last, we only read single keys
+    text = (UNITS / name).read_text()
+    p.read_string(text)
+    return p, text
+
+
+def test_daemon_unit_essentials():
+    u, text = unit("s2s-speechd.service")
+    s = u["Service"]
+    assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
+    assert int(s["WatchdogSec"]) > 0 and s["Restart"] == "on-failure"
+    assert s["RuntimeDirectory"] == "s2s" and s["RuntimeDirectoryMode"] == "0750"
+    assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in text
+    for k in ("ProtectSystem", "ProtectHome", "PrivateTmp", "NoNewPrivileges", "ReadWritePaths", "User"):
+        assert k in s, k
+    assert "DeviceAllow=/dev/nvidiactl" in text
+    assert "StartLimitBurst" in u["Unit"]
+
+
+def test_units_pin_no_gpu():
+    for p in UNITS.glob("*.service"):
+        body = "\n".join(l for l in p.read_text().splitlines() if not l.lstrip().startswith("#"))
+        assert "cuda:" not in body and "CUDA_VISIBLE_DEVICES" not in body, p.name
+
+
+def test_bridge_unit_requires_daemon():
+    u, _ = unit("s2s-bridge.service")
+    assert "s2s-speechd.service" in u["Unit"]["Requires"] and "s2s-speechd.service" in u["Unit"]["After"]
+    assert u["Service"]["SupplementaryGroups"] == "s2s"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify(tmp_path):
+    for p in UNITS.iterdir():
+        if p.suffix in (".service", ".target"):
+            (tmp_path / p.name).write_text(p.read_text().replace("/opt/s2s/.venv/bin", str(VENV_BIN)))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                        *[str(p) for p in sorted(tmp_path.iterdir())]],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    # verify exits 0 on unknown keys: any line naming our units is a problem
+    problems = [l for l in (r.stdout + r.stderr).splitlines() if "s2s" in l]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def test_p100_install_dry_run(tmp_path):
+    prefix = tmp_path / "opt"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "install-speech-p100.sh"), "--dry-run",
+                        "--prefix", str(prefix), "--models", str(tmp_path / "models")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "https://download.pytorch.org/whl/cu126" in out and "torch==2.9.1" in out and "torchaudio==2.9.1" in out
+    assert "'sm_60' not in arch" in out
+    assert "s2s-models fetch" in out and "s2s-models verify" in out and "systemctl daemon-reload" in out
+    # a dry run does nothing
+    assert not prefix.exists() and not (tmp_path / "models").exists()
+    # the order matters: the cu126 torch before the generic requirements
+    assert out.index("cu126") < out.index("requirements-speech.txt")
+
+
+def test_p100_install_rejects_unknown_option():
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "install-speech-p100.sh"), "--bogus"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "unknown option" in r.stderr
+
+
+def test_requirements_pins_are_exact():
+    for line in (ROOT / "requirements-speech.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            assert "==" in line, f"unpinned requirement: {line}"
