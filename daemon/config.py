@@ -148,6 +148,10 @@ class BridgeConfig:
     token: str = ""
     max_connections: int = 16
     max_message_bytes: int = 1 << 20
+    # Outgoing data queued per connection (bytes); a browser that leaves it full for
+    # slow_client_timeout seconds is closed with 1008 "client too slow".
+    send_queue_bytes: int = 4 << 20
+    slow_client_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,7 @@ DEVICE_KEYS = ("asr.device", "tts.device", "tts.fallback_device")
 POSITIVE = (
     "daemon.drain_timeout", "daemon.hwm", "asr.partial_interval", "asr.ncpu", "tts.speed",
     "tts.sample_rate", "bridge.max_connections", "bridge.max_message_bytes", "agent.timeout",
+    "bridge.send_queue_bytes", "bridge.slow_client_timeout",
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
     "limits.max_text_chars", "limits.max_tts_queue", "limits.max_chunk_seconds",
     "asr.whisper.beam_size",

@@ -15,8 +15,8 @@ FORCE=0
 
 step() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 
-if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
-  echo "[install] Python >= 3.10 is required ($PY is $("$PY" -V 2>&1))" >&2; exit 1
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+  echo "[install] Python >= 3.11 is required ($PY is $("$PY" -V 2>&1))" >&2; exit 1
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

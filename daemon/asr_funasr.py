@@ -1,0 +1,318 @@
+"""FunASR engine: offline Paraformer + fsmn-vad + CT-Transformer punctuation, with optional
+2-pass partials from a streaming Paraformer and per-session hotwords (SeACo-Paraformer).
+
+The 2-pass design of FunASR's own server: the streaming VAD (daemon/vad.py) finds where an
+utterance starts and ends; while it is open the streaming Paraformer (`ParaformerStreaming`)
+gets every 600 ms of speech and its running text goes out as `partial` events; when it ends
+the offline model decodes the whole segment, punctuation is added, and a `final` goes out.
+
+Models load from local directories only (`disable_update=True`; a missing directory raises
+ModelMissingError, it is never taken for a hub id). One `FunASRPool` holds the models for
+the process; `FunASREngine`s hold only a session's streaming state. Inference runs on the
+pool's single worker thread (`submit`). fp16 on CUDA is done with autocast (weights stay
+float32): funasr's BiCif/SeACo inference paths do not cast their input to half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from daemon import devices
+from daemon.errors import EngineError, ModelMissingError, S2SError
+from daemon.vad import (FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, PoolBase, StreamingEngine, join_cjk,
+                        require_dir)
+
+logger = logging.getLogger(__name__)
+
+# funasr model classes that take `hotword=` at generate time.
+HOTWORD_MODELS = ("SeacoParaformer", "ContextualParaformer")
+STREAMING_MODELS = ("ParaformerStreaming",)
+# FunASR's server settings for the streaming model: 600 ms chunks, 300 ms look-ahead.
+STREAM_CHUNK = [0, 10, 5]
+STREAM_SAMPLES = STREAM_CHUNK[1] * 960
+STREAM_KW = {"chunk_size": STREAM_CHUNK, "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
+
+
+@dataclass(frozen=True)
+class FunASRConfig:
+    paraformer_dir: Path
+    vad_dir: Path
+    punc_dir: Optional[Path] = None
+    streaming_dir: Optional[Path] = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    language: str = "zh"
+    hotwords: Tuple[str, ...] = ()
+    partials: bool = True
+    partial_interval: float = 0.6
+    max_utterance_seconds: float = 30.0
+    max_sessions: int = 32
+    idle_timeout: float = 60.0
+    ncpu: int = 2
+    batch_size: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "FunASRConfig":
+        """From a daemon.config.Config; relative model paths resolve under models_root."""
+        f = cfg.asr.funasr
+        return cls(
+            paraformer_dir=cfg.model_path(f.paraformer),
+            vad_dir=cfg.model_path(f.vad),
+            punc_dir=cfg.model_path(f.punc) if f.punc else None,
+            streaming_dir=cfg.model_path(f.streaming) if f.streaming else None,
+            device=cfg.asr.device, dtype=cfg.asr.dtype, language=cfg.asr.language,
+            hotwords=tuple(cfg.asr.hotwords), partials=cfg.asr.partials,
+            partial_interval=cfg.asr.partial_interval,
+            max_utterance_seconds=cfg.limits.max_utterance_seconds,
+            max_sessions=cfg.limits.max_sessions, idle_timeout=cfg.limits.idle_timeout, ncpu=cfg.asr.ncpu)
+
+    def missing(self) -> List[str]:
+        """Required model directories that are absent (cheap; no model is loaded)."""
+        return [str(p) for p in (self.paraformer_dir, self.vad_dir) if not (Path(p) / "config.yaml").is_file()]
+
+
+def model_class(model_dir: Path) -> str:
+    """The funasr class named by a model directory's config.yaml."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(model_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError) as e:
+        raise ModelMissingError(f"{model_dir}/config.yaml: cannot read ({e})") from None
+    return str(data.get("model", "")) if isinstance(data, dict) else ""
+
+
+class FunASRPool(PoolBase):
+    """Loaded FunASR models shared by every session, with one device worker."""
+
+    name = "funasr"
+
+    def __init__(self, config: FunASRConfig):
+        super().__init__(config.max_sessions, config.idle_timeout)
+        self.config = config
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.generation = 0  # bumped when models are reloaded (CPU fallback)
+        self.asr_class = ""
+        self.streaming_class = ""
+        self.notes: List[str] = []
+        self._asr: Any = None
+        self._punc: Any = None
+        self._stream: Any = None
+
+    # -- loading ----------------------------------------------------------------------
+
+    def load(self) -> None:
+        c = self.config
+        require_dir(c.paraformer_dir, "paraformer")
+        require_dir(c.vad_dir, "fsmn-vad")
+        self.asr_class = model_class(c.paraformer_dir)
+        t0 = time.monotonic()
+        self.vad = FsmnVAD(c.vad_dir, ncpu=c.ncpu)
+        self.vad.load()
+        choice = devices.resolve(c.device, c.dtype, what="asr.funasr")
+        if choice.fallback_reason:
+            self.fallbacks.append(choice.fallback_reason)
+        try:
+            self._load_models(choice.device, choice.dtype)
+        except Exception as e:
+            if not (choice.is_cuda and devices.is_cuda_error(e)):
+                raise
+            self._note_fallback(f"CUDA error loading models on {choice.device}: {e}; using cpu")
+            self._load_models("cpu", "float32")
+        self._loaded = True
+        if self.config.hotwords and not self.capabilities().get("hotwords"):
+            logger.warning("%s: asr.hotwords is set but %s cannot use hotwords; the defaults are not applied",
+                           self.name, self.model_label())
+        logger.info("funasr: loaded %s (%s) on %s/%s in %.1f s; punctuation %s; partials %s",
+                    c.paraformer_dir, self.asr_class, self.device, self.dtype, time.monotonic() - t0,
+                    "on" if self._punc is not None else "off", "on" if self._stream is not None else "off")
+
+    def _load_models(self, device: str, dtype: str) -> None:
+        from funasr import AutoModel
+
+        c = self.config
+        common = dict(device=device, ncpu=c.ncpu, batch_size=c.batch_size, **FUNASR_QUIET)
+        # dither 0: the frontend's default dither makes results vary from run to run.
+        asr = AutoModel(model=str(c.paraformer_dir), frontend_conf={"dither": 0.0}, **common)
+        punc = None
+        if c.punc_dir is not None:
+            if (Path(c.punc_dir) / "config.yaml").is_file():
+                punc = AutoModel(model=str(c.punc_dir), **common)
+            else:
+                self._note(f"punctuation model {c.punc_dir} is missing; finals have no punctuation")
+        stream = None
+        if c.streaming_dir is not None and c.partials:
+            if not (Path(c.streaming_dir) / "config.yaml").is_file():
+                self._note(f"streaming model {c.streaming_dir} is missing; no partials")
+            else:
+                self.streaming_class = model_class(c.streaming_dir)
+                if self.streaming_class not in STREAMING_MODELS:
+                    self._note(f"{c.streaming_dir} is a {self.streaming_class}, not a streaming Paraformer; "
+                               f"no partials")
+                else:
+                    stream = AutoModel(model=str(c.streaming_dir), frontend_conf={"dither": 0.0}, **common)
+        self._asr, self._punc, self._stream = asr, punc, stream
+        self.device, self.dtype = device, dtype
+        self.generation += 1
+
+    def _note(self, msg: str) -> None:
+        if msg not in self.notes:
+            self.notes.append(msg)
+            logger.warning("funasr: %s", msg)
+
+    def _note_fallback(self, msg: str) -> None:
+        logger.error("funasr: %s", msg)
+        self.fallbacks.append(msg)
+
+    # -- inference (run these on the worker) ------------------------------------------
+
+    def _autocast(self) -> Any:
+        if self.device.startswith("cuda") and self.dtype == "float16":
+            import torch
+
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _guarded(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run fn; after a CUDA error reload everything on the CPU once and retry."""
+        try:
+            with self._autocast():
+                return fn(*args)
+        except S2SError:
+            raise
+        except Exception as e:
+            if self.device.startswith("cuda") and devices.is_cuda_error(e):
+                self._note_fallback(f"CUDA error during {what} on {self.device}: {e}; reloading on cpu")
+                self._load_models("cpu", "float32")
+                try:
+                    return fn(*args)
+                except Exception as e2:
+                    logger.exception("funasr: %s failed on cpu after fallback", what)
+                    raise EngineError(f"{what} failed: {e2}") from e2
+            logger.exception("funasr: %s failed", what)
+            raise EngineError(f"{what} failed: {e}") from e
+
+    def decode(self, audio: np.ndarray, hotwords: Sequence[str] = ()) -> str:
+        """Offline Paraformer on one utterance, then punctuation; plain text."""
+        return self._guarded("recognition", self._decode, audio, tuple(hotwords))
+
+    def _decode(self, audio: np.ndarray, hotwords: Tuple[str, ...]) -> str:
+        kw: Dict[str, Any] = {"disable_pbar": True}
+        if hotwords:
+            kw["hotword"] = " ".join(hotwords)
+        res = self._asr.generate(input=audio, **kw)
+        text = str(res[0].get("text", "")) if res else ""
+        if text.strip() and self._punc is not None:
+            pres = self._punc.generate(input=text, disable_pbar=True)
+            text = str(pres[0].get("text", text)) if pres else text
+        return join_cjk(text)
+
+    def stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
+        """One 600 ms chunk through the streaming Paraformer; the text it adds."""
+        return self._guarded("streaming recognition", self._stream_chunk, audio, cache)
+
+    def _stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
+        res = self._stream.generate(input=audio, cache=cache, is_final=False, disable_pbar=True, **STREAM_KW)
+        return str(res[0].get("text", "")) if res else ""
+
+    # -- sessions and reporting -------------------------------------------------------
+
+    @property
+    def has_partials(self) -> bool:
+        return self._stream is not None
+
+    def capabilities(self) -> Dict[str, Any]:
+        return {"partials": self.has_partials, "hotwords": self.asr_class in HOTWORD_MODELS,
+                "punctuation": self._punc is not None, "languages": ["zh", "en", "auto"],
+                "sample_rate": SAMPLE_RATE}
+
+    def model_label(self) -> str:
+        return f"{Path(self.config.paraformer_dir).name}: {self.asr_class or 'not loaded'}"
+
+    def _new_engine(self, session_id: str, language: Optional[str], hotwords: Optional[Sequence[str]],
+                    partials: bool) -> "FunASREngine":
+        return FunASREngine(self, session_id, language=language, hotwords=hotwords, partials=partials)
+
+    def info(self) -> Dict[str, Any]:
+        c = self.config
+        return {
+            "engine": self.name, "device": self.device, "dtype": self.dtype, "requested_device": c.device,
+            "models": {"paraformer": str(c.paraformer_dir), "vad": str(c.vad_dir),
+                       "punc": str(c.punc_dir) if c.punc_dir else None,
+                       "streaming": str(c.streaming_dir) if c.streaming_dir else None},
+            "model_class": self.asr_class, "capabilities": self.capabilities(),
+            "sessions": self.session_count, "max_sessions": self.max_sessions,
+            "fallbacks": list(self.fallbacks), "notes": list(self.notes), "loaded": self._loaded,
+        }
+
+
+class FunASREngine(StreamingEngine):
+    """One FunASR session. Build it with `pool.open(...)`, or standalone from a FunASRConfig
+    (which loads a private pool: fine for scripts, wasteful for a server)."""
+
+    supports_partials = True
+
+    def __init__(self, pool: Union[FunASRPool, FunASRConfig], session_id: str = "default",
+                 language: Optional[str] = None, hotwords: Optional[Sequence[str]] = None,
+                 partials: Optional[bool] = None):
+        if isinstance(pool, FunASRConfig):
+            standalone = FunASRPool(pool)
+            standalone.load()
+            pool = standalone
+        c = pool.config
+        self._interval = max(int(round(c.partial_interval * SAMPLE_RATE)), 1)
+        self._stream_cache: Dict[str, Any] = {}
+        self._stream_pos = 0
+        self._stream_text = ""
+        self._since_partial = 0
+        self._generation = pool.generation
+        super().__init__(pool, session_id, language or c.language,
+                         _default_hotwords(pool) if hotwords is None else hotwords,
+                         c.partials if partials is None else partials, c.max_utterance_seconds)
+        self.partials = self.partials and pool.has_partials
+
+    def _decode(self, audio: np.ndarray) -> str:
+        return self.pool.decode(audio, self.hotwords)
+
+    def _partial_reset(self) -> None:
+        self._stream_cache = {}
+        self._stream_text = ""
+        self._since_partial = 0
+        self._stream_pos = 0
+
+    def _partial_step(self, final: bool) -> List[Dict[str, Any]]:
+        start = self._seg.utterance_start
+        if start is None:
+            return []
+        if self._generation != self.pool.generation:
+            # Models were reloaded (CPU fallback): the old cache belongs to the old model.
+            self._generation = self.pool.generation
+            self._stream_cache = {}
+        events: List[Dict[str, Any]] = []
+        pos = max(self._stream_pos, start)
+        while self._seg.total - pos >= STREAM_SAMPLES:
+            chunk = self._seg.audio(pos, pos + STREAM_SAMPLES)
+            self._stream_text += self.pool.stream_chunk(chunk, self._stream_cache)
+            pos += STREAM_SAMPLES
+            self._since_partial += STREAM_SAMPLES
+            text = join_cjk(self._stream_text)
+            if self._since_partial >= self._interval - STREAM_SAMPLES // 2 and text:
+                self._since_partial = 0
+                events.append({"type": "partial", "text": text, "start": self._t(start), "end": self._t(pos),
+                               "utterance": self._utt})
+        self._stream_pos = pos
+        return events
+
+
+def _default_hotwords(pool: FunASRPool) -> List[str]:
+    """Config-wide hotwords apply only where the model can use them (the pool logged a
+    warning at load otherwise); hotwords a session asks for are never dropped silently."""
+    return list(pool.config.hotwords) if pool.capabilities().get("hotwords") else []

@@ -1,0 +1,218 @@
+"""s2s-ctl: talk to a running speech daemon.
+
+    s2s-ctl [--config FILE | --asr EP --tts EP] health [--json]
+    s2s-ctl transcribe FILE.wav [--lang zh] [--stream] [--json]
+    s2s-ctl speak TEXT -o out.wav [--lang zh] [--speed 1.0]
+    s2s-ctl sessions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from daemon import protocol as P
+from daemon.client import ASRClient, DaemonError, TTSClient
+
+CHUNK_SECONDS = 0.1
+# Without --stream, audio is sent ahead of the daemon by at most this much (ack flow control).
+WINDOW_SECONDS = 10.0
+
+
+def _endpoints(args: argparse.Namespace) -> Dict[str, str]:
+    eps: Dict[str, str] = {}
+    if not (args.asr and args.tts):
+        from daemon.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            raise SystemExit(f"s2s-ctl: config error: {e}")
+        eps = {"asr": cfg.daemon.endpoint("asr"), "tts": cfg.daemon.endpoint("tts")}
+    if args.asr:
+        eps["asr"] = args.asr
+    if args.tts:
+        eps["tts"] = args.tts
+    return eps
+
+
+def _table(info: Dict[str, Any]) -> str:
+    d = info.get("daemon", {})
+    lines = [f"daemon   v{d.get('version')} protocol {d.get('protocol')} pid {d.get('pid')} "
+             f"uptime {d.get('uptime', 0):.0f}s healthy={d.get('healthy')}"]
+    for kind in ("asr", "tts"):
+        e = info.get(kind, {})
+        lines.append(f"{kind:8s} engine={e.get('engine')} device={e.get('device')} dtype={e.get('dtype', '-')} "
+                     f"capabilities={json.dumps(e.get('capabilities', {}), ensure_ascii=False)}")
+        for k, v in (e.get("model_dirs") or {}).items():
+            lines.append(f"{'':8s} model {k}: {v}")
+    caps = info.get("capabilities", {})
+    lines.append("caps     " + " ".join(f"{k}={v}" for k, v in caps.items()))
+    q = info.get("queues", {})
+    lines.append("queues   " + " ".join(f"{k}={v}" for k, v in q.items()))
+    fb = info.get("fallbacks") or []
+    lines.append("fallback " + ("; ".join(fb) if fb else "none"))
+    return "\n".join(lines)
+
+
+def cmd_health(args: argparse.Namespace, eps: Dict[str, str]) -> int:
+    out: Dict[str, Any] = {}
+    rc = 0
+    for kind in ("asr", "tts"):
+        with (ASRClient if kind == "asr" else TTSClient)(eps[kind], timeout=args.timeout) as c:
+            try:
+                rtt = c.ping()
+                out[kind] = {"endpoint": eps[kind], "rtt_ms": round(rtt * 1000, 2), "info": c.describe()}
+            except DaemonError as e:
+                out[kind] = {"endpoint": eps[kind], "error": e.code.value, "message": str(e)}
+                rc = 1
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return rc
+    for kind in ("asr", "tts"):
+        o = out[kind]
+        if "error" in o:
+            print(f"{kind}: {o['endpoint']}: {o['error']}: {o['message']}")
+        else:
+            print(f"{kind}: {o['endpoint']} (ping {o['rtt_ms']} ms)")
+    ok = next((out[k]["info"] for k in ("asr", "tts") if "info" in out[k]), None)
+    if ok:
+        print(_table(ok))
+    return rc
+
+
+def _fmt(m: P.Message) -> Optional[str]:
+    if isinstance(m, P.Final):
+        return f"final   {m.start:7.2f} {m.end:7.2f}  {m.text}" if m.text else None
+    if isinstance(m, P.Partial):
+        return f"partial {m.start:7.2f} {m.end:7.2f}  {m.text}"
+    if isinstance(m, P.Error):
+        return f"error   {m.code}: {m.message}"
+    return None
+
+
+def cmd_transcribe(args: argparse.Namespace, eps: Dict[str, str]) -> int:
+    from daemon.audio import float_to_pcm16, read_wav
+
+    x, sr = read_wav(args.file)
+    pcm = float_to_pcm16(x) if x.size else b""
+    step = int(sr * CHUNK_SECONDS) * 2
+    events: List[P.Message] = []
+
+    def show(ms: List[P.Message]) -> None:
+        for m in ms:
+            events.append(m)
+            line = None if args.json else _fmt(m)
+            if line and (args.stream or not isinstance(m, P.Partial)):
+                print(line, flush=True)
+
+    with ASRClient(eps["asr"], timeout=args.timeout) as c:
+        try:
+            s = c.open(language=args.lang, sample_rate=sr, partials=args.stream)
+        except DaemonError as e:
+            print(f"s2s-ctl: open failed: {e.code.value}: {e}", file=sys.stderr)
+            return 1
+        t0 = time.monotonic()
+        window = max(1, int(WINDOW_SECONDS / CHUNK_SECONDS))
+        acked = -1
+        for i, off in enumerate(range(0, len(pcm), step)):
+            if args.stream:
+                # Real time: chunk i is due at i * 100 ms.
+                delay = t0 + i * CHUNK_SECONDS - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            want_ack = not args.stream and i % 10 == 9
+            seq = s.send(pcm[off:off + step], ack=want_ack)
+            if want_ack and seq - window > acked:
+                # Far enough ahead: wait for an older chunk's ack before sending more.
+                show(s.wait_ack(seq - window // 2, timeout=args.timeout))
+                acked = seq - window // 2
+            show(s.poll(0))
+        try:
+            show(s.finalize(timeout=args.timeout))
+        except DaemonError as e:
+            print(f"s2s-ctl: {e.code.value}: {e}", file=sys.stderr)
+            return 1
+    finals = [m for m in events if isinstance(m, P.Final) and m.text]
+    if args.json:
+        print(json.dumps([m.header() for m in events if not isinstance(m, P.Ack)], ensure_ascii=False, indent=1))
+    errors = [m for m in events if isinstance(m, P.Error)]
+    return 1 if errors and not finals else 0
+
+
+def cmd_speak(args: argparse.Namespace, eps: Dict[str, str]) -> int:
+    from daemon.audio import write_wav
+
+    with TTSClient(eps["tts"], timeout=args.timeout) as c:
+        try:
+            t0 = time.monotonic()
+            first = None
+            chunks, rate = [], 24000
+            for chunk in c.synthesize(args.text, language=args.lang, speed=args.speed):
+                first = first if first is not None else time.monotonic() - t0
+                chunks.append(chunk.pcm)
+                rate = chunk.sample_rate
+        except DaemonError as e:
+            print(f"s2s-ctl: {e.code.value}: {e}", file=sys.stderr)
+            return 1
+    pcm = b"".join(chunks)
+    write_wav(args.output, pcm, rate)
+    print(f"wrote {args.output}: {len(pcm) / 2 / rate:.2f} s at {rate} Hz, first audio after "
+          f"{(first or 0) * 1000:.0f} ms, total {(time.monotonic() - t0) * 1000:.0f} ms")
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace, eps: Dict[str, str]) -> int:
+    with ASRClient(eps["asr"], timeout=args.timeout) as c:
+        try:
+            info = c.describe()
+        except DaemonError as e:
+            print(f"s2s-ctl: {e.code.value}: {e}", file=sys.stderr)
+            return 1
+    sessions = info.get("sessions", [])
+    if args.json:
+        print(json.dumps(sessions, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{len(sessions)} session(s)")
+    for s in sessions:
+        print(f"{s['session_id']:34s} lang={s['language']} rate={s['sample_rate']} age={s['age']:.1f}s "
+              f"idle={s['idle']:.1f}s backlog={s['backlog_seconds']:.1f}s")
+    return 0
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="s2s-ctl", description="talk to a running s2s speech daemon")
+    p.add_argument("--config", help="config file naming the endpoints (default: as s2s-speechd)")
+    p.add_argument("--asr", help="ASR endpoint, e.g. ipc:///run/s2s/asr.sock (overrides the config)")
+    p.add_argument("--tts", help="TTS endpoint (overrides the config)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("health", help="ping both sockets and print the daemon's info")
+    h.add_argument("--json", action="store_true")
+    t = sub.add_parser("transcribe", help="transcribe a WAV file (PCM16; any rate, resampled by the daemon)")
+    t.add_argument("file")
+    t.add_argument("--lang", choices=("zh", "en", "auto"), default=None)
+    t.add_argument("--stream", action="store_true", help="send in real time and show partials")
+    t.add_argument("--json", action="store_true", help="print every event as JSON")
+    s = sub.add_parser("speak", help="synthesise TEXT into a WAV file")
+    s.add_argument("text")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--lang", default=None)
+    s.add_argument("--speed", type=float, default=None)
+    ss = sub.add_parser("sessions", help="list live ASR sessions")
+    ss.add_argument("--json", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    eps = _endpoints(args)
+    return {"health": cmd_health, "transcribe": cmd_transcribe, "speak": cmd_speak,
+            "sessions": cmd_sessions}[args.cmd](args, eps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

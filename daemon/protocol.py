@@ -1,0 +1,510 @@
+"""The s2s wire protocol, shared by the daemon, the client library and the bridge.
+
+A message is a ZeroMQ multipart message. On the daemon's ROUTER socket it arrives as
+
+    [identity, b"", header, *binary]
+
+and a DEALER client sees ``[b"", header, *binary]``. ``header`` is UTF-8 JSON holding at
+least ``{"v": 1, "type": "..."}`` plus the message's fields; audio never goes inside the
+JSON: it travels as the one binary frame after the header (``audio`` both ways).
+
+Each message type is one frozen dataclass with ``encode() -> list[bytes]`` (the frames
+after the empty delimiter) and ``decode``; the module-level ``decode_request()`` /
+``decode_reply()`` pick the class from the header. The same type name may mean different
+messages in the two directions: ``audio`` from a client is ASR input (session_id, seq,
+PCM16 16 kHz), ``audio`` from the daemon is TTS output (request_id, seq, sentence, PCM16).
+
+Bad input raises ``ProtocolError`` carrying a stable ``ErrorCode``, plus whatever request
+and session id could be read, so the daemon can answer with an ``error`` message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+from daemon.errors import ErrorCode, S2SError
+
+PROTOCOL_VERSION = 1
+# Largest header accepted (bytes of JSON); audio is never in the header.
+MAX_HEADER_BYTES = 64 * 1024
+ASR_SAMPLE_RATE = 16000
+
+Frames = List[bytes]
+
+
+class ProtocolError(S2SError):
+    """A message that cannot be used; `code` says why, ids are filled in when readable."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST,
+                 request_id: str = "", session_id: str = ""):
+        super().__init__(message, code)
+        self.request_id = request_id
+        self.session_id = session_id
+
+
+class MsgType(str, enum.Enum):
+    # client -> daemon, ASR
+    OPEN = "open"
+    AUDIO = "audio"  # ASR input from a client; TTS output from the daemon
+    FINALIZE = "finalize"
+    RESET = "reset"
+    CLOSE = "close"
+    # client -> daemon, TTS
+    SYNTHESIZE = "synthesize"
+    CANCEL = "cancel"
+    # client -> daemon, both sockets
+    DESCRIBE = "describe"
+    PING = "ping"
+    # daemon -> client, ASR
+    OPENED = "opened"
+    SPEECH_START = "speech_start"
+    PARTIAL = "partial"
+    FINAL = "final"
+    CLOSED = "closed"
+    ACK = "ack"
+    # daemon -> client, TTS
+    DONE = "done"
+    CANCELLED = "cancelled"
+    # daemon -> client, both
+    INFO = "info"
+    PONG = "pong"
+    ERROR = "error"
+
+
+# --- field checks (raise ProtocolError, never assert) ---------------------------------------
+
+
+def _fail(msg: str, hdr: Mapping[str, Any], code: ErrorCode = ErrorCode.BAD_REQUEST) -> ProtocolError:
+    rid = hdr.get("request_id", "")
+    sid = hdr.get("session_id", "")
+    return ProtocolError(msg, code, rid if isinstance(rid, str) else "", sid if isinstance(sid, str) else "")
+
+
+def _check(value: Any, tp: Any, name: str, hdr: Mapping[str, Any]) -> Any:
+    """Validate one header field against a dataclass annotation string."""
+    t = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    t = t.replace("typing.", "")
+    optional = t.startswith("Optional[")
+    if optional:
+        if value is None:
+            return None
+        t = t[len("Optional["):-1]
+    if t == "str":
+        if not isinstance(value, str):
+            raise _fail(f"field {name!r} must be a string", hdr)
+        return value
+    if t == "bool":
+        if not isinstance(value, bool):
+            raise _fail(f"field {name!r} must be true or false", hdr)
+        return value
+    if t == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(f"field {name!r} must be an integer", hdr)
+        return value
+    if t == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _fail(f"field {name!r} must be a finite number", hdr)
+        return float(value)
+    if t.startswith("Tuple[str"):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise _fail(f"field {name!r} must be a list of strings", hdr)
+        return tuple(value)
+    if t.startswith("Dict"):
+        if not isinstance(value, dict):
+            raise _fail(f"field {name!r} must be an object", hdr)
+        return value
+    raise _fail(f"field {name!r}: unsupported type {t}", hdr)  # pragma: no cover - programming error
+
+
+# --- base ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message. Subclasses set TYPE and, for audio, HAS_AUDIO."""
+
+    TYPE: ClassVar[MsgType]
+    HAS_AUDIO: ClassVar[bool] = False
+    # Required header fields (the rest have defaults).
+    REQUIRED: ClassVar[Tuple[str, ...]] = ()
+
+    def header(self) -> Dict[str, Any]:
+        h: Dict[str, Any] = {"v": PROTOCOL_VERSION, "type": self.TYPE.value}
+        for f in dataclasses.fields(self):
+            if f.name == "pcm":
+                continue
+            v = getattr(self, f.name)
+            h[f.name] = list(v) if isinstance(v, tuple) else v
+        return h
+
+    def encode(self) -> Frames:
+        """Frames after the empty delimiter: [header-json] or [header-json, pcm]."""
+        frames = [json.dumps(self.header(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")]
+        if self.HAS_AUDIO:
+            frames.append(bytes(getattr(self, "pcm")))
+        return frames
+
+    @classmethod
+    def from_header(cls, hdr: Mapping[str, Any], binary: Sequence[bytes]) -> "Message":
+        kwargs: Dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "pcm":
+                continue
+            if f.name in hdr:
+                kwargs[f.name] = _check(hdr[f.name], f.type, f.name, hdr)
+            elif f.name in cls.REQUIRED:
+                raise _fail(f"{cls.TYPE.value}: missing field {f.name!r}", hdr)
+        if cls.HAS_AUDIO:
+            if len(binary) != 1:
+                raise _fail(f"{cls.TYPE.value}: expected exactly one audio frame, got {len(binary)}", hdr)
+            kwargs["pcm"] = bytes(binary[0])
+        elif binary:
+            raise _fail(f"{cls.TYPE.value}: unexpected binary frame(s)", hdr)
+        return cls(**kwargs)
+
+    @classmethod
+    def decode(cls, frames: Sequence[bytes]) -> "Message":
+        """Decode [header, *binary] (no identity, no delimiter) as this class."""
+        hdr = parse_header(frames)
+        if hdr["type"] != cls.TYPE.value:
+            raise _fail(f"expected {cls.TYPE.value!r}, got {hdr['type']!r}", hdr, ErrorCode.UNKNOWN_TYPE)
+        return cls.from_header(hdr, frames[1:])
+
+
+# --- client -> daemon -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Open(Message):
+    """Open an ASR session. hotwords None = the daemon's defaults; () = none."""
+
+    TYPE: ClassVar[MsgType] = MsgType.OPEN
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    request_id: str = ""
+    language: Optional[str] = None
+    hotwords: Optional[Tuple[str, ...]] = None
+    sample_rate: int = ASR_SAMPLE_RATE
+    partials: bool = True
+
+
+@dataclass(frozen=True)
+class Audio(Message):
+    """ASR input: PCM16 LE mono at the session's sample rate. ack=True asks for an `ack`
+    once the chunk has been processed (flow control for faster-than-real-time senders)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.AUDIO
+    HAS_AUDIO: ClassVar[bool] = True
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    seq: int = 0
+    pcm: bytes = b""
+    request_id: str = ""
+    ack: bool = False
+
+
+@dataclass(frozen=True)
+class Finalize(Message):
+    """Flush: the daemon answers with the remaining events, a last `final` and `closed`."""
+
+    TYPE: ClassVar[MsgType] = MsgType.FINALIZE
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Reset(Message):
+    TYPE: ClassVar[MsgType] = MsgType.RESET
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Close(Message):
+    TYPE: ClassVar[MsgType] = MsgType.CLOSE
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Synthesize(Message):
+    """TTS request. language/speed None = the daemon's configured defaults."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SYNTHESIZE
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id", "text")
+    request_id: str = ""
+    text: str = ""
+    language: Optional[str] = None
+    speed: Optional[float] = None
+    stream: bool = True
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    TYPE: ClassVar[MsgType] = MsgType.CANCEL
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id",)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Describe(Message):
+    TYPE: ClassVar[MsgType] = MsgType.DESCRIBE
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    TYPE: ClassVar[MsgType] = MsgType.PING
+    request_id: str = ""
+
+
+# --- daemon -> client -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Opened(Message):
+    TYPE: ClassVar[MsgType] = MsgType.OPENED
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    request_id: str = ""
+    capabilities: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SpeechStart(Message):
+    TYPE: ClassVar[MsgType] = MsgType.SPEECH_START
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    start: float = 0.0
+    utterance: int = 0
+
+
+@dataclass(frozen=True)
+class Partial(Message):
+    TYPE: ClassVar[MsgType] = MsgType.PARTIAL
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    text: str = ""
+    start: float = 0.0
+    end: float = 0.0
+    utterance: int = 0
+
+
+@dataclass(frozen=True)
+class Final(Message):
+    """reason: vad | max_length | finalize. request_id is the finalize's, when it caused it."""
+
+    TYPE: ClassVar[MsgType] = MsgType.FINAL
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    text: str = ""
+    start: float = 0.0
+    end: float = 0.0
+    utterance: int = 0
+    reason: str = "vad"
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Closed(Message):
+    """reason: finalized | closed | idle | peer_gone | shutdown | error."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CLOSED
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    request_id: str = ""
+    reason: str = "closed"
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Answer to `reset` (of="reset") and to `audio` sent with ack=true (of="audio", seq)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    session_id: str = ""
+    request_id: str = ""
+    of: str = ""
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class SynthAudio(Message):
+    """TTS output chunk: PCM16 LE mono at sample_rate; sentence = index in the text."""
+
+    TYPE: ClassVar[MsgType] = MsgType.AUDIO
+    HAS_AUDIO: ClassVar[bool] = True
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id",)
+    request_id: str = ""
+    seq: int = 0
+    sentence: int = 0
+    text: str = ""
+    sample_rate: int = 24000
+    pcm: bytes = b""
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    TYPE: ClassVar[MsgType] = MsgType.DONE
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id",)
+    request_id: str = ""
+    chunks: int = 0
+    sentences: int = 0
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class Cancelled(Message):
+    TYPE: ClassVar[MsgType] = MsgType.CANCELLED
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id",)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Info(Message):
+    TYPE: ClassVar[MsgType] = MsgType.INFO
+    request_id: str = ""
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    TYPE: ClassVar[MsgType] = MsgType.PONG
+    request_id: str = ""
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """code: an ErrorCode value; retry_after (seconds) only with busy."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("code",)
+    code: str = ErrorCode.INTERNAL.value
+    message: str = ""
+    request_id: str = ""
+    session_id: str = ""
+    seq: Optional[int] = None
+    retry_after: Optional[float] = None
+
+    @classmethod
+    def from_exception(cls, e: BaseException, request_id: str = "", session_id: str = "",
+                       seq: Optional[int] = None) -> "Error":
+        """Client-safe error: code + one line; never a traceback."""
+        if isinstance(e, S2SError):
+            retry = e.extra.get("retry_after") if isinstance(e.extra, dict) else None
+            return cls(code=e.code.value, message=str(e.message)[:500], request_id=request_id,
+                       session_id=session_id, seq=seq,
+                       retry_after=float(retry) if isinstance(retry, (int, float)) else None)
+        return cls(code=ErrorCode.INTERNAL.value, message="internal error (see daemon log)",
+                   request_id=request_id, session_id=session_id, seq=seq)
+
+    @property
+    def error_code(self) -> ErrorCode:
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return ErrorCode.INTERNAL
+
+
+REQUESTS: Dict[str, Type[Message]] = {c.TYPE.value: c for c in (
+    Open, Audio, Finalize, Reset, Close, Synthesize, Cancel, Describe, Ping)}
+REPLIES: Dict[str, Type[Message]] = {c.TYPE.value: c for c in (
+    Opened, SpeechStart, Partial, Final, Closed, Ack, SynthAudio, Done, Cancelled, Info, Pong, Error)}
+# Requests each socket serves.
+ASR_REQUESTS = frozenset({"open", "audio", "finalize", "reset", "close", "describe", "ping"})
+TTS_REQUESTS = frozenset({"synthesize", "cancel", "describe", "ping"})
+# Replies that are events of an ASR session (routed by session_id, not request_id).
+ASR_EVENTS = (SpeechStart, Partial, Final, Closed)
+
+Request = Union[Open, Audio, Finalize, Reset, Close, Synthesize, Cancel, Describe, Ping]
+
+
+# --- framing ----------------------------------------------------------------------------------
+
+
+def parse_header(frames: Sequence[bytes]) -> Dict[str, Any]:
+    """Header JSON of [header, *binary]: checks size, JSON, version and that type is a string."""
+    if not frames:
+        raise ProtocolError("empty message: expected a header frame")
+    raw = frames[0]
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        hdr = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("header is not UTF-8 JSON") from None
+    if not isinstance(hdr, dict):
+        raise ProtocolError("header must be a JSON object")
+    v = hdr.get("v")
+    if v != PROTOCOL_VERSION or isinstance(v, bool):
+        raise _fail(f"unsupported protocol version {v!r} (this daemon speaks {PROTOCOL_VERSION})", hdr,
+                    ErrorCode.BAD_VERSION)
+    if not isinstance(hdr.get("type"), str):
+        raise _fail("header has no message type", hdr)
+    return hdr
+
+
+def _decode(frames: Sequence[bytes], table: Mapping[str, Type[Message]]) -> Message:
+    hdr = parse_header(frames)
+    cls = table.get(hdr["type"])
+    if cls is None:
+        raise _fail(f"unknown message type {hdr['type'][:40]!r}", hdr, ErrorCode.UNKNOWN_TYPE)
+    return cls.from_header(hdr, frames[1:])
+
+
+def decode_request(frames: Sequence[bytes]) -> Message:
+    """Client -> daemon message from [header, *binary]."""
+    return _decode(frames, REQUESTS)
+
+
+def decode_reply(frames: Sequence[bytes]) -> Message:
+    """Daemon -> client message from [header, *binary]."""
+    return _decode(frames, REPLIES)
+
+
+def split_router(frames: Sequence[bytes]) -> Tuple[bytes, List[bytes]]:
+    """ROUTER input [identity, b"", header, *binary] -> (identity, [header, *binary])."""
+    if len(frames) < 3:
+        raise ProtocolError(f"expected [identity, empty, header, ...], got {len(frames)} frame(s)")
+    if frames[1] != b"":
+        raise ProtocolError("missing empty delimiter frame after the identity")
+    return bytes(frames[0]), [bytes(f) for f in frames[2:]]
+
+
+def split_dealer(frames: Sequence[bytes]) -> List[bytes]:
+    """DEALER input [b"", header, *binary] -> [header, *binary]."""
+    if len(frames) < 2 or frames[0] != b"":
+        raise ProtocolError("expected [empty, header, ...]")
+    return [bytes(f) for f in frames[1:]]
+
+
+def router_frames(identity: bytes, msg: Message) -> Frames:
+    return [identity, b""] + msg.encode()
+
+
+def dealer_frames(msg: Message) -> Frames:
+    return [b""] + msg.encode()
+
+
+def event_to_message(session_id: str, ev: Mapping[str, Any], request_id: str = "") -> Optional[Message]:
+    """Engine event dict (daemon.engines format) -> SpeechStart/Partial/Final; None if unknown."""
+    t = ev.get("type")
+    utt = int(ev.get("utterance", 0) or 0)
+    if t == "speech_start":
+        return SpeechStart(session_id=session_id, start=float(ev.get("start", 0.0)), utterance=utt)
+    if t == "partial":
+        return Partial(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
+                       end=float(ev.get("end", 0.0)), utterance=utt)
+    if t == "final":
+        return Final(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
+                     end=float(ev.get("end", 0.0)), utterance=utt, reason=str(ev.get("reason", "vad")),
+                     request_id=request_id)
+    return None

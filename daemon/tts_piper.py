@@ -1,0 +1,86 @@
+"""Piper (piper-tts 1.8, ONNX) as a TTSEngine: the rollback voice, same interface as MeloTTS.
+
+The bundled voice is English (en_US-joe-medium, 22.05 kHz), resampled to `tts.sample_rate`.
+Piper's espeak-ng frontend reads numbers itself, so no normalisation happens here. Sentence
+splitting, streaming, the worker thread and CUDA fallback come from tts_melo.SentenceTTS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from daemon import textsplit
+from daemon.errors import ModelMissingError
+from daemon.tts_melo import SentenceTTS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PiperConfig:
+    voice: Path
+    device: str = "cpu"
+    fallback_device: str = "cpu"
+    speed: float = 1.0
+    sample_rate: int = 24000
+    max_text_chars: int = 2000
+    max_sentence_chars: int = textsplit.DEFAULT_MAX_CHARS
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "PiperConfig":
+        """From daemon.config.Config: tts.piper.voice (via cfg.model_path), tts.*, limits."""
+        t = cfg.tts
+        return cls(voice=cfg.model_path(t.piper.voice), device=t.device, fallback_device=t.fallback_device,
+                   speed=t.speed, sample_rate=t.sample_rate, max_text_chars=cfg.limits.max_text_chars)
+
+
+class PiperEngine(SentenceTTS):
+    name = "piper"
+
+    def __init__(self, config: Any):
+        if not isinstance(config, PiperConfig):
+            config = PiperConfig.from_config(config)
+        self.config = config
+        super().__init__(config.sample_rate, config.speed, config.max_text_chars, config.max_sentence_chars,
+                         config.device, config.fallback_device)
+        self._voice: Any = None
+        self.model_sample_rate = 0
+        self._base_length_scale = 1.0
+
+    def _load_model(self, device: str) -> None:
+        onnx = Path(self.config.voice)
+        meta = onnx.with_name(onnx.name + ".json")
+        missing = [str(p) for p in (onnx, meta) if not p.is_file()]
+        if missing:
+            raise ModelMissingError(f"Piper voice missing: {', '.join(missing)} (s2s-models bundled)")
+        import onnxruntime
+        from piper import PiperVoice
+
+        use_cuda = device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        if device.startswith("cuda") and not use_cuda:
+            raise RuntimeError("CUDA requested but onnxruntime has no CUDAExecutionProvider")
+        # download_dir: only non-English frontends download anything; keep it off the cwd.
+        self._voice = PiperVoice.load(onnx, config_path=meta, use_cuda=use_cuda, download_dir=onnx.parent)
+        self.model_sample_rate = int(self._voice.config.sample_rate)
+        self._base_length_scale = float(json.loads(meta.read_text(encoding="utf-8"))
+                                        .get("inference", {}).get("length_scale", 1.0))
+        self._synth_float("Ready.", "en", 1.0)  # warm the ONNX session
+
+    def _synth_float(self, sentence: str, language: str, speed: float) -> Tuple[np.ndarray, int]:
+        from piper import SynthesisConfig
+
+        syn = SynthesisConfig(length_scale=self._base_length_scale / speed)
+        parts = [c.audio_float_array for c in self._voice.synthesize(sentence, syn_config=syn)]
+        x = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        return x.astype(np.float32), self.model_sample_rate
+
+    def info(self) -> Dict[str, Any]:
+        d = self._base_info()
+        d.update({"voice": str(self.config.voice), "model_sample_rate": self.model_sample_rate})
+        return d

@@ -1,0 +1,519 @@
+"""Streaming endpointing shared by every ASR engine, plus the plumbing engines share.
+
+- `FsmnVAD` holds the loaded fsmn-vad AutoModel (once per process).
+- `VADSegmenter` is one session's streaming state: its own fsmn-vad cache, a bounded ring of
+  recent audio, and the utterance bookkeeping. It takes float32 16 kHz audio and yields
+  `VADEvent`s (speech start; utterance end with its audio) at absolute sample offsets.
+- `StreamingEngine` turns those into the ASR event dicts of daemon/engines.py; FunASR and
+  Whisper engines subclass it and only supply the decoding.
+- `PoolBase` is the session table, cap, idle GC and single-thread device worker both pools use.
+
+Why these choices:
+- fsmn-vad's own default is a *dynamic* end-silence schedule (2 s for the first 10 s of
+  speech, ...); we pass `max_end_silence_time` explicitly, which pins the 800 ms of the model's
+  config, so short comma pauses (under 0.5 s) never split an utterance and 0.8 s gaps do.
+- VAD runs on the CPU in steps of `step_ms` (200 ms), never per 10 ms frame: it is the CPU hot
+  spot of FunASR's own server, and a GPU launch per 200 ms of audio buys nothing for a model
+  this small.
+- Only the current utterance (plus a few seconds of history for the VAD's look-back) is kept;
+  `max_utterance_seconds` forces a final, so memory stays bounded on endless input.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from daemon.audio import to_float32
+from daemon.errors import AudioError, BusyError, ErrorCode, ModelMissingError, S2SError, UnsupportedError
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+LANGUAGES = ("zh", "en", "auto")
+MAX_HOTWORDS = 100
+MAX_HOTWORD_CHARS = 32
+
+# funasr quiet-mode flags accepted by AutoModel.
+FUNASR_QUIET = {"disable_update": True, "disable_pbar": True, "disable_log": True}
+
+
+def require_dir(path: Optional[Path], what: str, marker: str = "config.yaml") -> Path:
+    """A configured model directory that must exist (never a hub id: nothing downloads)."""
+    if path is None or not (Path(path) / marker).is_file():
+        raise ModelMissingError(f"{what} model directory {path} is missing or has no {marker} "
+                                f"(install it with s2s-models)", path=str(path))
+    return Path(path)
+
+
+# --- the model ------------------------------------------------------------------------
+
+
+class FsmnVAD:
+    """The loaded fsmn-vad model, shared by all sessions (use it from one thread)."""
+
+    def __init__(self, model_dir: Path, ncpu: int = 1, max_end_silence_ms: int = 800, step_ms: int = 200):
+        self.model_dir = Path(model_dir)
+        self.ncpu = ncpu
+        self.max_end_silence_ms = max_end_silence_ms
+        self.step_ms = step_ms
+        self._model: Any = None
+
+    def load(self) -> None:
+        require_dir(self.model_dir, "fsmn-vad")
+        from funasr import AutoModel
+
+        # CPU always: see the module docstring.
+        self._model = AutoModel(model=str(self.model_dir), device="cpu", ncpu=self.ncpu, **FUNASR_QUIET)
+        logger.info("vad: loaded %s (step %d ms, end silence %d ms)", self.model_dir, self.step_ms,
+                    self.max_end_silence_ms)
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def run(self, audio: np.ndarray, cache: Dict[str, Any], is_final: bool) -> List[List[int]]:
+        """Feed one block (a multiple of step_ms unless final); return [start_ms, end_ms] pairs
+        (-1 for a side not in this block), ms relative to the cache's first sample."""
+        try:
+            res = self._model.generate(input=audio, cache=cache, is_final=is_final, chunk_size=self.step_ms,
+                                       max_end_silence_time=self.max_end_silence_ms, disable_pbar=True)
+        except ZeroDivisionError:
+            # AutoModel's speed statistics divide by the block's duration in frames: a block
+            # too short for one frame (a final flush of a few ms) has nothing to report.
+            return []
+        return list(res[0]["value"]) if res else []
+
+    def segmenter(self, max_utterance_seconds: float = 30.0, session_id: str = "") -> "VADSegmenter":
+        return VADSegmenter(self, max_utterance_seconds, session_id)
+
+
+# --- per-session segmentation ---------------------------------------------------------
+
+
+@dataclass
+class VADEvent:
+    kind: str  # "start" | "end"
+    start: int  # utterance start, absolute samples
+    end: int = -1  # utterance end (kind "end"), absolute samples
+    audio: Optional[np.ndarray] = None  # the utterance (kind "end")
+    reason: str = "vad"  # vad | max_length | finalize
+
+
+class _Ring:
+    """Recent audio as a list of chunks, addressed by absolute sample index."""
+
+    def __init__(self) -> None:
+        self.chunks: Deque[np.ndarray] = deque()
+        self.start = 0  # absolute index of the first kept sample
+        self.end = 0  # absolute index one past the last sample
+
+    def append(self, x: np.ndarray) -> None:
+        if x.size:
+            self.chunks.append(x)
+            self.end += x.size
+
+    def trim(self, keep_from: int) -> None:
+        while self.chunks and self.start + self.chunks[0].size <= keep_from:
+            self.start += self.chunks.popleft().size
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        a, b = max(a, self.start), min(b, self.end)
+        if b <= a:
+            return np.zeros(0, dtype=np.float32)
+        out, pos = [], self.start
+        for c in self.chunks:
+            lo, hi = pos, pos + c.size
+            if hi > a and lo < b:
+                out.append(c[max(a - lo, 0):min(b - lo, c.size)])
+            pos = hi
+            if pos >= b:
+                break
+        return np.concatenate(out) if len(out) > 1 else out[0].copy()
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+class VADSegmenter:
+    """One session's streaming fsmn-vad: push audio, get utterance starts and ends."""
+
+    # Audio kept before the current position while no utterance is open: the VAD reports a
+    # start up to ~1 s after it (look-back 200 ms + confirmation + one block).
+    HISTORY_SECONDS = 3.0
+    # Re-initialise the VAD cache after this much audio without speech (bounds its stats).
+    IDLE_RESET_SECONDS = 300.0
+    # At most this much audio per fsmn-vad call, so max_length cuts land close to the limit.
+    MAX_BLOCK_STEPS = 5
+
+    def __init__(self, vad: FsmnVAD, max_utterance_seconds: float = 30.0, session_id: str = ""):
+        self.vad = vad
+        self.session_id = session_id
+        self.step = int(vad.step_ms * SAMPLE_RATE / 1000)
+        self.max_utterance = int(max_utterance_seconds * SAMPLE_RATE)
+        self.history = int(self.HISTORY_SECONDS * SAMPLE_RATE)
+        self.reset()
+
+    def reset(self) -> None:
+        self._ring = _Ring()
+        self._cache: Dict[str, Any] = {}
+        self._vad_origin = 0  # absolute sample of the VAD cache's 0 ms
+        self._vad_fed = 0  # absolute samples given to the VAD so far
+        self._utt_start: Optional[int] = None
+        self._last_speech_end = 0
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def total(self) -> int:
+        """Samples received since the session timeline began."""
+        return self._ring.end
+
+    @property
+    def in_speech(self) -> bool:
+        return self._utt_start is not None
+
+    @property
+    def utterance_start(self) -> Optional[int]:
+        return self._utt_start
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._ring.size
+
+    def audio(self, a: int, b: int) -> np.ndarray:
+        return self._ring.slice(a, b)
+
+    # -- streaming --------------------------------------------------------------------
+
+    def push(self, x: np.ndarray) -> List[VADEvent]:
+        """Append float32 16 kHz audio; run the VAD over every whole step available."""
+        self._ring.append(np.asarray(x, dtype=np.float32))
+        events: List[VADEvent] = []
+        block = self.step * self.MAX_BLOCK_STEPS
+        while self._ring.end - self._vad_fed >= self.step:
+            n = min(block, (self._ring.end - self._vad_fed) // self.step * self.step)
+            events += self._run(self._ring.slice(self._vad_fed, self._vad_fed + n), final=False)
+        self._trim()
+        return events
+
+    def flush(self) -> List[VADEvent]:
+        """End of stream: let the VAD close what it has, close an open utterance at the current
+        position (reason finalize) and start a fresh VAD cache on the same timeline."""
+        tail = self._ring.slice(self._vad_fed, self._ring.end)
+        end_of_audio = self._ring.end
+        events: List[VADEvent] = []
+        if tail.size or self._utt_start is not None:
+            # funasr returns nothing for an empty final block, so pad with 50 ms of silence;
+            # times past the real end are clamped.
+            tail = np.concatenate([tail, np.zeros(800, dtype=np.float32)])
+            events = self._run(tail, final=True, clamp=end_of_audio)
+        for ev in events:
+            if ev.kind == "end":
+                ev.reason = "finalize"
+        if self._utt_start is not None:
+            events.append(self._close(end_of_audio, "finalize"))
+        self._cache = {}
+        self._vad_origin = self._vad_fed = end_of_audio
+        self._trim()
+        return events
+
+    def _run(self, block: np.ndarray, final: bool, clamp: Optional[int] = None) -> List[VADEvent]:
+        pairs = self.vad.run(block, self._cache, is_final=final)
+        self._vad_fed = min(self._vad_fed + block.size, self._ring.end)
+        limit = clamp if clamp is not None else self._vad_fed
+        events: List[VADEvent] = []
+        for start_ms, end_ms in pairs:
+            if start_ms >= 0 and self._utt_start is None:
+                s = max(self._vad_origin + int(start_ms) * 16, self._ring.start, self._last_speech_end)
+                self._utt_start = min(s, limit)
+                events.append(VADEvent("start", self._utt_start))
+            if end_ms >= 0 and self._utt_start is not None:
+                e = min(self._vad_origin + int(end_ms) * 16, limit)
+                events.append(self._close(max(e, self._utt_start), "vad"))
+        if self._utt_start is not None and self._vad_fed - self._utt_start >= self.max_utterance:
+            # Force a final; the VAD is still in speech, so the rest continues as a new utterance.
+            cut = self._utt_start + self.max_utterance
+            events.append(self._close(cut, "max_length"))
+            self._utt_start = cut
+            events.append(VADEvent("start", cut))
+        if not final and self._utt_start is None and \
+                self._vad_fed - max(self._last_speech_end, self._vad_origin) > self.IDLE_RESET_SECONDS * SAMPLE_RATE:
+            self._cache = {}
+            self._vad_origin = self._vad_fed
+        return events
+
+    def _close(self, end: int, reason: str) -> VADEvent:
+        start = self._utt_start if self._utt_start is not None else end
+        ev = VADEvent("end", start, end, self._ring.slice(start, end), reason)
+        self._utt_start = None
+        self._last_speech_end = end
+        return ev
+
+    def _trim(self) -> None:
+        keep = self._ring.end - self.history
+        if self._utt_start is not None:
+            keep = min(keep, self._utt_start)
+        self._ring.trim(min(keep, self._vad_fed))
+
+
+# --- shared engine behaviour ----------------------------------------------------------
+
+
+def check_language(lang: str) -> str:
+    if lang not in LANGUAGES:
+        raise S2SError(f"language {lang!r} is not one of {', '.join(LANGUAGES)}", ErrorCode.BAD_REQUEST)
+    return lang
+
+
+def clean_hotwords(hotwords: Optional[Sequence[str]]) -> List[str]:
+    """Validate a hotword list: strings, no URLs or file names (funasr would fetch or read
+    those), bounded count and length. Whitespace inside an entry splits it into words."""
+    if hotwords is None:
+        return []
+    if isinstance(hotwords, str):
+        hotwords = [hotwords]
+    out: List[str] = []
+    for hw in hotwords:
+        if not isinstance(hw, str):
+            raise S2SError(f"hotwords must be strings, got {type(hw).__name__}", ErrorCode.BAD_REQUEST)
+        for word in hw.split():
+            low = word.lower()
+            if low.startswith(("http:", "https:", "ftp:")) or low.endswith(".txt") or "/" in word:
+                raise S2SError(f"hotword {word!r} looks like a URL or file name", ErrorCode.BAD_REQUEST)
+            if len(word) > MAX_HOTWORD_CHARS:
+                raise S2SError(f"hotword {word[:40]!r} is longer than {MAX_HOTWORD_CHARS} characters",
+                               ErrorCode.BAD_REQUEST)
+            if word not in out:
+                out.append(word)
+    if len(out) > MAX_HOTWORDS:
+        raise S2SError(f"{len(out)} hotwords; at most {MAX_HOTWORDS}", ErrorCode.BAD_REQUEST)
+    return out
+
+
+def join_cjk(text: str) -> str:
+    """funasr separates CJK characters with spaces; keep spaces only between Latin words."""
+    words = text.split()
+    out = ""
+    for w in words:
+        if out and (_is_cjk(out[-1]) or _is_cjk(w[0])):
+            out += w
+        elif out:
+            out += " " + w
+        else:
+            out = w
+    return out
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef"
+
+
+class StreamingEngine:
+    """One session: VAD endpointing -> speech_start / partial / final event dicts.
+
+    Subclasses implement `_decode(audio) -> str` and optionally the partial hooks. All methods
+    are synchronous and meant to run on the pool's worker (pool.submit).
+    """
+
+    supports_partials = False
+
+    def __init__(self, pool: "PoolBase", session_id: str, language: str, hotwords: Sequence[str],
+                 partials: bool, max_utterance_seconds: float):
+        self.pool = pool
+        self.session_id = session_id
+        self.language = check_language(language)
+        self.hotwords: List[str] = []
+        self.partials = bool(partials) and self.supports_partials
+        self._seg = pool.vad.segmenter(max_utterance_seconds, session_id)
+        self._queue: Deque[Dict[str, Any]] = deque()
+        self._utt = 0
+        self.last_active = time.monotonic()
+        if hotwords:
+            self.set_hotwords(hotwords)
+
+    # -- the ASRSession protocol --------------------------------------------------------
+
+    def feed(self, pcm: Any) -> List[Dict[str, Any]]:
+        x = to_float32(pcm)
+        self.last_active = time.monotonic()
+        if x.size == 0:
+            return []
+        events: List[Dict[str, Any]] = []
+        for ev in self._seg.push(x):
+            events += self._on_vad(ev)
+        if self.partials and self._seg.in_speech:
+            events += self._partial_step(final=False)
+        return events
+
+    def feed_audio(self, pcm: Any) -> Optional[Dict[str, Any]]:
+        self._queue.extend(self.feed(pcm))
+        return self._queue.popleft() if self._queue else None
+
+    def finalize_events(self) -> List[Dict[str, Any]]:
+        self.last_active = time.monotonic()
+        events = list(self._queue)
+        self._queue.clear()
+        for ev in self._seg.flush():
+            events += self._on_vad(ev)
+        if not events or events[-1]["type"] != "final":
+            t = self._t(self._seg.total)
+            events.append({"type": "final", "text": "", "start": t, "end": t, "utterance": self._utt,
+                           "reason": "finalize"})
+        return events
+
+    def finalize(self) -> Dict[str, Any]:
+        return self.finalize_events()[-1]
+
+    def reset(self) -> None:
+        self._seg.reset()
+        self._queue.clear()
+        self._utt = 0
+        self._partial_reset()
+        self.last_active = time.monotonic()
+
+    def set_language(self, lang: str) -> None:
+        self.language = check_language(lang)
+
+    def set_hotwords(self, hotwords: Sequence[str]) -> None:
+        words = clean_hotwords(hotwords)
+        if words and not self.pool.capabilities().get("hotwords"):
+            raise UnsupportedError(f"{self.pool.name}: the loaded model ({self.pool.model_label()}) cannot use "
+                                   f"hotwords; use asr.engine funasr with a SeACo-Paraformer model in "
+                                   f"asr.funasr.paraformer", model=self.pool.model_label())
+        self.hotwords = words
+
+    @property
+    def buffered_samples(self) -> int:
+        """Audio this session holds (bounded by max utterance + a few seconds)."""
+        return self._seg.buffered_samples
+
+    # -- internals --------------------------------------------------------------------
+
+    @staticmethod
+    def _t(sample: int) -> float:
+        return round(sample / SAMPLE_RATE, 3)
+
+    def _on_vad(self, ev: VADEvent) -> List[Dict[str, Any]]:
+        if ev.kind == "start":
+            self._partial_reset()
+            return [{"type": "speech_start", "start": self._t(ev.start), "utterance": self._utt}]
+        audio = ev.audio if ev.audio is not None else np.zeros(0, dtype=np.float32)
+        text = self._decode(audio) if audio.size else ""
+        self._partial_reset()
+        final = {"type": "final", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
+                 "utterance": self._utt, "reason": ev.reason}
+        logger.debug("asr %s: final %d %.2f-%.2f (%s) %r", self.session_id, self._utt, final["start"],
+                     final["end"], ev.reason, text)
+        self._utt += 1
+        return [final]
+
+    def _decode(self, audio: np.ndarray) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _partial_reset(self) -> None:
+        pass
+
+    def _partial_step(self, final: bool) -> List[Dict[str, Any]]:
+        return []
+
+
+# --- shared pool behaviour ------------------------------------------------------------
+
+
+class PoolBase:
+    """Session table, cap, idle GC and the single-thread device worker."""
+
+    name = "asr"
+    engine_class: Callable[..., StreamingEngine]
+
+    def __init__(self, max_sessions: int, idle_timeout: float):
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.vad: Any = None
+        self.fallbacks: List[str] = []
+        self._sessions: Dict[str, StreamingEngine] = {}
+        self._lock = threading.Lock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
+        self._loaded = False
+
+    # subclasses: load(), capabilities(), model_label(), _new_engine(), info()
+
+    def capabilities(self) -> Dict[str, Any]:  # pragma: no cover - overridden
+        return {}
+
+    def model_label(self) -> str:  # pragma: no cover - overridden
+        return self.name
+
+    def _new_engine(self, session_id: str, language: Optional[str], hotwords: Optional[Sequence[str]],
+                    partials: bool) -> StreamingEngine:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def open(self, session_id: str, language: Optional[str] = None, hotwords: Optional[Sequence[str]] = None,
+             partials: bool = True, sample_rate: int = SAMPLE_RATE) -> StreamingEngine:
+        if sample_rate != SAMPLE_RATE:
+            raise AudioError(f"sample rate {sample_rate} Hz is not supported; send 16000 Hz mono PCM16",
+                             sample_rate=sample_rate)
+        if not self._loaded:
+            raise S2SError(f"{self.name}: models are not loaded", ErrorCode.UNAVAILABLE)
+        with self._lock:
+            if session_id in self._sessions:
+                raise S2SError(f"session {session_id!r} is already open", ErrorCode.SESSION_EXISTS)
+            if len(self._sessions) >= self.max_sessions:
+                raise BusyError(f"{self.name}: all {self.max_sessions} ASR sessions are in use",
+                                retry_after=self._retry_after())
+            # Built under the lock so the cap cannot be overshot; construction is cheap (no model
+            # work), and a bad language/hotword raises before the session is registered.
+            engine = self._new_engine(session_id, language, hotwords, partials)
+            self._sessions[session_id] = engine
+        logger.info("asr %s: opened (%s, language %s, hotwords %d, partials %s)", session_id, self.name,
+                    engine.language, len(engine.hotwords), engine.partials)
+        return engine
+
+    def _retry_after(self) -> float:
+        """Seconds until the idlest session would be collected, at least 1."""
+        if not self._sessions:
+            return 1.0
+        oldest = min(s.last_active for s in self._sessions.values())
+        return round(max(1.0, min(self.idle_timeout, oldest + self.idle_timeout - time.monotonic())), 1)
+
+    def get(self, session_id: str) -> Optional[StreamingEngine]:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            engine = self._sessions.pop(session_id, None)
+        if engine is not None:
+            logger.info("asr %s: closed", session_id)
+
+    def gc_idle(self, now: Optional[float] = None) -> List[str]:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [sid for sid, s in self._sessions.items() if now - s.last_active > self.idle_timeout]
+            for sid in idle:
+                del self._sessions[sid]
+        for sid in idle:
+            logger.info("asr %s: closed after %.0f s idle", sid, self.idle_timeout)
+        return idle
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._sessions.clear()

@@ -1,0 +1,125 @@
+"""Process helpers for the bridge tests: write a config, start the speech daemon and the
+bridge as real subprocesses, wait for them, stop them. Not a test module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+# Engine/device overrides from the developer's shell must not change what a test runs.
+_SCRUB = ("ASR_ENGINE", "TTS_ENGINE", "ASR_DEVICE", "TTS_DEVICE", "S2S_CONFIG", "S2S_MODELS", "S2S_TEST_ENGINES",
+          "NOTIFY_SOCKET", "RUNTIME_DIRECTORY")
+
+
+def write_config(path: Path, models_dir: Path, run_dir: Path, *, asr: str = "whisper", tts: str = "piper",
+                 bridge: Optional[Dict[str, Any]] = None, agent: Optional[Dict[str, Any]] = None,
+                 limits: Optional[Dict[str, Any]] = None) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data: Dict[str, Any] = {
+        "models_root": str(models_dir),
+        "daemon": {"runtime_dir": str(run_dir), "drain_timeout": 1.0},
+        "asr": {"engine": asr, "device": "cpu", "language": "zh", "fallback_engine": "none", "ncpu": 1},
+        "tts": {"engine": tts, "device": "cpu", "fallback_engine": "none"},
+        "bridge": {"host": "127.0.0.1", "port": 0, **(bridge or {})},
+        "agent": {"kind": "echo", "timeout": 5.0, **(agent or {})},
+        "limits": {"idle_timeout": 120.0, **(limits or {})},
+        "logging": {"level": "INFO"},
+    }
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env.update(extra or {})
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Proc:
+    def __init__(self, name: str, args: list, log: Path, env: Dict[str, str]):
+        self.name = name
+        self.log = log
+        self._fh = open(log, "wb")
+        self.p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._fh, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self._fh.close()
+        return self.p.returncode
+
+
+def start_daemon(cfg_path: Path, log: Path, fake_engines: bool = False, timeout: float = 240.0) -> Proc:
+    """Start `python -m daemon --config cfg` and wait until both sockets answer a ping."""
+    from daemon.client import Client, DaemonError
+    from daemon.config import load_config
+
+    env = _env({"S2S_TEST_ENGINES": "tests/fake_engines.py"} if fake_engines else None)
+    proc = Proc("daemon", [sys.executable, "-m", "daemon", "--config", str(cfg_path)], log, env)
+    cfg = load_config(str(cfg_path), env={})
+    deadline = time.monotonic() + timeout
+    for which in ("asr", "tts"):
+        while True:
+            if not proc.alive():
+                raise RuntimeError(f"daemon exited with {proc.p.returncode}:\n{proc.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                proc.stop()
+                raise RuntimeError(f"daemon not ready after {timeout:g} s:\n{proc.text()[-3000:]}")
+            try:
+                with Client(cfg.daemon.endpoint(which), timeout=1.0) as c:
+                    c.ping(1.0)
+                break
+            except DaemonError:
+                time.sleep(0.3)
+    return proc
+
+
+def start_bridge(cfg_path: Path, log: Path, agent: Optional[str] = None, timeout: float = 30.0) -> "BridgeProc":
+    args = [sys.executable, "-m", "bridge", "--config", str(cfg_path)]
+    if agent:
+        args += ["--agent", agent]
+    proc = BridgeProc("bridge", args, log, _env())
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(r"serving http://([\d.]+):(\d+)/", proc.text())
+        if m:
+            proc.port = int(m.group(2))
+            return proc
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"bridge did not start:\n{proc.text()[-3000:]}")
+        time.sleep(0.05)
+
+
+class BridgeProc(Proc):
+    port = 0
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"

@@ -1,0 +1,143 @@
+"""Whisper engine (bundled Whisper base, faster-whisper int8 on CPU) through the shared VAD
+endpointing, scored with daemon/metrics.py; plus the metrics' normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from daemon import metrics
+from daemon.asr_whisper import WhisperConfig, WhisperPool, to_simplified
+from daemon.audio import read_wav
+from daemon.config import parse_config
+from daemon.engines import ASRPool, ASRSession
+from daemon.errors import AudioError, BusyError, ModelMissingError, UnsupportedError
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def pool(models_dir):
+    p = WhisperPool(WhisperConfig(model_dir=models_dir / "whisper-base", vad_dir=models_dir / "fsmn-vad",
+                                  device="cpu", ncpu=2, max_sessions=2))
+    p.load()
+    yield p
+    p.shutdown()
+
+
+def transcribe(pool, path, language, sid="t"):
+    x, _ = read_wav(path)
+    eng = pool.open(sid, language=language)
+    events = []
+    for i in range(0, len(x), 3200):
+        events += eng.feed(x[i:i + 3200])
+    events += eng.finalize_events()
+    pool.close(sid)
+    return events
+
+
+@pytest.fixture(scope="module")
+def results(pool, fixtures_dir, manifest):
+    """Every single-utterance fixture (zh/long.wav is left to the VAD tests), decoded once."""
+    out = {}
+    for row in manifest:
+        if row["kind"] == "utt":
+            out[row["id"]] = (row, transcribe(pool, fixtures_dir / row["path"], row["lang"]))
+    return out
+
+
+def hypothesis(events, lang):
+    finals = [e["text"] for e in events if e["type"] == "final" and e["text"]]
+    return ("" if lang == "zh" else " ").join(finals)
+
+
+def test_mandarin_cer(results):
+    pairs = [(row["text"], hypothesis(ev, "zh")) for row, ev in results.values() if row["lang"] == "zh"]
+    assert len(pairs) == 9
+    cer = metrics.corpus_cer(pairs)
+    assert cer <= 0.25, (cer, pairs)
+
+
+def test_english_wer(results):
+    pairs = [(row["text"], hypothesis(ev, "en")) for row, ev in results.values() if row["lang"] == "en"]
+    assert len(pairs) == 2
+    wer = metrics.corpus_wer(pairs)
+    assert wer <= 0.20, (wer, pairs)
+
+
+def test_event_shape_and_simplified_output(results):
+    for row, events in results.values():
+        assert [e["type"] for e in events] == ["speech_start", "final"], events
+        final = events[-1]
+        assert final["reason"] == "finalize" or final["reason"] == "vad"
+        assert 0 <= final["start"] < final["end"] <= row["duration"] + 0.01
+        assert final["language"] == row["lang"]
+        if row["lang"] == "zh":
+            assert final["text"] == to_simplified(final["text"])
+
+
+def test_auto_language_detects_english(pool, fixtures_dir):
+    events = transcribe(pool, fixtures_dir / "en" / "02.wav", "auto", "auto")
+    final = events[-1]
+    assert final["language"] == "en" and "pharmacy" in final["text"].lower()
+
+
+def test_capabilities_no_hotwords_no_partials(pool, fixtures_dir):
+    caps = pool.capabilities()
+    assert caps["partials"] is False and caps["hotwords"] is False
+    assert isinstance(pool, ASRPool)
+    with pytest.raises(UnsupportedError, match="hotwords"):
+        pool.open("hw", hotwords=["浇水"])
+    assert pool.get("hw") is None
+    eng = pool.open("hw", partials=True)
+    assert isinstance(eng, ASRSession)
+    assert eng.partials is False
+    with pytest.raises(UnsupportedError):
+        eng.set_hotwords(["浇水"])
+    x, _ = read_wav(fixtures_dir / "zh" / "08.wav")
+    events = eng.feed(x) + eng.finalize_events()
+    assert [e["type"] for e in events] == ["speech_start", "final"]
+    pool.close("hw")
+
+
+def test_bad_input_and_cap(pool):
+    eng = pool.open("bad")
+    with pytest.raises(AudioError):
+        eng.feed(b"\x01")
+    with pytest.raises(AudioError):
+        eng.feed(np.array([np.inf], dtype=np.float32))
+    assert eng.feed(b"") == []
+    assert eng.finalize()["text"] == ""
+    pool.open("bad2")
+    with pytest.raises(BusyError):
+        pool.open("bad3")
+    with pytest.raises(AudioError):
+        pool.close("bad2") or pool.open("bad3", sample_rate=44100)
+    pool.close("bad")
+
+
+def test_from_config_and_missing_model(models_dir, tmp_path):
+    cfg = parse_config({"models_root": str(models_dir), "asr": {"engine": "whisper", "device": "cpu"}}, env={})
+    wc = WhisperConfig.from_config(cfg)
+    assert wc.model_dir == models_dir / "whisper-base" and wc.compute_type == "int8" and wc.missing() == []
+    with pytest.raises(ModelMissingError):
+        WhisperPool(WhisperConfig(model_dir=tmp_path, vad_dir=models_dir / "fsmn-vad")).load()
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def test_normalisation():
+    assert metrics.normalize("打开Ｇｏｏｇｌｅ地圖，導航回家。") == "打开google地图 导航回家"
+    assert metrics.normalize("Set a timer, please!") == "set a timer please"
+    assert metrics.zh_numbers("8点 22号 349块 180度 105 1050 15") == "八点 二十二号 三百四十九块 一百八十度 一百零五 一千零五十 十五"
+    assert metrics.zh_numbers("159268-73041") == "一五九二六八-七三零四一"
+
+
+def test_error_rates():
+    assert metrics.cer("提醒我晚上八点给阳台的花浇水。", "提醒我晚上8点給陽台的花浇水") == 0.0
+    assert metrics.cer("红烧肉", "红烧") == pytest.approx(1 / 3)
+    assert metrics.wer("What time does the pharmacy close today?", "what time does the pharmacy close") == \
+        pytest.approx(1 / 7)
+    assert metrics.corpus_cer([("ab", "ab"), ("cd", "")]) == 0.5
+    assert metrics.edit_distance("kitten", "sitting") == 3

@@ -1,0 +1,557 @@
+"""The bridge as real processes: `python -m daemon` + `python -m bridge` subprocesses, the FAKE
+agent server (tests/fake_langgraph.py) and websockets clients.
+
+Two daemons, each started once for the module:
+- `fake_daemon`: FAKE engines (tests/fake_engines.py, energy VAD + tone TTS) for the tests
+  about the bridge itself: HTTP and static files, origin, token, bad input, connection cap,
+  backpressure, agent failures. It starts in a second.
+- `real_daemon`: bundled Whisper base + fsmn-vad + Piper voice, for the acceptance tests:
+  tests/fixtures/zh/long.wav streamed in real time (4 finals, replies, audio per sentence,
+  first audio before the agent's last token) and barge-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import time
+import wave
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from bridge_procs import start_bridge, start_daemon, write_config
+from fake_langgraph import FakeAgentServer
+
+FRAME = 640  # 20 ms of 16 kHz PCM16 per websocket message, like the page's worklet (40 ms)
+
+
+def read_pcm(path: Path) -> bytes:
+    with wave.open(str(path)) as w:
+        assert w.getframerate() == 16000 and w.getsampwidth() == 2 and w.getnchannels() == 1
+        return w.readframes(w.getnframes())
+
+
+def silence(seconds: float) -> bytes:
+    return b"\0\0" * int(16000 * seconds)
+
+
+class WSClient:
+    """A websockets client that records every event with its arrival time."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.events: List[Tuple[float, Any]] = []  # (monotonic, dict | bytes)
+        self.closed: Optional[ConnectionClosed] = None
+        self._task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, url: str, **kw) -> "WSClient":
+        ws = await connect(url, proxy=None, compression=None, open_timeout=10, **kw)
+        return cls(ws)
+
+    async def _read(self) -> None:
+        try:
+            async for m in self.ws:
+                self.events.append((time.monotonic(), m if isinstance(m, bytes) else json.loads(m)))
+        except ConnectionClosed as e:
+            self.closed = e
+        else:
+            self.closed = ConnectionClosed(self.ws.close_rcvd, self.ws.close_sent)
+
+    def of(self, kind: str) -> List[Dict[str, Any]]:
+        return [e for _, e in self.events if isinstance(e, dict) and e.get("type") == kind]
+
+    def audio(self) -> List[Tuple[float, bytes]]:
+        return [(t, e) for t, e in self.events if isinstance(e, bytes)]
+
+    async def wait(self, pred, timeout: float = 10.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                kinds = [e.get("type") if isinstance(e, dict) else f"<{len(e)} bytes>" for _, e in self.events][-40:]
+                raise AssertionError(f"timed out waiting for {what or pred}; last events: {kinds}")
+            if self._task.done() and not pred():
+                raise AssertionError(f"connection closed while waiting for {what}: {self.closed!r}")
+            await asyncio.sleep(0.01)
+
+    async def wait_event(self, kind: str, n: int = 1, timeout: float = 10.0) -> Dict[str, Any]:
+        await self.wait(lambda: len(self.of(kind)) >= n, timeout, f"{n} x {kind}")
+        return self.of(kind)[n - 1]
+
+    async def send_json(self, obj: Dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(obj, ensure_ascii=False))
+
+    async def stream(self, pcm: bytes, realtime: bool = False, speed: float = 1.0) -> None:
+        t0 = time.monotonic()
+        for i, off in enumerate(range(0, len(pcm), FRAME)):
+            await self.ws.send(pcm[off:off + FRAME])
+            if realtime:
+                ahead = t0 + (i + 1) * FRAME / 32000 / speed - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            elif i % 25 == 0:
+                await asyncio.sleep(0.001)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+def http_get(port: int, path: str, headers: Optional[dict] = None) -> Tuple[int, Dict[str, str], bytes]:
+    """Raw GET: http.client sends the path exactly as given (no normalisation of '..')."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.putrequest("GET", path, skip_accept_encoding=True)
+        for k, v in (headers or {}).items():
+            c.putheader(k, v)
+        c.endheaders()
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agent_srv():
+    with FakeAgentServer(script=["好的。"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def fake_daemon(tmp_path_factory, models_dir):
+    d = tmp_path_factory.mktemp("fake-daemon")
+    cfg = write_config(d / "daemon.yaml", models_dir, d / "run")
+    proc = start_daemon(cfg, d / "daemon.log", fake_engines=True, timeout=60)
+    yield d, proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def bridge_a(fake_daemon, agent_srv, models_dir):
+    """No token, own-origin only, small send queue (256 KiB, 1 s), langgraph -> fake agent."""
+    d, _ = fake_daemon
+    cfg = write_config(d / "bridge-a.yaml", models_dir, d / "run",
+                       bridge={"max_connections": 8, "max_message_bytes": 65536, "send_queue_bytes": 262144,
+                               "slow_client_timeout": 1.0},
+                       agent={"kind": "langgraph", "url": agent_srv.url, "timeout": 1.5})
+    b = start_bridge(cfg, d / "bridge-a.log")
+    yield b
+    assert b.stop() == 0, b.text()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def bridge_b(fake_daemon, agent_srv, models_dir):
+    """Token required, one allowed origin, at most 3 connections, echo agent."""
+    d, _ = fake_daemon
+    cfg = write_config(d / "bridge-b.yaml", models_dir, d / "run",
+                       bridge={"token": "s3cret", "allowed_origins": ["https://app.example"], "max_connections": 3},
+                       agent={"kind": "echo"})
+    b = start_bridge(cfg, d / "bridge-b.log")
+    yield b
+    b.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_agent(agent_srv):
+    agent_srv.reset(script=["好的。"], token_delay=0.0, first_token_delay=0.0)
+
+
+def run(coro, timeout: float = 120.0):
+    async def guarded():
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(guarded())
+
+
+# --- HTTP: page, assets, traversal, health ----------------------------------------------------------
+
+
+def test_serves_the_page_and_assets(bridge_a):
+    status, headers, body = http_get(bridge_a.port, "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"app.js" in body and "content-security-policy" in headers
+    for path, ctype in (("/index.html", "text/html"), ("/app.js", "text/javascript"),
+                        ("/worklet.js", "text/javascript"), ("/style.css", "text/css")):
+        status, headers, body = http_get(bridge_a.port, path)
+        assert status == 200 and headers["content-type"].startswith(ctype), path
+        assert len(body) == int(headers["content-length"]) > 100
+    assert b"registerProcessor" in http_get(bridge_a.port, "/worklet.js")[2]
+
+
+@pytest.mark.parametrize("path", [
+    "/../daemon/config.py", "/../server.py", "/%2e%2e/server.py", "/%2E%2E%2Fserver.py", "/..%2fserver.py",
+    "/..%5cserver.py", "/static/../server.py", "/%252e%252e/server.py", "/./index.html", "//etc/passwd",
+    "/%2fetc%2fpasswd", "/.hidden", "/nope.js", "/index.html%00.js", "/__init__.py", "/..", "/%ff%fe",
+    "/../../../../../../etc/passwd",
+])
+def test_nothing_outside_static(bridge_a, path):
+    status, _, body = http_get(bridge_a.port, path)
+    assert status == 404, (path, body[:100])
+
+
+def test_healthz_ok(bridge_a):
+    status, headers, body = http_get(bridge_a.port, "/healthz")
+    h = json.loads(body)
+    assert status == 200 and h["status"] == "ok", h
+    assert h["daemon"]["reachable"] and h["daemon"]["asr"]["reachable"] and h["daemon"]["tts"]["reachable"]
+    assert h["agent"]["kind"] == "langgraph" and h["agent"]["reachable"] and not h["agent"]["echo_fallback"]
+
+
+def test_healthz_degraded_and_echo_fallback(tmp_path, models_dir):
+    """No daemon, configured agent down, bridge started on --agent echo: 503, and it says so."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = write_config(tmp_path / "c.yaml", models_dir, tmp_path / "run-nothing",
+                       agent={"kind": "langgraph", "url": dead})
+    b = start_bridge(cfg, tmp_path / "bridge.log", agent="echo")
+    try:
+        status, _, body = http_get(b.port, "/healthz")
+        h = json.loads(body)
+        assert status == 503 and h["status"] == "degraded"
+        assert not h["daemon"]["reachable"]
+        a = h["agent"]
+        assert a["kind"] == "echo" and a["echo_fallback"] and a["configured_kind"] == "langgraph"
+        assert a["configured_reachable"] is False and "echo" in a["notice"]
+
+        async def go():
+            c = await WSClient.open(b.ws)
+            hello = await c.wait_event("hello")
+            assert hello["agent"]["echo_fallback"] and "echo" in hello["agent"]["notice"]
+            # no daemon: start fails with a clear error, typed text still gets an echo (no TTS: an error)
+            await c.send_json({"type": "start"})
+            err = await c.wait_event("error")
+            assert err["source"] == "asr" and err["code"] in ("unavailable", "timeout"), err
+            await c.send_json({"type": "text", "text": "你好"})
+            done = await c.wait_event("agent_done")
+            assert done["text"] == "你说的是：你好"
+            await c.wait(lambda: any(e.get("source") == "tts" for e in c.of("error")), 10, "tts error")
+            await c.close()
+
+        run(go())
+    finally:
+        b.stop()
+    assert "echo agent" in b.text()  # said on the console too
+
+
+# --- origin, token, connection cap ------------------------------------------------------------------
+
+
+def test_origin_check(bridge_a, bridge_b):
+    async def go():
+        own = f"http://127.0.0.1:{bridge_a.port}"
+        c = await WSClient.open(bridge_a.ws, origin=own)
+        await c.wait_event("hello")
+        await c.close()
+        for url, origin in ((bridge_a.ws, "http://evil.example"), (bridge_a.ws, f"http://127.0.0.1:{bridge_a.port + 1}"),
+                            (bridge_b.ws + "?token=s3cret", f"http://127.0.0.1:{bridge_b.port}"),
+                            (bridge_b.ws + "?token=s3cret", "https://evil.example")):
+            with pytest.raises(InvalidStatus) as e:
+                await WSClient.open(url, origin=origin)
+            assert e.value.response.status_code == 403
+        c = await WSClient.open(bridge_b.ws + "?token=s3cret", origin="https://app.example")
+        await c.wait_event("hello")
+        await c.close()
+
+    run(go())
+
+
+def test_token(bridge_b):
+    async def go():
+        with pytest.raises(InvalidStatus) as e:
+            await WSClient.open(bridge_b.ws + "?token=wrong")
+        assert e.value.response.status_code == 401
+        # no token: the first message must carry it
+        c = await WSClient.open(bridge_b.ws)
+        assert (await c.wait_event("hello"))["auth_required"] is True
+        await c.send_json({"type": "start", "language": "zh"})
+        err = await c.wait_event("error")
+        assert err["code"] == "unauthorized"
+        await c.wait(lambda: c.closed is not None, 5, "close")
+        assert c.closed.rcvd.code == 1008 and c.closed.rcvd.reason == "unauthorized"
+        # audio first: same
+        c = await WSClient.open(bridge_b.ws)
+        await c.ws.send(silence(0.1))
+        await c.wait(lambda: c.closed is not None, 5, "close")
+        assert c.closed.rcvd.code == 1008
+        # token in the start message
+        c = await WSClient.open(bridge_b.ws)
+        await c.send_json({"type": "start", "language": "zh", "token": "s3cret"})
+        await c.wait_event("ready")
+        await c.close()
+        # token in the URL
+        c = await WSClient.open(bridge_b.ws + "?token=s3cret")
+        assert (await c.wait_event("hello"))["auth_required"] is False
+        await c.send_json({"type": "text", "text": "hi"})
+        assert (await c.wait_event("agent_done"))["text"] == "You said: hi"
+        await c.close()
+
+    run(go())
+
+
+def test_connection_cap(bridge_b):
+    async def go():
+        url = bridge_b.ws + "?token=s3cret"
+        clients = [await WSClient.open(url) for _ in range(3)]
+        for c in clients:
+            await c.wait_event("hello")
+        extra = await WSClient.open(url)
+        await extra.wait(lambda: extra.closed is not None, 5, "close")
+        assert extra.closed.rcvd.code == 1013 and extra.closed.rcvd.reason == "too many connections"
+        assert not extra.of("hello")
+        # the others are unaffected
+        for i, c in enumerate(clients):
+            await c.send_json({"type": "text", "text": f"n{i}"})
+        for i, c in enumerate(clients):
+            assert (await c.wait_event("agent_done"))["text"] == f"You said: n{i}"
+            await c.wait(lambda: c.audio(), 10, "audio")
+            await c.close()
+        # a slot is free again
+        await asyncio.sleep(0.3)
+        c = await WSClient.open(url)
+        await c.wait_event("hello")
+        await c.close()
+
+    run(go())
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_bad_input_gets_clear_errors_and_the_connection_survives(bridge_a):
+    async def go():
+        other = await WSClient.open(bridge_a.ws)
+        await other.wait_event("hello")
+        c = await WSClient.open(bridge_a.ws)
+        await c.wait_event("hello")
+        await c.ws.send(silence(0.2))                 # audio before start
+        await c.ws.send(silence(0.2))                 # ... warned once, then dropped
+        await c.ws.send("this is not json")
+        await c.ws.send("[1, 2, 3]")
+        await c.send_json({"no": "type"})
+        await c.send_json({"type": "dance"})
+        await c.send_json({"type": "start", "language": "klingon"})
+        await c.send_json({"type": "start", "hotwords": "not a list"})
+        await c.send_json({"type": "text", "text": ""})
+        await c.send_json({"type": "text", "text": "x" * 5000})
+        await c.wait(lambda: len(c.of("error")) >= 9, 5, "9 errors")
+        codes = [e["code"] for e in c.of("error")]
+        assert codes == ["not_started", "bad_message", "bad_message", "bad_message", "unknown_type", "bad_message",
+                         "bad_message", "bad_message", "bad_message"], codes
+        assert all(e["message"] and e["source"] == "bridge" for e in c.of("error"))
+        await c.send_json({"type": "start", "language": "zh"})
+        await c.wait_event("ready")
+        await c.ws.send(b"\x01\x02\x03")              # odd length
+        err = await c.wait_event("error", 10)
+        assert err["code"] == "bad_audio" and "even" in err["message"]
+        # still usable: speech in, final out, reply audio back
+        await c.stream(silence(0.3) + read_pcm(Path(__file__).parent / "fixtures" / "zh" / "01.wav") + silence(1.0))
+        final = await c.wait_event("final", 1, 20)
+        assert final["text"].startswith("utt0 bytes=") and final["latency_ms"] is not None
+        await c.wait(lambda: c.audio(), 20, "reply audio")
+        # too big a message closes that connection (1009) ...
+        await c.ws.send(b"\0" * 70000)
+        await c.wait(lambda: c.closed is not None, 5, "close")
+        assert c.closed.sent is None or c.closed.rcvd.code == 1009
+        # ... and no other
+        await other.send_json({"type": "text", "text": "still there?"})
+        await other.wait_event("agent_done")
+        await other.close()
+
+    run(go())
+
+
+def test_client_that_never_reads_is_closed_and_others_are_unaffected(bridge_a, agent_srv):
+    """Backpressure: the send queue (256 KiB here) stays full for 1 s -> close, memory bounded."""
+    # ~60 sentences of fake tone audio: about 9 MB, far more than socket buffers + queue.
+    agent_srv.reset(script=["".join(f"这是第{i}个很长的句子，用来产生很多很多的声音数据给那个不读数据的浏览器。"
+                                    for i in range(60))])
+
+    async def go():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", bridge_a.port))
+        slow = await connect(bridge_a.ws, sock=s, proxy=None, compression=None, max_queue=1)
+        await slow.send(json.dumps({"type": "text", "text": "说很多话"}))
+        t0 = time.monotonic()
+        good = await WSClient.open(bridge_a.ws)
+        await good.wait_event("hello")
+        # the slow one is closed within queue timeout + close timeout (+ slack)
+        deadline = time.monotonic() + 20
+        while True:
+            h = json.loads(http_get(bridge_a.port, "/healthz")[2])
+            if h["counters"]["closed_too_slow"] >= 1:
+                break
+            assert time.monotonic() < deadline, h
+            await asyncio.sleep(0.2)
+        took = time.monotonic() - t0
+        # reading now drains what was buffered, then the connection is gone
+        n = 0
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(slow.recv(), 10)
+                n += 1
+        assert n > 0 and took < 15
+        # the other connection works normally meanwhile
+        agent_srv.reset(script=["好的。"])
+        await good.send_json({"type": "text", "text": "你好"})
+        await good.wait_event("agent_done")
+        await good.wait(lambda: good.audio(), 10, "audio")
+        await good.close()
+
+    run(go())
+
+
+# --- agent failures ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["error", "hang", "drop"])
+def test_agent_failure_is_said_and_shown(bridge_a, agent_srv, mode):
+    """Mid-reply failure: an `error` event and a short spoken apology; never silence."""
+    agent_srv.reset(script=["第一句话说完了。第二句话永远说不完"], fail_mode=mode, fail_after=10)
+
+    async def go():
+        c = await WSClient.open(bridge_a.ws)
+        await c.send_json({"type": "text", "text": "讲个故事"})
+        err = await c.wait_event("error", 1, 10)
+        assert err["source"] == "agent" and err["code"] == {"error": "agent_error", "hang": "timeout",
+                                                            "drop": "unavailable"}[mode], err
+        done = await c.wait_event("agent_done")
+        assert done["text"] == "第一句话说完了。第二" and done["error"] == err["code"]
+        await c.wait(lambda: len(c.of("tts_end")) >= 2, 10, "two sentences spoken")
+        starts = [e["text"] for e in c.of("tts_start")]
+        assert starts == ["第一句话说完了。", "抱歉，助手暂时无法回答，请稍后再试。"]
+        assert c.audio() and all(not e.get("error") for e in c.of("tts_end"))
+        await c.close()
+
+    run(go())
+
+
+# --- acceptance with the real engines ------------------------------------------------------------------
+
+REPLIES = ["Sure, I can help with that. Give me one second to check.",
+           "Okay, the route is ready. Drive safely and take care."]
+
+
+@pytest.fixture(scope="module")
+def real_stack(tmp_path_factory, models_dir, agent_srv):
+    d = tmp_path_factory.mktemp("real-daemon")
+    cfg = write_config(d / "s2s.yaml", models_dir, d / "run", asr="whisper", tts="piper",
+                       agent={"kind": "langgraph", "url": agent_srv.url, "timeout": 10.0})
+    daemon = start_daemon(cfg, d / "daemon.log", timeout=240)
+    bridge = start_bridge(cfg, d / "bridge.log")
+    yield daemon, bridge
+    bridge.stop()
+    daemon.stop()
+
+
+def _turn_events(c: WSClient, turn: int) -> List[Any]:
+    """This turn's tts_start / audio / tts_end sequence, in arrival order."""
+    out, current = [], None
+    for _, e in c.events:
+        if isinstance(e, dict) and e.get("type") in ("tts_start", "tts_end"):
+            current = e["turn"]
+            if current == turn:
+                out.append((e["type"], e["sentence"]))
+        elif isinstance(e, bytes) and current == turn:
+            out.append(("audio", len(e)))
+    return out
+
+
+def test_long_wav_in_real_time(real_stack, agent_srv, fixtures_dir, manifest):
+    """4 utterances streamed in real time: 4 finals, 4 replies, each reply sentence's 24 kHz
+    audio in order, and the first audio before the agent wrote its last token."""
+    _, bridge = real_stack
+    agent_srv.reset(script=REPLIES, token_delay=0.2)
+    segs = next(m for m in manifest if m["id"].endswith("long"))["segments"]
+
+    async def go():
+        c = await WSClient.open(bridge.ws)
+        # barge_in off: the next utterance starts before a reply ends; every reply is heard in full
+        await c.send_json({"type": "start", "language": "zh", "barge_in": False})
+        ready = await c.wait_event("ready", 1, 20)
+        assert ready["output_sample_rate"] == 24000
+        await c.stream(read_pcm(fixtures_dir / "zh" / "long.wav") + silence(1.5), realtime=True)
+        await c.wait(lambda: len([f for f in c.of("final") if f["text"]]) >= 4, 30, "4 finals")
+        await c.wait(lambda: len(c.of("agent_done")) >= 4, 30, "4 replies")
+        await c.wait(lambda: len(c.of("tts_end")) >= 8, 60, "8 sentences spoken")
+        await c.close()
+        return c
+
+    c = run(go(), 180)
+    finals = [f for f in c.of("final") if f["text"]]
+    assert len(finals) == 4, finals
+    import jiwer
+    import re as _re
+    norm = lambda s: _re.sub(r"[^\w]", "", s)
+    for f, seg in zip(finals, segs):
+        cer = jiwer.cer(" ".join(norm(seg["text"])), " ".join(norm(f["text"])))
+        assert cer < 0.5, (f["text"], seg["text"], cer)
+        assert f["latency_ms"] is not None and 0 < f["latency_ms"] < 5000
+    # user turns -> agent runs, in order, with what was recognised
+    runs = agent_srv.runs
+    assert [r.user_text for r in runs] == [f["text"] for f in finals]
+    assert [d["text"] for d in c.of("agent_done")] == [REPLIES[i % 2] for i in range(4)]
+    for turn in (1, 2, 3, 4):
+        seq = _turn_events(c, turn)
+        # sentence 0: start, audio..., end; then sentence 1
+        kinds = [k for k, _ in seq]
+        i_end0 = kinds.index("tts_end")
+        assert seq[0] == ("tts_start", 0) and seq[i_end0] == ("tts_end", 0) and seq[-1] == ("tts_end", 1)
+        assert "audio" in kinds[1:i_end0] and "audio" in kinds[i_end0 + 1:-1]
+        assert all(n % 2 == 0 and n > 0 for k, n in seq if k == "audio")
+    starts = c.of("tts_start")
+    assert all(s["sample_rate"] == 24000 for s in starts)
+    assert [s["text"] for s in starts[:2]] == ["Sure, I can help with that.", "Give me one second to check."]
+    # sentence streaming: turn 1's first audio reached the client before the agent's last token was sent
+    first_audio_t = next(t for t, e in c.events if isinstance(e, bytes))
+    assert first_audio_t < runs[0].last_token_time, (first_audio_t - runs[0].started, runs[0].last_token_time - runs[0].started)
+    # ~3 s of speech per reply at 24 kHz PCM16
+    total = sum(len(b) for _, b in c.audio())
+    assert total > 4 * 2 * 24000 * 1.5
+
+
+def test_barge_in_stops_audio_and_cancels_the_agent(real_stack, agent_srv, fixtures_dir):
+    _, bridge = real_stack
+    long_reply = " ".join(f"This is sentence number {i} of a very long answer." for i in range(1, 30))
+    agent_srv.reset(script=[long_reply, "Okay."], token_delay=0.05)
+
+    async def go():
+        c = await WSClient.open(bridge.ws)
+        await c.send_json({"type": "start", "language": "zh"})
+        await c.wait_event("ready", 1, 20)
+        await c.stream(read_pcm(fixtures_dir / "zh" / "03.wav") + silence(1.2))  # faster than real time
+        await c.wait_event("final", 1, 30)
+        await c.wait(lambda: len(c.audio()) >= 2, 30, "reply audio streaming")
+        assert not agent_srv.runs[0].completed  # the agent is still writing
+        n_speech = len(c.of("speech_start"))
+        # the user talks over the reply
+        await c.stream(read_pcm(fixtures_dir / "zh" / "01.wav") + silence(1.2), realtime=True)
+        await c.wait(lambda: c.of("interrupted"), 10, "interrupted")
+        await c.wait(lambda: len(c.of("agent_done")) >= 1, 30, "second reply")
+        await c.close()
+        return c, n_speech
+
+    c, n_speech = run(go(), 120)
+    t_speech = [t for t, e in c.events if isinstance(e, dict) and e.get("type") == "speech_start"][n_speech]
+    t_int, ev_int = next((t, e) for t, e in c.events if isinstance(e, dict) and e.get("type") == "interrupted")
+    assert ev_int["turn"] == 1 and ev_int["reason"] in ("speech_start", "partial")
+    assert t_int - t_speech < 0.3, t_int - t_speech
+    # no audio of turn 1 after `interrupted`; turn 1 never reached its end
+    after = [e for t, e in c.events if t > t_int]
+    first_next = next((i for i, e in enumerate(after) if isinstance(e, dict) and e.get("type") == "tts_start"), len(after))
+    assert not any(isinstance(e, bytes) for e in after[:first_next])
+    assert all(e["turn"] != 1 for e in c.of("agent_done"))
+    # the agent stream was cancelled: the fake agent saw the disconnect mid-reply
+    first = agent_srv.runs[0]
+    assert agent_srv.wait_for(lambda: first.disconnected, 3.0)
+    assert not first.completed and len(first.tokens_sent) < len(long_reply.split())
+    assert first.disconnected_at - t_int < 1.0
