@@ -200,7 +200,33 @@ class Report:
         return not self.problems
 
 
-def verify(root: Path) -> List[Report]:
+def verify_checksums(d: Path, root: Path, deep: bool = False) -> List[str]:
+    """Compare files with the sizes (and, when deep, sha256) `fetch` recorded in d/.s2s-sha256.json."""
+    sums_file = d / ".s2s-sha256.json"
+    if not sums_file.is_file():
+        return []
+    try:
+        sums = json.loads(sums_file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        return [f"{_rel(sums_file, root)}: not valid JSON ({e})"]
+    problems = []
+    for rel, meta in sorted(sums.items()):
+        p = d / rel
+        if not p.is_file():
+            problems.append(f"{_rel(p, root)}: missing")
+        elif p.stat().st_size != meta.get("size"):
+            problems.append(f"{_rel(p, root)}: {p.stat().st_size} bytes, expected {meta.get('size')}")
+        elif deep:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            if h.hexdigest() != meta.get("sha256"):
+                problems.append(f"{_rel(p, root)}: sha256 mismatch")
+    return problems
+
+
+def verify(root: Path, deep: bool = False) -> List[Report]:
     data = read_manifest(root)
     reports = []
     for name, meta in sorted(data["components"].items()):
@@ -213,7 +239,10 @@ def verify(root: Path) -> List[Report]:
         if kind != "piper" and not path.exists():
             reports.append(Report(name, kind, meta.get("engine", ""), [f"{name}: missing (directory removed)"]))
             continue
-        reports.append(Report(name, kind, meta.get("engine", ""), check(path, root)))
+        problems = check(path, root)
+        if path.is_dir():
+            problems += [p for p in verify_checksums(path, root, deep) if p not in problems]
+        reports.append(Report(name, kind, meta.get("engine", ""), problems))
     return reports
 
 
@@ -306,11 +335,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", action="append", default=None, help="component(s) to build (default: all)")
     p = sub.add_parser("verify", help="check that every recorded component is present and well-formed")
     p.add_argument("dir", type=Path)
+    p.add_argument("--checksums", action="store_true", help="also compare sha256 of fetched files (slow)")
     p = sub.add_parser("list", help="list the components recorded in a models directory")
     p.add_argument("dir", type=Path, nargs="?")
     p = sub.add_parser("fetch", help="download the real weights (online host only)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--only", action="append", default=None)
+    p.add_argument("--plan", action="store_true", help="print what would be downloaded and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -326,13 +357,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.cmd == "fetch":
             from daemon import fetch
 
+            if args.plan:
+                for item in fetch.plan(args.only):
+                    files = ", ".join(item.files) if item.files else "(whole repository)"
+                    print(f"{item.component:22s} {item.hub:12s} {item.repo_id}  {files}")
+                return 0
             fetch.fetch(args.out, args.only)
             return 1 if _print_reports(verify(args.out)) else 0
         if args.cmd == "verify":
             if not args.dir.is_dir():
                 print(f"{args.dir}: not a directory", file=sys.stderr)
                 return 2
-            reports = verify(args.dir)
+            reports = verify(args.dir, deep=args.checksums)
             if not reports:
                 print(f"{args.dir}: no components recorded in {MANIFEST}", file=sys.stderr)
                 return 1
@@ -356,4 +392,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main so that its exception classes are the ones
+    # daemon.fetch / daemon.tiny raise (python -m would otherwise load this file twice).
+    from daemon.modelstore import main as _main
+
+    sys.exit(_main())

@@ -31,9 +31,10 @@ while [ $# -gt 0 ]; do
 done
 VENV=$PREFIX/.venv
 PIP="$VENV/bin/python -m pip"
+# Each step is one shell string: printed, then run (unless --dry-run).
 run() {
-  printf '\033[1m+\033[0m %s\n' "$*"
-  [ $DRY = 1 ] || eval "$@"
+  printf '\033[1m+\033[0m %s\n' "$1"
+  [ $DRY = 1 ] || eval "$1"
 }
 if [ $DRY = 0 ] && [ "$(id -u)" != 0 ] && [ $UNITS = 1 ]; then
   echo "run as root (creates users, /etc/s2s and systemd units), or use --no-units / --dry-run" >&2; exit 1

