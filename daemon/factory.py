@@ -72,7 +72,8 @@ def asr_model_paths(cfg: Config, engine: str) -> List[Tuple[str, str]]:
 
 def tts_model_paths(cfg: Config, engine: str) -> List[Tuple[str, str]]:
     if engine == "melo":
-        return [("tts.melo.model", cfg.tts.melo.model)]
+        m = cfg.tts.melo
+        return [("tts.melo.model", m.model), ("tts.melo.hf_home", m.hf_home), ("tts.melo.nltk_data", m.nltk_data)]
     return [("tts.piper.voice", cfg.tts.piper.voice)]
 
 

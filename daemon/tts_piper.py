@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -20,6 +21,10 @@ from daemon.errors import ModelMissingError
 from daemon.tts_melo import SentenceTTS
 
 logger = logging.getLogger(__name__)
+
+# CJK ideographs, kana, hangul and full-width forms: an espeak-based non-CJK voice reads each as
+# "Chinese letter" (seconds of noise per character), so such voices drop them instead.
+_CJK = re.compile(r"[\u1100-\u11ff\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]+")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class PiperEngine(SentenceTTS):
         super().__init__(config.sample_rate, config.speed, config.max_text_chars, config.max_sentence_chars,
                          config.device, config.fallback_device)
         self._voice: Any = None
+        self.voice_language = ""
         self.model_sample_rate = 0
         self._base_length_scale = 1.0
 
@@ -68,13 +74,23 @@ class PiperEngine(SentenceTTS):
         # download_dir: only non-English frontends download anything; keep it off the cwd.
         self._voice = PiperVoice.load(onnx, config_path=meta, use_cuda=use_cuda, download_dir=onnx.parent)
         self.model_sample_rate = int(self._voice.config.sample_rate)
-        self._base_length_scale = float(json.loads(meta.read_text(encoding="utf-8"))
-                                        .get("inference", {}).get("length_scale", 1.0))
+        meta_json = json.loads(meta.read_text(encoding="utf-8"))
+        self._base_length_scale = float(meta_json.get("inference", {}).get("length_scale", 1.0))
+        self.voice_language = str(meta_json.get("language", {}).get("code", ""))
         self._synth_float("Ready.", "en", 1.0)  # warm the ONNX session
+
+    def _prepare(self, text: str, language: str) -> str:
+        """Drop CJK characters unless the voice speaks a CJK language: the English fallback voice
+        speaks the Latin words of a Chinese reply, and a Chinese-only sentence is reported as
+        unspeakable (bad_text) instead of being read out as "Chinese letter" noise."""
+        if self.voice_language.split("_")[0] in ("zh", "ja", "ko"):
+            return text
+        return re.sub(r"\s+", " ", _CJK.sub(" ", text)).strip()
 
     def _synth_float(self, sentence: str, language: str, speed: float) -> Tuple[np.ndarray, int]:
         from piper import SynthesisConfig
 
+        sentence = self._prepare(sentence, language)
         syn = SynthesisConfig(length_scale=self._base_length_scale / speed)
         parts = [c.audio_float_array for c in self._voice.synthesize(sentence, syn_config=syn)]
         x = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
@@ -82,5 +98,6 @@ class PiperEngine(SentenceTTS):
 
     def info(self) -> Dict[str, Any]:
         d = self._base_info()
-        d.update({"voice": str(self.config.voice), "model_sample_rate": self.model_sample_rate})
+        d.update({"voice": str(self.config.voice), "voice_language": self.voice_language,
+                  "model_sample_rate": self.model_sample_rate})
         return d

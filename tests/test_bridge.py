@@ -495,7 +495,8 @@ def test_long_wav_in_real_time(real_stack, agent_srv, fixtures_dir, manifest):
     for f, seg in zip(finals, segs):
         cer = jiwer.cer(" ".join(norm(seg["text"])), " ".join(norm(f["text"])))
         assert cer < 0.5, (f["text"], seg["text"], cer)
-        assert f["latency_ms"] is not None and 0 < f["latency_ms"] < 5000
+        # measured and plausible (>= the VAD's end silence); speed targets live in s2s-bench e2e
+        assert f["latency_ms"] is not None and 700 < f["latency_ms"] < 20000
     # user turns -> agent runs, in order, with what was recognised
     runs = agent_srv.runs
     assert [r.user_text for r in runs] == [f["text"] for f in finals]

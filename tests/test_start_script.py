@@ -109,11 +109,12 @@ def test_fixture_through_the_websocket(started, fixtures_dir):
 
     from daemon.audio import float_to_pcm16, read_wav
 
-    x, sr = read_wav(fixtures_dir / "zh" / "01.wav")
+    # English: the bundled fallback voice (Piper en_US) speaks the echo agent's English reply
+    x, sr = read_wav(fixtures_dir / "en" / "01.wav")
     pcm = float_to_pcm16(x)
     events, audio = [], 0
     with connect(f"ws://127.0.0.1:{started['port']}/ws", origin=started["base"], open_timeout=10) as ws:
-        ws.send(json.dumps({"type": "start", "language": "zh"}))
+        ws.send(json.dumps({"type": "start", "language": "en"}))
         step = 3200
         for i in range(0, len(pcm), step):
             ws.send(pcm[i:i + step])
@@ -132,7 +133,7 @@ def test_fixture_through_the_websocket(started, fixtures_dir):
             if ev["type"] == "tts_end" and audio:
                 break
     finals = [e for e in events if e["type"] == "final" and e.get("text")]
-    assert finals, events
+    assert finals and "timer" in finals[0]["text"].lower(), events
     assert any(e["type"] == "agent_done" or e["type"] == "agent_delta" for e in events)
     assert audio > 24000  # over half a second of 24 kHz PCM16 reply audio
 

@@ -93,3 +93,20 @@ def test_config_from_yaml(tmp_path):
     cfg = parse_config({"models_root": str(tmp_path), "tts": {"device": "cpu", "engine": "piper"}}, env={})
     pc = PiperConfig.from_config(cfg)
     assert pc.voice == tmp_path / "piper/en_US-joe-medium.onnx" and pc.sample_rate == SR
+
+
+def test_english_voice_skips_chinese_instead_of_reading_noise(engine, whisper):
+    """The bundled English voice is the fallback for a Chinese product: it speaks the Latin
+    words of a mixed reply, and a Chinese-only text is a clear bad_text error."""
+    from daemon.errors import ErrorCode, TextError
+
+    assert engine.info()["voice_language"] == "en_US"
+    mixed = engine.synthesize("你说的是：Set a timer for fifteen minutes.")
+    plain = engine.synthesize("Set a timer for fifteen minutes.")
+    assert abs(len(mixed) - len(plain)) < 0.1 * len(plain)  # the Chinese part adds nothing
+    with pytest.raises(TextError) as ei:
+        engine.synthesize("打开地图，导航回家。")
+    assert ei.value.code == ErrorCode.BAD_TEXT and "cannot pronounce" in str(ei.value)
+    # one Chinese-only sentence among English ones is skipped, the rest is spoken
+    chunks = list(engine.synthesize_stream("打开地图。Then play some music."))
+    assert [c[1] for c in chunks] == ["Then play some music."]
