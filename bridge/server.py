@@ -6,10 +6,15 @@ and vets the websocket handshake (origin, token); `handler` runs one `Session` p
 
 Safe defaults:
 - Origin: `bridge.allowed_origins`, or when empty only the page's own origin (an Origin
-  header whose host:port equals the Host header). Requests without an Origin header (not a
+  header whose host:port equals the Host header) reached by a name that cannot belong to
+  someone else: an IP address, localhost, *.localhost, the bind address or this machine's
+  hostname. Any other name (DNS rebinding: a foreign domain that resolves to 127.0.0.1, so
+  Origin and Host agree) needs allowed_origins. Requests without an Origin header (not a
   browser: CLI tools, tests) are let through: the token is what protects against them.
 - Token: when `bridge.token` is set, `?token=` in the websocket URL (a wrong one is refused
   with HTTP 401) or the `token` field of the first `start`/`text` message.
+- Logs: websockets' DEBUG request lines and headers go through `RedactSecrets`, so a
+  `?token=` (and Authorization/Cookie headers) never reach the log.
 - `max_size` = bridge.max_message_bytes (larger messages close the connection with 1009),
   default keepalive pings, at most bridge.max_connections sessions (more are closed with
   1013 "too many connections").
@@ -19,9 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ipaddress
 import itertools
 import json
 import logging
+import re
+import socket
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -51,6 +59,53 @@ CONTENT_TYPES = {
 CSP = "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; img-src 'self' data:"
 HEALTH_CACHE_SECONDS = 5.0
 DAEMON_PING_TIMEOUT = 1.0
+
+
+class RedactSecrets(logging.Filter):
+    """websockets logs each request line, header and frame at DEBUG; the token must not
+    follow. Incoming text frames lose their payload entirely: the token may sit in a `start`
+    message, and websockets shortens long frames to their head and tail, which can cut the
+    word "token" off and keep the value."""
+
+    PATTERN = re.compile(r"(?i)([?&]token=)[^&\s]+|((?:authorization|cookie|x-api-key):\s*)\S.*")
+    FRAME = re.compile(r"^(< (?:TEXT|CONT)) .*?( \[\d+ bytes\])?$", re.S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a broken record is logging's problem, not ours
+            return True
+        red = self.PATTERN.sub(lambda m: (m.group(1) or m.group(2)) + "<redacted>", msg)
+        red = self.FRAME.sub(lambda m: m.group(1) + " <redacted>" + (m.group(2) or ""), red)
+        if red != msg:
+            record.msg, record.args = red, None
+        return True
+
+
+def _ws_logger() -> logging.Logger:
+    log = logging.getLogger("websockets.server")
+    if not any(isinstance(f, RedactSecrets) for f in log.filters):
+        log.addFilter(RedactSecrets())
+    return log
+
+
+def own_host(host_header: str, bind_host: str = "") -> bool:
+    """True when a Host header names this machine in a way no one else controls (an IP
+    address, localhost, *.localhost, the bind address, the hostname): not DNS rebinding."""
+    try:
+        name = (urlsplit("//" + host_header).hostname or "").rstrip(".")
+    except ValueError:
+        return False
+    if not name:
+        return False
+    if name == "localhost" or name.endswith(".localhost") or name == bind_host.lower() \
+            or name == socket.gethostname().lower():
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 def static_path(url_path: str, root: Path = STATIC_DIR) -> Optional[Path]:
@@ -132,8 +187,15 @@ class Bridge:
         allowed = self.cfg.bridge.allowed_origins
         if allowed:
             return origin.rstrip("/") in tuple(o.rstrip("/") for o in allowed)
-        parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host.lower()
+        try:
+            parts = urlsplit(origin)
+        except ValueError:
+            return False
+        # A browser's Origin is scheme://host[:port], nothing more.
+        if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+            return False
+        return (parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host.lower()
+                and own_host(host, self.cfg.bridge.host))
 
     # --- health -----------------------------------------------------------------------
 
@@ -230,7 +292,7 @@ class Bridge:
         async with serve(self.handler, bc.host, bc.port, process_request=self.process_request,
                          max_size=bc.max_message_bytes, close_timeout=bc.slow_client_timeout,
                          # PCM barely compresses: permessage-deflate would only cost CPU.
-                         compression=None, server_header="s2s-bridge") as server:
+                         compression=None, server_header="s2s-bridge", logger=_ws_logger()) as server:
             sock = next(iter(server.sockets))
             self.port = sock.getsockname()[1]
             logger.info("s2s-bridge: serving http://%s:%d/ (agent %s%s)", bc.host, self.port, self.agent.kind,

@@ -314,7 +314,7 @@ class Session:
             return
         try:
             msg = json.loads(message)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's stack
             await self.error("bad_message", "text messages must be JSON objects")
             return
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
@@ -479,7 +479,8 @@ class Session:
                 elif isinstance(m, P.Error):
                     await self.error(m.code, f"speech recognition: {m.message}", "asr")
                 elif isinstance(m, P.Closed):
-                    if m.reason not in ("finalized", "closed", "idle"):
+                    # daemon_gone: the `error` (unavailable) just before it said so already.
+                    if m.reason not in ("finalized", "closed", "idle", "daemon_gone"):
                         await self.error("asr_closed", f"the speech recognition session ended ({m.reason})", "asr")
                     logger.info("conn %s: ASR session %s closed (%s)", self.id, stream.session_id, m.reason)
         except (ClientTooSlow, ConnectionClosed):

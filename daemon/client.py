@@ -2,7 +2,11 @@
 (`AsyncASRClient`, `AsyncTTSClient`) flavours, both speaking daemon.protocol.
 
 Each client is one DEALER socket with a random uuid identity (kept across reconnects, so
-sessions stay ours), LINGER 0 and high-water marks. Requests carry a request id; replies
+sessions stay ours), LINGER 0 and high-water marks. The asyncio clients also watch the
+connection (a ZeroMQ socket monitor): when the daemon goes away (crash, SIGKILL, restart),
+waiting requests fail at once with `unavailable`, and every open stream gets an `error`
+(unavailable) followed by `closed` with reason "daemon_gone" (the daemon's sessions died
+with it), instead of waiting for timeouts that audio streams do not have. Requests carry a request id; replies
 that are not ours (an old request's late answer, another session) are ignored. Timeouts
 raise `DaemonError(code=timeout)`; a timeout also reconnects the socket, dropping anything
 queued for a daemon that went away. Errors from the daemon raise `DaemonError` with its
@@ -325,7 +329,8 @@ class TTSClient(Client):
 
 
 class AsyncClient:
-    """asyncio DEALER client: one reader task routes replies to waiting requests and streams."""
+    """asyncio DEALER client: one reader task routes replies to waiting requests and streams;
+    a monitor task turns a lost connection into errors for them (see the module docstring)."""
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, identity: Optional[bytes] = None,
                  context: Optional[zmq.asyncio.Context] = None):
@@ -335,23 +340,34 @@ class AsyncClient:
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: Optional[zmq.asyncio.Socket] = None
         self._reader: Optional[asyncio.Task] = None
+        self._watcher: Optional[asyncio.Task] = None
+        self._monitor: Optional[zmq.asyncio.Socket] = None
         self._pending: Dict[str, asyncio.Future] = {}
         self._streams: Dict[str, asyncio.Queue] = {}
 
     async def connect(self) -> "AsyncClient":
         if self._sock is None:
             self._sock = _socket(self._ctx, self.endpoint, self.identity)  # type: ignore[arg-type]
-            self._reader = asyncio.get_running_loop().create_task(self._read(), name="s2s-client-reader")
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read(), name="s2s-client-reader")
+            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._watcher = loop.create_task(self._watch(self._monitor), name="s2s-client-monitor")
         return self
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._reader = None
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._reader = self._watcher = None
+        if self._monitor is not None:
+            if self._sock is not None:
+                self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -380,6 +396,28 @@ class AsyncClient:
             m = _decode(frames)
             if m is not None:
                 self._dispatch(m)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            ev = await recv_monitor_message(monitor)
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                self._connection_lost()
+            elif ev["event"] == zmq.EVENT_MONITOR_STOPPED:
+                return
+
+    def _connection_lost(self) -> None:
+        """The daemon went away: fail waiting requests, end open streams (their sessions died
+        with the daemon). zmq keeps reconnecting; later requests reach the next daemon."""
+        msg = f"lost the connection to the speech daemon at {self.endpoint}"
+        logger.warning("%s (%d request(s) waiting, %d stream(s) open)", msg, len(self._pending), len(self._streams))
+        for rid, fut in list(self._pending.items()):
+            if not fut.done():
+                fut.set_exception(DaemonError(msg, ErrorCode.UNAVAILABLE, rid))
+        for key, q in list(self._streams.items()):
+            q.put_nowait(P.Error(code=ErrorCode.UNAVAILABLE.value, message=msg, request_id=key, session_id=key))
+            q.put_nowait(P.Closed(session_id=key, reason="daemon_gone"))
 
     def _dispatch(self, m: P.Message) -> None:
         rid = getattr(m, "request_id", "")

@@ -338,6 +338,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--checksums", action="store_true", help="also compare sha256 of fetched files (slow)")
     p = sub.add_parser("list", help="list the components recorded in a models directory")
     p.add_argument("dir", type=Path, nargs="?")
+    p = sub.add_parser("synth", help="random-weight models: tiny (as `tiny`) or full (the real dimensions)")
+    p.add_argument("--size", choices=("tiny", "full"), required=True)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--only", action="append", default=None, help="component(s) to build (default: all)")
+    p.add_argument("--plan", action="store_true", help="full: print parameter counts and dims, write nothing")
     p = sub.add_parser("fetch", help="download the real weights (online host only)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--only", action="append", default=None)
@@ -353,6 +358,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             from daemon import tiny
 
             tiny.build(args.out, args.only)
+            return 1 if _print_reports(verify(args.out)) else 0
+        if args.cmd == "synth":
+            if args.size == "full" and args.plan:
+                from daemon import tiny_full
+
+                for name, row in tiny_full.plan().items():
+                    print(f"{name:22s} {row['parameters']:>12,d} parameters  {row['fp32_bytes'] / 2 ** 20:8.0f} MiB fp32  "
+                          f"{json.dumps(row['dims'], sort_keys=True)}")
+                return 0
+            if args.out is None:
+                parser.error("synth needs --out DIR (or --size full --plan)")
+            if args.size == "tiny":
+                from daemon import tiny as builder
+            else:
+                from daemon import tiny_full as builder  # type: ignore[no-redef]
+            builder.build(args.out, args.only)
             return 1 if _print_reports(verify(args.out)) else 0
         if args.cmd == "fetch":
             from daemon import fetch

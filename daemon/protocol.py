@@ -315,7 +315,8 @@ class Final(Message):
 
 @dataclass(frozen=True)
 class Closed(Message):
-    """reason: finalized | closed | idle | peer_gone | shutdown | error."""
+    """reason: finalized | closed | idle | peer_gone | shutdown | error; the client library
+    adds daemon_gone for streams whose connection to the daemon was lost."""
 
     TYPE: ClassVar[MsgType] = MsgType.CLOSED
     REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
@@ -439,7 +440,8 @@ def parse_header(frames: Sequence[bytes]) -> Dict[str, Any]:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         hdr = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: deeply nested arrays/objects (a few KB of "[[[[..." is enough).
         raise ProtocolError("header is not UTF-8 JSON") from None
     if not isinstance(hdr, dict):
         raise ProtocolError("header must be a JSON object")

@@ -194,6 +194,13 @@ class Daemon:
                 self._peer_gone(ident)
             else:
                 logger.warning("send to %s failed: %s", _short(ident), e)
+        finally:
+            # The shadow send may have processed libzmq's pending commands, and with them the
+            # edge on the socket's FD that would wake the pending asyncio recv: without this
+            # re-check a session's audio could sit unread until some other peer's traffic (what
+            # pyzmq does after its own sends; getting EVENTS schedules the waiting recv).
+            if not sock.closed:
+                sock.get(zmq.EVENTS)
         return False
 
     def _peer_gone(self, ident: bytes) -> None:
@@ -362,6 +369,7 @@ class Daemon:
 
     async def _run_session(self, sock: zmq.asyncio.Socket, s: Session) -> None:
         reason = "error"
+        failed = False
         try:
             try:
                 s.busy = True
@@ -418,14 +426,18 @@ class Daemon:
             reason = "shutdown" if self.stopping else "cancelled"
             raise
         except S2SError as e:
+            failed = True
             logger.warning("session %s: %s (%s)", s.session_id, e, e.code.value)
             self.send(sock, s.owner, P.Error.from_exception(e, "", s.session_id))
         except Exception:
+            failed = True
             logger.exception("session %s: engine failure", s.session_id)
             self.send(sock, s.owner, P.Error(code=ErrorCode.ENGINE_ERROR.value, message="recognition failed (see daemon log)",
                                              session_id=s.session_id))
         finally:
-            if reason and reason != "shutdown" and not s.closing:
+            # A failure also ends a session that was finalizing or had a close queued: the
+            # `closed` those would have sent never comes, so say it here.
+            if reason and reason != "shutdown" and (failed or not s.closing):
                 self.send(sock, s.owner, P.Closed(session_id=s.session_id, reason=reason))
             self._release(s)
 

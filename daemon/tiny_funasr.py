@@ -229,19 +229,21 @@ def _bias_for_output(model: Any, vocab: List[str], punc: bool) -> None:
 
 
 def _build(out_dir: Path, name: str, role: str, config: Dict[str, Any], hub_id: str, task: str,
-           dims: TinyDims, punc: bool = False, seg_dict: bool = False) -> None:
+           dims: TinyDims, punc: bool = False, seg_dict: bool = False, vocab: Any = None) -> None:
     import yaml
 
     from daemon.modelstore import record
 
     d = out_dir / name
     stamp = {"name": name, "dims": asdict(dims), "seed": SEED, "config": config, "version": 1}
+    if vocab is not None:  # a full-size vocabulary (daemon.tiny_full); the tiny one otherwise
+        stamp["vocab_size"] = len(vocab)
     if _is_current(d, stamp):
         logger.info("tiny: %s is up to date", name)
         record(out_dir, name, "funasr", SOURCE, f"asr.funasr.{role}")
         return
     d.mkdir(parents=True, exist_ok=True)
-    vocab = token_list()
+    vocab = list(vocab) if vocab is not None else token_list()
     _write_text(d / "config.yaml", yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     _write_text(d / "tokens.json", json.dumps(vocab, ensure_ascii=False, indent=0))
     if not punc:
