@@ -195,6 +195,7 @@ class Session:
         self.samples_in = 0              # samples sent to the current ASR session
         self.marks: Deque[Tuple[int, float]] = collections.deque(maxlen=MAX_MARKS)
         self.warned_not_started = False
+        self.releasing = False           # set by _release(): no new turns, no new daemon clients
         self.last_daemon_error = 0.0
         self.stats = collections.Counter()
         self.out_rate = int(self.cfg.tts.sample_rate)
@@ -267,9 +268,15 @@ class Session:
                 transport.abort()
 
     async def _release(self) -> None:
-        await self._cancel_turns()
+        # From here on nothing may start a turn or connect a daemon client: a client made
+        # after this point would never be closed (its reader task keeps it, its sockets and
+        # libzmq's buffers alive for the life of the process).
+        self.releasing = True
+        # The pump first: a Final it reads while turns are being cancelled would start a new one.
         await self._close_asr()
-        for c in (self.asr_client, self.tts_client):
+        await self._cancel_turns()
+        clients, self.asr_client, self.tts_client = (self.asr_client, self.tts_client), None, None
+        for c in clients:
             if c is not None:
                 await c.close()
         try:
@@ -290,6 +297,25 @@ class Session:
                 await self.asr_client.send(P.Close(session_id=stream.session_id, request_id=new_id()))
             except DaemonError:
                 pass
+
+    async def _new_client(self, cls: type, which: str, timeout: float) -> Any:
+        """A connected, pinged daemon client, or an exception with the client closed.
+
+        Closed on *any* exception, cancellation included: a browser that hangs up while
+        this ping is in flight cancels the task, and a client left connected here is
+        referenced by nothing but its own reader/monitor tasks, which the event loop keeps
+        alive forever (the bridge's per-connection memory creep)."""
+        if self.releasing:
+            raise DaemonError("the connection is closing", ErrorCode.UNAVAILABLE)
+        client = cls(self.cfg.daemon.endpoint(which), timeout=timeout)
+        try:
+            await client.ping(DAEMON_PING_TIMEOUT)
+            if self.releasing:
+                raise DaemonError("the connection is closing", ErrorCode.UNAVAILABLE)
+        except BaseException:
+            await asyncio.shield(client.close())
+            raise
+        return client
 
     # --- reader -----------------------------------------------------------------------
 
@@ -370,13 +396,7 @@ class Session:
         sid = f"br-{self.id}-{new_id()[:8]}"
         try:
             if self.asr_client is None:
-                client = AsyncASRClient(self.cfg.daemon.endpoint("asr"), timeout=DAEMON_OPEN_TIMEOUT)
-                try:
-                    await client.ping(DAEMON_PING_TIMEOUT)
-                except DaemonError:
-                    await client.close()
-                    raise
-                self.asr_client = client
+                self.asr_client = await self._new_client(AsyncASRClient, "asr", DAEMON_OPEN_TIMEOUT)
             stream = await self.asr_client.open(session_id=sid, language=self.language, hotwords=self.hotwords,
                                                 partials=True, timeout=DAEMON_OPEN_TIMEOUT)
         except DaemonError as e:
@@ -521,6 +541,8 @@ class Session:
             await asyncio.wait(tasks, timeout=CANCEL_GRACE)
 
     async def _start_turn(self, text: str, source: str) -> None:
+        if self.releasing:
+            return  # the connection is going away; nobody would hear the reply
         self.turn_no += 1
         turn = Turn(self.turn_no, text, source)
         # Without barge-in, replies wait for the one before (they are all heard, in order).
@@ -598,13 +620,7 @@ class Session:
 
     async def _speak(self, turn: Turn, idx: int, text: str) -> None:
         if self.tts_client is None:
-            client = AsyncTTSClient(self.cfg.daemon.endpoint("tts"), timeout=TTS_TIMEOUT)
-            try:
-                await client.ping(DAEMON_PING_TIMEOUT)
-            except DaemonError:
-                await client.close()
-                raise
-            self.tts_client = client
+            self.tts_client = await self._new_client(AsyncTTSClient, "tts", TTS_TIMEOUT)
         await self.emit({"type": "tts_start", "turn": turn.no, "sentence": idx, "text": text,
                          "sample_rate": self.out_rate})
         loop = asyncio.get_running_loop()
