@@ -8,7 +8,7 @@ without a GPU. `probe_cuda()` gathers the facts from torch at load time, never a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
