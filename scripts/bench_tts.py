@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Thin wrapper, kept for old notes: `s2s-bench tts` (daemon/bench.py) is the benchmark; see BENCHMARKS.md.
+"""Thin wrapper, kept for old notes: `s2s-bench tts` (daemon/bench_cli.py) is the benchmark; see BENCHMARKS.md.
 
     python scripts/bench_tts.py [s2s-bench options]  ==  s2s-bench tts [options]
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.bench import main  # noqa: E402
+from daemon.bench_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["tts", *sys.argv[1:]]))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import bench
+from daemon import bench_cli as bench
 
 
 @pytest.fixture(scope="module")
