@@ -177,6 +177,12 @@ class LimitsConfig:
     max_tts_queue: int = 32
     # Longest audio accepted in one ASR `audio` message, in seconds.
     max_chunk_seconds: float = 2.0
+    # ASR admission: `open` answers `busy` while any session is this many seconds behind real
+    # time (the worker is past capacity; one more stream would make everyone later).
+    max_asr_lag: float = 2.0
+    # A session this far behind real time has its audio refused with `busy` (dropped) until it
+    # is back within max_asr_lag, instead of queueing ever later finals.
+    max_session_lag: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,7 @@ POSITIVE = (
     "bridge.send_queue_bytes", "bridge.slow_client_timeout",
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
     "limits.max_text_chars", "limits.max_tts_queue", "limits.max_chunk_seconds",
+    "limits.max_asr_lag", "limits.max_session_lag",
     "asr.whisper.beam_size",
 )
 
@@ -317,6 +324,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"daemon.{which}_endpoint", f"{ep!r} is not a ZeroMQ endpoint", src)
     if not 8000 <= cfg.tts.sample_rate <= 48000:
         raise ConfigError("tts.sample_rate", "must be between 8000 and 48000", src)
+    if cfg.limits.max_session_lag < cfg.limits.max_asr_lag:
+        raise ConfigError("limits.max_session_lag", "must be at least limits.max_asr_lag", src)
     # The selected engine must name its model paths (existence is checked at load).
     required = {
         "funasr": ("asr.funasr.paraformer", "asr.funasr.vad"),
@@ -325,7 +334,7 @@ def _validate(cfg: Config) -> None:
     required += {"melo": ("tts.melo.model",), "piper": ("tts.piper.voice",)}[cfg.tts.engine]
     for key in required:
         if not _get(cfg, key):
-            raise ConfigError(key, f"required by the selected engine but empty", src)
+            raise ConfigError(key, "required by the selected engine but empty", src)
     if not cfg.models_root:
         raise ConfigError("models_root", "must not be empty", src)
 

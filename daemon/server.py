@@ -10,7 +10,8 @@ re-reads the config and applies what needs no model reload (config.reloadable_di
 The loop never runs inference: every engine call goes through `pool.submit` / `tts.submit`
 (one worker thread per engine) and is awaited as a future. Each ASR session has its own
 bounded command queue and task, so a session's audio is processed in order while sessions
-interleave on the worker; TTS streams sentence by sentence (one worker step per sentence), so
+interleave on the worker (audio messages queued behind each other go to the engine as one
+chunk; sessions too far behind real time get `busy`, see `_check_lag` and `_open`); TTS streams sentence by sentence (one worker step per sentence), so
 a long synthesis never holds the TTS worker, and never touches the ASR worker.
 """
 
@@ -27,9 +28,10 @@ import socket as pysocket
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import zmq
@@ -45,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 LANGUAGES = ("zh", "en", "auto")
 # Audio a session may have queued, in seconds; more gets `busy` (the sender is far ahead).
+# The hard cap; lag behind real time (limits.max_session_lag) refuses audio much earlier.
 SESSION_BACKLOG_SECONDS = 60.0
+# How often the ASR worker's load figure is refreshed, seconds.
+LOAD_WINDOW_SECONDS = 2.0
 # TTS output chunks are at most this long, so cancel and the first byte stay snappy.
 TTS_CHUNK_SECONDS = 1.0
 MAX_MESSAGE_BYTES = 16 << 20
@@ -75,6 +80,40 @@ class Session:
     closing: bool = False
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
+    # Audio accepted but not yet through the engine: (due time, samples), oldest first. An
+    # audio message is due when it arrives, or, when the sender is ahead of real time, when
+    # the previous one would have finished playing: a fast (file) sender is not "behind".
+    pending: Deque[Tuple[float, int]] = field(default_factory=deque)
+    clock: float = 0.0  # when the last accepted audio ends in real time
+    stash: Optional[tuple] = None  # a command taken off the queue while merging audio
+    shedding: bool = False  # too far behind: audio is refused until it catches up
+    shed_chunks: int = 0
+    shed_samples: int = 0
+
+    def lag(self, now: float) -> float:
+        """Seconds the oldest unprocessed audio is behind real time (0 when caught up)."""
+        return max(0.0, now - self.pending[0][0]) if self.pending else 0.0
+
+    def has_work(self) -> bool:
+        return self.busy or self.stash is not None or not self.queue.empty()
+
+    def accept(self, samples: int, now: float) -> None:
+        due = max(now, self.clock)
+        self.clock = due + samples / self.sample_rate
+        self.pending.append((due, samples))
+        self.backlog_samples += samples
+
+    def done(self, count: int) -> None:
+        for _ in range(count):
+            if not self.pending:
+                break
+            self.backlog_samples -= self.pending.popleft()[1]
+        self.backlog_samples = max(0, self.backlog_samples)
+
+    def forget(self) -> None:
+        self.pending.clear()
+        self.backlog_samples = 0
+        self.stash = None
 
 
 @dataclass
@@ -112,6 +151,11 @@ def _noop() -> None:
     return None
 
 
+def _retry_after(seconds: float) -> float:
+    """A retry hint for `busy`: the expected wait, within 1-30 s."""
+    return round(min(30.0, max(1.0, seconds)), 1)
+
+
 class Daemon:
     def __init__(self, cfg: Config, asr: Any, tts: Any, fallbacks: List[str], notifier: Optional[Notifier] = None):
         self.cfg = cfg
@@ -124,7 +168,16 @@ class Daemon:
         self.stopping = False
         self.started = time.time()
         self.counters: Dict[str, int] = {"peer_gone": 0, "dropped_hwm": 0, "protocol_errors": 0,
-                                         "idle_closed": 0, "busy": 0}
+                                         "idle_closed": 0, "busy": 0,
+                                         # open refused / audio messages refused for lag
+                                         "busy_open_lag": 0, "audio_shed": 0,
+                                         # audio messages vs engine feed() calls (merging)
+                                         "asr_audio_messages": 0, "asr_feeds": 0}
+        # ASR worker time spent in session calls (written on the worker), and the load figure
+        # derived from it every LOAD_WINDOW_SECONDS.
+        self._asr_busy_s = 0.0
+        self._load_mark = (time.monotonic(), 0.0)
+        self.asr_load = 0.0
         self.heartbeats = [_Heartbeat("asr", asr), _Heartbeat("tts", tts)]
         self.healthy = True
         self._stop_event: Optional[asyncio.Event] = None
@@ -292,7 +345,10 @@ class Daemon:
             if s.backlog_samples + n // 2 > SESSION_BACKLOG_SECONDS * s.sample_rate:
                 raise S2SError(f"session {s.session_id} has {SESSION_BACKLOG_SECONDS:g} s of audio queued; slow down",
                                ErrorCode.BUSY, retry_after=1.0)
-            s.backlog_samples += n // 2
+            now = time.monotonic()
+            self._check_lag(s, now, n // 2)
+            s.accept(n // 2, now)
+            self.counters["asr_audio_messages"] += 1
             s.queue.put_nowait(("audio", msg))
             return
         if isinstance(msg, P.Open):
@@ -310,6 +366,36 @@ class Daemon:
             return
         raise P.ProtocolError(f"unexpected {msg.TYPE.value}", ErrorCode.UNKNOWN_TYPE)  # pragma: no cover
 
+    def _check_lag(self, s: Session, now: float, samples: int) -> None:
+        """Refuse (drop) audio for a session too far behind real time, until it catches up.
+
+        Shedding starts past limits.max_session_lag and stops once the session is back within
+        limits.max_asr_lag, so the gap in its audio is one stretch, not scattered frames."""
+        lim = self.cfg.limits
+        lag = s.lag(now)
+        if s.shedding and lag <= lim.max_asr_lag:
+            s.shedding = False
+            logger.info("session %s: caught up (%.1f s behind); accepting audio again (%d messages, %.1f s dropped)",
+                        s.session_id, lag, s.shed_chunks, s.shed_samples / s.sample_rate)
+        elif not s.shedding and lag > lim.max_session_lag:
+            s.shedding = True
+            logger.warning("session %s: %.1f s behind real time (limits.max_session_lag=%g): refusing audio until "
+                           "within %g s", s.session_id, lag, lim.max_session_lag, lim.max_asr_lag)
+        if s.shedding:
+            s.shed_chunks += 1
+            s.shed_samples += samples
+            self.counters["audio_shed"] += 1
+            raise S2SError(f"speech recognition is {lag:.1f} s behind real time for session {s.session_id} "
+                           f"(limits.max_session_lag={lim.max_session_lag:g}); audio dropped",
+                           ErrorCode.BUSY, retry_after=_retry_after(lag - lim.max_asr_lag))
+
+    def asr_lag(self, now: Optional[float] = None) -> Tuple[float, float]:
+        """(worst session lag behind real time, audio seconds queued over all sessions)."""
+        now = time.monotonic() if now is None else now
+        worst = max([s.lag(now) for s in self.sessions.values()] or [0.0])
+        queued = sum(s.backlog_samples / s.sample_rate for s in self.sessions.values())
+        return worst, queued
+
     def _open(self, sock: zmq.asyncio.Socket, ident: bytes, msg: P.Open) -> None:
         if self.stopping:
             raise S2SError("daemon is shutting down", ErrorCode.SHUTTING_DOWN)
@@ -324,6 +410,15 @@ class Daemon:
         if len(self.sessions) >= self.cfg.limits.max_sessions:
             raise S2SError(f"{len(self.sessions)} sessions open (limits.max_sessions); retry later", ErrorCode.BUSY,
                            retry_after=1.0)
+        worst, queued = self.asr_lag()
+        if worst > self.cfg.limits.max_asr_lag:
+            # Past capacity: one more stream would make every session's finals later still.
+            self.counters["busy_open_lag"] += 1
+            logger.info("open %s refused: ASR %.1f s behind real time, %.1f s audio queued (limits.max_asr_lag=%g)",
+                        msg.session_id, worst, queued, self.cfg.limits.max_asr_lag)
+            raise S2SError(f"speech recognition is at capacity ({worst:.1f} s behind real time, "
+                           f"limits.max_asr_lag={self.cfg.limits.max_asr_lag:g}); retry later", ErrorCode.BUSY,
+                           retry_after=_retry_after(worst - self.cfg.limits.max_asr_lag + 1.0))
         s = Session(msg.session_id, ident, msg.sample_rate, msg.language, msg.hotwords, msg.partials, msg.request_id)
         if msg.sample_rate != P.ASR_SAMPLE_RATE:
             import soxr
@@ -335,7 +430,39 @@ class Daemon:
                     msg.language, msg.sample_rate, msg.partials)
 
     async def _asr_call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.wrap_future(self.asr.submit(fn, *args, **kwargs))
+        return await asyncio.wrap_future(self.asr.submit(self._timed, fn, *args, **kwargs))
+
+    def _timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Runs on the ASR worker: fn, adding its time to the worker's busy total."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._asr_busy_s += time.perf_counter() - t0  # one writer: the worker thread
+
+    def _update_load(self) -> None:
+        now = time.monotonic()
+        t0, busy0 = self._load_mark
+        if now - t0 >= LOAD_WINDOW_SECONDS:
+            busy = self._asr_busy_s
+            self.asr_load = min(1.0, max(0.0, (busy - busy0) / (now - t0)))
+            self._load_mark = (now, busy)
+
+    def _next_audio(self, s: Session, first: P.Audio) -> List[P.Audio]:
+        """`first` plus the audio messages queued right behind it, up to limits.max_chunk_seconds
+        in all: one engine call instead of one per message (each call pays the thread hop and
+        the VAD's fixed cost). A non-audio command met on the way is kept for next time, so
+        reset/finalize/close stay in order."""
+        batch = [first]
+        room = int(self.cfg.limits.max_chunk_seconds * s.sample_rate) * 2 - len(first.pcm)
+        while s.stash is None and not s.queue.empty():
+            item = s.queue.get_nowait()
+            if item[0] != "audio" or len(item[1].pcm) > room:
+                s.stash = item
+                break
+            batch.append(item[1])
+            room -= len(item[1].pcm)
+        return batch
 
     def _engine_open(self, s: Session) -> Any:
         hotwords = s.hotwords if s.hotwords is not None else (self.cfg.asr.hotwords or None)
@@ -385,20 +512,31 @@ class Daemon:
             caps.update(sample_rate=s.sample_rate, max_chunk_seconds=self.cfg.limits.max_chunk_seconds)
             self.send(sock, s.owner, P.Opened(session_id=s.session_id, request_id=s.request_id, capabilities=caps))
             while True:
-                kind, msg = await s.queue.get()
+                if s.stash is not None:
+                    (kind, msg), s.stash = s.stash, None
+                else:
+                    kind, msg = await s.queue.get()
                 s.busy = True
                 try:
                     if kind == "audio":
-                        s.backlog_samples -= len(msg.pcm) // 2
+                        batch = self._next_audio(s, msg)
+                        pcm = msg.pcm if len(batch) == 1 else b"".join(m.pcm for m in batch)
+                        self.counters["asr_feeds"] += 1
                         try:
-                            events = await self._asr_call(s.engine.feed, self._pcm_for_engine(s, msg.pcm))
+                            events = await self._asr_call(s.engine.feed, self._pcm_for_engine(s, pcm))
                         except AudioError as e:
-                            self.send(sock, s.owner, P.Error.from_exception(e, msg.request_id, s.session_id, msg.seq))
+                            for m in batch:
+                                if m.ack or m is batch[-1]:
+                                    self.send(sock, s.owner, P.Error.from_exception(e, m.request_id, s.session_id,
+                                                                                    m.seq))
                             continue
+                        finally:
+                            s.done(len(batch))
                         self._send_events(sock, s, events)
-                        if msg.ack:
-                            self.send(sock, s.owner, P.Ack(session_id=s.session_id, request_id=msg.request_id,
-                                                           of="audio", seq=msg.seq))
+                        for m in batch:
+                            if m.ack:
+                                self.send(sock, s.owner, P.Ack(session_id=s.session_id, request_id=m.request_id,
+                                                               of="audio", seq=m.seq))
                     elif kind == "finalize":
                         if s.resampler is not None:
                             tail = self._pcm_for_engine(s, b"", last=True)
@@ -456,7 +594,7 @@ class Daemon:
         s.closing = True
         while not s.queue.empty():
             s.queue.get_nowait()
-        s.backlog_samples = 0
+        s.forget()
         if s.task is not None and s.task.done():
             return
         s.queue.put_nowait(("close", (reason, request_id, notify)))
@@ -469,9 +607,10 @@ class Daemon:
         while True:
             timeout = self.cfg.limits.idle_timeout
             await asyncio.sleep(min(1.0, timeout / 4))
+            self._update_load()
             now = time.monotonic()
             for s in list(self.sessions.values()):
-                if not s.closing and not s.busy and s.queue.empty() and now - s.last_active > timeout:
+                if not s.closing and not s.has_work() and now - s.last_active > timeout:
                     logger.info("session %s: idle for %.0f s, closing", s.session_id, now - s.last_active)
                     self.counters["idle_closed"] += 1
                     self._close_session(s, "idle")
@@ -595,6 +734,7 @@ class Daemon:
 
     def describe(self) -> Dict[str, Any]:
         now = time.monotonic()
+        worst, queued = self.asr_lag(now)
         asr, tts = self._asr_info(), self._tts_info()
         return {
             "daemon": {"version": daemon.__version__, "protocol": P.PROTOCOL_VERSION, "pid": os.getpid(),
@@ -613,9 +753,14 @@ class Daemon:
             "sessions": [{"session_id": s.session_id, "language": s.language, "sample_rate": s.sample_rate,
                           "age": round(now - s.opened_at, 2), "idle": round(now - s.last_active, 2),
                           "backlog_seconds": round(s.backlog_samples / s.sample_rate, 2),
+                          "lag": round(s.lag(now), 3), "shedding": s.shedding,
+                          "shed_seconds": round(s.shed_samples / s.sample_rate, 2),
                           "queued": s.queue.qsize(), "busy": s.busy} for s in self.sessions.values()],
             "queues": {"asr_sessions": len(self.sessions),
                        "asr_queued_chunks": sum(s.queue.qsize() for s in self.sessions.values()),
+                       "asr_max_lag": round(worst, 3), "asr_queued_seconds": round(queued, 2),
+                       "asr_worker_load": round(self.asr_load, 3),
+                       "asr_at_capacity": worst > self.cfg.limits.max_asr_lag,
                        "tts_requests": len(self.jobs)},
             "limits": dataclasses.asdict(self.cfg.limits),
             "counters": dict(self.counters),
@@ -700,7 +845,7 @@ class Daemon:
         return applied, restart
 
     def _in_flight(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.busy or not s.queue.empty()) + len(self.jobs)
+        return sum(1 for s in self.sessions.values() if s.has_work()) + len(self.jobs)
 
     async def _drain_and_close(self) -> None:
         self.stopping = True

@@ -9,8 +9,12 @@ so a test can check each client got the finals of its own audio.
 
 Test knobs travel in-band as hotwords (the fake accepts any hotword):
   ``fake:delay=0.2``  sleep that many seconds in every feed() (slow engine)
+  ``fake:rtf=0.5``    sleep 0.5 s per second of audio in every feed() (an engine whose cost
+                      is proportional to audio, so 1/rtf real-time streams fill the worker)
   ``fake:hang``       the next feed() blocks the worker until shutdown (hung engine: the
                       watchdog heartbeat stops completing)
+With ``S2S_FAKE_FEED_LOG=PATH`` in the daemon's environment every feed() appends
+``"<session_id> <samples>"`` to PATH, so a test can see how the daemon chunks audio.
 FakeTTSEngine: one sentence per ``.``/``。``/``!``/``?``; each sentence is a 440 Hz tone of
 0.05 s per character at 24 kHz, with 0.02 s of (sleep) work per sentence; text containing
 ``[slow]`` takes 0.3 s per sentence and ``[hang]`` blocks the worker until shutdown.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import re
 import threading
 import time
@@ -45,6 +50,7 @@ class FakeASRSession:
         self.language = "zh"
         self.hotwords: Tuple[str, ...] = ()
         self.delay = 0.0
+        self.rtf = 0.0
         self.hang = False
         self.reset()
 
@@ -67,6 +73,8 @@ class FakeASRSession:
         for h in self.hotwords:
             if h.startswith("fake:delay="):
                 self.delay = float(h.split("=", 1)[1])
+            elif h.startswith("fake:rtf="):
+                self.rtf = float(h.split("=", 1)[1])
             elif h == "fake:hang":
                 self.hang = True
 
@@ -86,6 +94,12 @@ class FakeASRSession:
         if self.delay:
             time.sleep(self.delay)
         x = to_float32(pcm)
+        if self.rtf:
+            time.sleep(self.rtf * len(x) / 16000)
+        log = os.environ.get("S2S_FAKE_FEED_LOG")
+        if log:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{self.session_id} {len(x)}\n")
         self._buf = np.concatenate([self._buf, x])
         out: List[Dict[str, Any]] = []
         while len(self._buf) >= BLOCK:

@@ -273,10 +273,10 @@ def test_vanished_dealers_have_sessions_and_requests_freed(stack, fixtures_dir):
         streaming = []
         for i in range(8):
             c = ASRClient(stack["asr"])
-            st = c.open(session_id=f"van-{i}", hotwords=["fake:delay=0.05"])
-            for off in range(0, 16000 * 2 * 2, 3200):
-                st.send(pcm[off:off + 3200])
-            streaming.append(c)
+            # 0.5 s of work per second of audio, however the daemon merges the messages into
+            # engine calls: with the audio sent just before they vanish, their events and acks
+            # are still coming afterwards (~4 s of work in all).
+            streaming.append((c, c.open(session_id=f"van-{i}", hotwords=["fake:rtf=0.5"])))
         silent = []
         for i in range(4):
             c = ASRClient(stack["asr"])
@@ -289,6 +289,10 @@ def test_vanished_dealers_have_sessions_and_requests_freed(stack, fixtures_dir):
             talkers.append(t)
         t_sent = time.monotonic()
         assert all(isinstance(t.recv(5), P.SynthAudio) for t in talkers)
+        for _c, st in streaming:
+            for off in range(0, 16000 * 2, 3200):
+                st.send(pcm[off:off + 3200], ack=off + 3200 >= 16000 * 2)
+        streaming = [c for c, _st in streaming]
         for c in streaming + silent + talkers:
             c.ping()  # everything sent has arrived
             c.close()
