@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import socket as pysocket
-import sys
 import threading
 import time
 from collections import deque
@@ -881,7 +880,6 @@ class Daemon:
             self.tts_sock = self._bind(self.cfg.daemon.endpoint("tts"))
         except (zmq.ZMQError, OSError, S2SError) as e:
             logger.error("cannot bind: %s", e)
-            print(f"s2s-speechd: cannot bind: {e}", file=sys.stderr)
             self._ctx.destroy(linger=0)
             return 1
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
@@ -983,12 +981,10 @@ def run(cfg: Config, strict: bool = False) -> int:
         asr, tts, fallbacks = load_engines(cfg, strict, notifier)
     except StartupError as e:
         logger.error("%s", e)
-        print(f"s2s-speechd: {e}", file=sys.stderr)
         notifier.status(f"failed: {e}")
         return 1
     except S2SError as e:
         logger.error("engine load failed: %s", e)
-        print(f"s2s-speechd: engine load failed: {e}", file=sys.stderr)
         notifier.status(f"failed: {e}")
         return 1
     for line in fallbacks:
