@@ -195,3 +195,19 @@ def test_check_config_does_not_import_heavy_modules(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout
+
+
+def test_readme_config_table_names_every_key():
+    """The README's config table lists every key of every section (it is the user's map)."""
+    import dataclasses
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for f in dataclasses.fields(C.Config):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if not dataclasses.is_dataclass(default):
+            continue
+        row = next((l for l in readme.splitlines() if l.startswith(f"| `{f.name}` |")), "")
+        assert row, f"README config table has no row for {f.name}"
+        for sub in dataclasses.fields(default):
+            assert f"`{sub.name}" in row or f"{sub.name}." in row or f",{sub.name}" in row, \
+                f"README config table lacks {f.name}.{sub.name}"
