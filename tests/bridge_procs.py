@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,38 +44,15 @@ def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-class Proc:
-    def __init__(self, name: str, args: list, log: Path, env: Dict[str, str]):
-        self.name = name
-        self.log = log
-        self._fh = open(log, "wb")
-        self.p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._fh, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-        self._fh.close()
-        return self.p.returncode
+# The same subprocess wrapper s2s-bench uses (log to a file, SIGTERM then kill on stop).
+from daemon.bench_cli import Proc  # noqa: E402
 
 
-def start_daemon(cfg_path: Path, log: Path, fake_engines: bool = False, timeout: float = 240.0) -> Proc:
-    """Start `python -m daemon --config cfg` and wait until both sockets answer a ping."""
+def wait_daemon_ready(proc: Proc, cfg_path: Path, timeout: float) -> Proc:
+    """Wait until both of the daemon's sockets answer a ping; RuntimeError with its log if not."""
     from daemon.client import Client, DaemonError
     from daemon.config import load_config
 
-    env = _env({"S2S_TEST_ENGINES": "tests/fake_engines.py"} if fake_engines else None)
-    proc = Proc("daemon", [sys.executable, "-m", "daemon", "--config", str(cfg_path)], log, env)
     cfg = load_config(str(cfg_path), env={})
     deadline = time.monotonic() + timeout
     for which in ("asr", "tts"):
@@ -94,6 +69,13 @@ def start_daemon(cfg_path: Path, log: Path, fake_engines: bool = False, timeout:
             except DaemonError:
                 time.sleep(0.3)
     return proc
+
+
+def start_daemon(cfg_path: Path, log: Path, fake_engines: bool = False, timeout: float = 240.0) -> Proc:
+    """Start `python -m daemon --config cfg` and wait until both sockets answer a ping."""
+    env = _env({"S2S_TEST_ENGINES": "tests/fake_engines.py"} if fake_engines else None)
+    proc = Proc("daemon", [sys.executable, "-m", "daemon", "--config", str(cfg_path)], log, env)
+    return wait_daemon_ready(proc, cfg_path, timeout)
 
 
 def start_bridge(cfg_path: Path, log: Path, agent: Optional[str] = None, timeout: float = 30.0) -> "BridgeProc":

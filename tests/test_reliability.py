@@ -388,25 +388,11 @@ def test_daemon_sigkill_mid_session_then_restart(tmp_path, models_dir, fixtures_
 
 
 def _start_faulty_daemon(cfg: Path, log: Path, fault_dir: Path, timeout: float = 240.0) -> Proc:
-    from bridge_procs import _env
-    from daemon.client import Client, DaemonError
-    from daemon.config import load_config
+    from bridge_procs import _env, wait_daemon_ready
 
     env = _env({"S2S_FAKE_GPU": "1", "S2S_FAULT_DIR": str(fault_dir)})
     proc = Proc("daemon", [sys.executable, str(TESTS / "gpu_faults.py"), "--config", str(cfg)], log, env)
-    c = load_config(str(cfg), env={})
-    deadline = time.monotonic() + timeout
-    for which in ("asr", "tts"):
-        while True:
-            assert proc.alive(), proc.text()[-3000:]
-            assert time.monotonic() < deadline, proc.text()[-3000:]
-            try:
-                with Client(c.daemon.endpoint(which), timeout=1.0) as cl:
-                    cl.ping(1.0)
-                break
-            except DaemonError:
-                time.sleep(0.3)
-    return proc
+    return wait_daemon_ready(proc, cfg, timeout)
 
 
 def _transcribe_events(endpoint: str, pcm: bytes) -> List[Any]:
