@@ -211,6 +211,27 @@ class Bridge:
         finally:
             await c.close()
 
+    async def _engines(self) -> Dict[str, Any]:
+        """Which engines the daemon runs and every fallback it took (the daemon's Fallback records)."""
+        from daemon.client import AsyncClient, DaemonError
+        from daemon.engines import EngineInfo, Fallback, SchemaError
+
+        c = AsyncClient(self.cfg.daemon.endpoint("asr"), timeout=DAEMON_PING_TIMEOUT)
+        try:
+            info = await c.describe(DAEMON_PING_TIMEOUT)
+            engines = {k: EngineInfo.from_dict(info[k]) for k in ("asr", "tts")}
+            fallbacks = [Fallback.from_dict(f).to_dict() for f in info.get("fallbacks", [])]
+        except DaemonError as e:
+            return {"error": e.message}
+        except (SchemaError, KeyError, TypeError) as e:
+            logger.warning("daemon describe has an unexpected shape: %s", e)
+            return {"error": f"unexpected describe shape: {e}"}
+        finally:
+            await c.close()
+        return {"engines": {k: {"engine": e.engine, "device": e.device, "languages": list(e.capabilities.languages)}
+                            for k, e in engines.items()},
+                "fallbacks": fallbacks}
+
     async def health(self) -> Dict[str, Any]:
         async with self._health_lock:
             now = time.monotonic()
@@ -225,8 +246,9 @@ class Bridge:
                 agent.update(configured_reachable=c_ok, configured_detail=c_why)
             daemon_ok = asr["reachable"] and tts["reachable"]
             healthy = daemon_ok and ok
+            engines = await self._engines() if asr["reachable"] else {}
             h = {"status": "ok" if healthy else "degraded",
-                 "daemon": {"reachable": daemon_ok, "asr": asr, "tts": tts},
+                 "daemon": {"reachable": daemon_ok, "asr": asr, "tts": tts, **engines},
                  "agent": agent,
                  "connections": len(self.sessions), "max_connections": self.cfg.bridge.max_connections,
                  "counters": dict(self.counters)}

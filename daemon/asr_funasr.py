@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from daemon import devices
+from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, ModelMissingError, S2SError
 from daemon.vad import (FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, PoolBase, StreamingEngine, join_cjk,
                         require_dir)
@@ -119,16 +120,16 @@ class FunASRPool(PoolBase):
         self.vad.load()
         choice = devices.resolve(c.device, c.dtype, what="asr.funasr")
         if choice.fallback_reason:
-            self.fallbacks.append(choice.fallback_reason)
+            self.fallbacks.append(Fallback("asr.device", c.device, choice.device, choice.fallback_reason, "load"))
         try:
             self._load_models(choice.device, choice.dtype)
         except Exception as e:
             if not (choice.is_cuda and devices.is_cuda_error(e)):
                 raise
-            self._note_fallback(f"CUDA error loading models on {choice.device}: {e}; using cpu")
+            self._note_fallback(choice.device, "cpu", f"CUDA error loading models: {e}", "load")
             self._load_models("cpu", "float32")
         self._loaded = True
-        if self.config.hotwords and not self.capabilities().get("hotwords"):
+        if self.config.hotwords and not self.capabilities().hotwords:
             logger.warning("%s: asr.hotwords is set but %s cannot use hotwords; the defaults are not applied",
                            self.name, self.model_label())
         logger.info("funasr: loaded %s (%s) on %s/%s in %.1f s; punctuation %s; partials %s",
@@ -168,10 +169,6 @@ class FunASRPool(PoolBase):
             self.notes.append(msg)
             logger.warning("funasr: %s", msg)
 
-    def _note_fallback(self, msg: str) -> None:
-        logger.error("funasr: %s", msg)
-        self.fallbacks.append(msg)
-
     # -- inference (run these on the worker) ------------------------------------------
 
     def _autocast(self) -> Any:
@@ -190,7 +187,7 @@ class FunASRPool(PoolBase):
             raise
         except Exception as e:
             if self.device.startswith("cuda") and devices.is_cuda_error(e):
-                self._note_fallback(f"CUDA error during {what} on {self.device}: {e}; reloading on cpu")
+                self._note_fallback(self.device, "cpu", f"CUDA error during {what}: {e}", "recognition")
                 self._load_models("cpu", "float32")
                 try:
                     return fn(*args)
@@ -229,10 +226,9 @@ class FunASRPool(PoolBase):
     def has_partials(self) -> bool:
         return self._stream is not None
 
-    def capabilities(self) -> Dict[str, Any]:
-        return {"partials": self.has_partials, "hotwords": self.asr_class in HOTWORD_MODELS,
-                "punctuation": self._punc is not None, "languages": ["zh", "en", "auto"],
-                "sample_rate": SAMPLE_RATE}
+    def capabilities(self) -> Capabilities:
+        return Capabilities(partials=self.has_partials, hotwords=self.asr_class in HOTWORD_MODELS,
+                            punctuation=self._punc is not None, languages=("zh", "en", "auto"))
 
     def model_label(self) -> str:
         return f"{Path(self.config.paraformer_dir).name}: {self.asr_class or 'not loaded'}"
@@ -241,17 +237,19 @@ class FunASRPool(PoolBase):
                     partials: bool) -> "FunASREngine":
         return FunASREngine(self, session_id, language=language, hotwords=hotwords, partials=partials)
 
-    def info(self) -> Dict[str, Any]:
+    def info(self) -> EngineInfo:
         c = self.config
-        return {
-            "engine": self.name, "device": self.device, "dtype": self.dtype, "requested_device": c.device,
-            "models": {"paraformer": str(c.paraformer_dir), "vad": str(c.vad_dir),
-                       "punc": str(c.punc_dir) if c.punc_dir else None,
-                       "streaming": str(c.streaming_dir) if c.streaming_dir else None},
-            "model_class": self.asr_class, "capabilities": self.capabilities(),
-            "sessions": self.session_count, "max_sessions": self.max_sessions,
-            "fallbacks": list(self.fallbacks), "notes": list(self.notes), "loaded": self._loaded,
-        }
+        models = {"paraformer": str(c.paraformer_dir), "vad": str(c.vad_dir)}
+        if c.punc_dir:
+            models["punc"] = str(c.punc_dir)
+        if c.streaming_dir:
+            models["streaming"] = str(c.streaming_dir)
+        return EngineInfo(
+            kind="asr", engine=self.name, device=self.device, requested_device=c.device, dtype=self.dtype,
+            sample_rate=SAMPLE_RATE, capabilities=self.capabilities(), loaded=self._loaded, models=models,
+            sessions=self.session_count, max_sessions=self.max_sessions, fallbacks=tuple(self.fallbacks),
+            notes=tuple(self.notes),
+            details={"model_class": self.asr_class, "streaming_class": self.streaming_class or None})
 
 
 class FunASREngine(StreamingEngine):
@@ -315,4 +313,4 @@ class FunASREngine(StreamingEngine):
 def _default_hotwords(pool: FunASRPool) -> List[str]:
     """Config-wide hotwords apply only where the model can use them (the pool logged a
     warning at load otherwise); hotwords a session asks for are never dropped silently."""
-    return list(pool.config.hotwords) if pool.capabilities().get("hotwords") else []
+    return list(pool.config.hotwords) if pool.capabilities().hotwords else []

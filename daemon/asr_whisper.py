@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from daemon import devices
+from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, S2SError
 from daemon.vad import SAMPLE_RATE, FsmnVAD, PoolBase, StreamingEngine, require_dir
 
@@ -96,16 +97,16 @@ class WhisperPool(PoolBase):
         self.vad.load()
         choice = devices.resolve(c.device, c.dtype, what="asr.whisper")
         if choice.fallback_reason:
-            self.fallbacks.append(choice.fallback_reason)
+            self.fallbacks.append(Fallback("asr.device", c.device, choice.device, choice.fallback_reason, "load"))
         try:
             self._load_model(choice.device, choice.dtype)
         except Exception as e:
             if not (choice.is_cuda and devices.is_cuda_error(e)):
                 raise
-            self._note_fallback(f"CUDA error loading Whisper on {choice.device}: {e}; using cpu")
+            self._note_fallback(choice.device, "cpu", f"CUDA error loading Whisper: {e}", "load")
             self._load_model("cpu", "float32")
         self._loaded = True
-        if self.config.hotwords and not self.capabilities().get("hotwords"):
+        if self.config.hotwords and not self.capabilities().hotwords:
             logger.warning("%s: asr.hotwords is set but %s cannot use hotwords; the defaults are not applied",
                            self.name, self.model_label())
         logger.info("whisper: loaded %s on %s (%s) in %.1f s", c.model_dir, self.device, self.compute_type,
@@ -126,10 +127,6 @@ class WhisperPool(PoolBase):
                                  local_files_only=True)
         self._model, self.device, self.dtype, self.compute_type = model, device, dtype, compute
 
-    def _note_fallback(self, msg: str) -> None:
-        logger.error("whisper: %s", msg)
-        self.fallbacks.append(msg)
-
     def transcribe(self, audio: np.ndarray, language: str) -> Tuple[str, str]:
         """One utterance -> (text, language). Run on the worker."""
         try:
@@ -138,7 +135,7 @@ class WhisperPool(PoolBase):
             raise
         except Exception as e:
             if self.device.startswith("cuda") and devices.is_cuda_error(e):
-                self._note_fallback(f"CUDA error during recognition on {self.device}: {e}; reloading on cpu")
+                self._note_fallback(self.device, "cpu", f"CUDA error during recognition: {e}", "recognition")
                 self._load_model("cpu", "float32")
                 try:
                     return self._transcribe(audio, language)
@@ -158,9 +155,8 @@ class WhisperPool(PoolBase):
             text = to_simplified(text)
         return text, lang
 
-    def capabilities(self) -> Dict[str, Any]:
-        return {"partials": False, "hotwords": False, "punctuation": True, "languages": ["zh", "en", "auto"],
-                "sample_rate": SAMPLE_RATE}
+    def capabilities(self) -> Capabilities:
+        return Capabilities(partials=False, hotwords=False, punctuation=True, languages=("zh", "en", "auto"))
 
     def model_label(self) -> str:
         return Path(self.config.model_dir).name
@@ -169,12 +165,14 @@ class WhisperPool(PoolBase):
                     partials: bool) -> "WhisperEngine":
         return WhisperEngine(self, session_id, language=language, hotwords=hotwords, partials=partials)
 
-    def info(self) -> Dict[str, Any]:
+    def info(self) -> EngineInfo:
         c = self.config
-        return {"engine": self.name, "device": self.device, "dtype": self.dtype, "compute_type": self.compute_type,
-                "requested_device": c.device, "models": {"whisper": str(c.model_dir), "vad": str(c.vad_dir)},
-                "capabilities": self.capabilities(), "sessions": self.session_count,
-                "max_sessions": self.max_sessions, "fallbacks": list(self.fallbacks), "loaded": self._loaded}
+        return EngineInfo(
+            kind="asr", engine=self.name, device=self.device, requested_device=c.device, dtype=self.dtype,
+            sample_rate=SAMPLE_RATE, capabilities=self.capabilities(), loaded=self._loaded,
+            models={"whisper": str(c.model_dir), "vad": str(c.vad_dir)}, sessions=self.session_count,
+            max_sessions=self.max_sessions, fallbacks=tuple(self.fallbacks),
+            details={"compute_type": self.compute_type})
 
 
 class WhisperEngine(StreamingEngine):
@@ -209,4 +207,4 @@ class WhisperEngine(StreamingEngine):
 def _default_hotwords(pool: WhisperPool) -> List[str]:
     """Config-wide hotwords apply only where the model can use them (the pool logged a
     warning at load otherwise); hotwords a session asks for are never dropped silently."""
-    return list(pool.config.hotwords) if pool.capabilities().get("hotwords") else []
+    return list(pool.config.hotwords) if pool.capabilities().hotwords else []

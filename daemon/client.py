@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -82,6 +83,17 @@ def _decode(frames: Sequence[bytes]) -> Optional[P.Message]:
 # --- blocking -------------------------------------------------------------------------------
 
 
+def missing_endpoint(endpoint: str) -> Optional[str]:
+    """Why nothing can be listening at `endpoint` (an ipc:// socket file that does not exist), or None.
+
+    libzmq connects to a missing ipc path without complaint and waits; this lets a caller say so at once."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if not os.path.exists(path):
+            return f"no daemon at {endpoint}: the socket file {path} does not exist (is s2s-speechd running?)"
+    return None
+
+
 class Client:
     """Blocking DEALER client; base of ASRClient and TTSClient."""
 
@@ -133,6 +145,9 @@ class Client:
     def request(self, msg: P.Message, reply_types: Tuple[type, ...], timeout: Optional[float] = None) -> P.Message:
         """Send msg and wait for the first reply of reply_types (or an error) with its request id."""
         rid = getattr(msg, "request_id", "")
+        why = missing_endpoint(self.endpoint)
+        if why:
+            raise DaemonError(why, ErrorCode.UNAVAILABLE, rid)
         self.send(msg)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout

@@ -1,6 +1,6 @@
 """s2s-ctl: talk to a running speech daemon.
 
-    s2s-ctl [--config FILE | --asr EP --tts EP] health [--json]
+    s2s-ctl [--config FILE | --asr EP --tts EP] health [--json] [--strict]
     s2s-ctl transcribe FILE.wav [--lang zh] [--stream] [--json]
     s2s-ctl speak TEXT -o out.wav [--lang zh] [--speed 1.0]
     s2s-ctl sessions
@@ -39,26 +39,64 @@ def _endpoints(args: argparse.Namespace) -> Dict[str, str]:
     return eps
 
 
+def _engine_lines(kind: str, raw: Any) -> List[str]:
+    from daemon.engines import EngineInfo, SchemaError
+
+    try:
+        e = EngineInfo.from_dict(raw)
+    except SchemaError as err:  # say what arrived rather than crash on it
+        return [f"{kind:8s} (unexpected engine info: {err}) {json.dumps(raw, ensure_ascii=False, default=str)}"]
+    caps = e.capabilities
+    flags = [n for n in ("partials", "hotwords", "punctuation", "streaming") if getattr(caps, n)]
+    lines = [f"{kind:8s} engine={e.engine}{' (FAKE, tests only)' if e.fake else ''} device={e.device} "
+             f"(requested {e.requested_device}) dtype={e.dtype} rate={e.sample_rate} loaded={e.loaded}",
+             f"{'':8s} capabilities: {' '.join(flags) or 'none'}; languages {','.join(caps.languages) or '-'}"]
+    if kind == "asr":
+        lines[-1] += f"; sessions {e.sessions}/{e.max_sessions or '-'}"
+    for role, path in e.models.items():
+        lines.append(f"{'':8s} model {role}: {path}")
+    details = {k: v for k, v in e.details.items() if v is not None}
+    if details:
+        lines.append(f"{'':8s} " + " ".join(f"{k}={v}" for k, v in details.items()))
+    for note in e.notes:
+        lines.append(f"{'':8s} note: {note}")
+    return lines
+
+
 def _table(info: Dict[str, Any]) -> str:
-    d = info.get("daemon", {})
+    """The daemon's describe() as text. Never raises on an unexpected shape: shows it instead."""
+    from daemon.engines import Fallback, SchemaError
+
+    d = info.get("daemon") if isinstance(info.get("daemon"), dict) else {}
+    uptime = d.get("uptime")
     lines = [f"daemon   v{d.get('version')} protocol {d.get('protocol')} pid {d.get('pid')} "
-             f"uptime {d.get('uptime', 0):.0f}s healthy={d.get('healthy')}"]
+             f"uptime {uptime:.0f}s healthy={d.get('healthy')}" if isinstance(uptime, (int, float))
+             else f"daemon   {json.dumps(d, ensure_ascii=False, default=str)}"]
     for kind in ("asr", "tts"):
-        e = info.get(kind, {})
-        lines.append(f"{kind:8s} engine={e.get('engine')} device={e.get('device')} dtype={e.get('dtype', '-')} "
-                     f"capabilities={json.dumps(e.get('capabilities', {}), ensure_ascii=False)}")
-        for k, v in (e.get("model_dirs") or {}).items():
-            lines.append(f"{'':8s} model {k}: {v}")
-    caps = info.get("capabilities", {})
-    lines.append("caps     " + " ".join(f"{k}={v}" for k, v in caps.items()))
-    q = info.get("queues", {})
-    lines.append("queues   " + " ".join(f"{k}={v}" for k, v in q.items()))
-    fb = info.get("fallbacks") or []
-    lines.append("fallback " + ("; ".join(fb) if fb else "none"))
+        lines += _engine_lines(kind, info.get(kind))
+    for name in ("capabilities", "queues"):
+        v = info.get(name)
+        if isinstance(v, dict):
+            lines.append(f"{name[:8]:8s} " + " ".join(f"{k}={v2}" for k, v2 in v.items()))
+    fbs = info.get("fallbacks") or []
+    if not fbs:
+        lines.append("fallback none")
+    for raw in fbs if isinstance(fbs, list) else [fbs]:
+        try:
+            lines.append("fallback " + Fallback.from_dict(raw).line())
+        except SchemaError as err:
+            lines.append(f"fallback (unexpected shape: {err}) {json.dumps(raw, ensure_ascii=False, default=str)}")
     return "\n".join(lines)
 
 
+def fallback_count(info: Dict[str, Any]) -> int:
+    fbs = info.get("fallbacks")
+    return len(fbs) if isinstance(fbs, list) else 0
+
+
 def cmd_health(args: argparse.Namespace, eps: Dict[str, str]) -> int:
+    """Exit 0 when both sockets answer (fallbacks are reported, not failures); 1 when one does
+    not; with --strict, 1 as well when any fallback was taken."""
     out: Dict[str, Any] = {}
     rc = 0
     for kind in ("asr", "tts"):
@@ -69,6 +107,10 @@ def cmd_health(args: argparse.Namespace, eps: Dict[str, str]) -> int:
             except DaemonError as e:
                 out[kind] = {"endpoint": eps[kind], "error": e.code.value, "message": str(e)}
                 rc = 1
+    info = next((out[k]["info"] for k in ("asr", "tts") if "info" in out[k]), None)
+    fallbacks = fallback_count(info) if isinstance(info, dict) else 0
+    if args.strict and fallbacks and rc == 0:
+        rc = 1
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=2))
         return rc
@@ -78,9 +120,10 @@ def cmd_health(args: argparse.Namespace, eps: Dict[str, str]) -> int:
             print(f"{kind}: {o['endpoint']}: {o['error']}: {o['message']}")
         else:
             print(f"{kind}: {o['endpoint']} (ping {o['rtt_ms']} ms)")
-    ok = next((out[k]["info"] for k in ("asr", "tts") if "info" in out[k]), None)
-    if ok:
-        print(_table(ok))
+    if isinstance(info, dict):
+        print(_table(info))
+    if args.strict and fallbacks:
+        print(f"s2s-ctl: --strict: {fallbacks} fallback(s) taken", file=sys.stderr)
     return rc
 
 
@@ -192,6 +235,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("health", help="ping both sockets and print the daemon's info")
     h.add_argument("--json", action="store_true")
+    h.add_argument("--strict", action="store_true", help="exit 1 when the daemon runs on any fallback")
     t = sub.add_parser("transcribe", help="transcribe a WAV file (PCM16; any rate, resampled by the daemon)")
     t.add_argument("file")
     t.add_argument("--lang", choices=("zh", "en", "auto"), default=None)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 from daemon.config import Config
+from daemon.engines import Fallback
 from daemon.errors import EngineError, ModelMissingError, S2SError
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ class StartupError(S2SError):
 @dataclass(frozen=True)
 class Choice:
     engine: str
-    # One line per fallback taken ("asr: funasr -> whisper: <why>"); empty when none.
-    fallbacks: Tuple[str, ...] = ()
+    # The engine fallback taken, if any.
+    fallbacks: Tuple[Fallback, ...] = ()
 
 
 def choose_engine(kind: str, selected: str, fallback: str, missing: Mapping[str, str], strict: bool) -> Choice:
@@ -61,7 +62,7 @@ def choose_engine(kind: str, selected: str, fallback: str, missing: Mapping[str,
     if fallback in missing:
         raise StartupError(f"{kind} engine {selected} unavailable ({why}); fallback {fallback} unavailable too "
                            f"({missing[fallback]})")
-    return Choice(fallback, (f"{kind}: {selected} -> {fallback}: {why}",))
+    return Choice(fallback, (Fallback(f"{kind}.engine", selected, fallback, why, "startup"),))
 
 
 def asr_model_paths(cfg: Config, engine: str) -> List[Tuple[str, str]]:
@@ -125,7 +126,7 @@ def _real_builder(table: Mapping[str, Tuple[str, str, str]]) -> Callable[[str, C
 
 
 def _build(kind: str, cfg: Config, strict: bool, selected: str, fallback: str,
-           table: Mapping[str, Tuple[str, str, str]]) -> Tuple[Any, List[str]]:
+           table: Mapping[str, Tuple[str, str, str]]) -> Tuple[Any, List[Fallback]]:
     test_mod = os.environ.get(TEST_ENGINES_ENV, "")
     if test_mod:
         logger.warning("%s=%s: using TEST engines for %s (never set this in production)", TEST_ENGINES_ENV,
@@ -135,12 +136,12 @@ def _build(kind: str, cfg: Config, strict: bool, selected: str, fallback: str,
         return engine, []
     missing = missing_models(cfg, kind)
     builder = _real_builder(table)
-    fallbacks: List[str] = []
+    fallbacks: List[Fallback] = []
     for _attempt in range(2):
         choice = choose_engine(kind, selected, fallback, missing, strict)
         fallbacks += list(choice.fallbacks)
-        for line in choice.fallbacks:
-            logger.warning("fallback taken: %s", line)
+        for f in choice.fallbacks:
+            logger.warning("fallback taken: %s", f.line())
         try:
             engine = builder(choice.engine, cfg)
             engine.load()
@@ -154,11 +155,11 @@ def _build(kind: str, cfg: Config, strict: bool, selected: str, fallback: str,
     raise StartupError(f"{kind}: no usable engine ({'; '.join(f'{k}: {v}' for k, v in missing.items())})")
 
 
-def build_asr(cfg: Config, strict: bool = False) -> Tuple[Any, List[str]]:
+def build_asr(cfg: Config, strict: bool = False) -> Tuple[Any, List[Fallback]]:
     """Construct and load the ASR pool; returns (pool, fallbacks taken). Raises StartupError."""
     return _build("asr", cfg, strict, cfg.asr.engine, cfg.asr.fallback_engine, ASR_CLASSES)
 
 
-def build_tts(cfg: Config, strict: bool = False) -> Tuple[Any, List[str]]:
+def build_tts(cfg: Config, strict: bool = False) -> Tuple[Any, List[Fallback]]:
     """Construct and load the TTS engine; returns (engine, fallbacks taken). Raises StartupError."""
     return _build("tts", cfg, strict, cfg.tts.engine, cfg.tts.fallback_engine, TTS_CLASSES)

@@ -39,6 +39,7 @@ import zmq.asyncio
 import daemon
 from daemon import protocol as P
 from daemon.config import Config, ConfigError, load_config, reloadable_diff
+from daemon.engines import Capabilities, EngineInfo, Fallback, merge_fallbacks
 from daemon.errors import AudioError, ErrorCode, S2SError
 from daemon.notify import Notifier
 
@@ -156,7 +157,7 @@ def _retry_after(seconds: float) -> float:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, asr: Any, tts: Any, fallbacks: List[str], notifier: Optional[Notifier] = None):
+    def __init__(self, cfg: Config, asr: Any, tts: Any, fallbacks: List[Fallback], notifier: Optional[Notifier] = None):
         self.cfg = cfg
         self.asr = asr
         self.tts = tts
@@ -506,8 +507,8 @@ class Daemon:
                 return
             finally:
                 s.busy = False
-            caps = dict(self._asr_info().get("capabilities", {}))
-            caps["partials"] = bool(caps.get("partials", True)) and s.partials
+            caps = self._engine_info("asr").capabilities.to_dict()
+            caps["partials"] = caps["partials"] and s.partials
             caps.update(sample_rate=s.sample_rate, max_chunk_seconds=self.cfg.limits.max_chunk_seconds)
             self.send(sock, s.owner, P.Opened(session_id=s.session_id, request_id=s.request_id, capabilities=caps))
             while True:
@@ -719,36 +720,37 @@ class Daemon:
 
     # --- info, health, status --------------------------------------------------------------
 
-    def _asr_info(self) -> Dict[str, Any]:
+    def _engine_info(self, kind: str) -> EngineInfo:
+        engine = self.asr if kind == "asr" else self.tts
         try:
-            return dict(self.asr.info())
-        except Exception as e:  # info must never break describe
-            return {"error": str(e)}
+            return engine.info()
+        except Exception as e:  # info must never break describe: report the failure in the same schema
+            logger.exception("%s engine info failed", kind)
+            return EngineInfo(kind=kind, engine=str(getattr(engine, "name", "?")), device="?", requested_device="?",
+                              dtype="?", sample_rate=0, capabilities=Capabilities(), loaded=False,
+                              notes=(f"info failed: {type(e).__name__}: {e}",))
 
-    def _tts_info(self) -> Dict[str, Any]:
-        try:
-            return dict(self.tts.info())
-        except Exception as e:
-            return {"error": str(e)}
+    def all_fallbacks(self, asr: EngineInfo, tts: EngineInfo) -> List[Fallback]:
+        return merge_fallbacks(self.fallbacks, asr.fallbacks, tts.fallbacks)
 
     def describe(self) -> Dict[str, Any]:
         now = time.monotonic()
         worst, queued = self.asr_lag(now)
-        asr, tts = self._asr_info(), self._tts_info()
+        asr, tts = self._engine_info("asr"), self._engine_info("tts")
         return {
             "daemon": {"version": daemon.__version__, "protocol": P.PROTOCOL_VERSION, "pid": os.getpid(),
                        "uptime": round(time.time() - self.started, 3), "config": self.cfg.source,
                        "stopping": self.stopping, "healthy": self.healthy,
                        "endpoints": {"asr": self.cfg.daemon.endpoint("asr"), "tts": self.cfg.daemon.endpoint("tts")}},
-            "asr": asr,
-            "tts": tts,
+            "asr": asr.to_dict(),
+            "tts": tts.to_dict(),
             "capabilities": {
-                "partials": bool(asr.get("capabilities", {}).get("partials", False)),
-                "hotwords": bool(asr.get("capabilities", {}).get("hotwords", False)),
-                "streaming_tts": bool(tts.get("capabilities", {}).get("streaming", True)),
+                "partials": asr.capabilities.partials,
+                "hotwords": asr.capabilities.hotwords,
+                "streaming_tts": tts.capabilities.streaming,
             },
-            "fallbacks": self.fallbacks + [f for f in list(asr.get("fallbacks", []) or []) + list(tts.get("fallbacks", []) or [])
-                                           if f not in self.fallbacks],
+            # Every fallback taken (startup engine choice, device moves), each once: Fallback records.
+            "fallbacks": [f.to_dict() for f in self.all_fallbacks(asr, tts)],
             "sessions": [{"session_id": s.session_id, "language": s.language, "sample_rate": s.sample_rate,
                           "age": round(now - s.opened_at, 2), "idle": round(now - s.last_active, 2),
                           "backlog_seconds": round(s.backlog_samples / s.sample_rate, 2),
@@ -766,12 +768,12 @@ class Daemon:
         }
 
     def status_line(self) -> str:
-        a, t = self._asr_info(), self._tts_info()
-        line = (f"serving: asr={a.get('engine', self.asr.name)}@{a.get('device', '?')} "
-                f"tts={t.get('engine', self.tts.name)}@{t.get('device', '?')}, "
+        a, t = self._engine_info("asr"), self._engine_info("tts")
+        line = (f"serving: asr={a.engine}@{a.device} tts={t.engine}@{t.device}, "
                 f"{len(self.sessions)} session(s), {len(self.jobs)} TTS request(s)")
-        if self.fallbacks:
-            line += f"; fallback: {'; '.join(self.fallbacks)}"
+        fallbacks = self.all_fallbacks(a, t)
+        if fallbacks:
+            line += f"; fallback: {'; '.join(f.line() for f in fallbacks)}"
         if not self.healthy:
             line += "; UNHEALTHY: engine worker unresponsive"
         return line
@@ -925,7 +927,7 @@ def _shutdown_engines(engines: List[Any], timeout: float) -> bool:
     return not t.is_alive()
 
 
-def load_engines(cfg: Config, strict: bool, notifier: Notifier) -> Tuple[Any, Any, List[str]]:
+def load_engines(cfg: Config, strict: bool, notifier: Notifier) -> Tuple[Any, Any, List[Fallback]]:
     """Build ASR then TTS on a thread; meanwhile keep systemd's start timeout extended."""
     from daemon.factory import build_asr, build_tts
 
@@ -987,8 +989,8 @@ def run(cfg: Config, strict: bool = False) -> int:
         logger.error("engine load failed: %s", e)
         notifier.status(f"failed: {e}")
         return 1
-    for line in fallbacks:
-        logger.warning("running on a fallback: %s", line)
+    for f in fallbacks:
+        logger.warning("running on a fallback: %s", f.line())
     d = Daemon(cfg, asr, tts, fallbacks, notifier)
     rc = asyncio.run(d.serve())
     if not _shutdown_engines([asr, tts], timeout=max(1.0, d.cfg.daemon.drain_timeout)):

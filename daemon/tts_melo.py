@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from daemon import audio, devices, textsplit
+from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, ErrorCode, ModelMissingError, S2SError, TextError, UnsupportedError
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class SentenceTTS:
         self.requested_device = device
         self.fallback_device = fallback_device
         self.device = "cpu"
-        self.fallbacks: List[Dict[str, Any]] = []
+        self.fallbacks: List[Fallback] = []
         self.loaded = False
         self.load_seconds = 0.0
         self.sentences_synthesized = 0
@@ -137,8 +138,7 @@ class SentenceTTS:
         logger.info("tts.%s: loaded on %s in %.1f s", self.name, self.device, self.load_seconds)
 
     def _record_fallback(self, src: str, dst: str, reason: str, when: str) -> None:
-        self.fallbacks.append({"from": src, "to": dst, "reason": reason[:300], "when": when,
-                               "time": time.time()})
+        self.fallbacks.append(Fallback("tts.device", src, dst, reason, when))
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -234,14 +234,18 @@ class SentenceTTS:
     def _move_to(self, device: str) -> None:
         self._load_model(device)
 
-    def _base_info(self) -> Dict[str, Any]:
-        return {
-            "engine": self.name, "loaded": self.loaded, "device": self.device,
-            "requested_device": self.requested_device, "fallback_device": self.fallback_device,
-            "sample_rate": self.sample_rate, "speed": self.speed, "max_text_chars": self.max_text_chars,
-            "fallbacks": list(self.fallbacks), "load_seconds": round(self.load_seconds, 3),
-            "sentences_synthesized": self.sentences_synthesized, "streaming": True,
-        }
+    def languages(self) -> Tuple[str, ...]:
+        return ("zh", "en", "auto")
+
+    def _info(self, models: Dict[str, str], **details: Any) -> EngineInfo:
+        return EngineInfo(
+            kind="tts", engine=self.name, device=self.device, requested_device=self.requested_device,
+            dtype="float32", sample_rate=self.sample_rate,
+            capabilities=Capabilities(streaming=True, languages=self.languages()), loaded=self.loaded,
+            models=models, fallbacks=tuple(self.fallbacks),
+            details={"fallback_device": self.fallback_device, "speed": self.speed,
+                     "max_text_chars": self.max_text_chars, "load_seconds": round(self.load_seconds, 3),
+                     "sentences_synthesized": self.sentences_synthesized, **details})
 
 
 @dataclass(frozen=True)
@@ -366,10 +370,8 @@ class MeloTTSEngine(SentenceTTS):
                 noise_scale_w=self.config.noise_scale_w, length_scale=1.0 / speed)
         return out[0][0, 0].detach().float().cpu().numpy()
 
-    def info(self) -> Dict[str, Any]:
-        d = self._base_info()
-        d.update({"model_dir": str(self.config.model_dir), "hf_home": str(self.config.hf_home),
-                  "nltk_data": str(self.config.nltk_data), "language": self.config.language,
-                  "model_sample_rate": self.model_sample_rate, "speaker_id": self._speaker_id,
-                  "shims": self.shims})
-        return d
+    def info(self) -> EngineInfo:
+        return self._info({"melo": str(self.config.model_dir), "hf_home": str(self.config.hf_home),
+                           "nltk_data": str(self.config.nltk_data)},
+                          language=self.config.language, model_sample_rate=self.model_sample_rate,
+                          speaker_id=self._speaker_id, shims=", ".join(self.shims) if self.shims else None)

@@ -17,6 +17,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from daemon import textsplit
+from daemon.engines import EngineInfo
 from daemon.errors import ModelMissingError
 from daemon.tts_melo import SentenceTTS
 
@@ -96,8 +97,6 @@ class PiperEngine(SentenceTTS):
         x = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
         return x.astype(np.float32), self.model_sample_rate
 
-    def info(self) -> Dict[str, Any]:
-        d = self._base_info()
-        d.update({"voice": str(self.config.voice), "voice_language": self.voice_language,
-                  "model_sample_rate": self.model_sample_rate})
-        return d
+    def info(self) -> EngineInfo:
+        return self._info({"voice": str(self.config.voice)}, voice_language=self.voice_language,
+                          model_sample_rate=self.model_sample_rate)

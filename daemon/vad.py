@@ -33,6 +33,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import numpy as np
 
 from daemon.audio import to_float32
+from daemon.engines import Capabilities, Fallback
 from daemon.errors import AudioError, BusyError, ErrorCode, ModelMissingError, S2SError, UnsupportedError
 
 logger = logging.getLogger(__name__)
@@ -391,7 +392,7 @@ class StreamingEngine:
 
     def set_hotwords(self, hotwords: Sequence[str]) -> None:
         words = clean_hotwords(hotwords)
-        if words and not self.pool.capabilities().get("hotwords"):
+        if words and not self.pool.capabilities().hotwords:
             raise UnsupportedError(f"{self.pool.name}: the loaded model ({self.pool.model_label()}) cannot use "
                                    f"hotwords; use asr.engine funasr with a SeACo-Paraformer model in "
                                    f"asr.funasr.paraformer", model=self.pool.model_label())
@@ -445,7 +446,7 @@ class PoolBase:
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.vad: Any = None
-        self.fallbacks: List[str] = []
+        self.fallbacks: List[Fallback] = []
         self._sessions: Dict[str, StreamingEngine] = {}
         self._lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
@@ -453,8 +454,13 @@ class PoolBase:
 
     # subclasses: load(), capabilities(), model_label(), _new_engine(), info()
 
-    def capabilities(self) -> Dict[str, Any]:  # pragma: no cover - overridden
-        return {}
+    def _note_fallback(self, src: str, dst: str, reason: str, when: str) -> None:
+        f = Fallback("asr.device", src, dst, reason, when)
+        logger.error("%s: %s", self.name, f.line())
+        self.fallbacks.append(f)
+
+    def capabilities(self) -> Capabilities:  # pragma: no cover - overridden
+        return Capabilities()
 
     def model_label(self) -> str:  # pragma: no cover - overridden
         return self.name

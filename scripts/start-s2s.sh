@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Start the whole stack without systemd: speech daemon, wait for READY, bridge, print the page URL.
-# On a fresh clone it installs (scripts/install.sh) and assembles the bundled models first.
-# Ctrl-C stops both. Honours the seed's env vars ASR_ENGINE, TTS_ENGINE, ASR_DEVICE, TTS_DEVICE
-# and S2S_CONFIG (default: etc/s2s.yaml), S2S_MODELS (default: /var/lib/s2s/models when it
-# exists, else ./.models).
+# Start the whole stack without systemd: speech daemon, wait until it answers, bridge, print the
+# page URL. On a fresh clone it installs (scripts/install.sh) and assembles the bundled models
+# first. Ctrl-C (or SIGTERM) stops both.
+#
+# Every setting comes from the config (S2S_CONFIG, default etc/s2s.yaml); the seed's env vars
+# ASR_ENGINE, TTS_ENGINE, ASR_DEVICE, TTS_DEVICE override it there (daemon/config.py), not here.
+# Also: S2S_MODELS (default /var/lib/s2s/models when it exists, else ./.models), S2S_VENV (default
+# ./.venv), S2S_START_TIMEOUT (seconds to wait for the daemon, default 300).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-export ASR_ENGINE="${ASR_ENGINE:-funasr}"   # "funasr" or "whisper"
-export TTS_ENGINE="${TTS_ENGINE:-melo}"     # "melo" or "piper"
-export ASR_DEVICE="${ASR_DEVICE:-cuda:1}"
-export TTS_DEVICE="${TTS_DEVICE:-cuda:1}"
+VENV=${S2S_VENV:-$ROOT/.venv}
 export S2S_CONFIG="${S2S_CONFIG:-$ROOT/etc/s2s.yaml}"
 if [ -z "${S2S_MODELS:-}" ]; then
   if [ -d /var/lib/s2s/models ]; then S2S_MODELS=/var/lib/s2s/models; else S2S_MODELS=$ROOT/.models; fi
@@ -18,11 +18,13 @@ fi
 export S2S_MODELS
 export RUNTIME_DIRECTORY="${RUNTIME_DIRECTORY:-$ROOT/.run}"
 export CUDA_DEVICE_ORDER=PCI_BUS_ID
+# This checkout's code, even when the venv (S2S_VENV) was installed from another checkout.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 say() { printf '\033[1m[s2s]\033[0m %s\n' "$*"; }
 
-scripts/install.sh
+S2S_VENV=$VENV scripts/install.sh
 # shellcheck disable=SC1091
-. .venv/bin/activate
+. "$VENV/bin/activate"
 mkdir -p "$RUNTIME_DIRECTORY" && chmod 0750 "$RUNTIME_DIRECTORY"
 say "models: $S2S_MODELS"
 if ! s2s-models bundled --out "$S2S_MODELS" >/dev/null; then
@@ -32,29 +34,48 @@ s2s-speechd --check-config
 
 pids=()
 rc=0
+stopping=0
 cleanup() {
   trap - INT TERM EXIT
+  stopping=1
   say "stopping"
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do
-    wait "$p" || rc=$?
+    st=0
+    wait "$p" 2>/dev/null || st=$?
+    # 143 = ended by our own SIGTERM (128 + 15): that is the clean stop we asked for.
+    if [ "$st" != 0 ] && [ "$st" != 143 ] && [ "$rc" = 0 ]; then rc=$st; fi
   done
-  if [ $rc = 0 ]; then say "stopped cleanly"; else say "a process exited with status $rc"; fi
-  exit $rc
+  if [ "$rc" = 0 ]; then say "stopped cleanly"; else say "stopped; a process exited with status $rc"; fi
+  exit "$rc"
 }
-trap cleanup INT TERM EXIT
+on_signal() { cleanup; }
+trap on_signal INT TERM
+trap cleanup EXIT
 
-s2s-speechd &
+daemon_log="$RUNTIME_DIRECTORY/s2s-speechd.log"
+: > "$daemon_log"
+# The daemon logs to this terminal and to $daemon_log (shown again if startup fails).
+s2s-speechd > >(tee -a "$daemon_log") 2>&1 &
 daemon_pid=$!
 pids+=("$daemon_pid")
 say "waiting for the speech daemon to load its models (pid $daemon_pid)"
 deadline=$((SECONDS + ${S2S_START_TIMEOUT:-300}))
-until s2s-ctl --timeout 2 health >/dev/null 2>&1; do
+health_out=""
+# Ready = both sockets answer (`s2s-ctl health` exit 0); fallbacks are reported, not failures.
+until health_out=$(s2s-ctl --timeout 2 health --json 2>&1); do
   if ! kill -0 "$daemon_pid" 2>/dev/null; then
-    say "the speech daemon exited during startup (see its log above)"; rc=1; exit 1
+    st=0; wait "$daemon_pid" || st=$?
+    say "the speech daemon exited during startup with status $st; its last log lines:"
+    tail -n 20 "$daemon_log" >&2
+    rc=1; exit 1
   fi
   if [ $SECONDS -ge $deadline ]; then
-    say "the speech daemon did not become ready in time"; rc=1; exit 1
+    say "the speech daemon did not answer within ${S2S_START_TIMEOUT:-300} s. Last health check:"
+    printf '%s\n' "$health_out" | tail -n 12 >&2
+    say "its last log lines ($daemon_log):"
+    tail -n 20 "$daemon_log" >&2
+    rc=1; exit 1
   fi
   sleep 1
 done
@@ -70,5 +91,11 @@ fi
 s2s-bridge "${agent_args[@]}" &
 pids+=($!)
 say "open http://$(python -c 'from daemon.config import load_config; b = load_config().bridge; print(f"{b.host}:{b.port}")')/  (Ctrl-C stops)"
-# Returns when either process exits; the EXIT trap stops the other.
-wait -n "${pids[@]}" || rc=$?
+# Returns when either process exits (or a signal arrives); the traps stop the other.
+st=0
+wait -n "${pids[@]}" || st=$?
+if [ "$stopping" = 0 ]; then
+  say "a process exited on its own with status $st"
+  rc=$st
+  [ "$rc" = 0 ] && rc=1
+fi

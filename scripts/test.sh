@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 # shellcheck disable=SC1091
-. .venv/bin/activate
+. "${S2S_VENV:-$PWD/.venv}/bin/activate"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export S2S_TEST_MODELS=${S2S_TEST_MODELS:-$PWD/.models}
 s2s-models bundled --out "$S2S_TEST_MODELS" >/dev/null
 s2s-models tiny --out "$S2S_TEST_MODELS" >/dev/null

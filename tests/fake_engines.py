@@ -34,6 +34,7 @@ import numpy as np
 
 from daemon.audio import to_float32
 from daemon.config import Config
+from daemon.engines import Capabilities, EngineInfo
 from daemon.errors import BusyError, TextError
 
 BLOCK = 1600  # 100 ms at 16 kHz
@@ -181,10 +182,11 @@ class FakeASRPool:
         assert self._ex is not None, "load() first"
         return self._ex.submit(fn, *args, **kwargs)
 
-    def info(self) -> Dict[str, Any]:
-        return {"engine": "fake", "fake": True, "device": "cpu", "dtype": "float32", "model_dirs": {},
-                "capabilities": {"partials": True, "hotwords": True, "languages": ["zh", "en", "auto"]},
-                "sessions": len(self.sessions), "fallbacks": [], "versions": {"fake": "1"}}
+    def info(self) -> EngineInfo:
+        return EngineInfo(kind="asr", engine="fake", device="cpu", requested_device="cpu", dtype="float32",
+                          sample_rate=16000, loaded=True, fake=True, sessions=len(self.sessions),
+                          capabilities=Capabilities(partials=True, hotwords=True, punctuation=True,
+                                                    languages=("zh", "en", "auto")))
 
     def shutdown(self) -> None:
         self.stop_event.set()
@@ -233,9 +235,10 @@ class FakeTTSEngine:
         assert self._ex is not None, "load() first"
         return self._ex.submit(fn, *args, **kwargs)
 
-    def info(self) -> Dict[str, Any]:
-        return {"engine": "fake", "fake": True, "device": "cpu", "sample_rate": self.sample_rate,
-                "capabilities": {"streaming": True}, "versions": {"fake": "1"}}
+    def info(self) -> EngineInfo:
+        return EngineInfo(kind="tts", engine="fake", device="cpu", requested_device="cpu", dtype="float32",
+                          sample_rate=self.sample_rate, loaded=True, fake=True,
+                          capabilities=Capabilities(streaming=True, languages=("zh", "en", "auto")))
 
     def shutdown(self) -> None:
         self.stop_event.set()

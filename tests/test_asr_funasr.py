@@ -200,7 +200,7 @@ def test_max_utterance_and_bounded_memory_on_a_long_stream(models_dir, fixtures_
 
 
 def test_hotwords_with_seaco(seaco_pool, fixtures_dir):
-    assert seaco_pool.capabilities()["hotwords"] is True
+    assert seaco_pool.capabilities().hotwords is True
     x, _ = read_wav(fixtures_dir / "zh" / "01.wav")
     eng = seaco_pool.open("hw", hotwords=["阳台", "浇水"])
     assert eng.hotwords == ["阳台", "浇水"]
@@ -214,7 +214,7 @@ def test_hotwords_with_seaco(seaco_pool, fixtures_dir):
 
 
 def test_hotwords_rejected_by_plain_paraformer(pool):
-    assert pool.capabilities()["hotwords"] is False
+    assert pool.capabilities().hotwords is False
     with pytest.raises(UnsupportedError, match="hotwords") as info:
         pool.open("hw-plain", hotwords=["阳台"])
     assert info.value.code is ErrorCode.UNSUPPORTED
@@ -275,10 +275,11 @@ def test_submit_runs_on_the_worker_thread(pool, fixtures_dir):
 
 
 def test_info_reports_models_and_capabilities(pool):
-    info = pool.info()
+    info = pool.info().to_dict()
     assert info["engine"] == "funasr" and info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["capabilities"]["partials"] and info["capabilities"]["punctuation"]
-    assert info["model_class"] == "BiCifParaformer" and info["fallbacks"] == []
+    assert info["details"]["model_class"] == "BiCifParaformer" and info["fallbacks"] == []
+    assert set(info["models"]) >= {"paraformer", "vad", "punc"}
 
 
 def test_cuda_request_without_cuda_falls_back_and_says_so(models_dir):
@@ -286,8 +287,10 @@ def test_cuda_request_without_cuda_falls_back_and_says_so(models_dir):
         pytest.skip("this host has CUDA")
     p = FunASRPool(make_config(models_dir, device="cuda:1", streaming_dir=None, punc_dir=None))
     p.load()
-    info = p.info()
-    assert info["device"] == "cpu" and info["fallbacks"] and "cuda:1" in info["fallbacks"][0]
+    info = p.info().to_dict()
+    assert info["device"] == "cpu" and info["fallbacks"]
+    f = info["fallbacks"][0]
+    assert (f["component"], f["from"], f["to"], f["when"]) == ("asr.device", "cuda:1", "cpu", "load")
     p.shutdown()
 
 
@@ -309,7 +312,8 @@ def test_cuda_error_during_inference_reloads_on_cpu(models_dir, fixtures_dir):
     events = stream(eng, x) + eng.finalize_events()
     assert events[-1]["type"] == "final" and events[-1]["text"]
     assert p.device == "cpu" and p._asr is not real and len(p.fallbacks) == 1
-    assert "CUDA error" in p.info()["fallbacks"][0]
+    f = p.info().fallbacks[0]
+    assert "CUDA error" in f.reason and (f.from_, f.to, f.when) == ("cuda:0", "cpu", "recognition")
     p.shutdown()
 
 

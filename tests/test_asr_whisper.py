@@ -84,7 +84,7 @@ def test_auto_language_detects_english(pool, fixtures_dir):
 
 def test_capabilities_no_hotwords_no_partials(pool, fixtures_dir):
     caps = pool.capabilities()
-    assert caps["partials"] is False and caps["hotwords"] is False
+    assert caps.partials is False and caps.hotwords is False
     assert isinstance(pool, ASRPool)
     with pytest.raises(UnsupportedError, match="hotwords"):
         pool.open("hw", hotwords=["浇水"])

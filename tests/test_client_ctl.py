@@ -19,6 +19,7 @@ from daemon import protocol as P
 from daemon.audio import float_to_pcm16, read_wav
 from daemon.client import ASRClient, AsyncASRClient, AsyncTTSClient, TTSClient
 from daemon_harness import ROOT, DaemonProcess
+from helpers.describe_schema import check_describe
 
 
 def ctl(d, *args, timeout=120):
@@ -63,10 +64,17 @@ def test_health_shows_engines_and_fallbacks(wd):
     r = ctl(wd, "health")
     assert r.returncode == 0, r.stderr
     assert "engine=whisper" in r.stdout and "engine=piper" in r.stdout
-    assert "asr: funasr -> whisper" in r.stdout and "tts: melo -> piper" in r.stdout
+    assert "fallback asr.engine: funasr -> whisper (startup)" in r.stdout
+    assert "fallback tts.engine: melo -> piper (startup)" in r.stdout
+    # the real engines' model paths are shown, whole
+    assert "model whisper: " in r.stdout and "model vad: " in r.stdout and "model voice: " in r.stdout
     j = json.loads(ctl(wd, "health", "--json").stdout)
     assert j["asr"]["info"]["asr"]["engine"] == "whisper"
+    check_describe(j["asr"]["info"])  # the bundled engines' describe, through the schema
     assert len(j["tts"]["info"]["fallbacks"]) >= 2
+    # fallbacks are reported, not failures; --strict makes them one
+    strict = ctl(wd, "health", "--strict")
+    assert strict.returncode == 1 and "fallback(s) taken" in strict.stderr
 
 
 def test_ctl_transcribe_long_prints_four_finals(wd, fixtures_dir, manifest):
@@ -182,7 +190,8 @@ def test_tiny_funasr_melo_daemon(tmp_path, models_dir, fixtures_dir):
         with ASRClient(p.asr, timeout=60) as c:
             info = c.describe()
             assert info["asr"]["engine"] == "funasr" and info["tts"]["engine"] == "melo"
-            assert info["fallbacks"] == [] or all("cuda" in f.lower() or "cpu" in f.lower() for f in info["fallbacks"])
+            assert all(f["component"].endswith(".device") for f in info["fallbacks"]), info["fallbacks"]
+            check_describe(info)  # the tiny FunASR/Melo engines' describe, through the schema
             x, _ = read_wav(str(fixtures_dir / "zh/long.wav"))
             pcm = float_to_pcm16(x)
             st = c.open()

@@ -19,6 +19,7 @@ from daemon.client import ASRClient, DaemonError, TTSClient
 from daemon.errors import ErrorCode
 from daemon.factory import StartupError, choose_engine
 from daemon_harness import DaemonProcess
+from helpers.describe_schema import check_describe
 from fake_engines import FakeASRPool
 
 MAX_SESSIONS = 12
@@ -102,6 +103,8 @@ def test_ping_and_describe(d):
     assert info["limits"]["max_sessions"] == MAX_SESSIONS
     for key in ("capabilities", "fallbacks", "sessions", "queues", "counters"):
         assert key in info
+    text = check_describe(info)  # the fake engines keep the same schema as the real ones
+    assert "engine=fake (FAKE, tests only)" in text and "fallback none" in text
     with TTSClient(d.tts) as t:
         assert t.describe()["tts"]["sample_rate"] == 24000
 
@@ -388,7 +391,7 @@ def test_strict_refuses_to_start_without_weights(tmp_path):
 def test_choose_engine_decisions():
     assert choose_engine("asr", "funasr", "whisper", {}, False).engine == "funasr"
     c = choose_engine("asr", "funasr", "whisper", {"funasr": "absent"}, False)
-    assert c.engine == "whisper" and c.fallbacks == ("asr: funasr -> whisper: absent",)
+    assert c.engine == "whisper" and [f.line() for f in c.fallbacks] == ["asr.engine: funasr -> whisper (startup): absent"]
     with pytest.raises(StartupError):
         choose_engine("asr", "funasr", "whisper", {"funasr": "absent"}, True)
     with pytest.raises(StartupError):

@@ -449,7 +449,8 @@ def test_cuda_oom_during_requests(tmp_path, models_dir, fixtures_dir):
         with ASRClient(asr) as c:
             info = c.describe()
         assert info["asr"]["device"] == "cpu" and info["tts"]["device"] == "cpu", info
-        assert any("CUDA error during recognition" in f and "out of memory" in f for f in info["asr"]["fallbacks"])
+        assert any("CUDA error during recognition" in f["reason"] and "out of memory" in f["reason"]
+                   and f["when"] == "recognition" for f in info["asr"]["fallbacks"])
         assert any(f["when"] == "synthesis" and f["to"] == "cpu" and "out of memory" in f["reason"]
                    for f in info["tts"]["fallbacks"])
 

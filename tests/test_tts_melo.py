@@ -88,11 +88,11 @@ def test_load_made_no_network_attempts(engine, net_attempts):
 def test_protocol_and_info(engine):
     assert isinstance(engine, TTSEngine)
     assert engine.name == "melo" and engine.sample_rate == SR
-    info = engine.info()
-    assert info["device"] == "cpu" and info["model_sample_rate"] == 44100
-    assert info["fallbacks"] == []
+    info = engine.info().to_dict()
+    assert info["device"] == "cpu" and info["details"]["model_sample_rate"] == 44100
+    assert info["fallbacks"] == [] and info["models"]["melo"].endswith("melo-zh")
     # The cached_path shim is in only because the real package is not installed here.
-    assert ("cached_path" in info["shims"]) == bool(getattr(sys.modules["cached_path"], "__s2s_shim__", False))
+    assert ("cached_path" in (info["details"]["shims"] or "")) == bool(getattr(sys.modules["cached_path"], "__s2s_shim__", False))
 
 
 def test_bert_model_loaded_at_load_not_lazily(engine):
@@ -210,9 +210,10 @@ def test_cuda_unavailable_at_load_is_recorded(engine, models_dir):
     try:
         with mock.patch.object(devices, "probe_cuda", return_value=devices.CudaFacts(error="CUDA is not available")):
             eng.load()
-        info = eng.info()
+        info = eng.info().to_dict()
         assert info["device"] == "cpu" and info["requested_device"] == "cuda:0"
         assert len(info["fallbacks"]) == 1 and info["fallbacks"][0]["to"] == "cpu"
+        assert info["fallbacks"][0]["component"] == "tts.device" and info["fallbacks"][0]["from"] == "cuda:0"
         _check_audio(eng.synthesize("好的。"))
     finally:
         eng.shutdown()

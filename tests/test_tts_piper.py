@@ -41,8 +41,8 @@ def _words(text: str) -> str:
 
 def test_protocol_and_info(engine):
     assert isinstance(engine, TTSEngine)
-    info = engine.info()
-    assert info["engine"] == "piper" and info["sample_rate"] == SR and info["model_sample_rate"] == 22050
+    info = engine.info().to_dict()
+    assert info["engine"] == "piper" and info["sample_rate"] == SR and info["details"]["model_sample_rate"] == 22050
     assert info["fallbacks"] == []
 
 
@@ -100,7 +100,7 @@ def test_english_voice_skips_chinese_instead_of_reading_noise(engine, whisper):
     words of a mixed reply, and a Chinese-only text is a clear bad_text error."""
     from daemon.errors import ErrorCode, TextError
 
-    assert engine.info()["voice_language"] == "en_US"
+    assert engine.info().details["voice_language"] == "en_US"
     mixed = engine.synthesize("你说的是：Set a timer for fifteen minutes.")
     plain = engine.synthesize("Set a timer for fifteen minutes.")
     assert abs(len(mixed) - len(plain)) < 0.1 * len(plain)  # the Chinese part adds nothing

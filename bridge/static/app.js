@@ -50,6 +50,31 @@ function showAgent(agent) {
   }
 }
 
+// The daemon's engines and every fallback it took (its Fallback records, via /healthz).
+const COMPONENT_ZH = { "asr.engine": "语音识别", "asr.device": "语音识别设备", "tts.engine": "语音合成",
+  "tts.device": "语音合成设备", "tts.voice": "语音合成音色" };
+function showEngines(daemon) {
+  if (!daemon || !daemon.engines) return;
+  const a = daemon.engines.asr, t = daemon.engines.tts;
+  $("engines").textContent = `识别 ${a.engine}@${a.device} · 合成 ${t.engine}@${t.device}`;
+  const fbs = daemon.fallbacks || [];
+  $("engines").className = "badge " + (fbs.length ? "warn" : "ok");
+  if (!fbs.length) return;
+  const box = $("fallbacks");
+  box.hidden = false;
+  box.textContent = "";
+  const head = document.createElement("div");
+  head.textContent = "正在使用备用引擎 / running on fallbacks:";
+  box.appendChild(head);
+  for (const f of fbs) {
+    const li = document.createElement("div");
+    li.className = "fallback";
+    li.textContent = `${COMPONENT_ZH[f.component] || f.component}: ${f.from} → ${f.to}（${f.reason}）`;
+    li.title = `${f.component} ${f.when}`;
+    box.appendChild(li);
+  }
+}
+
 function logLine(cls, text) {
   const li = document.createElement("li");
   li.className = cls;
@@ -262,6 +287,7 @@ $("textform").addEventListener("submit", (e) => {
 // Show the bridge's health (daemon, agent, echo fallback) before anything is said.
 fetch("healthz").then((r) => r.json()).then((h) => {
   if (h.agent) showAgent(h.agent);
+  if (h.daemon) showEngines(h.daemon);
   if (h.daemon && !h.daemon.reachable) addError("daemon_unavailable", "语音服务不可用");
 }).catch(() => {});
 

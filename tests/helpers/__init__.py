@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules (import as `from helpers.<module> import ...`)."""
