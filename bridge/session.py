@@ -37,7 +37,8 @@ from websockets.exceptions import ConnectionClosed
 from bridge.agents import AgentError, stream_reply
 from daemon import protocol as P
 from daemon.client import AsyncASRClient, AsyncTTSClient, DaemonError, new_id
-from daemon.errors import ErrorCode
+from daemon.errors import ErrorCode, S2SError
+from daemon.rules import LANGUAGES, clean_hotwords
 from daemon.textsplit import SentenceBuffer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,9 +49,6 @@ logger = logging.getLogger(__name__)
 INPUT_RATE = 16000
 # Largest audio message forwarded to the daemon (it refuses more than limits.max_chunk_seconds).
 DAEMON_CHUNK_BYTES = INPUT_RATE * 2  # 1 s
-LANGUAGES = ("zh", "en", "auto")
-MAX_HOTWORDS = 100
-MAX_HOTWORD_CHARS = 64
 # Unauthenticated connections (token configured, none in the URL) must send it this soon.
 AUTH_TIMEOUT = 10.0
 DAEMON_OPEN_TIMEOUT = 5.0
@@ -369,10 +367,12 @@ class Session:
             return
         hotwords = msg.get("hotwords")
         if hotwords is not None:
-            if (not isinstance(hotwords, list) or len(hotwords) > MAX_HOTWORDS
-                    or not all(isinstance(h, str) and 0 < len(h) <= MAX_HOTWORD_CHARS for h in hotwords)):
-                await self.error("bad_message", f"hotwords must be a list of at most {MAX_HOTWORDS} "
-                                                f"non-empty strings of at most {MAX_HOTWORD_CHARS} characters")
+            try:
+                if not isinstance(hotwords, list):
+                    raise S2SError("hotwords must be a list of strings", ErrorCode.BAD_REQUEST)
+                hotwords = clean_hotwords(hotwords)  # the daemon's own rule (daemon/rules.py)
+            except S2SError as e:
+                await self.error("bad_message", str(e))
                 return
             hotwords = tuple(hotwords) or None
         barge_in = msg.get("barge_in", True)

@@ -40,12 +40,12 @@ import daemon
 from daemon import protocol as P
 from daemon.config import Config, ConfigError, load_config, reloadable_diff
 from daemon.engines import Capabilities, EngineInfo, Fallback, merge_fallbacks
+from daemon.rules import LANGUAGES, MAX_ID_CHARS
 from daemon.errors import AudioError, ErrorCode, S2SError
 from daemon.notify import Notifier
 
 logger = logging.getLogger(__name__)
 
-LANGUAGES = ("zh", "en", "auto")
 # Audio a session may have queued, in seconds; more gets `busy` (the sender is far ahead).
 # The hard cap; lag behind real time (limits.max_session_lag) refuses audio much earlier.
 SESSION_BACKLOG_SECONDS = 60.0
@@ -399,8 +399,8 @@ class Daemon:
     def _open(self, sock: zmq.asyncio.Socket, ident: bytes, msg: P.Open) -> None:
         if self.stopping:
             raise S2SError("daemon is shutting down", ErrorCode.SHUTTING_DOWN)
-        if not msg.session_id or len(msg.session_id) > 128:
-            raise S2SError("session_id must be 1-128 characters", ErrorCode.BAD_REQUEST)
+        if not msg.session_id or len(msg.session_id) > MAX_ID_CHARS:
+            raise S2SError(f"session_id must be 1-{MAX_ID_CHARS} characters", ErrorCode.BAD_REQUEST)
         if msg.session_id in self.sessions:
             raise S2SError(f"session {msg.session_id!r} is already open", ErrorCode.SESSION_EXISTS)
         if msg.language is not None and msg.language not in LANGUAGES:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import re
 import sys
 import threading
@@ -31,16 +30,15 @@ import numpy as np
 
 from daemon import audio, devices, textsplit
 from daemon.engines import Capabilities, EngineInfo, Fallback
+from daemon.rules import LANGUAGES, check_speed
 from daemon.errors import EngineError, ErrorCode, ModelMissingError, S2SError, TextError, UnsupportedError
 
 logger = logging.getLogger(__name__)
 
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
 # Silence kept at each end of a sentence's audio.
 MAX_EDGE_SILENCE_S = 0.1
 # Anything below this fraction of the peak (-40 dB) counts as silence when trimming.
 SILENCE_REL = 0.01
-LANGUAGES = ("zh", "en", "auto")
 
 
 def trim_silence(x: np.ndarray, sr: int, keep_s: float = MAX_EDGE_SILENCE_S) -> np.ndarray:
@@ -174,12 +172,7 @@ class SentenceTTS:
         return out
 
     def _check_speed(self, speed: Optional[float]) -> float:
-        s = self.speed if speed is None else speed
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) \
-                or not MIN_SPEED <= s <= MAX_SPEED:
-            raise S2SError(f"speed must be a number from {MIN_SPEED} to {MAX_SPEED}, got {speed!r}",
-                           code=ErrorCode.BAD_REQUEST)
-        return float(s)
+        return check_speed(self.speed if speed is None else speed)
 
     # --- synthesis -------------------------------------------------------------------
 

@@ -34,14 +34,12 @@ import numpy as np
 
 from daemon.audio import to_float32
 from daemon.engines import Capabilities, Fallback
+from daemon.rules import check_language, clean_hotwords
 from daemon.errors import AudioError, BusyError, ErrorCode, ModelMissingError, S2SError, UnsupportedError
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-LANGUAGES = ("zh", "en", "auto")
-MAX_HOTWORDS = 100
-MAX_HOTWORD_CHARS = 32
 
 # funasr quiet-mode flags accepted by AutoModel.
 FUNASR_QUIET = {"disable_update": True, "disable_pbar": True, "disable_log": True}
@@ -273,37 +271,6 @@ class VADSegmenter:
 
 
 # --- shared engine behaviour ----------------------------------------------------------
-
-
-def check_language(lang: str) -> str:
-    if lang not in LANGUAGES:
-        raise S2SError(f"language {lang!r} is not one of {', '.join(LANGUAGES)}", ErrorCode.BAD_REQUEST)
-    return lang
-
-
-def clean_hotwords(hotwords: Optional[Sequence[str]]) -> List[str]:
-    """Validate a hotword list: strings, no URLs or file names (funasr would fetch or read
-    those), bounded count and length. Whitespace inside an entry splits it into words."""
-    if hotwords is None:
-        return []
-    if isinstance(hotwords, str):
-        hotwords = [hotwords]
-    out: List[str] = []
-    for hw in hotwords:
-        if not isinstance(hw, str):
-            raise S2SError(f"hotwords must be strings, got {type(hw).__name__}", ErrorCode.BAD_REQUEST)
-        for word in hw.split():
-            low = word.lower()
-            if low.startswith(("http:", "https:", "ftp:")) or low.endswith(".txt") or "/" in word:
-                raise S2SError(f"hotword {word!r} looks like a URL or file name", ErrorCode.BAD_REQUEST)
-            if len(word) > MAX_HOTWORD_CHARS:
-                raise S2SError(f"hotword {word[:40]!r} is longer than {MAX_HOTWORD_CHARS} characters",
-                               ErrorCode.BAD_REQUEST)
-            if word not in out:
-                out.append(word)
-    if len(out) > MAX_HOTWORDS:
-        raise S2SError(f"{len(out)} hotwords; at most {MAX_HOTWORDS}", ErrorCode.BAD_REQUEST)
-    return out
 
 
 def join_cjk(text: str) -> str:

@@ -9,7 +9,8 @@ import pytest
 
 from daemon.audio import read_wav
 from daemon.errors import ModelMissingError
-from daemon.vad import FsmnVAD, VADSegmenter, clean_hotwords, join_cjk
+from daemon.rules import clean_hotwords
+from daemon.vad import FsmnVAD, VADSegmenter, join_cjk
 
 SR = 16000
 # Tolerances from the acceptance criteria: a segment covers its manifest span and reaches at

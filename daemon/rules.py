@@ -1,0 +1,61 @@
+"""Request rules every part checks the same way: the one owner of each limit and validation
+that the bridge, the daemon and the engines share. Import from here; never redefine.
+
+Configurable limits (max sessions, text length, queue sizes) live in `config.LimitsConfig`;
+the rules here are fixed by the protocol and the models."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Sequence
+
+from daemon.errors import ErrorCode, S2SError
+
+# ASR and TTS request languages ("auto" = detect).
+LANGUAGES = ("zh", "en", "auto")
+# Hotwords: at most this many words, each at most this many characters (SeACo biases on short terms).
+MAX_HOTWORDS = 100
+MAX_HOTWORD_CHARS = 32
+# TTS speed factor.
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+# Client-chosen ids (session ids, request ids).
+MAX_ID_CHARS = 128
+
+
+def check_language(lang: Any) -> str:
+    if lang not in LANGUAGES:
+        raise S2SError(f"language {lang!r} is not one of {', '.join(LANGUAGES)}", ErrorCode.BAD_REQUEST)
+    return str(lang)
+
+
+def clean_hotwords(hotwords: Optional[Sequence[str]]) -> List[str]:
+    """Validate a hotword list: strings, no URLs or file names (funasr would fetch or read
+    those), bounded count and length. Whitespace inside an entry splits it into words."""
+    if hotwords is None:
+        return []
+    if isinstance(hotwords, str):
+        hotwords = [hotwords]
+    out: List[str] = []
+    for hw in hotwords:
+        if not isinstance(hw, str):
+            raise S2SError(f"hotwords must be strings, got {type(hw).__name__}", ErrorCode.BAD_REQUEST)
+        for word in hw.split():
+            low = word.lower()
+            if low.startswith(("http:", "https:", "ftp:")) or low.endswith(".txt") or "/" in word:
+                raise S2SError(f"hotword {word!r} looks like a URL or file name", ErrorCode.BAD_REQUEST)
+            if len(word) > MAX_HOTWORD_CHARS:
+                raise S2SError(f"hotword {word[:40]!r} is longer than {MAX_HOTWORD_CHARS} characters",
+                               ErrorCode.BAD_REQUEST)
+            if word not in out:
+                out.append(word)
+    if len(out) > MAX_HOTWORDS:
+        raise S2SError(f"{len(out)} hotwords; at most {MAX_HOTWORDS}", ErrorCode.BAD_REQUEST)
+    return out
+
+
+def check_speed(speed: Any) -> float:
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not math.isfinite(speed) \
+            or not MIN_SPEED <= speed <= MAX_SPEED:
+        raise S2SError(f"speed must be a number from {MIN_SPEED} to {MAX_SPEED}, got {speed!r}",
+                       code=ErrorCode.BAD_REQUEST)
+    return float(speed)
