@@ -74,10 +74,10 @@ def _table(info: Dict[str, Any]) -> str:
              else f"daemon   {json.dumps(d, ensure_ascii=False, default=str)}"]
     for kind in ("asr", "tts"):
         lines += _engine_lines(kind, info.get(kind))
-    for name in ("capabilities", "queues"):
+    for name, label in (("capabilities", "caps"), ("queues", "queues")):
         v = info.get(name)
         if isinstance(v, dict):
-            lines.append(f"{name[:8]:8s} " + " ".join(f"{k}={v2}" for k, v2 in v.items()))
+            lines.append(f"{label:8s} " + " ".join(f"{k}={v2}" for k, v2 in v.items()))
     fbs = info.get("fallbacks") or []
     if not fbs:
         lines.append("fallback none")

@@ -1,15 +1,33 @@
-"""scripts/start-s2s.sh, the README's first command, run for real on the bundled models:
-the page and /healthz come up, a fixture streams through the websocket and gets a transcript
-and reply audio, and Ctrl-C (SIGINT) stops both processes cleanly and removes the sockets."""
+"""The newcomer test: the README's first command exactly as a new user runs it.
+
+The repository is cloned into a temporary directory and `scripts/start-s2s.sh` runs there in a
+terminal (a real pty), with every S2S_*, ASR_*, TTS_* and CUDA_* variable scrubbed: the default
+config asks for FunASR + MeloTTS on cuda:1, and this GPU-less machine without those weights must
+fall back, say so, and serve. The only thing reused is the installed venv (S2S_VENV), so the
+test does not reinstall torch; the clone's own code runs (the script puts the checkout first).
+
+Checked: the page and /healthz answer and name every fallback; `s2s-ctl health` exits 0 and
+prints them; one spoken round trip through the websocket (speech in, a final, reply audio out);
+Ctrl-C in the terminal stops both processes cleanly; a second start reuses everything and is up
+in under 60 s; SIGTERM stops it cleanly too.
+
+The clone is of the committed tree (HEAD): uncommitted changes are not part of what a newcomer
+gets, so they are not tested here.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
+import termios
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,27 +35,32 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRUB = ("ASR_ENGINE", "TTS_ENGINE", "ASR_DEVICE", "TTS_DEVICE", "S2S_CONFIG", "S2S_MODELS", "S2S_TEST_ENGINES",
-         "NOTIFY_SOCKET", "RUNTIME_DIRECTORY")
+SCRUB_PREFIXES = ("S2S_", "ASR_", "TTS_", "CUDA_")
+# The test harness's network guard (tests/offline) is not user configuration: it stays on.
+KEEP = ("S2S_OFFLINE_GUARD", "S2S_OFFLINE_LOG")
+START_DEADLINE = 420.0     # first start: the clone assembles its bundled models
+SECOND_START_LIMIT = 60.0  # the issue's bar for a start that reuses everything
 
 
-def free_port() -> int:
+def newcomer_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k in KEEP or not k.startswith(SCRUB_PREFIXES)}
+    for k in ("NOTIFY_SOCKET", "RUNTIME_DIRECTORY", "WATCHDOG_USEC", "WATCHDOG_PID", "VIRTUAL_ENV"):
+        env.pop(k, None)
+    # conftest puts this checkout on PYTHONPATH; a newcomer has only the guard (tests/offline) there.
+    env["PYTHONPATH"] = str(ROOT / "tests" / "offline")
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix))
+    env["S2S_VENV"] = sys.prefix  # the one thing reused: the installed venv
+    env["TERM"] = "xterm"
+    return env
+
+
+def port_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def procs_with_env(marker: str) -> list:
-    """PIDs whose environment carries marker (our unique S2S_CONFIG path)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker.encode() in (d / "environ").read_bytes():
-                    found.append(int(d.name))
-            except OSError:
-                pass
-    return found
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def http(url: str, timeout: float = 5.0):
@@ -48,79 +71,154 @@ def http(url: str, timeout: float = 5.0):
         return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def started(tmp_path_factory, models_dir):
-    tmp = tmp_path_factory.mktemp("start")
-    port = free_port()
-    data = yaml.safe_load((ROOT / "etc" / "s2s.yaml").read_text())
-    data["daemon"]["runtime_dir"] = str(tmp / "run")
-    data["bridge"]["port"] = port
-    data["agent"]["url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens: the echo fallback
-    data["asr"]["ncpu"] = 1
-    cfg = tmp / "s2s.yaml"
-    cfg.write_text(yaml.safe_dump(data, allow_unicode=True))
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    # The bundled models only (no FunASR/MeloTTS weights): the default config falls back.
-    bundled = tmp / "models"
-    bundled.mkdir()
-    for name in ("fsmn-vad", "whisper-base", "piper"):
-        (bundled / name).symlink_to(models_dir / name)
-    env.update(S2S_CONFIG=str(cfg), S2S_MODELS=str(bundled), ASR_DEVICE="cpu", TTS_DEVICE="cpu", PYTHONUNBUFFERED="1")
-    log = open(tmp / "start.log", "wb")
-    p = subprocess.Popen(["bash", str(ROOT / "scripts" / "start-s2s.sh")], cwd=ROOT, env=env,
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    status = None
-    while time.monotonic() < deadline and p.poll() is None:
+class Terminal:
+    """`bash scripts/start-s2s.sh` on a pty that is its controlling terminal, as in a shell:
+    writing ^C to the master sends SIGINT to the whole foreground process group."""
+
+    def __init__(self, cwd: Path, env: dict, log: Path):
+        self.log_path = log
+        self.master, slave = os.openpty()
+
+        def own_terminal() -> None:  # runs in the child, after setsid (start_new_session)
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(["bash", "scripts/start-s2s.sh"], cwd=cwd, env=env, stdin=slave,
+                                     stdout=slave, stderr=slave, start_new_session=True,
+                                     preexec_fn=own_terminal)
+        os.close(slave)
+        self._out = open(log, "ab")
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self._out.write(data)
+            self._out.flush()
+
+    def ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
         try:
-            status, body = http(base + "/healthz", timeout=2)
-            if status == 200:
-                break
+            os.close(self.master)
         except OSError:
             pass
-        time.sleep(1)
-    text = lambda: (tmp / "start.log").read_text(errors="replace")  # noqa: E731
-    if status != 200:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail(f"start-s2s.sh did not bring up /healthz (status {status}):\n{text()[-4000:]}")
-    yield {"proc": p, "port": port, "base": base, "cfg": cfg, "run": tmp / "run", "log": text}
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
 
 
-def test_page_and_health(started):
-    status, body = http(started["base"] + "/")
+def wait_for_page(term: Terminal, base: str, deadline_s: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        if term.proc.poll() is not None:
+            pytest.fail(f"start-s2s.sh exited with {term.proc.returncode} before serving:\n{term.text()[-5000:]}")
+        try:
+            status, _ = http(base + "/healthz", timeout=2)
+            if status == 200:
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.5)
+    term.kill()
+    pytest.fail(f"start-s2s.sh did not serve /healthz within {deadline_s:.0f} s:\n{term.text()[-5000:]}")
+
+
+def children(clone: Path) -> list:
+    """Processes started from the clone (their command line or cwd is in it)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(d / "cwd")
+        except OSError:
+            continue
+        if ("s2s-speechd" in cmd or "s2s-bridge" in cmd) and cwd.startswith(str(clone)):
+            found.append(int(d.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("newcomer") / "s2s"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True, timeout=120)
+    cfg = yaml.safe_load((dest / "etc" / "s2s.yaml").read_text())
+    port = int(cfg["bridge"]["port"])
+    if not port_free(port):
+        pytest.fail(f"the default bridge port {port} is in use on this machine: the README's command cannot "
+                    f"serve its page here (stop what listens there)")
+    return {"dir": dest, "port": port, "base": f"http://127.0.0.1:{port}"}
+
+
+@pytest.fixture(scope="module")
+def first_start(clone):
+    term = Terminal(clone["dir"], newcomer_env(), clone["dir"].parent / "start-1.log")
+    try:
+        took = wait_for_page(term, clone["base"], START_DEADLINE)
+        yield {"term": term, "took": took, **clone}
+    finally:
+        term.kill()
+
+
+def test_page_and_healthz_name_the_fallbacks(first_start):
+    status, body = http(first_start["base"] + "/")
     assert status == 200 and b"<html" in body.lower()
-    status, body = http(started["base"] + "/healthz")
+    status, body = http(first_start["base"] + "/healthz")
     h = json.loads(body)
-    assert status == 200
-    assert h["agent"]["echo_fallback"] is True
-    assert "echo" in started["log"]()
-    # the daemon fell back to the bundled models and said so
-    assert "fallback" in started["log"]().lower()
-    sockets = sorted(p.name for p in started["run"].iterdir())
-    assert sockets == ["asr.sock", "tts.sock"]
+    assert status == 200, h
+    assert h["daemon"]["reachable"] and h["agent"]["echo_fallback"] is True  # nothing on :8000 here
+    fbs = {(f["component"], f["from"], f["to"]) for f in h["daemon"]["fallbacks"]}
+    assert ("asr.engine", "funasr", "whisper") in fbs, fbs
+    assert any(c == "tts.engine" and src == "melo" for c, src, _ in fbs), fbs
+    # the default config asks for cuda:1; this machine has no GPU
+    assert ("asr.device", "cuda:1", "cpu") in fbs and ("tts.device", "cuda:1", "cpu") in fbs, fbs
+    assert h["daemon"]["engines"]["asr"]["engine"] == "whisper"
 
 
-def test_fixture_through_the_websocket(started, fixtures_dir):
+def test_s2s_ctl_health_exits_0_and_prints_every_fallback(first_start):
+    venv_bin = Path(sys.prefix) / "bin"
+    env = newcomer_env()
+    env["PYTHONPATH"] = f"{first_start['dir']}{os.pathsep}{env['PYTHONPATH']}"
+    env["RUNTIME_DIRECTORY"] = str(first_start["dir"] / ".run")
+    r = subprocess.run([str(venv_bin / "s2s-ctl"), "--config", str(first_start["dir"] / "etc" / "s2s.yaml"),
+                        "health"], cwd=first_start["dir"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for line in ("fallback asr.engine: funasr -> whisper", "fallback tts.engine: melo -> ",
+                 "fallback asr.device: cuda:1 -> cpu", "fallback tts.device: cuda:1 -> cpu"):
+        assert line in r.stdout, r.stdout
+
+
+def test_one_spoken_round_trip(first_start, fixtures_dir):
     from websockets.sync.client import connect
 
     from daemon.audio import float_to_pcm16, read_wav
 
-    # English: the bundled fallback voice (Piper en_US) speaks the echo agent's English reply
-    x, sr = read_wav(fixtures_dir / "en" / "01.wav")
+    x, _sr = read_wav(fixtures_dir / "en" / "01.wav")
     pcm = float_to_pcm16(x)
     events, audio = [], 0
-    with connect(f"ws://127.0.0.1:{started['port']}/ws", origin=started["base"], open_timeout=10) as ws:
+    with connect(f"ws://127.0.0.1:{first_start['port']}/ws", origin=first_start["base"], open_timeout=10) as ws:
         ws.send(json.dumps({"type": "start", "language": "en"}))
-        step = 3200
-        for i in range(0, len(pcm), step):
-            ws.send(pcm[i:i + step])
+        for i in range(0, len(pcm), 3200):
+            ws.send(pcm[i:i + 3200])
         ws.send(b"\0\0" * 16000)  # 1 s of silence ends the utterance
         ws.send(json.dumps({"type": "stop"}))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             msg = ws.recv(timeout=deadline - time.monotonic())
             if isinstance(msg, bytes):
@@ -134,22 +232,40 @@ def test_fixture_through_the_websocket(started, fixtures_dir):
                 break
     finals = [e for e in events if e["type"] == "final" and e.get("text")]
     assert finals and "timer" in finals[0]["text"].lower(), events
-    assert any(e["type"] == "agent_done" or e["type"] == "agent_delta" for e in events)
-    assert audio > 24000  # over half a second of 24 kHz PCM16 reply audio
+    assert audio > 24000, events  # over half a second of 24 kHz PCM16 reply audio
 
 
-def test_sigint_stops_everything_cleanly(started):
-    p = started["proc"]
-    marker = str(started["cfg"])
-    children = [pid for pid in procs_with_env(marker) if pid != p.pid]
-    assert len(children) >= 2, children  # daemon and bridge (plus nothing else long-lived)
-    os.kill(p.pid, signal.SIGINT)
-    rc = p.wait(timeout=60)
-    log = started["log"]()
+def test_ctrl_c_in_the_terminal_stops_everything_cleanly(first_start):
+    term, clone_dir = first_start["term"], first_start["dir"]
+    assert len(children(clone_dir)) >= 2, children(clone_dir)  # daemon and bridge
+    term.ctrl_c()
+    rc = term.wait(60)
+    log = term.text()
     assert rc == 0, log[-3000:]
-    assert "stopped cleanly" in log
+    assert "stopped cleanly" in log and "exited with status" not in log, log[-3000:]
     deadline = time.monotonic() + 5
-    while procs_with_env(marker) and time.monotonic() < deadline:
+    while children(clone_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert procs_with_env(marker) == []
-    assert list(started["run"].glob("*.sock")) == []
+    assert children(clone_dir) == []
+    assert list((clone_dir / ".run").glob("*.sock")) == []
+
+
+def test_second_start_reuses_everything_then_sigterm(first_start):
+    clone_dir = first_start["dir"]
+    assert first_start["term"].proc.poll() is not None, "the first start must be stopped first"
+    term = Terminal(clone_dir, newcomer_env(), clone_dir.parent / "start-2.log")
+    try:
+        took = wait_for_page(term, first_start["base"], START_DEADLINE)
+        log = term.text()
+        assert "up to date" in log, log[-3000:]  # no reinstall
+        assert took < SECOND_START_LIMIT, f"second start took {took:.1f} s:\n{log[-3000:]}"
+        os.kill(term.proc.pid, signal.SIGTERM)
+        rc = term.wait(60)
+        log = term.text()
+        assert rc == 0 and "stopped cleanly" in log, log[-3000:]
+        deadline = time.monotonic() + 5
+        while children(clone_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert children(clone_dir) == []
+    finally:
+        term.kill()
