@@ -56,6 +56,7 @@ def newcomer_env() -> dict:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the bridge binds: TIME_WAIT is fine
         try:
             s.bind(("127.0.0.1", port))
             return True
