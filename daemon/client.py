@@ -122,6 +122,9 @@ class Client:
         self._sock = _socket(self._ctx, self.endpoint, self.identity)
 
     def send(self, msg: P.Message) -> None:
+        why = missing_endpoint(self.endpoint)
+        if why:  # libzmq would queue the message and wait for a daemon that is not there
+            raise DaemonError(why, ErrorCode.UNAVAILABLE, getattr(msg, "request_id", ""))
         try:
             self._sock.send_multipart(P.dealer_frames(msg), flags=zmq.DONTWAIT)
         except zmq.Again:
@@ -145,9 +148,6 @@ class Client:
     def request(self, msg: P.Message, reply_types: Tuple[type, ...], timeout: Optional[float] = None) -> P.Message:
         """Send msg and wait for the first reply of reply_types (or an error) with its request id."""
         rid = getattr(msg, "request_id", "")
-        why = missing_endpoint(self.endpoint)
-        if why:
-            raise DaemonError(why, ErrorCode.UNAVAILABLE, rid)
         self.send(msg)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
