@@ -152,6 +152,17 @@ class BridgeConfig:
     # slow_client_timeout seconds is closed with 1008 "client too slow".
     send_queue_bytes: int = 4 << 20
     slow_client_timeout: float = 5.0
+    # Edge limits (each is an `error` event the page shows and a /metrics counter).
+    max_connections_per_ip: int = 8
+    login_timeout: float = 10.0          # seconds to send the token (when one is configured)
+    idle_timeout: float = 300.0          # seconds without a message from the browser
+    max_turns_per_minute: int = 20       # agent turns (typed or spoken) per connection
+    max_reply_chars: int = 4000          # agent reply cut here (agent_done truncated)
+    max_reply_tokens: int = 1024         # `max_tokens` sent to an OpenAI-compatible agent
+    reply_timeout: float = 120.0         # longest whole agent reply, seconds
+    # https/wss when both are set (browsers give the microphone only to a secure context).
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -228,7 +239,9 @@ DEVICE_KEYS = ("asr.device", "tts.device", "tts.fallback_device")
 POSITIVE = (
     "daemon.drain_timeout", "daemon.hwm", "asr.partial_interval", "asr.ncpu", "tts.speed",
     "tts.sample_rate", "bridge.max_connections", "bridge.max_message_bytes", "agent.timeout",
-    "bridge.send_queue_bytes", "bridge.slow_client_timeout",
+    "bridge.send_queue_bytes", "bridge.slow_client_timeout", "bridge.max_connections_per_ip",
+    "bridge.login_timeout", "bridge.idle_timeout", "bridge.max_turns_per_minute", "bridge.max_reply_chars",
+    "bridge.max_reply_tokens", "bridge.reply_timeout",
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
     "limits.max_text_chars", "limits.max_tts_queue", "limits.max_chunk_seconds",
     "limits.max_asr_lag", "limits.max_session_lag",
@@ -318,6 +331,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("daemon.socket_mode", f"{cfg.daemon.socket_mode!r} is not an octal mode such as \"0660\"", src)
     if not 0 < cfg.bridge.port < 65536 and cfg.bridge.port != 0:
         raise ConfigError("bridge.port", "must be a TCP port", src)
+    if bool(cfg.bridge.tls_cert) != bool(cfg.bridge.tls_key):
+        raise ConfigError("bridge.tls_key" if cfg.bridge.tls_cert else "bridge.tls_cert",
+                          "tls_cert and tls_key go together (both set, or neither)", src)
     for which in ("asr", "tts"):
         ep = _get(cfg, f"daemon.{which}_endpoint")
         if not re.match(r"^(ipc|tcp|inproc)://.+", ep):
