@@ -56,7 +56,9 @@ trap cleanup EXIT
 daemon_log="$RUNTIME_DIRECTORY/s2s-speechd.log"
 : > "$daemon_log"
 # The daemon logs to this terminal and to $daemon_log (shown again if startup fails).
-s2s-speechd > >(tee -a "$daemon_log") 2>&1 &
+# tee ignores SIGINT so that Ctrl-C (sent to the whole terminal group) still shows the daemon's
+# shutdown lines; it ends when the daemon closes its output.
+s2s-speechd > >(trap '' INT; exec tee -a "$daemon_log") 2>&1 &
 daemon_pid=$!
 pids+=("$daemon_pid")
 say "waiting for the speech daemon to load its models (pid $daemon_pid)"
