@@ -228,7 +228,9 @@ class Bridge:
             return {"error": f"unexpected describe shape: {e}"}
         finally:
             await c.close()
-        return {"engines": {k: {"engine": e.engine, "device": e.device, "languages": list(e.capabilities.languages)}
+        # hotwords/partials: the page disables what the engine cannot honour before a session is opened.
+        return {"engines": {k: {"engine": e.engine, "device": e.device, "languages": list(e.capabilities.languages),
+                                "hotwords": e.capabilities.hotwords, "partials": e.capabilities.partials}
                             for k, e in engines.items()},
                 "fallbacks": fallbacks}
 
