@@ -18,6 +18,7 @@ gets, so they are not tested here.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -169,6 +170,15 @@ def describe(pids: list) -> list:
 def clone(tmp_path_factory):
     dest = tmp_path_factory.mktemp("newcomer") / "s2s"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True, timeout=120)
+    # The clone reuses this venv (S2S_VENV). If its install stamp does not match the clone's pins,
+    # install.sh would reinstall into the shared venv and point its editable install at the
+    # (temporary) clone: refuse instead. In CI the clone is this checkout's HEAD, so they match.
+    stamp = Path(sys.prefix) / ".s2s-installed"
+    want = hashlib.sha256(b"".join((dest / f).read_bytes() for f in
+                                   ("requirements-speech.txt", "requirements-nodeps.txt", "setup.cfg"))).hexdigest()
+    if not stamp.exists() or stamp.read_text().strip() != want:
+        pytest.fail(f"the venv {sys.prefix} was installed from other requirement files than the committed ones "
+                    f"(HEAD); run scripts/install.sh on a committed tree first")
     cfg = yaml.safe_load((dest / "etc" / "s2s.yaml").read_text())
     port = int(cfg["bridge"]["port"])
     if not port_free(port):
