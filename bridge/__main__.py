@@ -65,6 +65,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         ok, why = asyncio.run(probe_agent(cfg.agent, args.agent, timeout=PROBE_TIMEOUT))
         print(f"s2s-bridge: {why}", file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
+    from bridge.auth import open_to_network_without_token
+
+    if open_to_network_without_token(cfg.bridge.host, cfg.bridge.token):
+        print(f"s2s-bridge: config error: {cfg.source}: bridge.token: must be set when bridge.host "
+              f"({cfg.bridge.host}) is not a loopback address: anyone who can reach it would use the "
+              f"agent and the daemon", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, cfg.logging.level),
                         format=cfg.logging.format)
     # httpx logs every request at INFO: one per agent turn is noise in the bridge's log.

@@ -19,9 +19,13 @@ Kinds:
   answer (scripts/start-s2s.sh, agent.fallback_echo).
 
 Every failure is an `AgentError` with a stable code (``timeout``, ``unavailable``,
-``agent_error``, ``bad_reply``) and a one-line message safe to show a user. `agent.timeout`
-bounds the wait for the first token and between tokens. Cancelling the consumer (barge-in)
-closes the HTTP stream, so the agent server sees the disconnect.
+``agent_error``, ``bad_reply``, ``empty_reply``) and a one-line message safe to show a user.
+`agent.timeout` bounds the wait for the first token and between tokens, `stream_reply`'s
+`total` (bridge.reply_timeout) the whole reply. An answer that is not an event stream (a
+plain JSON body, an HTML error page) is ``bad_reply``, never an empty reply. Cancelling the
+consumer (barge-in, the reply cap) closes the HTTP stream, so the agent server sees the
+disconnect. `AgentLimits` carries the bridge's caps: ``max_tokens`` for OpenAI-compatible
+requests, and the characters of a reply kept in the conversation's history.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from daemon.config import AgentConfig
@@ -38,6 +43,12 @@ from daemon.config import AgentConfig
 logger = logging.getLogger(__name__)
 
 KINDS = ("langgraph", "openai", "echo")
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    max_tokens: int = 1024          # sent as `max_tokens` to OpenAI-compatible agents
+    max_reply_chars: int = 4000     # of a reply kept in history (the bridge cuts the stream there too)
 
 
 class AgentError(Exception):
@@ -224,28 +235,42 @@ class Agent:
         pass
 
 
-async def stream_reply(conv: Conversation, text: str, timeout: float) -> AsyncIterator[str]:
-    """`conv.reply(text)` with `timeout` seconds for the first delta and between deltas.
+async def stream_reply(conv: Conversation, text: str, timeout: float,
+                       total: Optional[float] = None) -> AsyncIterator[str]:
+    """`conv.reply(text)` with `timeout` seconds for the first delta and between deltas, and
+    `total` seconds for the whole reply.
 
     Heartbeats and empty chunks do not count as progress. The generator is closed when
     the consumer stops, which closes the HTTP stream.
     """
     gen = conv.reply(text).__aiter__()
     loop = asyncio.get_running_loop()
+    end = None if total is None else loop.time() + total
     try:
-        async with asyncio.timeout(timeout) as cm:
+        async with asyncio.timeout(timeout if end is None else min(timeout, total)) as cm:  # type: ignore[type-var]
             while True:
                 try:
                     delta = await gen.__anext__()
                 except StopAsyncIteration:
                     return
                 if delta:
-                    cm.reschedule(loop.time() + timeout)
+                    nxt = loop.time() + timeout
+                    cm.reschedule(nxt if end is None else min(nxt, end))
                     yield delta
     except TimeoutError:
+        if end is not None and loop.time() >= end - 0.01:
+            raise AgentError("timeout", f"the reply took longer than {total:g} s (bridge.reply_timeout)") from None
         raise AgentError("timeout", f"the agent did not answer within {timeout:g} s") from None
     finally:
         await gen.aclose()
+
+
+def _check_event_stream(r: Any) -> None:
+    """AgentError(bad_reply) unless an HTTP answer is a server-sent event stream."""
+    ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "text/event-stream":
+        raise AgentError("bad_reply", f"the agent answered {ctype or 'without a content type'}, "
+                         "not an event stream")
 
 
 # --- echo -----------------------------------------------------------------------------------
@@ -309,10 +334,11 @@ def _http_error(e: BaseException, url: str) -> AgentError:
 
 
 class _HTTPAgent(Agent):
-    def __init__(self, cfg: AgentConfig):
+    def __init__(self, cfg: AgentConfig, limits: AgentLimits = AgentLimits()):
         import httpx  # only the HTTP agents need it
 
         self.cfg = cfg
+        self.limits = limits
         self.url = cfg.url.rstrip("/")
         t = float(cfg.timeout)
         # read = longest silence between two chunks of a stream; stream_reply() adds the
@@ -378,6 +404,7 @@ class LangGraphConversation(Conversation):
                 if r.status_code >= 400:
                     await r.aread()
                     r.raise_for_status()
+                _check_event_stream(r)
                 parser = LangGraphStreamParser()
                 async for event, data in iter_sse(r.aiter_lines()):
                     delta = parser.feed(event, data)
@@ -389,6 +416,18 @@ class LangGraphConversation(Conversation):
             raise
         except Exception as e:  # httpx errors, bad JSON
             raise _http_error(e, a.url) from None
+
+    async def aclose(self) -> None:
+        """Delete the thread: the server would keep every conversation forever otherwise."""
+        tid, self.thread_id = self.thread_id, ""
+        if not tid:
+            return
+        try:
+            r = await self.agent.client.delete(f"{self.agent.url}/threads/{tid}", timeout=3.0)
+            if r.status_code >= 400 and r.status_code != 404:
+                logger.warning("langgraph thread %s: delete answered HTTP %d", tid, r.status_code)
+        except Exception as e:  # the agent may be gone; nothing to do about it here
+            logger.warning("langgraph thread %s: delete failed: %s", tid, type(e).__name__)
 
 
 class LangGraphAgent(_HTTPAgent):
@@ -420,7 +459,8 @@ class OpenAIConversation(Conversation):
         a = self.agent
         self.history.append({"role": "user", "content": text})
         self.history = self.history[-self.MAX_HISTORY:]
-        body: Dict[str, Any] = {"messages": list(self.history), "stream": True}
+        body: Dict[str, Any] = {"messages": list(self.history), "stream": True,
+                                "max_tokens": a.limits.max_tokens}
         if a.cfg.model:
             body["model"] = a.cfg.model
         said: List[str] = []
@@ -430,6 +470,7 @@ class OpenAIConversation(Conversation):
                 if r.status_code >= 400:
                     await r.aread()
                     r.raise_for_status()
+                _check_event_stream(r)
                 async for _event, data in iter_sse(r.aiter_lines()):
                     delta = openai_delta(data)
                     if delta is None:
@@ -444,14 +485,14 @@ class OpenAIConversation(Conversation):
         finally:
             # What the user heard is what the assistant said, also when cut short.
             if said:
-                self.history.append({"role": "assistant", "content": "".join(said)})
+                self.history.append({"role": "assistant", "content": "".join(said)[:a.limits.max_reply_chars]})
 
 
 class OpenAIAgent(_HTTPAgent):
     kind = "openai"
 
-    def __init__(self, cfg: AgentConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: AgentConfig, limits: AgentLimits = AgentLimits()):
+        super().__init__(cfg, limits)
         self.completions_url = self.url + ("/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions")
 
     def _headers(self) -> Dict[str, str]:
@@ -468,15 +509,15 @@ class OpenAIAgent(_HTTPAgent):
         await self._probe_get((base[len(self.url):] + "/models",), timeout)
 
 
-def build_agent(cfg: AgentConfig, kind: Optional[str] = None) -> Agent:
+def build_agent(cfg: AgentConfig, kind: Optional[str] = None, limits: AgentLimits = AgentLimits()) -> Agent:
     """The agent client for `kind` (default: cfg.kind)."""
     kind = kind or cfg.kind
     if kind == "echo":
         return EchoAgent()
     if kind == "langgraph":
-        return LangGraphAgent(cfg)
+        return LangGraphAgent(cfg, limits)
     if kind == "openai":
-        return OpenAIAgent(cfg)
+        return OpenAIAgent(cfg, limits)
     raise ValueError(f"unknown agent kind {kind!r} (one of {', '.join(KINDS)})")
 
 

@@ -1,35 +1,34 @@
-"""The bridge's server: page + assets over HTTP, /healthz, and the /ws websocket, on one port.
+"""The bridge's server: page + assets over HTTP(S), /healthz, /metrics and the /ws websocket,
+on one port.
 
 Built on the websockets library's own patterns (asyncio server, websockets 17):
-`process_request` answers plain HTTP GETs (static files from bridge/static only, /healthz)
-and vets the websocket handshake (origin, token); `handler` runs one `Session` per browser.
+`process_request` answers plain HTTP GETs (static files from bridge/static only, /healthz,
+/metrics) and vets the websocket handshake (origin; a token in the URL is refused); `handler`
+runs one `Connection` per browser (bridge/connection.py). Who may do what is bridge/auth.py.
 
 Safe defaults:
-- Origin: `bridge.allowed_origins`, or when empty only the page's own origin (an Origin
-  header whose host:port equals the Host header) reached by a name that cannot belong to
-  someone else: an IP address, localhost, *.localhost, the bind address or this machine's
-  hostname. Any other name (DNS rebinding: a foreign domain that resolves to 127.0.0.1, so
-  Origin and Host agree) needs allowed_origins. Requests without an Origin header (not a
-  browser: CLI tools, tests) are let through: the token is what protects against them.
-- Token: when `bridge.token` is set, `?token=` in the websocket URL (a wrong one is refused
-  with HTTP 401) or the `token` field of the first `start`/`text` message.
+- Origin check and token: bridge/auth.py. The token travels in the first message only.
+- `/healthz` answers status, the daemon's engines and fallbacks (component, from, to) and the
+  agent's kind to anyone; the detail (agent URL and model, daemon error strings, probe
+  results, counters) needs `Authorization: Bearer <bridge.token>`, so with no token
+  configured nobody gets it over HTTP (the log and `s2s-ctl health` have it).
 - Logs: websockets' DEBUG request lines and headers go through `RedactSecrets`, so a
   `?token=` (and Authorization/Cookie headers) never reach the log.
 - `max_size` = bridge.max_message_bytes (larger messages close the connection with 1009),
-  default keepalive pings, at most bridge.max_connections sessions (more are closed with
-  1013 "too many connections").
+  default keepalive pings, at most bridge.max_connections connections and
+  bridge.max_connections_per_ip from one address (more are closed with 1013).
+- TLS when bridge.tls_cert / bridge.tls_key are set (https and wss on the same port).
 """
 
 from __future__ import annotations
 
 import asyncio
 import http
-import ipaddress
 import itertools
 import json
 import logging
 import re
-import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -39,8 +38,13 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from bridge.agents import Agent, build_agent, probe_agent
-from bridge.session import Session, check_token
+from bridge import metrics as M
+from bridge.agents import AgentLimits, build_agent, probe_agent
+from bridge.auth import AddressCap, bearer, check_token, origin_allowed, own_host  # noqa: F401 (own_host: API)
+from bridge.connection import Connection
+from bridge.context import Context
+from bridge.daemon_link import DaemonLink
+from daemon.client import DaemonError
 from daemon.config import Config
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ CONTENT_TYPES = {
 }
 # The page talks to its own origin only; the worklet is a same-origin script.
 CSP = "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; img-src 'self' data:"
+TOKEN_IN_URL = "send the token in the first message, not in the URL (it would be kept in history and logs)"
 HEALTH_CACHE_SECONDS = 5.0
 DAEMON_PING_TIMEOUT = 1.0
 
@@ -87,25 +92,6 @@ def _ws_logger() -> logging.Logger:
     if not any(isinstance(f, RedactSecrets) for f in log.filters):
         log.addFilter(RedactSecrets())
     return log
-
-
-def own_host(host_header: str, bind_host: str = "") -> bool:
-    """True when a Host header names this machine in a way no one else controls (an IP
-    address, localhost, *.localhost, the bind address, the hostname): not DNS rebinding."""
-    try:
-        name = (urlsplit("//" + host_header).hostname or "").rstrip(".")
-    except ValueError:
-        return False
-    if not name:
-        return False
-    if name == "localhost" or name.endswith(".localhost") or name == bind_host.lower() \
-            or name == socket.gethostname().lower():
-        return True
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
 
 
 def static_path(url_path: str, root: Path = STATIC_DIR) -> Optional[Path]:
@@ -149,29 +135,43 @@ def _text_response(status: http.HTTPStatus, text: str) -> Response:
 
 
 class Bridge:
-    """Shared state of the bridge process: config, agent client, sessions, counters."""
+    """The bridge process: config, agent client, the shared daemon link, metrics, connections."""
 
     def __init__(self, cfg: Config, agent_kind: Optional[str] = None):
         self.cfg = cfg
-        self.agent: Agent = build_agent(cfg.agent, agent_kind)
+        bc = cfg.bridge
+        self.agent = build_agent(cfg.agent, agent_kind, AgentLimits(max_tokens=bc.max_reply_tokens,
+                                                                    max_reply_chars=bc.max_reply_chars))
         # Started on echo although something else is configured: say so everywhere.
         self.echo_fallback = self.agent.kind == "echo" and cfg.agent.kind != "echo"
-        self.notice = ""
+        self.notice = ""          # for the log: names the agent's URL
+        self.public_notice = ""   # for browsers: does not
         if self.echo_fallback:
             self.notice = (f"The configured agent ({cfg.agent.kind} at {cfg.agent.url}) does not answer: "
-                           f"using the built-in echo agent, which repeats what it hears. "
-                           f"配置的智能助手没有响应，现在使用内置的回声助手。")
-        self.sessions: Dict[str, Session] = {}
-        self.counters: Dict[str, int] = {"connections": 0, "refused_full": 0, "refused_origin": 0,
-                                         "refused_token": 0, "closed_too_slow": 0}
+                           f"using the built-in echo agent, which repeats what it hears.")
+            self.public_notice = (f"The configured agent ({cfg.agent.kind}) does not answer: using the built-in "
+                                  f"echo agent, which repeats what it hears. "
+                                  f"配置的智能助手没有响应，现在使用内置的回声助手。")
+        self.metrics = M.Metrics()
+        self.daemon = DaemonLink(cfg)
+        self.ctx = Context(cfg, self.agent, self.daemon, self.metrics, self.public_agent())
+        self.connections: Dict[str, Connection] = {}
+        self.addresses = AddressCap(bc.max_connections_per_ip)
         self._ids = itertools.count(1)
         self._health: Optional[Tuple[float, Dict[str, Any]]] = None
         self._health_lock = asyncio.Lock()
         self.port = 0
 
-    # --- helpers ----------------------------------------------------------------------
+    # --- what may be shown --------------------------------------------------------------
 
-    def agent_info(self) -> Dict[str, Any]:
+    def public_agent(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"kind": self.agent.kind, "configured_kind": self.cfg.agent.kind,
+                             "echo_fallback": self.echo_fallback}
+        if self.public_notice:
+            d["notice"] = self.public_notice
+        return d
+
+    def agent_detail(self) -> Dict[str, Any]:
         d = dict(self.agent.describe())
         d.update(configured_kind=self.cfg.agent.kind, echo_fallback=self.echo_fallback)
         if self.notice:
@@ -182,65 +182,50 @@ class Bridge:
         return check_token(self.cfg.bridge.token, given)
 
     def origin_allowed(self, origin: Optional[str], host: Optional[str]) -> bool:
-        if origin is None:
-            return True  # not a browser
-        allowed = self.cfg.bridge.allowed_origins
-        if allowed:
-            return origin.rstrip("/") in tuple(o.rstrip("/") for o in allowed)
-        try:
-            parts = urlsplit(origin)
-        except ValueError:
-            return False
-        # A browser's Origin is scheme://host[:port], nothing more.
-        if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
-            return False
-        return (parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host.lower()
-                and own_host(host, self.cfg.bridge.host))
+        return origin_allowed(origin, host, self.cfg.bridge.allowed_origins, self.cfg.bridge.host)
 
     # --- health -----------------------------------------------------------------------
 
     async def _ping(self, which: str) -> Dict[str, Any]:
-        from daemon.client import AsyncClient, DaemonError
-
-        c = AsyncClient(self.cfg.daemon.endpoint(which), timeout=DAEMON_PING_TIMEOUT)
         try:
-            rtt = await c.ping(DAEMON_PING_TIMEOUT)
+            rtt = await self.daemon.ping(which, DAEMON_PING_TIMEOUT)
             return {"reachable": True, "rtt_ms": round(rtt * 1000.0, 1)}
         except DaemonError as e:
             return {"reachable": False, "error": e.message}
-        finally:
-            await c.close()
 
     async def _engines(self) -> Dict[str, Any]:
         """Which engines the daemon runs and every fallback it took (the daemon's Fallback records)."""
-        from daemon.client import AsyncClient, DaemonError
         from daemon.engines import EngineInfo, Fallback, SchemaError
 
-        c = AsyncClient(self.cfg.daemon.endpoint("asr"), timeout=DAEMON_PING_TIMEOUT)
+        info = await self.daemon.describe(DAEMON_PING_TIMEOUT)
+        if info is None:
+            return {"error": "the daemon did not answer describe"}
         try:
-            info = await c.describe(DAEMON_PING_TIMEOUT)
             engines = {k: EngineInfo.from_dict(info[k]) for k in ("asr", "tts")}
             fallbacks = [Fallback.from_dict(f).to_dict() for f in info.get("fallbacks", [])]
-        except DaemonError as e:
-            return {"error": e.message}
         except (SchemaError, KeyError, TypeError) as e:
             logger.warning("daemon describe has an unexpected shape: %s", e)
             return {"error": f"unexpected describe shape: {e}"}
-        finally:
-            await c.close()
-        # hotwords/partials: the page disables what the engine cannot honour before a session is opened.
-        return {"engines": {k: {"engine": e.engine, "device": e.device, "languages": list(e.capabilities.languages),
-                                "hotwords": e.capabilities.hotwords, "partials": e.capabilities.partials}
+        return {"engines": {k: {"engine": e.engine, "device": e.device, "languages": list(e.capabilities.languages)}
                             for k, e in engines.items()},
                 "fallbacks": fallbacks}
 
+    def counters(self) -> Dict[str, int]:
+        m = self.metrics
+        c = {"connections": m.count(m.connections)}
+        for reason in ("full", "per_address", "origin", "token_in_url"):
+            c[f"refused_{reason}"] = m.count(m.refused, reason)
+        c["closed_too_slow"] = m.count(m.closed, "client too slow")
+        return c
+
     async def health(self) -> Dict[str, Any]:
+        """The full health report (the detail, behind the token); `public_health` derives the rest."""
         async with self._health_lock:
             now = time.monotonic()
             if self._health is not None and now - self._health[0] < HEALTH_CACHE_SECONDS:
                 return self._health[1]
             asr, tts = await asyncio.gather(self._ping("asr"), self._ping("tts"))
-            agent = self.agent_info()
+            agent = self.agent_detail()
             ok, why = await probe_agent(self.cfg.agent, self.agent.kind, timeout=2.0)
             agent.update(reachable=ok, detail=why)
             if self.echo_fallback:
@@ -249,13 +234,29 @@ class Bridge:
             daemon_ok = asr["reachable"] and tts["reachable"]
             healthy = daemon_ok and ok
             engines = await self._engines() if asr["reachable"] else {}
-            h = {"status": "ok" if healthy else "degraded",
+            h = {"status": "ok" if healthy else "degraded", "auth_required": bool(self.cfg.bridge.token),
+                 "tls": bool(self.cfg.bridge.tls_cert),
                  "daemon": {"reachable": daemon_ok, "asr": asr, "tts": tts, **engines},
                  "agent": agent,
-                 "connections": len(self.sessions), "max_connections": self.cfg.bridge.max_connections,
-                 "counters": dict(self.counters)}
+                 "connections": len(self.connections), "max_connections": self.cfg.bridge.max_connections,
+                 "counters": self.counters()}
             self._health = (now, h)
             return h
+
+    @staticmethod
+    def public_health(h: Dict[str, Any]) -> Dict[str, Any]:
+        """What anyone may see: status, engines, fallbacks (component, from, to, when), the agent's kind."""
+        d = h["daemon"]
+        daemon: Dict[str, Any] = {"reachable": d["reachable"]}
+        if "engines" in d:
+            daemon["engines"] = d["engines"]
+            daemon["fallbacks"] = [{k: f[k] for k in ("component", "from", "to", "when") if k in f}
+                                   for f in d.get("fallbacks", [])]
+        a = h["agent"]
+        agent = {k: a[k] for k in ("kind", "configured_kind", "echo_fallback", "reachable", "configured_reachable")
+                 if k in a}
+        return {"status": h["status"], "auth_required": h["auth_required"], "daemon": daemon, "agent": agent,
+                "connections": h["connections"]}
 
     # --- HTTP -------------------------------------------------------------------------
 
@@ -265,19 +266,24 @@ class Bridge:
         if path == "/ws":
             origin = request.headers.get("Origin")
             if not self.origin_allowed(origin, request.headers.get("Host")):
-                self.counters["refused_origin"] += 1
+                self.metrics.refused.labels("origin").inc()
                 logger.warning("refused websocket from origin %r (host %r)", origin, request.headers.get("Host"))
                 return _text_response(http.HTTPStatus.FORBIDDEN, "origin not allowed")
-            tokens = parse_qs(url.query).get("token")
-            if tokens is not None and not self.check_token(tokens[0]):
-                self.counters["refused_token"] += 1
-                return _text_response(http.HTTPStatus.UNAUTHORIZED, "wrong token")
+            if "token" in parse_qs(url.query, keep_blank_values=True):
+                self.metrics.refused.labels("token_in_url").inc()
+                return _text_response(http.HTTPStatus.BAD_REQUEST, TOKEN_IN_URL)
             return None  # go on with the websocket handshake
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return _text_response(http.HTTPStatus.NOT_FOUND, "the websocket endpoint is /ws")
         if path == "/healthz":
             h = await self.health()
-            return _json_response(http.HTTPStatus.OK if h["status"] == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE, h)
+            given = bearer(request.headers.get("Authorization"))
+            detail = bool(self.cfg.bridge.token) and given is not None and self.check_token(given)
+            status = http.HTTPStatus.OK if h["status"] == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return _json_response(status, h if detail else self.public_health(h))
+        if path == "/metrics":
+            info = await self.daemon.describe(DAEMON_PING_TIMEOUT)
+            return _response(http.HTTPStatus.OK, self.metrics.render(info), M.CONTENT_TYPE)
         try:
             f = static_path(path)
         except UnicodeDecodeError:
@@ -290,39 +296,62 @@ class Bridge:
 
     # --- websocket --------------------------------------------------------------------
 
+    async def _refuse(self, ws: ServerConnection, reason: str, message: str) -> None:
+        self.metrics.refused.labels(reason).inc()
+        logger.warning("refusing a connection from %s: %s", ws.remote_address, message)
+        await ws.close(1013, message)
+
     async def handler(self, ws: ServerConnection) -> None:
-        if len(self.sessions) >= self.cfg.bridge.max_connections:
-            self.counters["refused_full"] += 1
-            logger.warning("refusing a connection from %s: %d connections open (bridge.max_connections)",
-                           ws.remote_address, len(self.sessions))
-            await ws.close(1013, "too many connections")
+        bc = self.cfg.bridge
+        if len(self.connections) >= bc.max_connections:
+            await self._refuse(ws, "full", "too many connections")
+            return
+        address = str(ws.remote_address[0]) if ws.remote_address else ""
+        if not self.addresses.acquire(address):
+            await self._refuse(ws, "per_address", "too many connections from this address")
             return
         conn_id = f"c{next(self._ids)}"
-        query = parse_qs(urlsplit(ws.request.path).query) if ws.request is not None else {}
-        token = (query.get("token") or [None])[0]
-        authed = not self.cfg.bridge.token or (token is not None and self.check_token(token))
-        session = Session(ws, self, conn_id, authed)
-        self.sessions[conn_id] = session
-        self.counters["connections"] += 1
-        logger.info("conn %s: open from %s (%d open)", conn_id, ws.remote_address, len(self.sessions))
         try:
-            await session.run()
+            conn = Connection(ws, self.ctx, conn_id)
+            self.connections[conn_id] = conn
+            self.metrics.connections.inc()
+            self.metrics.open.inc()
+            logger.info("conn %s: open from %s (%d open)", conn_id, ws.remote_address, len(self.connections))
+            try:
+                await conn.run()
+            finally:
+                del self.connections[conn_id]
+                self.metrics.open.dec()
+                logger.info("conn %s: closed (code %s)", conn_id, ws.close_code)
         finally:
-            del self.sessions[conn_id]
-            logger.info("conn %s: closed (code %s)", conn_id, ws.close_code)
+            self.addresses.release(address)
+
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        bc = self.cfg.bridge
+        if not bc.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(bc.tls_cert, bc.tls_key)
+        return ctx
 
     async def serve(self, stop: asyncio.Event, on_ready: Any = None) -> None:
         bc = self.cfg.bridge
-        async with serve(self.handler, bc.host, bc.port, process_request=self.process_request,
-                         max_size=bc.max_message_bytes, close_timeout=bc.slow_client_timeout,
-                         # PCM barely compresses: permessage-deflate would only cost CPU.
-                         compression=None, server_header="s2s-bridge", logger=_ws_logger()) as server:
-            sock = next(iter(server.sockets))
-            self.port = sock.getsockname()[1]
-            logger.info("s2s-bridge: serving http://%s:%d/ (agent %s%s)", bc.host, self.port, self.agent.kind,
-                        ", echo fallback" if self.echo_fallback else "")
-            if on_ready is not None:
-                on_ready(self)
-            await stop.wait()
-            logger.info("s2s-bridge: stopping (%d connections)", len(self.sessions))
-        await self.agent.aclose()
+        tls = self.ssl_context()
+        await self.daemon.start()
+        try:
+            async with serve(self.handler, bc.host, bc.port, process_request=self.process_request,
+                             max_size=bc.max_message_bytes, close_timeout=bc.slow_client_timeout, ssl=tls,
+                             # PCM barely compresses: permessage-deflate would only cost CPU.
+                             compression=None, server_header="s2s-bridge", logger=_ws_logger()) as server:
+                sock = next(iter(server.sockets))
+                self.port = sock.getsockname()[1]
+                logger.info("s2s-bridge: serving %s://%s:%d/ (agent %s%s)", "https" if tls else "http", bc.host,
+                            self.port, self.agent.kind, ", echo fallback" if self.echo_fallback else "")
+                if on_ready is not None:
+                    on_ready(self)
+                await stop.wait()
+                logger.info("s2s-bridge: stopping (%d connections)", len(self.connections))
+        finally:
+            await self.daemon.close()
+            await self.agent.aclose()

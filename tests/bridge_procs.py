@@ -85,7 +85,7 @@ def start_bridge(cfg_path: Path, log: Path, agent: Optional[str] = None, timeout
     proc = BridgeProc("bridge", args, log, _env())
     deadline = time.monotonic() + timeout
     while True:
-        m = re.search(r"serving http://([\d.]+):(\d+)/", proc.text())
+        m = re.search(r"serving https?://([\d.]+):(\d+)/", proc.text())
         if m:
             proc.port = int(m.group(2))
             return proc

@@ -20,7 +20,8 @@ OpenAI subset:
 
 Failure modes (set `fail_mode` and `fail_after` tokens): "error" (an SSE error event),
 "drop" (close the connection mid-stream), "hang" (stop sending, keep the connection open),
-"http500" (answer 500 at once). `runs` records every streamed run: user text, tokens sent
+"http500" (answer 500 at once), "plainjson" / "html" (answer 200 with a JSON body or an HTML page
+instead of an event stream). `runs` records every streamed run: user text, tokens sent
 with their send times, and whether the client disconnected before the end.
 """
 
@@ -92,6 +93,7 @@ class FakeAgentServer:
         self.threads: Dict[str, List[str]] = {}
         self.runs: List[RunRecord] = []
         self.requests: List[str] = []   # "METHOD /path" of every request
+        self.requests_bodies: List[dict] = []   # JSON bodies of chat-completions requests
         self._lock = threading.Lock()
         server = self
 
@@ -129,6 +131,7 @@ class FakeAgentServer:
         with self._lock:
             self.runs.clear()
             self.requests.clear()
+            self.requests_bodies.clear()
             self.fail_mode = None
             self.fail_after = 0
             for k, v in settings.items():
@@ -233,6 +236,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._json(404, {"detail": "Not Found"})
 
+    def do_DELETE(self) -> None:
+        self.srv.requests.append(f"DELETE {self.path}")
+        m = re.fullmatch(r"/threads/([^/]+)", self.path)
+        if m and self.srv.threads.pop(m.group(1), None) is not None:
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._json(404, {"detail": "Not Found"})
+
+    def _not_sse(self) -> bool:
+        """fail_mode plainjson / html: a 200 answer that is not an event stream."""
+        mode = self.srv.fail_mode
+        if mode not in ("plainjson", "html"):
+            return False
+        body = (json.dumps({"choices": [{"message": {"content": "not streamed"}}]}).encode() if mode == "plainjson"
+                else b"<html><body><h1>502 Bad Gateway</h1></body></html>")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json" if mode == "plainjson" else "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
+
     def do_POST(self) -> None:
         srv = self.srv
         srv.requests.append(f"POST {self.path}")
@@ -243,9 +270,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             srv.threads[tid] = []
             self._json(200, {"thread_id": tid, "status": "idle", "metadata": {}, "values": None})
         elif m:
-            self._langgraph_run(m.group(1), body)
+            if not self._not_sse():
+                self._langgraph_run(m.group(1), body)
         elif self.path == "/v1/chat/completions":
-            self._openai(body)
+            srv.requests_bodies.append(body)
+            if not self._not_sse():
+                self._openai(body)
         else:
             self._json(404, {"detail": "Not Found"})
 

@@ -4,7 +4,19 @@
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const TOKEN = params.get("token") || "";
+// The token comes in the address's fragment (#token=…), which browsers never send to a server or
+// a proxy; it is kept for this tab only and removed from the address bar (and so from history).
+// The bridge refuses ?token= in the websocket URL.
+const TOKEN = (() => {
+  const h = new URLSearchParams(location.hash.slice(1));
+  const tok = h.get("token");
+  if (tok) {
+    sessionStorage.setItem("s2s-token", tok);
+    h.delete("token");
+    history.replaceState(null, "", location.pathname + location.search + (h.toString() ? "#" + h : ""));
+  }
+  return tok || sessionStorage.getItem("s2s-token") || "";
+})();
 
 // Exposed for tests and for debugging in the console.
 const stats = window.s2sStats = {
@@ -87,8 +99,7 @@ function logLine(cls, text) {
 // --- websocket ---------------------------------------------------------------------------
 
 function connect() {
-  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws` +
-    (TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : "");
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;  // the token goes in the first message
   ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   setConn("连接中…", false);
@@ -219,6 +230,14 @@ function stopPlayback() {
 // --- microphone ----------------------------------------------------------------------------
 
 async function startMic() {
+  if (!window.isSecureContext || !navigator.mediaDevices) {
+    // Browsers give the microphone only to https:// pages and to localhost.
+    throw new Error(`${location.protocol}//${location.host} is not a secure origin, so the browser gives it no ` +
+      "microphone: open the page over https (bridge.tls_cert / bridge.tls_key, or a reverse proxy; see the " +
+      "README) or on the machine itself as http://localhost. Typing works here. " +
+      "浏览器只允许 https 或 localhost 页面使用麦克风：请用 https 打开本页（配置 bridge.tls_cert / tls_key 或反向代理），" +
+      "或在本机用 http://localhost 打开；文字输入仍可使用。");
+  }
   const c = ensureContext();
   micStream = await navigator.mediaDevices.getUserMedia({
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },

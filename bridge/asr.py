@@ -1,0 +1,205 @@
+"""One browser's speech recognition: its daemon ASR session, audio batching and the event pump.
+
+Audio batching at the edge: the page sends 40 ms frames; the daemon's VAD works in 200 ms
+steps and would merge them again. Frames are collected per session and forwarded in whole
+steps (`BATCH_BYTES`), the rest on `stop`, so a session costs the daemon 5 messages a second
+instead of 25. Arrival times are kept per browser frame, so the speech end -> final latency
+still counts from when the audio reached the bridge.
+
+The pump reads the session's events and turns them into page events; `on_activity` (speech
+start, a non-empty partial: barge-in) and `on_final` (a turn) are the connection's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any, Awaitable, Callable, Deque, Dict, Optional, Tuple
+
+from websockets.exceptions import ConnectionClosed
+
+from bridge.context import Context
+from bridge.wire import ClientTooSlow, Events
+from daemon import protocol as P
+from daemon.client import DaemonError, new_id
+
+logger = logging.getLogger(__name__)
+
+INPUT_RATE = 16000
+# 200 ms: the daemon VAD's step.
+BATCH_BYTES = INPUT_RATE * 2 // 5
+# Largest audio message forwarded to the daemon (it refuses more than limits.max_chunk_seconds).
+DAEMON_CHUNK_BYTES = INPUT_RATE * 2  # 1 s
+# Audio arrival marks kept for the speech-end -> final latency (40 ms chunks: ~2 minutes).
+MAX_MARKS = 3000
+OPEN_TIMEOUT = 5.0
+
+
+class Recognizer:
+    def __init__(self, ctx: Context, events: Events, conn_id: str,
+                 on_activity: Callable[[str], Awaitable[Any]], on_final: Callable[[str], Awaitable[Any]]):
+        self.ctx = ctx
+        self.events = events
+        self.id = conn_id
+        self.on_activity = on_activity
+        self.on_final = on_final
+        self.stream: Any = None          # daemon.client.AsyncASRStream
+        self.pump_task: Optional[asyncio.Task] = None
+        self.started = False
+        self.language: Optional[str] = None
+        self.hotwords: Optional[Tuple[str, ...]] = None
+        self.samples_in = 0
+        self.marks: Deque[Tuple[int, float]] = collections.deque(maxlen=MAX_MARKS)
+        self.pending = bytearray()       # audio not forwarded yet (less than one batch)
+        self.warned_not_started = False
+        self.last_daemon_error = 0.0
+        self.stats: Dict[str, int] = collections.Counter()
+
+    # --- control ----------------------------------------------------------------------
+
+    async def start(self, language: Optional[str], hotwords: Optional[Tuple[str, ...]]) -> Optional[Dict[str, Any]]:
+        """(Re)open the daemon session; its capabilities, or None after an `error` event."""
+        self.language, self.hotwords = language, hotwords
+        if self.stream is not None:
+            await self.close()
+        if not await self._open():
+            return None
+        self.started = True
+        self.warned_not_started = False
+        return dict(self.stream.capabilities)
+
+    async def _open(self) -> bool:
+        sid = f"br-{self.id}-{new_id()[:8]}"
+        daemon = self.ctx.daemon
+        try:
+            daemon.check("asr")
+            stream = await daemon.asr.open(session_id=sid, language=self.language, hotwords=self.hotwords,
+                                           partials=True, timeout=OPEN_TIMEOUT)
+        except DaemonError as e:
+            await self.events.error(e.code.value, f"speech recognition: {e.message}", "asr")
+            return False
+        self.stream = stream
+        self.samples_in = 0
+        self.marks.clear()
+        self.pending.clear()
+        self.pump_task = asyncio.create_task(self._pump(stream), name=f"asr-pump-{self.id}")
+        logger.info("conn %s: ASR session %s open (language=%s)", self.id, sid, self.language)
+        return True
+
+    async def stop(self) -> None:
+        """Flush: the pump reads the remaining events (last final, then closed)."""
+        self.started = False
+        stream = self.stream
+        if stream is None or stream.closed:
+            return
+        try:
+            await self._forward(final=True)
+            await self.ctx.daemon.asr.send(P.Finalize(session_id=stream.session_id, request_id=new_id()))
+        except DaemonError as e:
+            await self.events.error(e.code.value, f"speech recognition: {e.message}", "asr")
+
+    async def close(self) -> None:
+        """Stop the pump and release the daemon session (fire and forget)."""
+        stream, self.stream = self.stream, None
+        pump, self.pump_task = self.pump_task, None
+        if pump is not None and not pump.done() and pump is not asyncio.current_task():
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        if stream is not None and not stream.closed:
+            self.ctx.daemon.asr._streams.pop(stream.session_id, None)  # noqa: SLF001 - nobody reads it now
+            try:
+                await self.ctx.daemon.asr.send(P.Close(session_id=stream.session_id, request_id=new_id()))
+            except DaemonError:
+                pass
+
+    # --- audio ------------------------------------------------------------------------
+
+    async def audio(self, pcm: bytes) -> None:
+        if len(pcm) % 2:
+            await self.events.error("bad_audio", f"audio must be PCM16: an even number of bytes, got {len(pcm)}")
+            return
+        if not pcm:
+            return
+        if not self.started:
+            self.stats["audio_dropped"] += 1
+            if not self.warned_not_started:
+                self.warned_not_started = True
+                await self.events.error("not_started", "send a start message before audio")
+            return
+        if self.stream is None or self.stream.closed:
+            # The daemon closed the session (idle timeout, restart): open a new one.
+            if not await self._open():
+                self.started = False
+                return
+        now = time.monotonic()
+        self.samples_in += len(pcm) // 2
+        self.marks.append((self.samples_in, now))
+        self.stats["audio_bytes_in"] += len(pcm)
+        self.pending += pcm
+        if len(self.pending) >= BATCH_BYTES:
+            await self._forward()
+
+    async def _forward(self, final: bool = False) -> None:
+        """Send the whole batches pending (everything when `final`)."""
+        n = len(self.pending) if final else len(self.pending) - len(self.pending) % BATCH_BYTES
+        if not n or self.stream is None:
+            return
+        data = bytes(self.pending[:n])
+        del self.pending[:n]
+        try:
+            for off in range(0, len(data), DAEMON_CHUNK_BYTES):
+                await self.stream.send(data[off:off + DAEMON_CHUNK_BYTES])
+        except DaemonError as e:
+            self.stats["audio_dropped"] += 1
+            now = time.monotonic()
+            if now - self.last_daemon_error > 5.0:
+                self.last_daemon_error = now
+                await self.events.error(e.code.value, f"speech recognition: {e.message}", "asr")
+
+    # --- events -----------------------------------------------------------------------
+
+    def _arrival(self, t_seconds: float) -> Optional[float]:
+        """Monotonic time when the audio sample at t_seconds (session timeline) arrived."""
+        idx = int(t_seconds * INPUT_RATE)
+        for end, at in self.marks:
+            if end >= idx:
+                return at
+        return None
+
+    async def _pump(self, stream: Any) -> None:
+        emit = self.events.emit
+        try:
+            async for m in stream.events():
+                if isinstance(m, P.SpeechStart):
+                    await emit({"type": "speech_start", "utterance": m.utterance, "start": m.start})
+                    await self.on_activity("speech_start")
+                elif isinstance(m, P.Partial):
+                    await emit({"type": "partial", "text": m.text, "utterance": m.utterance})
+                    if m.text.strip():
+                        await self.on_activity("partial")
+                elif isinstance(m, P.Final):
+                    now = time.monotonic()
+                    arrived = self._arrival(m.end) if m.text.strip() else None
+                    latency = None if arrived is None else now - arrived
+                    if latency is not None:
+                        self.ctx.metrics.final_latency.observe(latency)
+                    await emit({"type": "final", "text": m.text, "utterance": m.utterance, "start": m.start,
+                                "end": m.end, "reason": m.reason,
+                                "latency_ms": None if latency is None else round(latency * 1000.0, 1)})
+                    self.stats["finals"] += 1
+                    if m.text.strip():
+                        await self.on_final(m.text.strip())
+                elif isinstance(m, P.Error):
+                    await self.events.error(m.code, f"speech recognition: {m.message}", "asr")
+                elif isinstance(m, P.Closed):
+                    # daemon_gone: the `error` (unavailable) just before it said so already.
+                    if m.reason not in ("finalized", "closed", "idle", "daemon_gone"):
+                        await self.events.error("asr_closed", f"the speech recognition session ended ({m.reason})",
+                                                "asr")
+                    logger.info("conn %s: ASR session %s closed (%s)", self.id, stream.session_id, m.reason)
+        except (ClientTooSlow, ConnectionClosed):
+            pass
+        except Exception:
+            logger.exception("conn %s: ASR event pump failed", self.id)

@@ -1,0 +1,79 @@
+"""One connection to the speech daemon per bridge process, shared by every browser session.
+
+Two DEALER sockets (the daemon's ASR and TTS sockets), each with its reader and monitor
+task, made once at start-up and closed once at shutdown. Browser sessions are multiplexed
+by id: ASR session ids are `br-<connection>-<random>`, TTS request ids
+`<connection>-<turn>-<sentence>`; the asyncio client's dispatch routes every reply to the
+stream or request it belongs to. A browser connection therefore owns no ZeroMQ socket, file
+descriptor or task of the client: nothing to leak when it hangs up at a bad moment.
+
+The daemon ties sessions to the peer's identity: one identity for the whole bridge, so the
+bridge closes each browser's ASR session itself (`close` when the browser goes) and a TTS
+request is cancelled when its iterator is left (daemon.client).
+
+The blocking-free client reconnects its socket after a request times out (to drop what was
+queued for a daemon that went away). Shared, that would fail every other browser's requests
+in flight, so the shared clients keep their socket: ZeroMQ reconnects to a restarted daemon
+by itself, and a lost connection is reported to every open stream by the socket monitor.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+from daemon.client import AsyncASRClient, AsyncTTSClient, DaemonError, missing_endpoint
+from daemon.config import Config
+from daemon.errors import ErrorCode
+
+logger = logging.getLogger(__name__)
+
+OPEN_TIMEOUT = 5.0
+# Longest wait for the next TTS chunk (one sentence of at most ~60 characters).
+TTS_TIMEOUT = 20.0
+
+
+class _KeepSocket:
+    async def reconnect(self) -> None:  # see the module docstring
+        logger.debug("shared daemon client at %s: request timed out; keeping the socket", self.endpoint)  # type: ignore[attr-defined]
+
+
+class SharedASRClient(_KeepSocket, AsyncASRClient):
+    pass
+
+
+class SharedTTSClient(_KeepSocket, AsyncTTSClient):
+    pass
+
+
+class DaemonLink:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.asr = SharedASRClient(cfg.daemon.endpoint("asr"), timeout=OPEN_TIMEOUT)
+        self.tts = SharedTTSClient(cfg.daemon.endpoint("tts"), timeout=TTS_TIMEOUT)
+
+    async def start(self) -> None:
+        await self.asr.connect()
+        await self.tts.connect()
+
+    async def close(self) -> None:
+        await self.asr.close()
+        await self.tts.close()
+
+    def check(self, which: str) -> None:
+        """DaemonError(unavailable) at once when nothing can be listening (a missing ipc socket file)."""
+        client = self.asr if which == "asr" else self.tts
+        why = missing_endpoint(client.endpoint)
+        if why:
+            raise DaemonError(why, ErrorCode.UNAVAILABLE)
+
+    async def ping(self, which: str, timeout: float) -> float:
+        self.check(which)
+        return await (self.asr if which == "asr" else self.tts).ping(timeout)
+
+    async def describe(self, timeout: float) -> Optional[Dict[str, Any]]:
+        try:
+            self.check("asr")
+            return await self.asr.describe(timeout)
+        except DaemonError:
+            return None

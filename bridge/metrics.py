@@ -1,0 +1,78 @@
+"""The bridge's Prometheus metrics (`GET /metrics`), on a registry of its own.
+
+Bridge series (prefix `s2s_bridge_`): connections (total, open), refused connections by
+reason, closed connections by reason, turns by source, errors by code and source, and two
+latency histograms: speech end -> final and final (or typed text) -> first reply audio.
+The daemon's counters from its `describe` are exported beside them as
+`s2s_daemon_<name>_total`, with `s2s_daemon_up` (1 when `describe` answered).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class _DaemonCollector:
+    """Exports the last `describe` counters the bridge fetched (set before each scrape)."""
+
+    def __init__(self) -> None:
+        self.info: Optional[Dict[str, Any]] = None
+
+    def collect(self) -> Iterable[Any]:
+        up = GaugeMetricFamily("s2s_daemon_up", "1 when the speech daemon answered describe")
+        up.add_metric([], 1.0 if self.info is not None else 0.0)
+        yield up
+        counters = (self.info or {}).get("counters") or {}
+        for name, value in sorted(counters.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                safe = re.sub(r"[^a-zA-Z0-9_]", "_", str(name))
+                yield CounterMetricFamily(f"s2s_daemon_{safe}", f"speech daemon counter {name}", value=value)
+        queues = (self.info or {}).get("queues") or {}
+        for name, value in sorted(queues.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                safe = re.sub(r"[^a-zA-Z0-9_]", "_", str(name))
+                yield GaugeMetricFamily(f"s2s_daemon_{safe}", f"speech daemon {name}", value=value)
+
+    def describe(self) -> Iterable[Any]:
+        return []  # unchecked collector: names depend on what the daemon reports
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Counter("s2s_bridge_connections", "browser connections accepted", registry=r)
+        self.open = Gauge("s2s_bridge_connections_open", "browser connections open now", registry=r)
+        self.refused = Counter("s2s_bridge_refused", "connections refused", ["reason"], registry=r)
+        self.closed = Counter("s2s_bridge_closed", "connections closed by the bridge", ["reason"], registry=r)
+        self.turns = Counter("s2s_bridge_turns", "agent turns started", ["source"], registry=r)
+        self.errors = Counter("s2s_bridge_errors", "error events sent to browsers", ["code", "source"], registry=r)
+        self.final_latency = Histogram("s2s_bridge_asr_final_latency_seconds",
+                                       "speech end (its audio arriving at the bridge) -> final", registry=r,
+                                       buckets=LATENCY_BUCKETS)
+        self.first_audio_latency = Histogram("s2s_bridge_first_audio_latency_seconds",
+                                             "final or typed text -> first reply audio", registry=r,
+                                             buckets=LATENCY_BUCKETS)
+        self.daemon = _DaemonCollector()
+        r.register(self.daemon)  # type: ignore[arg-type]
+        for reason in ("full", "per_address", "origin", "token_in_url"):
+            self.refused.labels(reason)
+
+    def error(self, code: str, source: str) -> None:
+        self.errors.labels(code, source).inc()
+
+    def render(self, daemon_info: Optional[Dict[str, Any]]) -> bytes:
+        self.daemon.info = daemon_info
+        return generate_latest(self.registry)
+
+    def count(self, counter: Counter, *labels: str) -> int:
+        """Current value of a counter (for /healthz detail)."""
+        c = counter.labels(*labels) if labels else counter
+        return int(c._value.get())  # noqa: SLF001 - prometheus_client has no public getter
