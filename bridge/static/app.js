@@ -1,5 +1,10 @@
 // s2s page: microphone -> bridge (PCM16 16 kHz), transcripts and agent text, reply audio
 // (PCM16 24 kHz) played back to back, barge-in, per-turn latency. No build step.
+//
+// The page says what it is doing: which engines run and every fallback (/healthz), a turn
+// state driven by the protocol's events, errors in the page's language merged into one
+// status line (a turn's error stays on its bubble), and controls that follow what the
+// engines can do. UI language: Chinese, or English with ?ui=en.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -17,104 +22,641 @@ const TOKEN = (() => {
   }
   return tok || sessionStorage.getItem("s2s-token") || "";
 })();
+const UI = params.get("ui") === "en" ? "en" : "zh";
 
 // Exposed for tests and for debugging in the console.
 const stats = window.s2sStats = {
-  connected: false, ready: false, agent: null,
+  connected: false, ready: false, agent: null, ui: UI,
   audioBytesSent: 0, audioBytesReceived: 0, audioChunksReceived: 0,
-  partials: 0, finals: [], replies: [], interrupted: 0, errors: [], latencies: [],
+  partials: 0, finals: [], replies: [], interrupted: 0, errors: [], latencies: [], textLatencies: [],
+  states: [], starts: [], reconnects: 0, health: undefined,
 };
+
+// --- strings -----------------------------------------------------------------------------
+
+const STR = {
+  zh: {
+    title: "s2s 语音助手", level: "麦克风音量", textLabel: "输入文字", textPlaceholder: "也可以直接输入文字…",
+    send: "发送", settings: "设置", language: "识别语言", hotwords: "热词", hotwordsPlaceholder: "用逗号分隔",
+    details: "详情", dismiss: "关闭", conversation: "对话", stats: "延迟与音频", stopPlay: "停止播放",
+    latAsr: "说完 → 识别结果", latTts: "识别结果 → 首个语音", latText: "发送文字 → 首个语音",
+    sent: "上行音频", recv: "收到语音", reconnectNow: "立即重连",
+    talkStart: "开始说话", talkStop: "结束说话",
+    you: "你", assistant: "助手", listeningPh: "正在听…",
+    "state.idle": "空闲", "state.offline": "未连接", "state.starting": "准备中…", "state.listening": "聆听中",
+    "state.speaking": "说话中", "state.recognising": "识别中…", "state.thinking": "思考中", "state.playing": "播放中",
+    connConnecting: "连接中…", connOpen: "已连接", connClosed: "已断开",
+    reconnectIn: "已断开 · {s} 秒后重连（第 {n} 次）", reconnecting: "正在重连（第 {n} 次）…",
+    refused: "服务拒绝了连接", hintOffline: "未连接到语音服务，暂时不能说话或发送文字。",
+    hintRefused: "服务拒绝了连接：{why}。修正后请刷新页面。", hintFinalizing: "正在识别上一句，稍候再开始…",
+    latAsrLabel: "识别 {ms} ms", latFirstAudio: "首个语音 {ms} ms", latTypedLabel: "文字 → 首个语音 {ms} ms",
+    notSpoken: "未朗读", partSpoken: "部分未朗读", interrupted: "已打断", playbackStopped: "已停止播放",
+    whyNoChinese: "当前合成语音不会说中文", whyTtsFailed: "语音合成失败", whyTtsDown: "语音合成服务不可用",
+    agentFailed: "助手出错：{msg}",
+    hotwordsUnsupported: "当前识别引擎（{engine}）不支持热词。",
+    langMismatchZh: "听起来是中文，但识别语言设为 {lang}。", langMismatchEn: "听起来不是中文，但识别语言设为中文。",
+    langNotOffered: "识别引擎不支持：{langs}。",
+    ttsNoChinese: "合成语音不会说中文：中文回复只显示文字。",
+    bannerFallbacks: "正在使用后备（{n} 项）", bannerEcho: "智能助手：回声模式",
+    engines: "识别 {asr} · 合成 {tts}", fallbackTag: "后备", was: "原为 {from}",
+    asrLabel: "识别", ttsLabel: "合成", agentLabel: "助手", asrDeviceLabel: "识别设备", ttsDeviceLabel: "合成设备",
+    ttsVoiceLabel: "合成音色",
+    "mean.asr.engine": "识别可能更慢、不够准确", "mean.asr.engine.nohot": "识别可能更慢、不够准确，不支持热词",
+    "mean.asr.device": "识别会更慢", "mean.tts.engine": "回复的声音不同",
+    "mean.tts.engine.nozh": "回复的声音不同，中文回复无法朗读", "mean.tts.device": "回复的语音会来得慢一些",
+    "mean.tts.voice": "回复使用另一种声音",
+    echoNotice: "配置的智能助手（{kind}）没有响应，现在使用内置的回声助手：它只会复述你说的话。",
+    agentNotice: "智能助手提示",
+    count: "（×{n}）",
+    "err.busy": "识别跟不上，部分语音被丢弃", "err.unavailable": "语音服务暂时不可用", "err.timeout": "语音服务响应超时",
+    "err.shutting_down": "语音服务正在停止", "err.bad_text": "这段文字无法朗读", "err.unsupported": "当前引擎不支持这个设置",
+    "err.unauthorized": "需要正确的访问令牌（网址加 ?token=…）", "err.not_started": "请先点“开始说话”",
+    "err.bad_message": "页面发送的消息有误", "err.bad_request": "请求有误", "err.unknown_type": "页面发送的消息有误",
+    "err.bad_audio": "麦克风音频格式有误", "err.asr_closed": "识别会话意外结束", "err.engine_error": "识别或合成出错",
+    "err.internal": "服务内部错误", "err.agent_error": "助手出错", "err.bad_reply": "助手的回答无法读取",
+    "err.microphone": "无法使用麦克风", "err.no_session": "识别会话已结束", "err.cancelled": "请求已取消",
+    "err.daemon_unavailable": "语音服务不可用", "err.ws_1008": "服务拒绝了连接", "err.ws_1009": "消息太大，连接被关闭",
+    "err.ws_1011": "服务内部错误，连接已关闭", "err.ws_1013": "连接数已满，稍后自动重试", "err.other": "出错了",
+    "err.agent.timeout": "助手没有按时回答", "err.agent.unavailable": "助手无法连接",
+  },
+  en: {
+    title: "s2s voice assistant", level: "Microphone level", textLabel: "Type a message", textPlaceholder: "Or type here…",
+    send: "Send", settings: "Settings", language: "Speech language", hotwords: "Hotwords",
+    hotwordsPlaceholder: "comma separated", details: "Details", dismiss: "Dismiss", conversation: "Conversation",
+    stats: "Latency and audio", stopPlay: "Stop playback", latAsr: "end of speech → transcript",
+    latTts: "transcript → first audio", latText: "typed text → first audio", sent: "Audio sent",
+    recv: "Speech received", reconnectNow: "Reconnect now", talkStart: "Start talking", talkStop: "Stop talking",
+    you: "You", assistant: "Assistant", listeningPh: "Listening…",
+    "state.idle": "Idle", "state.offline": "Offline", "state.starting": "Starting…", "state.listening": "Listening",
+    "state.speaking": "You're speaking", "state.recognising": "Recognising…", "state.thinking": "Thinking",
+    "state.playing": "Playing",
+    connConnecting: "Connecting…", connOpen: "Connected", connClosed: "Disconnected",
+    reconnectIn: "Disconnected · retrying in {s} s (attempt {n})", reconnecting: "Reconnecting (attempt {n})…",
+    refused: "The server refused the connection", hintOffline: "Not connected to the speech service: talking and typing are off.",
+    hintRefused: "The server refused the connection: {why}. Fix it and reload the page.",
+    hintFinalizing: "Still recognising the last sentence…",
+    latAsrLabel: "recognised in {ms} ms", latFirstAudio: "first audio {ms} ms", latTypedLabel: "text → first audio {ms} ms",
+    notSpoken: "Not spoken", partSpoken: "Only partly spoken", interrupted: "Interrupted", playbackStopped: "Playback stopped",
+    whyNoChinese: "the voice cannot speak Chinese", whyTtsFailed: "speech synthesis failed",
+    whyTtsDown: "speech synthesis is unavailable", agentFailed: "Assistant error: {msg}",
+    hotwordsUnsupported: "The recognition engine ({engine}) cannot use hotwords.",
+    langMismatchZh: "That sounded like Chinese, but the language is set to {lang}.",
+    langMismatchEn: "That did not sound like Chinese, but the language is set to Chinese.",
+    langNotOffered: "Not offered by the engine: {langs}.",
+    ttsNoChinese: "The voice cannot speak Chinese: Chinese replies are shown as text only.",
+    bannerFallbacks: "Running on fallbacks ({n})", bannerEcho: "Assistant: echo mode",
+    engines: "ASR {asr} · TTS {tts}", fallbackTag: "fallback", was: "instead of {from}",
+    asrLabel: "Recognition", ttsLabel: "Synthesis", agentLabel: "Assistant", asrDeviceLabel: "Recognition device",
+    ttsDeviceLabel: "Synthesis device", ttsVoiceLabel: "Voice",
+    "mean.asr.engine": "recognition may be slower and less accurate",
+    "mean.asr.engine.nohot": "recognition may be slower and less accurate; no hotwords",
+    "mean.asr.device": "recognition is slower", "mean.tts.engine": "replies use a different voice",
+    "mean.tts.engine.nozh": "a different voice that cannot speak Chinese replies",
+    "mean.tts.device": "spoken replies start later", "mean.tts.voice": "replies use another voice",
+    echoNotice: "The configured assistant ({kind}) is not answering; the built-in echo assistant only repeats what you say.",
+    agentNotice: "Assistant notice", count: " (×{n})",
+    "err.busy": "Recognition is falling behind; some audio was dropped", "err.unavailable": "The speech service is unavailable",
+    "err.timeout": "The speech service timed out", "err.shutting_down": "The speech service is stopping",
+    "err.bad_text": "This text cannot be spoken", "err.unsupported": "The engine does not support this setting",
+    "err.unauthorized": "A valid access token is needed (?token=… in the address)",
+    "err.not_started": "Press “Start talking” first", "err.bad_message": "The page sent a bad message",
+    "err.bad_request": "Bad request", "err.unknown_type": "The page sent a bad message",
+    "err.bad_audio": "Bad microphone audio", "err.asr_closed": "The recognition session ended unexpectedly",
+    "err.engine_error": "Recognition or synthesis failed", "err.internal": "Internal server error",
+    "err.agent_error": "The assistant failed", "err.bad_reply": "The assistant's answer could not be read",
+    "err.microphone": "The microphone cannot be used", "err.no_session": "The recognition session has ended",
+    "err.cancelled": "Cancelled", "err.daemon_unavailable": "The speech service is unavailable",
+    "err.ws_1008": "The server refused the connection", "err.ws_1009": "A message was too big; the connection closed",
+    "err.ws_1011": "Internal server error; the connection closed",
+    "err.ws_1013": "Too many connections; retrying", "err.other": "Something went wrong",
+    "err.agent.timeout": "The assistant did not answer in time", "err.agent.unavailable": "The assistant cannot be reached",
+  },
+};
+const LANG_NAME = { zh: "中文", en: "English", auto: UI === "zh" ? "自动" : "Auto" };
+const ENGINE_NAME = { whisper: "Whisper", funasr: "FunASR", melo: "MeloTTS", piper: "Piper", echo: "echo" };
+
+function t(key, vars) {
+  let s = STR[UI][key];
+  if (s === undefined) s = STR.zh[key] !== undefined ? STR.zh[key] : key;
+  for (const [k, v] of Object.entries(vars || {})) s = s.split(`{${k}}`).join(String(v));
+  return s;
+}
+const engineName = (e) => ENGINE_NAME[e] || e;
+const deviceName = (d) => (d === "cpu" ? "CPU" : String(d).startsWith("cuda") ? `GPU (${d})` : d);
+const CJK = /[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]/;
+const CJK_ALL = new RegExp(CJK.source, "g");
+
+function applyStrings() {
+  document.documentElement.lang = UI === "zh" ? "zh-CN" : "en";
+  document.title = t("title");
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+  for (const el of document.querySelectorAll("[data-i18n-label]")) el.setAttribute("aria-label", t(el.dataset.i18nLabel));
+  $("language").querySelector('option[value="auto"]').textContent = LANG_NAME.auto;
+}
+
+// --- page state ----------------------------------------------------------------------------
 
 let ws = null;
 let ctx = null;          // AudioContext (capture and playback)
-let micStream = null;
-let micNode = null;
-let micSource = null;
-let talking = false;
+let micStream = null, micNode = null, micSource = null;
+let conn = "connecting"; // connecting | open | closed | refused
+let refusedWhy = "";
+let attempts = 0;        // reconnect attempts since the last open
+let retryAt = 0, retryTimer = null, countdownTimer = null;
+let talking = false;     // the microphone is on and a session was asked for
+let sessionReady = false;
+let finalizing = false;  // `stop` sent; waiting for its final (reason finalize)
+let finalizeTimer = null;
+let hotwordProbe = null; // hotwords held back until `ready` says the engine can use them
+let startHotwords = [];  // what the last `start` carried
 let playHead = 0;        // AudioContext time where the next reply chunk starts
-let playing = [];        // scheduled AudioBufferSourceNodes (stopped on barge-in)
+let playing = [];        // scheduled AudioBufferSourceNodes
 let outRate = 24000;
-let turn = { finalAt: 0, firstAudioAt: 0, li: null, text: "" };
+let turnNo = 0;          // mirrors the bridge's per-connection turn counter
+const turns = new Map(); // turn number -> Turn
+let speaking = null;     // {turn, sentence, text, samples}: the sentence whose audio is arriving
+let mutedTurn = 0;       // audio of this turn is dropped (the user pressed stop)
+let utter = null;        // {li, quiet, lastLoud}: the utterance being spoken
+const typedAt = [];      // submit times of typed turns not yet echoed as user_text
+const caps = { asrEngine: null, ttsEngine: null, asrHotwords: null, asrLanguages: null, ttsLanguages: null,
+  ttsNoChinese: false };
+let lastState = "";
 
-function addError(code, message) {
-  stats.errors.push({ code, message });
-  const d = document.createElement("div");
-  d.textContent = `${message} (${code})`;
-  $("errors").appendChild(d);
-  while ($("errors").children.length > 3) $("errors").firstChild.remove();
-  setTimeout(() => d.remove(), 15000);
+// --- turn state ----------------------------------------------------------------------------
+
+function replyPending() {
+  for (const tn of turns.values()) if (!turnFinished(tn)) return true;
+  return false;
 }
 
-function setConn(text, ok) {
+function computeState() {
+  if (conn !== "open") return "offline";
+  if (playing.length) return "playing";
+  if (utter) return utter.quiet ? "recognising" : "speaking";
+  if (finalizing) return "recognising";
+  if (replyPending()) return "thinking";
+  if (talking) return sessionReady ? "listening" : "starting";
+  return "idle";
+}
+
+function refreshState() {
+  const s = computeState();
+  if (s !== lastState) {
+    lastState = s;
+    stats.states.push(s);
+    const el = $("turnstate");
+    el.dataset.state = s;
+    el.className = `state ${s}`;
+    el.textContent = t(`state.${s}`);
+  }
+  $("stopplay").hidden = !(playing.length || (speaking && speaking.turn !== mutedTurn && !turnFinished(turns.get(speaking.turn))));
+  refreshControls();
+}
+
+function refreshControls() {
+  const open = conn === "open";
+  const talk = $("talk");
+  talk.disabled = !open || (finalizing && !talking);
+  talk.setAttribute("aria-pressed", talking ? "true" : "false");
+  talk.textContent = talking ? t("talkStop") : t("talkStart");
+  talk.classList.toggle("on", talking);
+  $("send").disabled = !open;
+  $("textinput").disabled = !open;
+  let hint = "";
+  if (conn === "refused") hint = t("hintRefused", { why: refusedWhy });
+  else if (!open) hint = t("hintOffline");
+  else if (finalizing && !talking) hint = t("hintFinalizing");
+  if ($("talk-hint").textContent !== hint) $("talk-hint").textContent = hint;
+  $("reconnect").hidden = !(conn === "closed" || conn === "connecting") || attempts === 0;
+}
+
+// --- connection badge and reconnect ------------------------------------------------------------
+
+function setConn(text, cls) {
   $("conn").textContent = text;
-  $("conn").className = "badge " + (ok ? "ok" : "bad");
+  $("conn").className = `badge ${cls}`;
 }
+
+function scheduleReconnect() {
+  attempts++;
+  stats.reconnects = attempts;
+  const delay = Math.min(10, 2 ** Math.min(attempts - 1, 4));  // 1, 2, 4, 8, 10 s
+  retryAt = performance.now() + delay * 1000;
+  const tick = () => {
+    const s = Math.max(0, Math.ceil((retryAt - performance.now()) / 1000));
+    setConn(t("reconnectIn", { s, n: attempts }), "bad");
+  };
+  tick();
+  clearInterval(countdownTimer);
+  countdownTimer = setInterval(tick, 1000);
+  clearTimeout(retryTimer);
+  retryTimer = setTimeout(connect, delay * 1000);
+}
+
+// --- the banner: engines, fallbacks, agent notice ------------------------------------------------
+
+let bannerState = { daemon: null, agent: null };
 
 function showAgent(agent) {
   if (!agent) return;
+  // hello, ready and /healthz each describe the agent; later ones add to what is known.
+  agent = { ...(bannerState.agent || {}), ...agent };
   stats.agent = agent;
-  $("agent").textContent = `agent: ${agent.kind}`;
-  $("agent").className = "badge " + (agent.echo_fallback ? "bad" : "ok");
-  if (agent.echo_fallback || agent.notice) {
-    $("notice").hidden = false;
-    $("notice").textContent = agent.notice ||
-      "配置的智能助手没有响应，现在使用内置的回声助手（echo）：它只会复述你说的话。";
-  }
+  bannerState.agent = agent;
+  const b = $("agent");
+  b.hidden = false;
+  b.textContent = `${t("agentLabel")}: ${engineName(agent.kind)}`;
+  b.className = "badge " + (agent.echo_fallback ? "warn" : "ok");
+  renderBanner();
 }
 
-// The daemon's engines and every fallback it took (its Fallback records, via /healthz).
-const COMPONENT_ZH = { "asr.engine": "语音识别", "asr.device": "语音识别设备", "tts.engine": "语音合成",
-  "tts.device": "语音合成设备", "tts.voice": "语音合成音色" };
 function showEngines(daemon) {
   if (!daemon || !daemon.engines) return;
-  const a = daemon.engines.asr, t = daemon.engines.tts;
-  $("engines").textContent = `识别 ${a.engine}@${a.device} · 合成 ${t.engine}@${t.device}`;
-  const fbs = daemon.fallbacks || [];
-  $("engines").className = "badge " + (fbs.length ? "warn" : "ok");
-  if (!fbs.length) return;
-  const box = $("fallbacks");
-  box.hidden = false;
-  box.textContent = "";
-  const head = document.createElement("div");
-  head.textContent = "正在使用备用引擎 / running on fallbacks:";
-  box.appendChild(head);
-  for (const f of fbs) {
-    const li = document.createElement("div");
-    li.className = "fallback";
-    li.textContent = `${COMPONENT_ZH[f.component] || f.component}: ${f.from} → ${f.to}（${f.reason}）`;
-    li.title = `${f.component} ${f.when}`;
-    box.appendChild(li);
+  bannerState.daemon = daemon;
+  const a = daemon.engines.asr, s = daemon.engines.tts;
+  caps.asrEngine = a.engine;
+  caps.ttsEngine = s.engine;
+  if (typeof a.hotwords === "boolean") caps.asrHotwords = a.hotwords;
+  if (Array.isArray(a.languages) && a.languages.length) caps.asrLanguages = a.languages;
+  if (Array.isArray(s.languages) && s.languages.length) {
+    caps.ttsLanguages = s.languages;
+    if (!s.languages.includes("zh") && !s.languages.includes("auto")) caps.ttsNoChinese = true;
+  }
+  const b = $("engines");
+  b.hidden = false;
+  b.textContent = t("engines", { asr: `${engineName(a.engine)}@${deviceName(a.device)}`,
+    tts: `${engineName(s.engine)}@${deviceName(s.device)}` });
+  b.className = "badge " + ((daemon.fallbacks || []).length ? "warn" : "ok");
+  applyCapabilities();
+  renderBanner();
+}
+
+function fallbackLine(f) {
+  const label = { "asr.engine": "asrLabel", "asr.device": "asrDeviceLabel", "tts.engine": "ttsLabel",
+    "tts.device": "ttsDeviceLabel", "tts.voice": "ttsVoiceLabel" }[f.component];
+  const isDevice = f.component.endsWith(".device");
+  const to = isDevice ? deviceName(f.to) : engineName(f.to);
+  const from = isDevice ? deviceName(f.from) : engineName(f.from);
+  let mean = `mean.${f.component}`;
+  if (f.component === "asr.engine" && caps.asrHotwords === false) mean += ".nohot";
+  if (f.component === "tts.engine" && caps.ttsNoChinese) mean += ".nozh";
+  const zh = `${STR.zh[label]}：${to}（${STR.zh.fallbackTag}，${STR.zh.was.replace("{from}", from)}）— ${STR.zh[mean]}`;
+  const en = `${STR.en[label]}: ${to} (${STR.en.fallbackTag}, ${STR.en.was.replace("{from}", from)}) — ${STR.en[mean]}`;
+  return UI === "zh" ? [zh, en] : [en, zh];
+}
+
+function renderBanner() {
+  const { daemon, agent } = bannerState;
+  const items = [];
+  for (const f of (daemon && daemon.fallbacks) || []) {
+    const [first, second] = fallbackLine(f);
+    items.push({ first, second, detail: `${f.component}: ${f.from} → ${f.to} (${f.when}): ${f.reason}`,
+      cls: "fallback" });
+  }
+  if (caps.ttsNoChinese && !items.some((i) => i.first.includes(t("ttsLabel")))) {
+    items.push({ first: STR[UI].ttsNoChinese, second: STR[UI === "zh" ? "en" : "zh"].ttsNoChinese, cls: "fallback" });
+  }
+  if (agent && (agent.echo_fallback || agent.notice)) {
+    const kind = agent.configured_kind || "?";
+    const text = (u) => (agent.echo_fallback ? STR[u].echoNotice.replace("{kind}", kind) : STR[u].agentNotice);
+    // The bridge's own notice is English; the echo case has its words above.
+    items.push({ first: text(UI), second: text(UI === "zh" ? "en" : "zh"),
+      detail: agent.echo_fallback ? "" : agent.notice || "", cls: "agent" });
+  }
+  const box = $("banner");
+  if (!items.length) { box.hidden = true; return; }
+  const nFallbacks = items.filter((i) => i.cls === "fallback").length;
+  const parts = [];
+  if (nFallbacks) parts.push(t("bannerFallbacks", { n: nFallbacks }));
+  if (agent && agent.echo_fallback) parts.push(t("bannerEcho"));
+  $("banner-summary").textContent = "⚠ " + parts.join(" · ");
+  const list = $("banner-list");
+  list.textContent = "";
+  for (const it of items) {
+    const li = document.createElement("li");
+    li.className = it.cls;
+    const p = document.createElement("span");
+    p.textContent = it.first;
+    li.appendChild(p);
+    const other = document.createElement("span");
+    other.className = "other-lang";
+    other.lang = UI === "zh" ? "en" : "zh-CN";
+    other.textContent = it.second;
+    li.appendChild(other);
+    if (it.detail) {
+      const d = document.createElement("small");
+      d.className = "detail";
+      d.lang = "en";
+      d.textContent = it.detail;
+      li.appendChild(d);
+    }
+    list.appendChild(li);
+  }
+  if (box.hidden) {
+    box.hidden = false;
+    // Open on wide screens; a one-line summary on phones keeps the conversation in view.
+    box.open = window.matchMedia("(min-width: 641px)").matches;
   }
 }
 
-function logLine(cls, text) {
+// --- capabilities: hotwords, languages ------------------------------------------------------------
+
+function applyCapabilities() {
+  const hw = $("hotwords");
+  if (caps.asrHotwords === false) {
+    hw.disabled = true;
+    $("hotwords-hint").textContent = t("hotwordsUnsupported", { engine: engineName(caps.asrEngine || "?") });
+  } else if (caps.asrHotwords === true) {
+    hw.disabled = false;
+    $("hotwords-hint").textContent = "";
+  }
+  const sel = $("language");
+  if (caps.asrLanguages) {
+    const missing = [];
+    for (const o of sel.options) {
+      o.disabled = !caps.asrLanguages.includes(o.value);
+      if (o.disabled) missing.push(LANG_NAME[o.value] || o.value);
+    }
+    // The default follows the engines: Chinese where offered, else what the engine offers.
+    if (sel.selectedOptions[0] && sel.selectedOptions[0].disabled) {
+      const pick = ["zh", "auto", "en"].find((l) => caps.asrLanguages.includes(l)) || caps.asrLanguages[0];
+      sel.value = pick;
+    }
+    setLanguageHint(missing.length ? t("langNotOffered", { langs: missing.join(", ") }) : "");
+  }
+  if (caps.ttsNoChinese) setLanguageHint(t("ttsNoChinese"));
+}
+
+function setLanguageHint(text) {
+  $("language-hint").textContent = text;
+}
+
+function checkLanguage(text, reported) {
+  const sel = $("language").value;
+  if (sel === "auto" || !text) return;
+  let spoken = reported;
+  if (!spoken) {
+    const cjk = (text.match(CJK_ALL) || []).length;
+    const latin = (text.match(/[A-Za-z]/g) || []).length;
+    if (cjk >= 2 && cjk * 2 >= latin) spoken = "zh";
+    else if (cjk === 0 && latin >= 4) spoken = "en";
+  }
+  if (!spoken) return;
+  if (spoken === "zh" && sel !== "zh") setLanguageHint(t("langMismatchZh", { lang: LANG_NAME[sel] }));
+  else if (spoken !== "zh" && sel === "zh") setLanguageHint(t("langMismatchEn"));
+  else if (!caps.ttsNoChinese) setLanguageHint("");
+}
+
+$("language").addEventListener("change", () => { if (!caps.ttsNoChinese) setLanguageHint(""); });
+
+// --- errors ----------------------------------------------------------------------------------
+
+let errGroup = null;  // {key, count}
+const errHistory = [];
+
+function errorText(code, source) {
+  if (source === "agent" && STR.zh[`err.agent.${code}`]) return t(`err.agent.${code}`);
+  if (STR.zh[`err.${code}`]) return t(`err.${code}`);
+  return t("err.other");
+}
+
+function statusError(code, source, message) {
+  const key = `${source}/${code}`;
+  if (errGroup && errGroup.key === key) errGroup.count++;
+  else errGroup = { key, count: 1 };
+  const text = errorText(code, source) + (errGroup.count > 1 ? t("count", { n: errGroup.count }) : "");
+  $("error-text").textContent = text;
+  errHistory.push(`[${key}] ${message}`);
+  while (errHistory.length > 8) errHistory.shift();
+  const list = $("error-list");
+  list.textContent = "";
+  for (const m of errHistory) {
+    const li = document.createElement("li");
+    li.lang = "en";
+    li.textContent = m;
+    list.appendChild(li);
+  }
+  $("errors").hidden = false;
+}
+
+$("error-close").addEventListener("click", () => {
+  $("errors").hidden = true;
+  errGroup = null;
+  errHistory.length = 0;
+});
+
+function addError(code, message, source = "page") {
+  stats.errors.push({ code, message, source });
+  statusError(code, source, message);
+}
+
+function onErrorEvent(ev) {
+  stats.errors.push({ code: ev.code, message: ev.message, source: ev.source });
+  // A turn's error stays on its bubble: agent and synthesis errors belong to the reply in progress.
+  const turn = (ev.source === "agent" || ev.source === "tts") ? currentReplyTurn() : null;
+  if (turn) {
+    turn.errors.push(ev);
+    if (ev.source === "agent") {
+      ensureAgentBubble(turn);
+      setBubbleError(turn, t("agentFailed", { msg: errorText(ev.code, "agent") }), `[agent/${ev.code}] ${ev.message}`);
+    }
+    // The English voice's refusal of a Chinese sentence: from now on the page knows.
+    if (ev.source === "tts" && ev.code === "bad_text" && /nothing speakable/.test(ev.message || "") &&
+        CJK.test(`${ev.message} ${speaking ? speaking.text : ""}`)) {
+      learnNoChinese();
+    }
+    return;
+  }
+  // A start that the engine refused: say why, fix what can be fixed, and try again once.
+  if (talking && !sessionReady && ev.source === "asr") {
+    if (ev.code === "unsupported" && startHotwords.length) {
+      caps.asrHotwords = false;
+      applyCapabilities();
+      sendStart();
+      return;
+    }
+    stopMic();
+  }
+  statusError(ev.code, ev.source, ev.message);
+  refreshState();
+}
+
+function learnNoChinese() {
+  if (caps.ttsNoChinese) return;
+  caps.ttsNoChinese = true;
+  applyCapabilities();
+  renderBanner();
+}
+
+// --- the conversation log ----------------------------------------------------------------------
+
+function bubble(cls, text) {
   const li = document.createElement("li");
   li.className = cls;
-  li.textContent = text;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = (cls.startsWith("user") ? t("you") : t("assistant")) + (UI === "zh" ? "：" : ": ");
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  li.append(who, body, meta);
   $("log").appendChild(li);
   li.scrollIntoView({ block: "nearest" });
   return li;
 }
 
-// --- websocket ---------------------------------------------------------------------------
+function setText(li, text) { li.querySelector(".text").textContent = text; }
+
+function addMeta(li, cls, text) {
+  let el = li.querySelector(`.meta .${cls}`);
+  if (!el) {
+    el = document.createElement("span");
+    el.className = cls;
+    li.querySelector(".meta").appendChild(el);
+  }
+  el.textContent = text;
+  return el;
+}
+
+function setBubbleNote(li, cls, text, detail) {
+  let note = li.querySelector(`.note.${cls}`);
+  if (!note) {
+    note = document.createElement("div");
+    note.className = `note ${cls}`;
+    li.appendChild(note);
+  }
+  note.textContent = "";
+  const s = document.createElement("span");
+  s.className = "note-text";
+  s.textContent = text;
+  note.appendChild(s);
+  if (detail) {
+    const d = document.createElement("details");
+    const sum = document.createElement("summary");
+    sum.textContent = t("details");
+    const p = document.createElement("span");
+    p.lang = "en";
+    p.textContent = detail;
+    d.append(sum, p);
+    note.appendChild(d);
+  }
+}
+
+function setBubbleError(turn, text, detail) {
+  setBubbleNote(turn.agentLi, "error", "⚠ " + text, detail);
+}
+
+function newTurn(source, userLi, at) {
+  turnNo++;
+  const turn = { no: turnNo, source, userLi, agentLi: null, text: "", at, firstAudioAt: 0,
+    agentDone: false, started: new Set(), ended: new Set(), spoken: 0, failed: [], partial: 0,
+    interrupted: false, stopped: false, errors: [], closed: false };
+  turns.set(turnNo, turn);
+  // Keep the map small: only turns that can still receive events matter.
+  for (const k of turns.keys()) if (k < turnNo - 20) turns.delete(k);
+  return turn;
+}
+
+function turnFinished(turn) {
+  if (!turn) return true;
+  if (turn.closed || turn.interrupted) return true;
+  if (!turn.agentDone) return false;
+  for (const i of turn.started) if (!turn.ended.has(i)) return false;
+  return true;
+}
+
+function currentReplyTurn() {
+  let last = null;
+  for (const tn of turns.values()) if (!turnFinished(tn)) last = tn;
+  return last || (speaking ? turns.get(speaking.turn) : null) || null;
+}
+
+function ensureAgentBubble(turn) {
+  if (!turn.agentLi) turn.agentLi = bubble("agent", turn.text);
+  return turn.agentLi;
+}
+
+// Spoken, partly spoken or not spoken: marked on the reply's bubble for good.
+function updateSpeechNote(turn) {
+  if (!turn.agentLi) return;
+  const failed = turn.failed.length;
+  if (!failed && !turn.partial) return;
+  const none = turn.spoken === 0 && turn.partial === 0;
+  const label = none ? t("notSpoken") : t("partSpoken");
+  const codes = turn.failed.map((f) => f.code);
+  let why = t("whyTtsFailed");
+  if (caps.ttsNoChinese || turn.partial) why = t("whyNoChinese");
+  else if (codes.includes("bad_text")) why = t("err.bad_text");
+  else if (codes.some((c) => c === "unavailable" || c === "timeout" || c === "shutting_down")) why = t("whyTtsDown");
+  const detail = turn.errors.filter((e) => e.source === "tts").map((e) => `[tts/${e.code}] ${e.message}`)
+    .concat(turn.failed.filter((f) => !turn.errors.some((e) => e.source === "tts")).map((f) => `[tts/${f.code}] ${f.text}`))
+    .join("\n");
+  setBubbleNote(turn.agentLi, "speech", `🔇 ${label}${UI === "zh" ? "：" : ": "}${why}`, detail);
+  turn.agentLi.classList.add(none ? "not-spoken" : "part-spoken");
+  turn.agentLi.dataset.spoken = none ? "none" : "partly";
+}
+
+// A sentence that has CJK text and came back much shorter than anything that reads it aloud.
+function soundsPartial(text, seconds) {
+  const cjk = (text.match(CJK_ALL) || []).length;
+  if (!cjk) return false;
+  if (caps.ttsNoChinese) return true;
+  const words = (text.replace(CJK_ALL, " ").match(/[A-Za-z]+|\d+/g) || []).length;
+  // Read aloud, a Chinese character takes 0.15-0.3 s; an English voice that skips them
+  // leaves ~0.02 s per character (the digits and Latin words it could read).
+  return seconds < (cjk + words) * 0.04;
+}
+
+// --- websocket -----------------------------------------------------------------------------
 
 function connect() {
+  clearTimeout(retryTimer);
+  clearInterval(countdownTimer);
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;  // the token goes in the first message
-  ws = new WebSocket(url);
-  ws.binaryType = "arraybuffer";
-  setConn("连接中…", false);
-  ws.onopen = () => { stats.connected = true; setConn("已连接", true); };
-  ws.onclose = (e) => {
+  conn = "connecting";
+  setConn(attempts ? t("reconnecting", { n: attempts }) : t("connConnecting"), "warn");
+  refreshState();
+  const sock = ws = new WebSocket(url);
+  sock.binaryType = "arraybuffer";
+  sock.onopen = () => {
+    if (sock !== ws) return;
+    conn = "open";
+    attempts = 0;
+    stats.connected = true;
+    turnNo = 0;
+    turns.clear();
+    setConn(t("connOpen"), "ok");
+    loadHealth();
+    refreshState();
+  };
+  sock.onclose = (e) => {
+    if (sock !== ws) return;
     stats.connected = false;
     stats.ready = false;
-    setConn(`已断开 ${e.code}${e.reason ? " " + e.reason : ""}`, false);
-    if (e.code !== 1000 && e.code !== 1001) addError(`ws_${e.code}`, `连接已关闭：${e.reason || e.code}`);
+    sessionReady = false;
     stopMic();
     stopPlayback();
-    // Reconnect after a pause unless the server refused us on purpose.
-    if (e.code !== 1008) setTimeout(connect, 2000);
+    endFinalizing();
+    for (const tn of turns.values()) tn.closed = true;
+    if (utter) { utter.li.remove(); utter = null; }
+    speaking = null;
+    if ([1008, 1009, 1011, 1013].includes(e.code)) addError(`ws_${e.code}`, `closed ${e.code} ${e.reason || ""}`, "bridge");
+    if (e.code === 1008) {
+      // Refused on purpose (token, too slow): retrying would be refused again.
+      conn = "refused";
+      refusedWhy = e.reason || String(e.code);
+      setConn(t("refused"), "bad");
+    } else {
+      conn = "closed";
+      scheduleReconnect();
+    }
+    refreshState();
   };
-  ws.onmessage = (e) => {
+  sock.onmessage = (e) => {
+    if (sock !== ws) return;
     if (typeof e.data === "string") onEvent(JSON.parse(e.data));
     else onAudio(e.data);
   };
@@ -124,66 +666,129 @@ function send(obj) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj));
 }
 
+function sendStart() {
+  const wanted = $("hotwords").disabled ? [] : $("hotwords").value.split(/[,，、\s]+/).filter(Boolean);
+  // Hotwords on an engine that cannot use them make the whole session refused; when the page
+  // does not know yet, it opens the session without them and adds them once `ready` says yes.
+  let hotwords = wanted;
+  hotwordProbe = null;
+  if (wanted.length && caps.asrHotwords !== true) { hotwordProbe = wanted; hotwords = []; }
+  startHotwords = hotwords;
+  sessionReady = false;
+  stats.ready = false;
+  const msg = { type: "start", language: $("language").value, token: TOKEN || undefined };
+  if (hotwords.length) msg.hotwords = hotwords;
+  stats.starts.push({ language: msg.language, hotwords });
+  send(msg);
+}
+
 function onEvent(ev) {
   switch (ev.type) {
     case "hello":
       showAgent(ev.agent);
       break;
     case "ready":
-      stats.ready = true;
-      outRate = ev.output_sample_rate || 24000;
+      outRate = ev.output_sample_rate || outRate;
       showAgent(ev.agent);
+      if (typeof ev.hotwords === "boolean") { caps.asrHotwords = ev.hotwords; applyCapabilities(); }
+      if (hotwordProbe && ev.hotwords === true && talking) { sendStart(); break; }
+      hotwordProbe = null;
+      sessionReady = talking;
+      stats.ready = talking;
       break;
     case "speech_start":
+      if (!utter) utter = { li: bubble("user placeholder", t("listeningPh")), quiet: false, lastLoud: performance.now() };
+      utter.quiet = false;
+      utter.lastLoud = performance.now();
       break;
     case "partial":
       stats.partials++;
-      $("partial").textContent = ev.text;
+      if (!ev.text) break;
+      if (!utter) utter = { li: bubble("user placeholder", ""), quiet: false, lastLoud: performance.now() };
+      setText(utter.li, ev.text);
       break;
     case "final": {
-      $("partial").textContent = "";
       stats.finals.push(ev.text);
-      if (!ev.text) break;
-      const li = logLine("user", ev.text);
-      turn = { finalAt: performance.now(), firstAudioAt: 0, li: null, text: "" };
+      const text = (ev.text || "").trim();
+      const li = utter ? utter.li : null;
+      utter = null;
+      if (ev.reason === "finalize") endFinalizing();
+      if (!text) { if (li) li.remove(); break; }
+      const userLi = li || bubble("user", text);
+      userLi.className = "user";
+      setText(userLi, text);
+      newTurn("speech", userLi, performance.now());
       if (ev.latency_ms != null) {
-        $("lat-asr").textContent = `${Math.round(ev.latency_ms)} ms`;
-        const s = document.createElement("span");
-        s.className = "lat";
-        s.textContent = `识别 ${Math.round(ev.latency_ms)} ms`;
-        li.appendChild(s);
+        const ms = Math.round(ev.latency_ms);
+        $("lat-asr").textContent = `${ms} ms`;
+        addMeta(userLi, "lat", t("latAsrLabel", { ms }));
       }
+      checkLanguage(text, ev.language);
       break;
     }
-    case "user_text":
-      logLine("user", ev.text);
-      turn = { finalAt: performance.now(), firstAudioAt: 0, li: null, text: "" };
+    case "user_text": {
+      const at = typedAt.length ? typedAt.shift() : performance.now();
+      newTurn("text", bubble("user typed", ev.text), at);
       break;
-    case "agent_delta":
-      if (!turn.li) turn.li = logLine("agent", "");
+    }
+    case "agent_delta": {
+      const turn = turns.get(ev.turn);
+      if (!turn) break;
       turn.text += ev.text;
-      turn.li.textContent = turn.text;
+      setText(ensureAgentBubble(turn), turn.text);
       break;
-    case "agent_done":
+    }
+    case "agent_done": {
       stats.replies.push(ev.text);
-      if (!turn.li) turn.li = logLine("agent", ev.text);
+      const turn = turns.get(ev.turn);
+      if (!turn) break;
+      if (ev.text && ev.text !== turn.text) { turn.text = ev.text; }
+      ensureAgentBubble(turn);
+      setText(turn.agentLi, turn.text);
+      turn.agentDone = true;
       break;
+    }
     case "tts_start":
       outRate = ev.sample_rate || outRate;
+      speaking = { turn: ev.turn, sentence: ev.sentence, text: ev.text || "", samples: 0 };
+      if (turns.get(ev.turn)) turns.get(ev.turn).started.add(ev.sentence);
       break;
-    case "tts_end":
+    case "tts_end": {
+      const turn = turns.get(ev.turn);
+      const s = speaking && speaking.turn === ev.turn && speaking.sentence === ev.sentence ? speaking : null;
+      speaking = null;
+      if (!turn) break;
+      turn.ended.add(ev.sentence);
+      if (ev.error) {
+        turn.failed.push({ code: ev.error, text: s ? s.text : "" });
+      } else if (s && soundsPartial(s.text, s.samples / outRate)) {
+        turn.partial++;
+      } else {
+        turn.spoken++;
+      }
+      updateSpeechNote(turn);
       break;
-    case "interrupted":
+    }
+    case "first_audio":
+      break;
+    case "interrupted": {
       stats.interrupted++;
       stopPlayback();
-      if (turn.li) turn.li.classList.add("interrupted");
+      const turn = turns.get(ev.turn);
+      if (turn) {
+        turn.interrupted = true;
+        if (turn.agentLi) { turn.agentLi.classList.add("interrupted"); addMeta(turn.agentLi, "flag", t("interrupted")); }
+      }
+      speaking = null;
       break;
+    }
     case "error":
-      addError(ev.code, ev.message);
+      onErrorEvent(ev);
       break;
     default:
       break;
   }
+  refreshState();
 }
 
 // --- playback: PCM16 chunks scheduled back to back ----------------------------------------
@@ -198,15 +803,24 @@ function onAudio(buf) {
   stats.audioBytesReceived += buf.byteLength;
   stats.audioChunksReceived++;
   $("recv").textContent = `${(stats.audioBytesReceived / 2 / outRate).toFixed(1)} s`;
-  if (turn.finalAt && !turn.firstAudioAt) {
-    turn.firstAudioAt = performance.now();
-    const ms = turn.firstAudioAt - turn.finalAt;
-    stats.latencies.push(ms);
-    $("lat-tts").textContent = `${Math.round(ms)} ms`;
-  }
-  const c = ensureContext();
   const pcm = new Int16Array(buf);
-  if (pcm.length === 0) return;
+  if (speaking) speaking.samples += pcm.length;
+  const turn = speaking ? turns.get(speaking.turn) : null;
+  if (turn && !turn.firstAudioAt && pcm.length) {
+    turn.firstAudioAt = performance.now();
+    const ms = Math.round(turn.firstAudioAt - turn.at);
+    if (turn.source === "text") {
+      stats.textLatencies.push(ms);
+      $("lat-text").textContent = `${ms} ms`;
+      addMeta(ensureAgentBubble(turn), "lat", t("latTypedLabel", { ms }));
+    } else {
+      stats.latencies.push(ms);
+      $("lat-tts").textContent = `${ms} ms`;
+      addMeta(ensureAgentBubble(turn), "lat", t("latFirstAudio", { ms }));
+    }
+  }
+  if (pcm.length === 0 || (speaking && speaking.turn === mutedTurn)) return;
+  const c = ensureContext();
   const ab = c.createBuffer(1, pcm.length, outRate);
   const ch = ab.getChannelData(0);
   for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 32768;
@@ -218,14 +832,31 @@ function onAudio(buf) {
   src.start(start);
   playHead = start + ab.duration;
   playing.push(src);
-  src.onended = () => { playing = playing.filter((s) => s !== src); };
+  src.onended = () => {
+    playing = playing.filter((s) => s !== src);
+    refreshState();
+  };
+  refreshState();
 }
 
 function stopPlayback() {
-  for (const s of playing) { try { s.stop(); } catch (e) { /* already stopped */ } }
+  const nodes = playing;
   playing = [];
+  for (const s of nodes) { s.onended = null; try { s.stop(); } catch (e) { /* already stopped */ } }
   playHead = 0;
 }
+
+$("stopplay").addEventListener("click", () => {
+  const turn = currentReplyTurn() || (speaking && turns.get(speaking.turn));
+  if (turn) {
+    mutedTurn = turn.no;
+    turn.stopped = true;
+    if (turn.agentLi) addMeta(turn.agentLi, "flag", t("playbackStopped"));
+  }
+  stopPlayback();
+  refreshState();
+  $("talk").disabled ? $("textinput").focus() : $("talk").focus();
+});
 
 // --- microphone ----------------------------------------------------------------------------
 
@@ -243,14 +874,22 @@ async function startMic() {
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
   });
   await c.audioWorklet.addModule("worklet.js");
+  if (!talking) { micStream.getTracks().forEach((tr) => tr.stop()); micStream = null; return; }
   micSource = c.createMediaStreamSource(micStream);
   micNode = new AudioWorkletNode(c, "pcm16-capture", { processorOptions: { outRate: 16000, chunkMs: 40 } });
   micNode.port.onmessage = (e) => {
-    if (!ws || ws.readyState !== WebSocket.OPEN || !stats.ready) return;
+    if (!ws || ws.readyState !== WebSocket.OPEN || !sessionReady) return;
     const pcm = new Int16Array(e.data);
     let peak = 0;
     for (let i = 0; i < pcm.length; i += 8) peak = Math.max(peak, Math.abs(pcm[i]));
-    $("level").firstElementChild.style.width = `${Math.min(100, (peak / 32768) * 200)}%`;
+    $("level").value = Math.min(1, (peak / 32768) * 2);
+    // The engine says when speech starts; the page sees when it goes quiet (recognising).
+    if (utter) {
+      const now = performance.now();
+      if (peak > 1000) utter.lastLoud = now;
+      const quiet = now - utter.lastLoud > 600;
+      if (quiet !== utter.quiet) { utter.quiet = quiet; refreshState(); }
+    }
     ws.send(e.data);
     stats.audioBytesSent += e.data.byteLength;
     $("sent").textContent = `${(stats.audioBytesSent / 32000).toFixed(1)} s`;
@@ -264,50 +903,67 @@ async function startMic() {
 
 function stopMic() {
   talking = false;
-  $("talk").textContent = "开始说话";
-  $("talk").classList.remove("on");
+  sessionReady = false;
+  stats.ready = false;
   if (micSource) micSource.disconnect();
   if (micNode) { micNode.port.onmessage = null; micNode.disconnect(); }
-  if (micStream) micStream.getTracks().forEach((t) => t.stop());
+  if (micStream) micStream.getTracks().forEach((tr) => tr.stop());
   micSource = micNode = micStream = null;
-  $("level").firstElementChild.style.width = "0";
+  $("level").value = 0;
+  refreshState();
+}
+
+function endFinalizing() {
+  finalizing = false;
+  clearTimeout(finalizeTimer);
 }
 
 $("talk").addEventListener("click", async () => {
   if (!talking) {
+    if (conn !== "open" || finalizing) return;
     talking = true;
-    $("talk").textContent = "停止";
-    $("talk").classList.add("on");
-    const hotwords = $("hotwords").value.split(/[,，\s]+/).filter(Boolean);
-    send({ type: "start", language: $("language").value, hotwords, token: TOKEN || undefined });
+    sendStart();
+    refreshState();
     try {
       await startMic();
     } catch (e) {
-      addError("microphone", `无法使用麦克风：${e.message || e}`);
+      addError("microphone", String(e.message || e));
       send({ type: "stop" });
       stopMic();
     }
   } else {
     send({ type: "stop" });
+    // The last final comes after `stop`; a new `start` before it would lose that transcript.
+    finalizing = true;
+    clearTimeout(finalizeTimer);
+    finalizeTimer = setTimeout(() => { endFinalizing(); if (utter) { utter.li.remove(); utter = null; } refreshState(); }, 30000);
+    if (utter) utter.quiet = true;
     stopMic();
-    stats.ready = false;
   }
 });
 
 $("textform").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("textinput").value.trim();
-  if (!text) return;
+  if (!text || conn !== "open") return;
   ensureContext();
+  typedAt.push(performance.now());
   send({ type: "text", text, token: TOKEN || undefined });
   $("textinput").value = "";
 });
 
-// Show the bridge's health (daemon, agent, echo fallback) before anything is said.
-fetch("healthz").then((r) => r.json()).then((h) => {
-  if (h.agent) showAgent(h.agent);
-  if (h.daemon) showEngines(h.daemon);
-  if (h.daemon && !h.daemon.reachable) addError("daemon_unavailable", "语音服务不可用");
-}).catch(() => {});
+$("reconnect").addEventListener("click", () => { if (conn !== "open") connect(); });
 
+// Show the bridge's health (engines, fallbacks, agent) before anything is said.
+function loadHealth() {
+  fetch("healthz", { cache: "no-store" }).then((r) => r.json()).then((h) => {
+    if (h.agent) showAgent(h.agent);
+    if (h.daemon) showEngines(h.daemon);
+    if (h.daemon && h.daemon.reachable === false) addError("daemon_unavailable", "healthz: daemon not reachable", "bridge");
+    stats.health = h;
+  }).catch(() => { stats.health = null; });
+}
+
+applyStrings();
+refreshState();
 connect();
