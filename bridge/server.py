@@ -206,7 +206,9 @@ class Bridge:
         except (SchemaError, KeyError, TypeError) as e:
             logger.warning("daemon describe has an unexpected shape: %s", e)
             return {"error": f"unexpected describe shape: {e}"}
-        return {"engines": {k: {"engine": e.engine, "device": e.device, "languages": list(e.capabilities.languages)}
+        # hotwords/partials: the page disables what the engine cannot honour before a session is opened.
+        return {"engines": {k: {"engine": e.engine, "device": e.device, "languages": list(e.capabilities.languages),
+                                "hotwords": e.capabilities.hotwords, "partials": e.capabilities.partials}
                             for k, e in engines.items()},
                 "fallbacks": fallbacks}
 
