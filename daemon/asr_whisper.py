@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 CPU_COMPUTE_TYPES = ("int8", "float32", "default")
 
 
+# One decode pass per utterance: faster-whisper's default re-decodes at rising temperatures when a
+# pass looks poor, which made 2.4 s of English heard as zh take 5-14 s and stall every session on
+# the worker. With beam 5 a single pass was as accurate here (BENCHMARKS.md, "Whisper fallback").
+DECODE_TEMPERATURE = 0.0
+
+
 @dataclass(frozen=True)
 class WhisperConfig:
     model_dir: Path
@@ -40,7 +46,7 @@ class WhisperConfig:
     device: str = "cpu"
     dtype: str = "auto"
     compute_type: str = "int8"
-    beam_size: int = 1
+    beam_size: int = 5
     language: str = "zh"
     hotwords: Tuple[str, ...] = ()
     max_utterance_seconds: float = 30.0
@@ -147,7 +153,8 @@ class WhisperPool(PoolBase):
     def _transcribe(self, audio: np.ndarray, language: str) -> Tuple[str, str]:
         segments, info = self._model.transcribe(
             audio, language=None if language == "auto" else language, beam_size=self.config.beam_size,
-            vad_filter=False, condition_on_previous_text=False, without_timestamps=True)
+            vad_filter=False, condition_on_previous_text=False, without_timestamps=True,
+            temperature=DECODE_TEMPERATURE)
         lang = info.language if language == "auto" else language
         sep = "" if lang == "zh" else " "
         text = sep.join(s.text.strip() for s in segments).strip()

@@ -88,7 +88,7 @@ class FunASRModels:
 class WhisperModels:
     model: str = "whisper-base"
     compute_type: str = "int8"
-    beam_size: int = 1
+    beam_size: int = 5  # measured best on s2s's Mandarin and English sets (BENCHMARKS.md)
     # fsmn-vad directory used for endpointing (same VAD as FunASR).
     vad: str = "fsmn-vad"
 
