@@ -76,6 +76,16 @@ def test_event_shape_and_simplified_output(results):
             assert final["text"] == to_simplified(final["text"])
 
 
+def test_english_heard_with_language_zh_is_one_bounded_pass(pool, fixtures_dir):
+    """A user speaks English with the page left at 中文: with the default beam (5) and one decode pass
+    the English sentence still comes out (beam 1 without re-decodes wrote Chinese nonsense; with
+    re-decodes it took twice as long and stalled the worker; BENCHMARKS.md)."""
+    assert pool.config.beam_size == WhisperConfig.__dataclass_fields__["beam_size"].default == 5
+    for name, word in (("01.wav", "timer"), ("02.wav", "pharmacy")):
+        events = transcribe(pool, fixtures_dir / "en" / name, "zh", f"zh-{name}")
+        assert word in hypothesis(events, "en").lower(), events
+
+
 def test_auto_language_detects_english(pool, fixtures_dir):
     events = transcribe(pool, fixtures_dir / "en" / "02.wav", "auto", "auto")
     final = events[-1]
