@@ -45,7 +45,7 @@ const STR = {
     you: "你", assistant: "助手", listeningPh: "正在听…",
     "state.idle": "空闲", "state.offline": "未连接", "state.starting": "准备中…", "state.listening": "聆听中",
     "state.speaking": "说话中", "state.recognising": "识别中…", "state.thinking": "思考中", "state.playing": "播放中",
-    connConnecting: "连接中…", connOpen: "已连接", connClosed: "已断开",
+    connConnecting: "连接中…", connOpen: "已连接", connClosed: "已断开", connDormant: "空闲断开 · 操作时自动重连",
     reconnectIn: "已断开 · {s} 秒后重连（第 {n} 次）", reconnecting: "正在重连（第 {n} 次）…",
     refused: "服务拒绝了连接", hintOffline: "未连接到语音服务，暂时不能说话或发送文字。",
     hintRefused: "服务拒绝了连接：{why}。修正后请刷新页面。", hintFinalizing: "正在识别上一句，稍候再开始…",
@@ -70,7 +70,7 @@ const STR = {
     count: "（×{n}）",
     "err.busy": "识别跟不上，部分语音被丢弃", "err.unavailable": "语音服务暂时不可用", "err.timeout": "语音服务响应超时",
     "err.shutting_down": "语音服务正在停止", "err.bad_text": "这段文字无法朗读", "err.unsupported": "当前引擎不支持这个设置",
-    "err.unauthorized": "需要正确的访问令牌（网址加 ?token=…）", "err.not_started": "请先点“开始说话”",
+    "err.unauthorized": "需要正确的访问令牌（网址加 #token=…）", "err.not_started": "请先点“开始说话”",
     "err.bad_message": "页面发送的消息有误", "err.bad_request": "请求有误", "err.unknown_type": "页面发送的消息有误",
     "err.bad_audio": "麦克风音频格式有误", "err.asr_closed": "识别会话意外结束", "err.engine_error": "识别或合成出错",
     "err.internal": "服务内部错误", "err.agent_error": "助手出错", "err.bad_reply": "助手的回答无法读取",
@@ -78,6 +78,7 @@ const STR = {
     "err.daemon_unavailable": "语音服务不可用", "err.ws_1008": "服务拒绝了连接", "err.ws_1009": "消息太大，连接被关闭",
     "err.ws_1011": "服务内部错误，连接已关闭", "err.ws_1013": "连接数已满，稍后自动重试", "err.other": "出错了",
     "err.agent.timeout": "助手没有按时回答", "err.agent.unavailable": "助手无法连接",
+    "err.rate_limited": "说得太快了，这句没有回答；请稍等再试", "err.empty_reply": "助手没有回答", "err.reply_too_long": "回复太长，后面的部分已省略",
   },
   en: {
     title: "s2s voice assistant", level: "Microphone level", textLabel: "Type a message", textPlaceholder: "Or type here…",
@@ -91,6 +92,7 @@ const STR = {
     "state.speaking": "You're speaking", "state.recognising": "Recognising…", "state.thinking": "Thinking",
     "state.playing": "Playing",
     connConnecting: "Connecting…", connOpen: "Connected", connClosed: "Disconnected",
+    connDormant: "Closed while idle · reconnects when used",
     reconnectIn: "Disconnected · retrying in {s} s (attempt {n})", reconnecting: "Reconnecting (attempt {n})…",
     refused: "The server refused the connection", hintOffline: "Not connected to the speech service: talking and typing are off.",
     hintRefused: "The server refused the connection: {why}. Fix it and reload the page.",
@@ -118,7 +120,7 @@ const STR = {
     "err.busy": "Recognition is falling behind; some audio was dropped", "err.unavailable": "The speech service is unavailable",
     "err.timeout": "The speech service timed out", "err.shutting_down": "The speech service is stopping",
     "err.bad_text": "This text cannot be spoken", "err.unsupported": "The engine does not support this setting",
-    "err.unauthorized": "A valid access token is needed (?token=… in the address)",
+    "err.unauthorized": "A valid access token is needed (#token=… in the address)",
     "err.not_started": "Press “Start talking” first", "err.bad_message": "The page sent a bad message",
     "err.bad_request": "Bad request", "err.unknown_type": "The page sent a bad message",
     "err.bad_audio": "Bad microphone audio", "err.asr_closed": "The recognition session ended unexpectedly",
@@ -130,6 +132,8 @@ const STR = {
     "err.ws_1011": "Internal server error; the connection closed",
     "err.ws_1013": "Too many connections; retrying", "err.other": "Something went wrong",
     "err.agent.timeout": "The assistant did not answer in time", "err.agent.unavailable": "The assistant cannot be reached",
+    "err.rate_limited": "Too many turns: this one got no answer; wait a moment",
+    "err.empty_reply": "The assistant gave no answer", "err.reply_too_long": "The reply was too long and was cut",
   },
 };
 const LANG_NAME = { zh: "中文", en: "English", auto: UI === "zh" ? "自动" : "Auto" };
@@ -160,7 +164,8 @@ function applyStrings() {
 let ws = null;
 let ctx = null;          // AudioContext (capture and playback)
 let micStream = null, micNode = null, micSource = null;
-let conn = "connecting"; // connecting | open | closed | refused
+let conn = "connecting"; // connecting | open | closed | refused | dormant (closed while unused)
+let onOpen = null;       // what the user asked for while dormant: runs once connected
 let refusedWhy = "";
 let attempts = 0;        // reconnect attempts since the last open
 let retryAt = 0, retryTimer = null, countdownTimer = null;
@@ -173,8 +178,11 @@ let startHotwords = [];  // what the last `start` carried
 let playHead = 0;        // AudioContext time where the next reply chunk starts
 let playing = [];        // scheduled AudioBufferSourceNodes
 let outRate = 24000;
-let turnNo = 0;          // mirrors the bridge's per-connection turn counter
-const turns = new Map(); // turn number -> Turn
+// Page turns are made at each final/user_text; the bridge numbers the turns it starts. The
+// first event with a new number belongs to the oldest turn still without one (a turn the
+// bridge refused, rate_limited, never gets a number).
+const waiting = [];      // page turns the bridge has not numbered yet, oldest first
+const turns = new Map(); // the bridge's turn number -> Turn
 let speaking = null;     // {turn, sentence, text, samples}: the sentence whose audio is arriving
 let mutedTurn = 0;       // audio of this turn is dropped (the user pressed stop)
 let utter = null;        // {li, quiet, lastLoud}: the utterance being spoken
@@ -186,11 +194,26 @@ let lastState = "";
 // --- turn state ----------------------------------------------------------------------------
 
 function replyPending() {
-  for (const tn of turns.values()) if (!turnFinished(tn)) return true;
+  for (const tn of allTurns()) if (!turnFinished(tn)) return true;
   return false;
 }
 
+function allTurns() { return [...turns.values(), ...waiting]; }
+
+function turnFor(no) {
+  if (no == null) return null;
+  let turn = turns.get(no);
+  if (!turn && waiting.length) {
+    turn = waiting.shift();
+    turn.no = no;
+    turns.set(no, turn);
+    for (const k of turns.keys()) if (k < no - 20) turns.delete(k);  // keep the map small
+  }
+  return turn || null;
+}
+
 function computeState() {
+  if (conn === "dormant") return "idle";
   if (conn !== "open") return "offline";
   if (playing.length) return "playing";
   if (utter) return utter.quiet ? "recognising" : "speaking";
@@ -210,12 +233,13 @@ function refreshState() {
     el.className = `state ${s}`;
     el.textContent = t(`state.${s}`);
   }
-  $("stopplay").hidden = !(playing.length || (speaking && speaking.turn !== mutedTurn && !turnFinished(turns.get(speaking.turn))));
+  $("stopplay").hidden = !(playing.length || (speaking && speaking.turn !== mutedTurn && !turnFinished(turnFor(speaking.turn))));
   refreshControls();
 }
 
 function refreshControls() {
-  const open = conn === "open";
+  // Dormant: closed by the bridge's login or idle timeout; the next action reconnects.
+  const open = conn === "open" || conn === "dormant";
   const talk = $("talk");
   talk.disabled = !open || (finalizing && !talking);
   talk.setAttribute("aria-pressed", talking ? "true" : "false");
@@ -453,6 +477,8 @@ function addError(code, message, source = "page") {
 
 function onErrorEvent(ev) {
   stats.errors.push({ code: ev.code, message: ev.message, source: ev.source });
+  // The bridge closes an unused connection; the page reconnects on the next action, quietly.
+  if (ev.code === "login_timeout" || ev.code === "idle_timeout") return;
   // A turn's error stays on its bubble: agent and synthesis errors belong to the reply in progress.
   const turn = (ev.source === "agent" || ev.source === "tts") ? currentReplyTurn() : null;
   if (turn) {
@@ -466,6 +492,14 @@ function onErrorEvent(ev) {
         CJK.test(`${ev.message} ${speaking ? speaking.text : ""}`)) {
       learnNoChinese();
     }
+    return;
+  }
+  // A turn the bridge would not start (too many a minute): the newest waiting one; say so on it.
+  if (ev.code === "rate_limited" && waiting.length) {
+    const turn = waiting.pop();
+    turn.closed = true;
+    setBubbleNote(turn.userLi, "error", "⚠ " + errorText(ev.code, ev.source), `[${ev.source}/${ev.code}] ${ev.message}`);
+    refreshState();
     return;
   }
   // A start that the engine refused: say why, fix what can be fixed, and try again once.
@@ -550,13 +584,10 @@ function setBubbleError(turn, text, detail) {
 }
 
 function newTurn(source, userLi, at) {
-  turnNo++;
-  const turn = { no: turnNo, source, userLi, agentLi: null, text: "", at, firstAudioAt: 0,
+  const turn = { no: null, source, userLi, agentLi: null, text: "", at, firstAudioAt: 0,
     agentDone: false, started: new Set(), ended: new Set(), spoken: 0, failed: [], partial: 0,
     interrupted: false, stopped: false, errors: [], closed: false };
-  turns.set(turnNo, turn);
-  // Keep the map small: only turns that can still receive events matter.
-  for (const k of turns.keys()) if (k < turnNo - 20) turns.delete(k);
+  waiting.push(turn);
   return turn;
 }
 
@@ -570,8 +601,8 @@ function turnFinished(turn) {
 
 function currentReplyTurn() {
   let last = null;
-  for (const tn of turns.values()) if (!turnFinished(tn)) last = tn;
-  return last || (speaking ? turns.get(speaking.turn) : null) || null;
+  for (const tn of allTurns()) if (!turnFinished(tn)) last = tn;
+  return last || (speaking ? turnFor(speaking.turn) : null) || null;
 }
 
 function ensureAgentBubble(turn) {
@@ -626,11 +657,14 @@ function connect() {
     conn = "open";
     attempts = 0;
     stats.connected = true;
-    turnNo = 0;
+    waiting.length = 0;
     turns.clear();
     setConn(t("connOpen"), "ok");
     loadHealth();
     refreshState();
+    const todo = onOpen;
+    onOpen = null;
+    if (todo) todo();
   };
   sock.onclose = (e) => {
     if (sock !== ws) return;
@@ -640,11 +674,14 @@ function connect() {
     stopMic();
     stopPlayback();
     endFinalizing();
-    for (const tn of turns.values()) tn.closed = true;
+    for (const tn of allTurns()) tn.closed = true;
     if (utter) { utter.li.remove(); utter = null; }
     speaking = null;
-    if ([1008, 1009, 1011, 1013].includes(e.code)) addError(`ws_${e.code}`, `closed ${e.code} ${e.reason || ""}`, "bridge");
-    if (e.code === 1008) {
+    if ([1008, 1009, 1011, 1013].includes(e.code) && e.reason !== "login timeout") addError(`ws_${e.code}`, `closed ${e.code} ${e.reason || ""}`, "bridge");
+    if ((e.code === 1000 && e.reason === "idle timeout") || e.reason === "login timeout") {
+      conn = "dormant";
+      setConn(t("connDormant"), "warn");
+    } else if (e.code === 1008 && e.reason !== "client too slow") {
       // Refused on purpose (token, too slow): retrying would be refused again.
       conn = "refused";
       refusedWhy = e.reason || String(e.code);
@@ -732,7 +769,7 @@ function onEvent(ev) {
       break;
     }
     case "agent_delta": {
-      const turn = turns.get(ev.turn);
+      const turn = turnFor(ev.turn);
       if (!turn) break;
       turn.text += ev.text;
       setText(ensureAgentBubble(turn), turn.text);
@@ -740,7 +777,7 @@ function onEvent(ev) {
     }
     case "agent_done": {
       stats.replies.push(ev.text);
-      const turn = turns.get(ev.turn);
+      const turn = turnFor(ev.turn);
       if (!turn) break;
       if (ev.text && ev.text !== turn.text) { turn.text = ev.text; }
       ensureAgentBubble(turn);
@@ -751,10 +788,10 @@ function onEvent(ev) {
     case "tts_start":
       outRate = ev.sample_rate || outRate;
       speaking = { turn: ev.turn, sentence: ev.sentence, text: ev.text || "", samples: 0 };
-      if (turns.get(ev.turn)) turns.get(ev.turn).started.add(ev.sentence);
+      if (turnFor(ev.turn)) turnFor(ev.turn).started.add(ev.sentence);
       break;
     case "tts_end": {
-      const turn = turns.get(ev.turn);
+      const turn = turnFor(ev.turn);
       const s = speaking && speaking.turn === ev.turn && speaking.sentence === ev.sentence ? speaking : null;
       speaking = null;
       if (!turn) break;
@@ -774,7 +811,7 @@ function onEvent(ev) {
     case "interrupted": {
       stats.interrupted++;
       stopPlayback();
-      const turn = turns.get(ev.turn);
+      const turn = ev.turn > 0 ? turnFor(ev.turn) : null;
       if (turn) {
         turn.interrupted = true;
         if (turn.agentLi) { turn.agentLi.classList.add("interrupted"); addMeta(turn.agentLi, "flag", t("interrupted")); }
@@ -805,7 +842,7 @@ function onAudio(buf) {
   $("recv").textContent = `${(stats.audioBytesReceived / 2 / outRate).toFixed(1)} s`;
   const pcm = new Int16Array(buf);
   if (speaking) speaking.samples += pcm.length;
-  const turn = speaking ? turns.get(speaking.turn) : null;
+  const turn = speaking ? turnFor(speaking.turn) : null;
   if (turn && !turn.firstAudioAt && pcm.length) {
     turn.firstAudioAt = performance.now();
     const ms = Math.round(turn.firstAudioAt - turn.at);
@@ -847,7 +884,7 @@ function stopPlayback() {
 }
 
 $("stopplay").addEventListener("click", () => {
-  const turn = currentReplyTurn() || (speaking && turns.get(speaking.turn));
+  const turn = currentReplyTurn() || (speaking && turnFor(speaking.turn));
   if (turn) {
     mutedTurn = turn.no;
     turn.stopped = true;
@@ -918,9 +955,15 @@ function endFinalizing() {
   clearTimeout(finalizeTimer);
 }
 
+function whenConnected(action) {
+  if (conn === "open") return true;
+  if (conn === "dormant") { onOpen = action; connect(); }
+  return false;
+}
+
 $("talk").addEventListener("click", async () => {
   if (!talking) {
-    if (conn !== "open" || finalizing) return;
+    if (finalizing || !whenConnected(() => $("talk").click())) return;
     talking = true;
     sendStart();
     refreshState();
@@ -945,7 +988,7 @@ $("talk").addEventListener("click", async () => {
 $("textform").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("textinput").value.trim();
-  if (!text || conn !== "open") return;
+  if (!text || !whenConnected(() => $("textform").requestSubmit())) return;
   ensureContext();
   typedAt.push(performance.now());
   send({ type: "text", text, token: TOKEN || undefined });
