@@ -245,8 +245,7 @@ class Bridge:
             self._health = (now, h)
             return h
 
-    @staticmethod
-    def public_health(h: Dict[str, Any]) -> Dict[str, Any]:
+    def public_health(self, h: Dict[str, Any]) -> Dict[str, Any]:
         """What anyone may see: status, engines, fallbacks (component, from, to, when), the agent's kind."""
         d = h["daemon"]
         daemon: Dict[str, Any] = {"reachable": d["reachable"]}
@@ -255,8 +254,7 @@ class Bridge:
             daemon["fallbacks"] = [{k: f[k] for k in ("component", "from", "to", "when") if k in f}
                                    for f in d.get("fallbacks", [])]
         a = h["agent"]
-        agent = {k: a[k] for k in ("kind", "configured_kind", "echo_fallback", "reachable", "configured_reachable")
-                 if k in a}
+        agent = {**self.public_agent(), **{k: a[k] for k in ("reachable", "configured_reachable") if k in a}}
         return {"status": h["status"], "auth_required": h["auth_required"], "daemon": daemon, "agent": agent,
                 "connections": h["connections"]}
 

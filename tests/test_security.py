@@ -148,12 +148,12 @@ def test_foreign_origins_refused(secure):
     b = secure["bridge"]
 
     async def go():
-        own = await WSClient.open(b.ws + f"?token={TOKEN}", origin=f"http://127.0.0.1:{b.port}")
+        own = await WSClient.open(b.ws, origin=f"http://127.0.0.1:{b.port}")
         await own.wait_event("hello")
         await own.close()
         for origin in _origin_cases(b.port):
             with pytest.raises(InvalidStatus) as e:
-                await WSClient.open(b.ws + f"?token={TOKEN}", origin=origin)
+                await WSClient.open(b.ws, origin=origin)
             assert e.value.response.status_code == 403, origin
 
     run(go())
@@ -167,7 +167,7 @@ def test_dns_rebinding_refused(secure):
     def as_browser(host: str):
         # What the browser does after the rebinding: connect to 127.0.0.1, say Host: <name>.
         s = socket.create_connection(("127.0.0.1", b.port))
-        return WSClient.open(f"ws://{host}/ws?token={TOKEN}", origin=f"http://{host}", sock=s)
+        return WSClient.open(f"ws://{host}/ws", origin=f"http://{host}", sock=s)
 
     async def go():
         for host in (f"evil.example:{b.port}", f"127.0.0.1.nip.io:{b.port}", f"localhost.evil.example:{b.port}"):
@@ -189,14 +189,14 @@ def test_token_variants_refused(secure):
 
     async def go():
         for q in (f"?token={TOKEN[:-1]}", f"?token={TOKEN}x", f"?token={TOKEN.upper()}",
-                  f"?token=%20{TOKEN}"):
+                  f"?token=%20{TOKEN}", f"?token={TOKEN}", "?token="):
             with pytest.raises(InvalidStatus) as e:
                 await WSClient.open(b.ws + q)
-            assert e.value.response.status_code == 401, q
+            assert e.value.response.status_code == 400, q  # never in the URL, right or wrong
         for first in ({"type": "stop", "token": TOKEN}, {"type": "start", "token": 12345},
                       {"type": "start", "token": [TOKEN]}, {"type": "text", "text": "hi", "token": TOKEN + " "},
                       {"type": "start"}):
-            c = await WSClient.open(b.ws + "?token=")  # an empty token is no token
+            c = await WSClient.open(b.ws)
             await c.send_json(first)
             await c.wait(lambda: c.closed is not None, 5, "close")
             assert c.closed.rcvd.code == 1008 and c.closed.rcvd.reason == "unauthorized", first
@@ -211,9 +211,9 @@ def test_secrets_never_logged_or_shown(secure, agent, fixtures_dir):
     seen: List[str] = []
 
     async def go():
-        # token in the URL; speech and typed turns reach the agent with the key
-        c = await WSClient.open(b.ws + f"?token={TOKEN}")
-        await c.send_json({"type": "start", "language": "zh"})
+        # token in the start message; speech and typed turns reach the agent with the key
+        c = await WSClient.open(b.ws)
+        await c.send_json({"type": "start", "language": "zh", "token": TOKEN})
         await c.wait_event("ready")
         await c.stream(silence(0.3) + read_pcm(fixtures_dir / "zh" / "01.wav") + silence(1.0))
         await c.wait_event("agent_done", 1, 20)
@@ -234,8 +234,8 @@ def test_secrets_never_logged_or_shown(secure, agent, fixtures_dir):
         await c3.wait(lambda: c3.closed is not None, 5, "close")
         # the agent fails mid-reply
         agent.reset(script=["第一句。第二句永远不会说完"], fail_mode="http500")
-        c4 = await WSClient.open(b.ws + f"?token={TOKEN}")
-        await c4.send_json({"type": "text", "text": "出错吧"})
+        c4 = await WSClient.open(b.ws)
+        await c4.send_json({"type": "text", "text": "出错吧", "token": TOKEN})
         await c4.wait_event("error", 1, 10)
         await c4.close()
         agent.reset(script=["好的，没问题。"])
