@@ -335,7 +335,8 @@ function renderBanner() {
   const items = [];
   for (const f of (daemon && daemon.fallbacks) || []) {
     const [first, second] = fallbackLine(f);
-    items.push({ first, second, detail: `${f.component}: ${f.from} → ${f.to} (${f.when}): ${f.reason}`,
+    // /healthz before login carries no reason; with the token it does.
+    items.push({ first, second, detail: `${f.component}: ${f.from} → ${f.to} (${f.when})${f.reason ? `: ${f.reason}` : ""}`,
       cls: "fallback" });
   }
   if (caps.ttsNoChinese && !items.some((i) => i.first.includes(t("ttsLabel")))) {
@@ -625,7 +626,7 @@ function updateSpeechNote(turn) {
   const detail = turn.errors.filter((e) => e.source === "tts").map((e) => `[tts/${e.code}] ${e.message}`)
     .concat(turn.failed.filter((f) => !turn.errors.some((e) => e.source === "tts")).map((f) => `[tts/${f.code}] ${f.text}`))
     .join("\n");
-  setBubbleNote(turn.agentLi, "speech", `🔇 ${label}${UI === "zh" ? "：" : ": "}${why}`, detail);
+  setBubbleNote(turn.agentLi, "speech", `⚠ ${label}${UI === "zh" ? "：" : ": "}${why}`, detail);
   turn.agentLi.classList.add(none ? "not-spoken" : "part-spoken");
   turn.agentLi.dataset.spoken = none ? "none" : "partly";
 }
