@@ -27,6 +27,7 @@ import numpy as np
 from daemon import devices
 from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, ModelMissingError, S2SError
+from daemon.workers import extend_budget
 from daemon.vad import (FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, PoolBase, StreamingEngine, join_cjk,
                         require_dir)
 
@@ -38,6 +39,8 @@ STREAMING_MODELS = ("ParaformerStreaming",)
 # FunASR's server settings for the streaming model: 600 ms chunks, 300 ms look-ahead.
 STREAM_CHUNK = [0, 10, 5]
 STREAM_SAMPLES = STREAM_CHUNK[1] * 960
+# How much longer than its budget a call that reloads the models on the CPU may run.
+RELOAD_BUDGET_SECONDS = 120.0
 STREAM_KW = {"chunk_size": STREAM_CHUNK, "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
 
 
@@ -54,7 +57,6 @@ class FunASRConfig:
     partials: bool = True
     partial_interval: float = 0.6
     max_utterance_seconds: float = 30.0
-    max_sessions: int = 32
     idle_timeout: float = 60.0
     ncpu: int = 2
     batch_size: int = 1
@@ -72,7 +74,7 @@ class FunASRConfig:
             hotwords=tuple(cfg.asr.hotwords), partials=cfg.asr.partials,
             partial_interval=cfg.asr.partial_interval,
             max_utterance_seconds=cfg.limits.max_utterance_seconds,
-            max_sessions=cfg.limits.max_sessions, idle_timeout=cfg.limits.idle_timeout, ncpu=cfg.asr.ncpu)
+            idle_timeout=cfg.limits.idle_timeout, ncpu=cfg.asr.ncpu)
 
     def missing(self) -> List[str]:
         """Required model directories that are absent (cheap; no model is loaded)."""
@@ -96,7 +98,7 @@ class FunASRPool(PoolBase):
     name = "funasr"
 
     def __init__(self, config: FunASRConfig):
-        super().__init__(config.max_sessions, config.idle_timeout)
+        super().__init__(config.idle_timeout)
         self.config = config
         self.device = "cpu"
         self.dtype = "float32"
@@ -188,6 +190,7 @@ class FunASRPool(PoolBase):
         except Exception as e:
             if self.device.startswith("cuda") and devices.is_cuda_error(e):
                 self._note_fallback(self.device, "cpu", f"CUDA error during {what}: {e}", "recognition")
+                extend_budget(RELOAD_BUDGET_SECONDS)  # a model reload is a legitimately long call
                 self._load_models("cpu", "float32")
                 try:
                     return fn(*args)
@@ -234,8 +237,10 @@ class FunASRPool(PoolBase):
         return f"{Path(self.config.paraformer_dir).name}: {self.asr_class or 'not loaded'}"
 
     def _new_engine(self, session_id: str, language: Optional[str], hotwords: Optional[Sequence[str]],
-                    partials: bool) -> "FunASREngine":
-        return FunASREngine(self, session_id, language=language, hotwords=hotwords, partials=partials)
+                    partials: bool, partial_interval: Optional[float] = None,
+                    max_utterance_seconds: Optional[float] = None) -> "FunASREngine":
+        return FunASREngine(self, session_id, language=language, hotwords=hotwords, partials=partials,
+                            partial_interval=partial_interval, max_utterance_seconds=max_utterance_seconds)
 
     def info(self) -> EngineInfo:
         c = self.config
@@ -247,7 +252,7 @@ class FunASRPool(PoolBase):
         return EngineInfo(
             kind="asr", engine=self.name, device=self.device, requested_device=c.device, dtype=self.dtype,
             sample_rate=SAMPLE_RATE, capabilities=self.capabilities(), loaded=self._loaded, models=models,
-            sessions=self.session_count, max_sessions=self.max_sessions, fallbacks=tuple(self.fallbacks),
+            sessions=self.session_count, fallbacks=tuple(self.fallbacks),
             notes=tuple(self.notes),
             details={"model_class": self.asr_class, "streaming_class": self.streaming_class or None})
 
@@ -258,15 +263,20 @@ class FunASREngine(StreamingEngine):
 
     supports_partials = True
 
+    pool: FunASRPool
+
     def __init__(self, pool: Union[FunASRPool, FunASRConfig], session_id: str = "default",
                  language: Optional[str] = None, hotwords: Optional[Sequence[str]] = None,
-                 partials: Optional[bool] = None):
+                 partials: Optional[bool] = None, partial_interval: Optional[float] = None,
+                 max_utterance_seconds: Optional[float] = None):
         if isinstance(pool, FunASRConfig):
             standalone = FunASRPool(pool)
             standalone.load()
             pool = standalone
         c = pool.config
-        self._interval = max(int(round(c.partial_interval * SAMPLE_RATE)), 1)
+        # Per session, from the caller (the daemon passes the live, reloadable value).
+        interval = c.partial_interval if partial_interval is None else partial_interval
+        self._interval = max(int(round(interval * SAMPLE_RATE)), 1)
         self._stream_cache: Dict[str, Any] = {}
         self._stream_pos = 0
         self._stream_text = ""
@@ -274,7 +284,8 @@ class FunASREngine(StreamingEngine):
         self._generation = pool.generation
         super().__init__(pool, session_id, language or c.language,
                          _default_hotwords(pool) if hotwords is None else hotwords,
-                         c.partials if partials is None else partials, c.max_utterance_seconds)
+                         c.partials if partials is None else partials,
+                         c.max_utterance_seconds if max_utterance_seconds is None else max_utterance_seconds)
         self.partials = self.partials and pool.has_partials
 
     def _decode(self, audio: np.ndarray) -> str:

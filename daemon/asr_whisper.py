@@ -26,11 +26,14 @@ import numpy as np
 from daemon import devices
 from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, S2SError
+from daemon.workers import extend_budget
 from daemon.vad import SAMPLE_RATE, FsmnVAD, PoolBase, StreamingEngine, require_dir
 
 logger = logging.getLogger(__name__)
 
 CPU_COMPUTE_TYPES = ("int8", "float32", "default")
+# How much longer than its budget a call that reloads the model on the CPU may run.
+RELOAD_BUDGET_SECONDS = 120.0
 
 
 # One decode pass per utterance: faster-whisper's default re-decodes at rising temperatures when a
@@ -50,7 +53,6 @@ class WhisperConfig:
     language: str = "zh"
     hotwords: Tuple[str, ...] = ()
     max_utterance_seconds: float = 30.0
-    max_sessions: int = 32
     idle_timeout: float = 60.0
     ncpu: int = 2
 
@@ -60,7 +62,7 @@ class WhisperConfig:
         return cls(model_dir=cfg.model_path(w.model), vad_dir=cfg.model_path(w.vad), device=cfg.asr.device,
                    dtype=cfg.asr.dtype, compute_type=w.compute_type, beam_size=w.beam_size,
                    language=cfg.asr.language, hotwords=tuple(cfg.asr.hotwords),
-                   max_utterance_seconds=cfg.limits.max_utterance_seconds, max_sessions=cfg.limits.max_sessions,
+                   max_utterance_seconds=cfg.limits.max_utterance_seconds,
                    idle_timeout=cfg.limits.idle_timeout, ncpu=cfg.asr.ncpu)
 
     def missing(self) -> List[str]:
@@ -87,7 +89,7 @@ class WhisperPool(PoolBase):
     name = "whisper"
 
     def __init__(self, config: WhisperConfig):
-        super().__init__(config.max_sessions, config.idle_timeout)
+        super().__init__(config.idle_timeout)
         self.config = config
         self.device = "cpu"
         self.dtype = "float32"
@@ -142,6 +144,7 @@ class WhisperPool(PoolBase):
         except Exception as e:
             if self.device.startswith("cuda") and devices.is_cuda_error(e):
                 self._note_fallback(self.device, "cpu", f"CUDA error during recognition: {e}", "recognition")
+                extend_budget(RELOAD_BUDGET_SECONDS)  # a model reload is a legitimately long call
                 self._load_model("cpu", "float32")
                 try:
                     return self._transcribe(audio, language)
@@ -169,8 +172,10 @@ class WhisperPool(PoolBase):
         return Path(self.config.model_dir).name
 
     def _new_engine(self, session_id: str, language: Optional[str], hotwords: Optional[Sequence[str]],
-                    partials: bool) -> "WhisperEngine":
-        return WhisperEngine(self, session_id, language=language, hotwords=hotwords, partials=partials)
+                    partials: bool, partial_interval: Optional[float] = None,
+                    max_utterance_seconds: Optional[float] = None) -> "WhisperEngine":
+        return WhisperEngine(self, session_id, language=language, hotwords=hotwords, partials=partials,
+                             max_utterance_seconds=max_utterance_seconds)
 
     def info(self) -> EngineInfo:
         c = self.config
@@ -178,7 +183,7 @@ class WhisperPool(PoolBase):
             kind="asr", engine=self.name, device=self.device, requested_device=c.device, dtype=self.dtype,
             sample_rate=SAMPLE_RATE, capabilities=self.capabilities(), loaded=self._loaded,
             models={"whisper": str(c.model_dir), "vad": str(c.vad_dir)}, sessions=self.session_count,
-            max_sessions=self.max_sessions, fallbacks=tuple(self.fallbacks),
+            fallbacks=tuple(self.fallbacks),
             details={"compute_type": self.compute_type})
 
 
@@ -186,17 +191,19 @@ class WhisperEngine(StreamingEngine):
     """One Whisper session; `final` events carry `language` as well."""
 
     supports_partials = False
+    pool: WhisperPool
 
     def __init__(self, pool: Union[WhisperPool, WhisperConfig], session_id: str = "default",
                  language: Optional[str] = None, hotwords: Optional[Sequence[str]] = None,
-                 partials: Optional[bool] = None):
+                 partials: Optional[bool] = None, max_utterance_seconds: Optional[float] = None):
         if isinstance(pool, WhisperConfig):
             standalone = WhisperPool(pool)
             standalone.load()
             pool = standalone
         c = pool.config
         super().__init__(pool, session_id, language or c.language,
-                         _default_hotwords(pool) if hotwords is None else hotwords, False, c.max_utterance_seconds)
+                         _default_hotwords(pool) if hotwords is None else hotwords, False,
+                         c.max_utterance_seconds if max_utterance_seconds is None else max_utterance_seconds)
         self.last_language = ""
 
     def _decode(self, audio: np.ndarray) -> str:

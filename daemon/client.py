@@ -29,7 +29,7 @@ import os
 import time
 import uuid
 from collections import deque
-from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import zmq
 import zmq.asyncio
@@ -362,10 +362,12 @@ class AsyncClient:
 
     async def connect(self) -> "AsyncClient":
         if self._sock is None:
-            self._sock = _socket(self._ctx, self.endpoint, self.identity)  # type: ignore[arg-type]
+            # An asyncio context makes asyncio sockets; _socket is typed for the blocking ones.
+            sock = cast(zmq.asyncio.Socket, _socket(self._ctx, self.endpoint, self.identity))  # type: ignore[arg-type]
+            self._sock = sock
             loop = asyncio.get_running_loop()
             self._reader = loop.create_task(self._read(), name="s2s-client-reader")
-            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self._watcher = loop.create_task(self._watch(self._monitor), name="s2s-client-monitor")
         return self
 

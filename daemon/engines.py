@@ -225,8 +225,12 @@ class ASRPool(Protocol):
     def load(self) -> None: ...
 
     def open(self, session_id: str, language: Optional[str] = None,
-             hotwords: Optional[Sequence[str]] = None, partials: bool = True) -> ASRSession:
-        """Raises BusyError at the session cap, UnsupportedError for unusable hotwords."""
+             hotwords: Optional[Sequence[str]] = None, partials: bool = True, *,
+             partial_interval: Optional[float] = None,
+             max_utterance_seconds: Optional[float] = None) -> ASRSession:
+        """Raises UnsupportedError for unusable hotwords. No session cap: the daemon admits.
+        partial_interval / max_utterance_seconds: this session's values (None: the pool's
+        configured defaults); the daemon passes its live, reloadable config."""
 
     def get(self, session_id: str) -> Optional[ASRSession]: ...
 

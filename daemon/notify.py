@@ -1,15 +1,21 @@
-"""systemd notify protocol in a few stdlib lines; a no-op without $NOTIFY_SOCKET.
+"""systemd notifications through `sdnotify`; a no-op without $NOTIFY_SOCKET.
 
     n = Notifier()
     n.status("loading ASR"); n.extend_timeout(60); n.ready(); n.watchdog(); n.stopping()
+
+What sdnotify lacks is kept here: the watchdog interval (WATCHDOG_USEC, honoured only when
+WATCHDOG_PID is unset or names this process), several KEY=VALUE lines in one datagram, and
+UTF-8 (sdnotify encodes as Latin-1 and silently drops anything else, such as a STATUS line
+naming a Chinese path: the text is handed over as UTF-8 bytes spelled in Latin-1).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Mapping, Optional
+
+import sdnotify
 
 logger = logging.getLogger(__name__)
 
@@ -17,22 +23,13 @@ logger = logging.getLogger(__name__)
 class Notifier:
     def __init__(self, env: Optional[Mapping[str, str]] = None):
         env = os.environ if env is None else env
-        addr = env.get("NOTIFY_SOCKET", "")
-        self._addr: Optional[str] = None
-        if addr:
-            # "@name" is a socket in the abstract namespace.
-            self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
-        self._sock: Optional[socket.socket] = None
+        self._sd = sdnotify.SystemdNotifier() if env.get("NOTIFY_SOCKET") else None
         self._watchdog_usec = 0
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         # WATCHDOG_PID names the process the watchdog is meant for; a child must not ping.
         if usec.isdigit() and (not pid or pid == str(os.getpid())):
             self._watchdog_usec = int(usec)
-
-    @property
-    def enabled(self) -> bool:
-        return self._addr is not None
 
     def watchdog_interval(self) -> Optional[float]:
         """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when not asked for."""
@@ -42,22 +39,16 @@ class Notifier:
 
     def notify(self, *lines: str) -> bool:
         """Send KEY=VALUE lines in one datagram; never raises (a lost notify must not kill us)."""
-        if self._addr is None:
+        if self._sd is None or self._sd.socket is None:
             return False
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(lines).encode("utf-8"), self._addr)
-            return True
-        except OSError as e:
-            logger.debug("sd_notify %r failed: %s", lines, e)
-            return False
+        self._sd.notify("\n".join(lines).encode("utf-8", "replace").decode("latin-1"))
+        return True
 
     def ready(self, status: str = "") -> bool:
-        return self.notify("READY=1", *([f"STATUS={status}"] if status else []))
+        return self.notify("READY=1", *([f"STATUS={_line(status)}"] if status else []))
 
     def status(self, text: str) -> bool:
-        return self.notify(f"STATUS={text.replace(chr(10), ' ')}")
+        return self.notify(f"STATUS={_line(text)}")
 
     def extend_timeout(self, seconds: float) -> bool:
         return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
@@ -66,9 +57,8 @@ class Notifier:
         return self.notify("WATCHDOG=1")
 
     def stopping(self, status: str = "") -> bool:
-        return self.notify("STOPPING=1", *([f"STATUS={status}"] if status else []))
+        return self.notify("STOPPING=1", *([f"STATUS={_line(status)}"] if status else []))
 
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+
+def _line(text: str) -> str:
+    return text.replace("\n", " ")

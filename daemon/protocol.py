@@ -25,7 +25,7 @@ import enum
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from daemon.errors import ErrorCode, S2SError
 
@@ -79,10 +79,22 @@ class MsgType(str, enum.Enum):
 # --- field checks (raise ProtocolError, never assert) ---------------------------------------
 
 
+def is_text(value: Any) -> bool:
+    """A str that UTF-8 can carry: JSON's "\\ud800" escapes decode to lone surrogates, which
+    cannot be encoded again (an id echoed in a reply would make the reply itself fail)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _fail(msg: str, hdr: Mapping[str, Any], code: ErrorCode = ErrorCode.BAD_REQUEST) -> ProtocolError:
     rid = hdr.get("request_id", "")
     sid = hdr.get("session_id", "")
-    return ProtocolError(msg, code, rid if isinstance(rid, str) else "", sid if isinstance(sid, str) else "")
+    return ProtocolError(msg, code, rid if is_text(rid) else "", sid if is_text(sid) else "")
 
 
 def _check(value: Any, tp: Any, name: str, hdr: Mapping[str, Any]) -> Any:
@@ -97,6 +109,8 @@ def _check(value: Any, tp: Any, name: str, hdr: Mapping[str, Any]) -> Any:
     if t == "str":
         if not isinstance(value, str):
             raise _fail(f"field {name!r} must be a string", hdr)
+        if not is_text(value):
+            raise _fail(f"field {name!r} is not valid Unicode (lone surrogate)", hdr)
         return value
     if t == "bool":
         if not isinstance(value, bool):
@@ -111,7 +125,7 @@ def _check(value: Any, tp: Any, name: str, hdr: Mapping[str, Any]) -> Any:
             raise _fail(f"field {name!r} must be a finite number", hdr)
         return float(value)
     if t.startswith("Tuple[str"):
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(is_text(v) for v in value):
             raise _fail(f"field {name!r} must be a list of strings", hdr)
         return tuple(value)
     if t.startswith("Dict"):
@@ -144,7 +158,14 @@ class Message:
 
     def encode(self) -> Frames:
         """Frames after the empty delimiter: [header-json] or [header-json, pcm]."""
-        frames = [json.dumps(self.header(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")]
+        hdr = self.header()
+        try:
+            head = json.dumps(hdr, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate somewhere (decode refuses them, but a reply must never fail to
+            # encode): JSON escapes are plain ASCII.
+            head = json.dumps(hdr, separators=(",", ":")).encode("ascii")
+        frames = [head]
         if self.HAS_AUDIO:
             frames.append(bytes(getattr(self, "pcm")))
         return frames
@@ -422,10 +443,6 @@ REPLIES: Dict[str, Type[Message]] = {c.TYPE.value: c for c in (
 # Requests each socket serves.
 ASR_REQUESTS = frozenset({"open", "audio", "finalize", "reset", "close", "describe", "ping"})
 TTS_REQUESTS = frozenset({"synthesize", "cancel", "describe", "ping"})
-# Replies that are events of an ASR session (routed by session_id, not request_id).
-ASR_EVENTS = (SpeechStart, Partial, Final, Closed)
-
-Request = Union[Open, Audio, Finalize, Reset, Close, Synthesize, Cancel, Describe, Ping]
 
 
 # --- framing ----------------------------------------------------------------------------------

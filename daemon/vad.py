@@ -35,7 +35,7 @@ import numpy as np
 from daemon.audio import to_float32
 from daemon.engines import Capabilities, Fallback
 from daemon.rules import check_language, clean_hotwords
-from daemon.errors import AudioError, BusyError, ErrorCode, ModelMissingError, S2SError, UnsupportedError
+from daemon.errors import AudioError, ErrorCode, ModelMissingError, S2SError, UnsupportedError
 
 logger = logging.getLogger(__name__)
 
@@ -404,13 +404,17 @@ class StreamingEngine:
 
 
 class PoolBase:
-    """Session table, cap, idle GC and the single-thread device worker."""
+    """Session table, idle GC and the single-thread device worker.
+
+    Reloadable values reach a session per call: `open(..., partial_interval=,
+    max_utterance_seconds=)`; None means the pool's configured default."""
 
     name = "asr"
     engine_class: Callable[..., StreamingEngine]
 
-    def __init__(self, max_sessions: int, idle_timeout: float):
-        self.max_sessions = max_sessions
+    def __init__(self, idle_timeout: float = 60.0):
+        # No session cap here: the daemon admits (limits.max_sessions, reloadable); a pool
+        # used without the daemon serves as many sessions as it is asked for.
         self.idle_timeout = idle_timeout
         self.vad: Any = None
         self.fallbacks: List[Fallback] = []
@@ -433,11 +437,13 @@ class PoolBase:
         return self.name
 
     def _new_engine(self, session_id: str, language: Optional[str], hotwords: Optional[Sequence[str]],
-                    partials: bool) -> StreamingEngine:  # pragma: no cover - overridden
+                    partials: bool, partial_interval: Optional[float],
+                    max_utterance_seconds: Optional[float]) -> StreamingEngine:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def open(self, session_id: str, language: Optional[str] = None, hotwords: Optional[Sequence[str]] = None,
-             partials: bool = True, sample_rate: int = SAMPLE_RATE) -> StreamingEngine:
+             partials: bool = True, sample_rate: int = SAMPLE_RATE, partial_interval: Optional[float] = None,
+             max_utterance_seconds: Optional[float] = None) -> StreamingEngine:
         if sample_rate != SAMPLE_RATE:
             raise AudioError(f"sample rate {sample_rate} Hz is not supported; send 16000 Hz mono PCM16",
                              sample_rate=sample_rate)
@@ -446,23 +452,14 @@ class PoolBase:
         with self._lock:
             if session_id in self._sessions:
                 raise S2SError(f"session {session_id!r} is already open", ErrorCode.SESSION_EXISTS)
-            if len(self._sessions) >= self.max_sessions:
-                raise BusyError(f"{self.name}: all {self.max_sessions} ASR sessions are in use",
-                                retry_after=self._retry_after())
-            # Built under the lock so the cap cannot be overshot; construction is cheap (no model
-            # work), and a bad language/hotword raises before the session is registered.
-            engine = self._new_engine(session_id, language, hotwords, partials)
+            # Construction is cheap (no model work); a bad language/hotword raises before the
+            # session is registered.
+            engine = self._new_engine(session_id, language, hotwords, partials, partial_interval,
+                                      max_utterance_seconds)
             self._sessions[session_id] = engine
         logger.info("asr %s: opened (%s, language %s, hotwords %d, partials %s)", session_id, self.name,
                     engine.language, len(engine.hotwords), engine.partials)
         return engine
-
-    def _retry_after(self) -> float:
-        """Seconds until the idlest session would be collected, at least 1."""
-        if not self._sessions:
-            return 1.0
-        oldest = min(s.last_active for s in self._sessions.values())
-        return round(max(1.0, min(self.idle_timeout, oldest + self.idle_timeout - time.monotonic())), 1)
 
     def get(self, session_id: str) -> Optional[StreamingEngine]:
         with self._lock:

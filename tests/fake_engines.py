@@ -13,6 +13,12 @@ Test knobs travel in-band as hotwords (the fake accepts any hotword):
                       is proportional to audio, so 1/rtf real-time streams fill the worker)
   ``fake:hang``       the next feed() blocks the worker until shutdown (hung engine: the
                       watchdog heartbeat stops completing)
+  ``fake:open_error`` open() raises a RuntimeError (an engine bug, not an S2SError)
+  ``fake:die``        the next feed() shuts the worker's executor down (a dead engine worker)
+The pool keeps no session cap of its own (the daemon admits); `open` takes the reloadable
+per-session values (`partial_interval`: one partial per that many seconds of speech,
+`max_utterance_seconds`) as the real pools do. ``S2S_FAKE_LOAD_SECONDS`` makes load() take
+that long (default 0.2 s).
 With ``S2S_FAKE_FEED_LOG=PATH`` in the daemon's environment every feed() appends
 ``"<session_id> <samples>"`` to PATH, so a test can see how the daemon chunks audio.
 FakeTTSEngine: one sentence per ``.``/``。``/``!``/``?``; each sentence is a 440 Hz tone of
@@ -35,7 +41,7 @@ import numpy as np
 from daemon.audio import to_float32
 from daemon.config import Config
 from daemon.engines import Capabilities, EngineInfo
-from daemon.errors import BusyError, TextError
+from daemon.errors import TextError
 
 BLOCK = 1600  # 100 ms at 16 kHz
 THRESHOLD = 0.01
@@ -44,8 +50,10 @@ PARTIAL_EVERY_BLOCKS = 5
 
 
 class FakeASRSession:
-    def __init__(self, session_id: str, pool: "FakeASRPool", partials: bool = True):
+    def __init__(self, session_id: str, pool: "FakeASRPool", partials: bool = True,
+                 partial_interval: float = PARTIAL_EVERY_BLOCKS * 0.1):
         self.session_id = session_id
+        self.partial_blocks = max(1, int(round(partial_interval * 10)))
         self.pool = pool
         self.partials = partials
         self.language = "zh"
@@ -53,6 +61,7 @@ class FakeASRSession:
         self.delay = 0.0
         self.rtf = 0.0
         self.hang = False
+        self.die = False
         self.reset()
 
     def reset(self) -> None:
@@ -78,6 +87,10 @@ class FakeASRSession:
                 self.rtf = float(h.split("=", 1)[1])
             elif h == "fake:hang":
                 self.hang = True
+            elif h == "fake:die":
+                self.die = True
+            elif h == "fake:open_error":
+                raise RuntimeError("fake engine bug while opening")
 
     def _final(self, reason: str) -> Dict[str, Any]:
         ev = {"type": "final", "text": f"utt{self._utt} bytes={self._utt_samples * 2}" if self._utt_samples else "",
@@ -92,6 +105,8 @@ class FakeASRSession:
     def feed(self, pcm: Any) -> List[Dict[str, Any]]:
         if self.hang:
             self.pool.stop_event.wait()
+        if self.die and self.pool._ex is not None:
+            self.pool._ex.shutdown(wait=False, cancel_futures=True)
         if self.delay:
             time.sleep(self.delay)
         x = to_float32(pcm)
@@ -116,7 +131,7 @@ class FakeASRSession:
                 self._utt_samples += BLOCK
                 self._silence = 0 if loud else self._silence + 1
                 self._since_partial += 1
-                if self.partials and loud and self._since_partial >= PARTIAL_EVERY_BLOCKS:
+                if self.partials and loud and self._since_partial >= self.partial_blocks:
                     self._since_partial = 0
                     out.append({"type": "partial", "text": f"utt{self._utt} bytes~{self._utt_samples * 2}",
                                 "start": self._utt_start / 16000, "end": self._t / 16000, "utterance": self._utt})
@@ -146,7 +161,6 @@ class FakeASRPool:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.max_sessions = cfg.limits.max_sessions
         self.sessions: Dict[str, FakeASRSession] = {}
         self.stop_event = threading.Event()
         self._ex: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -154,14 +168,15 @@ class FakeASRPool:
 
     def load(self) -> None:
         self._ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fake-asr")
-        time.sleep(0.2)  # something for EXTEND_TIMEOUT/READY ordering to be about
+        # something for EXTEND_TIMEOUT/READY ordering to be about
+        time.sleep(float(os.environ.get("S2S_FAKE_LOAD_SECONDS", "0.2")))
         self.loaded = True
 
     def open(self, session_id: str, language: Optional[str] = None, hotwords: Optional[Sequence[str]] = None,
-             partials: bool = True) -> FakeASRSession:
-        if len(self.sessions) >= self.max_sessions:
-            raise BusyError("fake pool full", retry_after=1.0)
-        s = FakeASRSession(session_id, self, partials)
+             partials: bool = True, partial_interval: Optional[float] = None,
+             max_utterance_seconds: Optional[float] = None) -> FakeASRSession:
+        s = FakeASRSession(session_id, self, partials,
+                           PARTIAL_EVERY_BLOCKS * 0.1 if partial_interval is None else partial_interval)
         if language:
             s.set_language(language)
         if hotwords:

@@ -15,7 +15,7 @@ from daemon.asr_funasr import FunASRConfig, FunASREngine, FunASRPool
 from daemon.audio import float_to_pcm16, read_wav
 from daemon.config import parse_config
 from daemon.engines import ASRPool, ASRSession
-from daemon.errors import AudioError, BusyError, ErrorCode, ModelMissingError, S2SError, UnsupportedError
+from daemon.errors import AudioError, ErrorCode, ModelMissingError, S2SError, UnsupportedError
 
 SR = 16000
 
@@ -23,7 +23,7 @@ SR = 16000
 def make_config(models_dir, **kw) -> FunASRConfig:
     base = dict(paraformer_dir=models_dir / "tiny" / "paraformer", vad_dir=models_dir / "fsmn-vad",
                 punc_dir=models_dir / "tiny" / "ct-punc", streaming_dir=models_dir / "tiny" / "paraformer-streaming",
-                device="cpu", ncpu=1, max_sessions=4, idle_timeout=30.0)
+                device="cpu", ncpu=1, idle_timeout=30.0)
     base.update(kw)
     return FunASRConfig(**base)
 
@@ -235,18 +235,13 @@ def test_url_hotwords_are_refused(seaco_pool):
 # --- pool -------------------------------------------------------------------------------
 
 
-def test_session_cap_duplicate_ids_and_idle_gc(pool):
-    opened = [f"cap{i}" for i in range(pool.max_sessions - pool.session_count)]
+def test_no_pool_cap_duplicate_ids_and_idle_gc(pool):
+    # The daemon admits (limits.max_sessions, reloadable): the pool keeps no cap of its own.
+    opened = [f"cap{i}" for i in range(40)]
     for sid in opened:
         pool.open(sid)
-    with pytest.raises(BusyError) as info:
-        pool.open("one-too-many")
-    assert info.value.code is ErrorCode.BUSY and info.value.extra["retry_after"] >= 1
-    pool.close(opened[0])
-    pool.open("one-too-many")
-    opened[0] = "one-too-many"
     with pytest.raises(S2SError) as dup:
-        pool.open("one-too-many")
+        pool.open(opened[0])
     assert dup.value.code is ErrorCode.SESSION_EXISTS
     # A session that was used recently survives; the others are collected.
     eng = pool.get(opened[1])
@@ -256,6 +251,17 @@ def test_session_cap_duplicate_ids_and_idle_gc(pool):
     assert opened[1] not in gone and set(opened) - {opened[1]} <= set(gone)
     assert pool.get(opened[0]) is None and pool.get(opened[1]) is eng
     pool.close(opened[1])
+
+
+def test_reloadable_values_reach_a_session_per_call(pool):
+    """The daemon hands live values to each open; the pool's config is only the default."""
+    default = pool.open("defaults")
+    assert default._interval == int(round(pool.config.partial_interval * SR))
+    assert default._seg.max_utterance == int(pool.config.max_utterance_seconds * SR)
+    eng = pool.open("per-call", partial_interval=1.2, max_utterance_seconds=5.0)
+    assert eng._interval == int(1.2 * SR) and eng._seg.max_utterance == 5 * SR
+    pool.close("defaults")
+    pool.close("per-call")
 
 
 def test_submit_runs_on_the_worker_thread(pool, fixtures_dir):
@@ -325,7 +331,7 @@ def test_from_config_and_missing_models(models_dir, tmp_path):
     fc = FunASRConfig.from_config(cfg)
     assert fc.paraformer_dir == models_dir / "tiny" / "paraformer"
     assert fc.vad_dir == models_dir / "fsmn-vad" and fc.punc_dir is None
-    assert fc.max_sessions == 3 and fc.max_utterance_seconds == 12.0 and fc.batch_size == 1
+    assert fc.max_utterance_seconds == 12.0 and fc.batch_size == 1
     assert fc.missing() == []
     bad = dataclasses.replace(fc, paraformer_dir=tmp_path / "absent")
     assert bad.missing() == [str(tmp_path / "absent")]

@@ -1,0 +1,152 @@
+"""ASR admission and lag accounting: pure code with an injected clock (tested without sleeps).
+
+A session's *lag* is the age of its oldest unprocessed audio, counted from when a real-time
+sender would have sent it: an audio message is due when it arrives or, when the sender is
+ahead of real time, when the previous one would have finished playing, so a file sent faster
+than real time is not "behind".
+
+- `open` is refused (`busy`) while any session is more than `limits.max_asr_lag` behind: the
+  worker is past capacity and one more stream would make every session's finals later.
+- A session more than `limits.max_session_lag` behind has its audio refused (`busy`, the chunk
+  dropped) until it is back within `limits.max_asr_lag`: one gap, not scattered frames.
+- A session's queued audio is capped at `SESSION_BACKLOG_SECONDS`, and its queued commands
+  of any kind (zero-length audio and `reset` included) at `MAX_QUEUED_COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Iterable, Tuple
+
+from daemon.config import LimitsConfig
+from daemon.errors import AudioError, ErrorCode, S2SError
+
+logger = logging.getLogger(__name__)
+
+# Audio a session may have queued, in seconds; more gets `busy` (the sender is far ahead).
+SESSION_BACKLOG_SECONDS = 60.0
+# Commands (audio of any length, reset, finalize) a session may have queued; more gets `busy`.
+# Room for the whole audio backlog in 20 ms messages (what the bridge sends), no more.
+MAX_QUEUED_COMMANDS = 4096
+
+
+def retry_after(seconds: float) -> float:
+    """A retry hint for `busy`: the expected wait, within 1-30 s."""
+    return round(min(30.0, max(1.0, seconds)), 1)
+
+
+@dataclass
+class Backlog:
+    """One session's accepted-but-unprocessed audio, and whether it is being shed."""
+
+    session_id: str
+    sample_rate: int
+    pending: Deque[Tuple[float, int]] = field(default_factory=deque)  # (due time, samples)
+    samples: int = 0
+    clock: float = 0.0  # when the last accepted audio ends in real time
+    shedding: bool = False
+    shed_chunks: int = 0
+    shed_samples: int = 0
+
+    def lag(self, now: float) -> float:
+        """Seconds the oldest unprocessed audio is behind real time (0 when caught up)."""
+        return max(0.0, now - self.pending[0][0]) if self.pending else 0.0
+
+    def accept(self, samples: int, now: float) -> None:
+        due = max(now, self.clock)
+        self.clock = due + samples / self.sample_rate
+        self.pending.append((due, samples))
+        self.samples += samples
+
+    def done(self, count: int) -> None:
+        """`count` audio messages went through the engine."""
+        for _ in range(count):
+            if not self.pending:
+                break
+            self.samples -= self.pending.popleft()[1]
+        self.samples = max(0, self.samples)
+
+    def forget(self) -> None:
+        self.pending.clear()
+        self.samples = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.sample_rate
+
+
+class Capacity:
+    """The admission rules over every session's backlog; `limits` is read per call (reloadable)."""
+
+    def __init__(self, limits: Callable[[], LimitsConfig], clock: Callable[[], float]):
+        self.limits = limits
+        self.clock = clock
+        self.busy_open_lag = 0
+        self.audio_shed = 0
+
+    @staticmethod
+    def lag(backlogs: Iterable[Backlog], now: float) -> Tuple[float, float]:
+        """(worst session lag behind real time, audio seconds queued over all sessions)."""
+        worst, queued = 0.0, 0.0
+        for b in backlogs:
+            worst = max(worst, b.lag(now))
+            queued += b.seconds
+        return worst, queued
+
+    def admit_open(self, open_sessions: int, backlogs: Iterable[Backlog], session_id: str = "") -> None:
+        lim = self.limits()
+        if open_sessions >= lim.max_sessions:
+            raise S2SError(f"{open_sessions} sessions open (limits.max_sessions); retry later", ErrorCode.BUSY,
+                           retry_after=1.0)
+        worst, queued = self.lag(backlogs, self.clock())
+        if worst > lim.max_asr_lag:
+            self.busy_open_lag += 1
+            logger.info("open %s refused: ASR %.1f s behind real time, %.1f s audio queued (limits.max_asr_lag=%g)",
+                        session_id, worst, queued, lim.max_asr_lag)
+            raise S2SError(f"speech recognition is at capacity ({worst:.1f} s behind real time, "
+                           f"limits.max_asr_lag={lim.max_asr_lag:g}); retry later", ErrorCode.BUSY,
+                           retry_after=retry_after(worst - lim.max_asr_lag + 1.0))
+
+    def admit_command(self, b: Backlog, queued: int) -> None:
+        """One more command for a session that has `queued` commands waiting."""
+        if queued >= MAX_QUEUED_COMMANDS:
+            raise S2SError(f"session {b.session_id} has {queued} commands queued; slow down", ErrorCode.BUSY,
+                           retry_after=1.0)
+
+    def admit_audio(self, b: Backlog, nbytes: int, queued: int) -> int:
+        """Check one audio message of `nbytes` PCM16 bytes; account for it; return its samples."""
+        lim = self.limits()
+        if nbytes % 2:
+            raise AudioError(f"PCM16 audio must have an even number of bytes, got {nbytes}")
+        if nbytes > lim.max_chunk_seconds * b.sample_rate * 2:
+            raise AudioError(f"audio chunk of {nbytes // 2 / b.sample_rate:.2f} s exceeds limits.max_chunk_seconds="
+                             f"{lim.max_chunk_seconds:g}")
+        self.admit_command(b, queued)
+        samples = nbytes // 2
+        if b.samples + samples > SESSION_BACKLOG_SECONDS * b.sample_rate:
+            raise S2SError(f"session {b.session_id} has {SESSION_BACKLOG_SECONDS:g} s of audio queued; slow down",
+                           ErrorCode.BUSY, retry_after=1.0)
+        now = self.clock()
+        self._check_lag(b, now, samples, lim)
+        b.accept(samples, now)
+        return samples
+
+    def _check_lag(self, b: Backlog, now: float, samples: int, lim: LimitsConfig) -> None:
+        lag = b.lag(now)
+        if b.shedding and lag <= lim.max_asr_lag:
+            b.shedding = False
+            logger.info("session %s: caught up (%.1f s behind); accepting audio again (%d messages, %.1f s dropped)",
+                        b.session_id, lag, b.shed_chunks, b.shed_samples / b.sample_rate)
+        elif not b.shedding and lag > lim.max_session_lag:
+            b.shedding = True
+            logger.warning("session %s: %.1f s behind real time (limits.max_session_lag=%g): refusing audio until "
+                           "within %g s", b.session_id, lag, lim.max_session_lag, lim.max_asr_lag)
+        if b.shedding:
+            b.shed_chunks += 1
+            b.shed_samples += samples
+            self.audio_shed += 1
+            raise S2SError(f"speech recognition is {lag:.1f} s behind real time for session {b.session_id} "
+                           f"(limits.max_session_lag={lim.max_session_lag:g}); audio dropped",
+                           ErrorCode.BUSY, retry_after=retry_after(lag - lim.max_asr_lag))

@@ -1,0 +1,181 @@
+"""Health: the engine workers' state, the systemd watchdog and STATUS, and `describe`.
+
+The watchdog loop runs every watchdog period (half of WATCHDOG_USEC; 5 s without one). It
+sends WATCHDOG=1 only while every engine worker is healthy by run time (daemon/workers.py)
+and every supervised loop is alive. A dead worker is fatal: `on_fatal` stops the daemon with
+a non-zero exit so systemd restarts it; a stuck one only withholds the pings (systemd's
+WatchdogSec decides), and is reported in STATUS and `describe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import daemon
+from daemon import protocol as P
+from daemon.asr_capacity import Capacity
+from daemon.asr_sessions import ASRSessions
+from daemon.config import Config
+from daemon.engines import Capabilities, EngineInfo, Fallback, merge_fallbacks
+from daemon.notify import Notifier
+from daemon.tts_jobs import TTSJobs
+from daemon.workers import Worker
+
+logger = logging.getLogger(__name__)
+
+# How often the ASR worker's load figure is refreshed, seconds.
+LOAD_WINDOW_SECONDS = 2.0
+DEFAULT_PERIOD = 5.0
+
+
+def engine_info(kind: str, engine: Any) -> EngineInfo:
+    try:
+        info = engine.info()
+        assert isinstance(info, EngineInfo)
+        return info
+    except Exception as e:  # info must never break describe: report the failure in the same schema
+        logger.exception("%s engine info failed", kind)
+        return EngineInfo(kind=kind, engine=str(getattr(engine, "name", "?")), device="?", requested_device="?",
+                          dtype="?", sample_rate=0, capabilities=Capabilities(), loaded=False,
+                          notes=(f"info failed: {type(e).__name__}: {e}",))
+
+
+class Health:
+    def __init__(self, cfg: Callable[[], Config], notifier: Notifier, asr_engine: Any, tts_engine: Any,
+                 workers: List[Worker], asr: ASRSessions, tts: TTSJobs, fallbacks: List[Fallback],
+                 counters: Dict[str, int], on_fatal: Callable[[str], None]):
+        self.cfg = cfg
+        self.notifier = notifier
+        self.asr_engine, self.tts_engine = asr_engine, tts_engine
+        self.workers = workers
+        self.asr, self.tts = asr, tts
+        self.fallbacks = list(fallbacks)
+        self.counters = counters
+        self.on_fatal = on_fatal
+        self.interval = notifier.watchdog_interval()
+        self.period = self.interval or DEFAULT_PERIOD
+        for w in workers:
+            w.period = self.period
+        self.healthy = True
+        self.problems: List[str] = []
+        self.stopping = False
+        self.started = time.time()
+        self.asr_load = 0.0
+        self._load_mark = (time.monotonic(), 0.0)
+        self._last_status = ""
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def _asr_info(self) -> EngineInfo:
+        # The session cap is the daemon's (limits.max_sessions, reloadable); pools keep none.
+        return dataclasses.replace(engine_info("asr", self.asr_engine), max_sessions=self.cfg().limits.max_sessions)
+
+    def all_fallbacks(self, asr: EngineInfo, tts: EngineInfo) -> List[Fallback]:
+        return merge_fallbacks(self.fallbacks, asr.fallbacks, tts.fallbacks)
+
+    def describe(self) -> Dict[str, Any]:
+        cfg = self.cfg()
+        now = time.monotonic()
+        sessions = self.asr.sessions.values()
+        worst, queued = Capacity.lag((s.backlog for s in sessions), now)
+        asr, tts = self._asr_info(), engine_info("tts", self.tts_engine)
+        counters = dict(self.counters, busy_open_lag=self.asr.capacity.busy_open_lag,
+                        audio_shed=self.asr.capacity.audio_shed)
+        return {
+            "daemon": {"version": daemon.__version__, "protocol": P.PROTOCOL_VERSION, "pid": os.getpid(),
+                       "uptime": round(time.time() - self.started, 3), "config": cfg.source,
+                       "stopping": self.stopping, "healthy": self.healthy,
+                       "endpoints": {"asr": cfg.daemon.endpoint("asr"), "tts": cfg.daemon.endpoint("tts")}},
+            "asr": asr.to_dict(),
+            "tts": tts.to_dict(),
+            "capabilities": {"partials": asr.capabilities.partials, "hotwords": asr.capabilities.hotwords,
+                             "streaming_tts": tts.capabilities.streaming},
+            # Every fallback taken (startup engine choice, device moves), each once: Fallback records.
+            "fallbacks": [f.to_dict() for f in self.all_fallbacks(asr, tts)],
+            "sessions": self.asr.describe_rows(now),
+            "queues": {"asr_sessions": len(self.asr.sessions),
+                       "asr_queued_chunks": sum(s.queue.qsize() for s in sessions),
+                       "asr_max_lag": round(worst, 3), "asr_queued_seconds": round(queued, 2),
+                       "asr_worker_load": round(self.asr_load, 3),
+                       "asr_at_capacity": worst > cfg.limits.max_asr_lag,
+                       "tts_requests": len(self.tts)},
+            "limits": dataclasses.asdict(cfg.limits),
+            "counters": counters,
+        }
+
+    def status_line(self) -> str:
+        a, t = self._asr_info(), engine_info("tts", self.tts_engine)
+        line = (f"serving: asr={a.engine}@{a.device} tts={t.engine}@{t.device}, "
+                f"{len(self.asr.sessions)} session(s), {len(self.tts)} TTS request(s)")
+        fallbacks = self.all_fallbacks(a, t)
+        if fallbacks:
+            line += f"; fallback: {'; '.join(f.line() for f in fallbacks)}"
+        if not self.healthy:
+            line += f"; UNHEALTHY: {'; '.join(self.problems)}"
+        return line
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _update_load(self, now: float) -> None:
+        t0, busy0 = self._load_mark
+        if now - t0 >= LOAD_WINDOW_SECONDS:
+            busy = self.workers[0].busy_s
+            self.asr_load = min(1.0, max(0.0, (busy - busy0) / (now - t0)))
+            self._load_mark = (now, busy)
+
+    def check(self) -> bool:
+        """Judge the workers now; True when healthy. A dead worker calls on_fatal."""
+        problems = [p for p in (w.problem() for w in self.workers) if p]
+        for w in self.workers:
+            if w.dead:
+                self.on_fatal(f"{w.name} engine worker is gone: {w.dead}")
+        healthy = not problems
+        if healthy != self.healthy:
+            if problems:
+                logger.error("engine worker(s) unhealthy: %s; withholding WATCHDOG=1", "; ".join(problems))
+            else:
+                logger.info("engine workers healthy again")
+        self.healthy, self.problems = healthy, problems
+        return healthy
+
+    def ready(self) -> None:
+        self._last_status = self.status_line()
+        self.notifier.ready(self._last_status)
+        if self.interval:
+            self.notifier.watchdog()
+        logger.info("ready: %s", self._last_status)
+
+    async def run(self) -> None:
+        for w in self.workers:
+            w.kick()
+        while True:
+            await asyncio.sleep(self.period)
+            if self.check() and self.interval and not self.stopping:
+                self.notifier.watchdog()
+            line = self.status_line()
+            if line != self._last_status:
+                self._last_status = line
+                self.notifier.status(line)
+            for w in self.workers:
+                w.kick()
+
+    async def housekeeping(self) -> None:
+        """Idle sessions and the load figure, about every second."""
+        while True:
+            await asyncio.sleep(min(1.0, self.cfg().limits.idle_timeout / 4))
+            self._update_load(time.monotonic())
+            self.asr.gc_idle()
+
+    def report(self, text: str) -> None:
+        self.notifier.status(text)
+
+    def failed(self, why: Optional[str]) -> None:
+        self.healthy = False
+        if why:
+            self.problems = [why]
+            self.notifier.status(f"failed: {why}")
