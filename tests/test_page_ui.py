@@ -211,3 +211,52 @@ def test_english_page_and_closed_banner_on_a_phone(stack, browser, shots):
     assert got["notice"].index("The configured assistant") < got["notice"].index("配置的智能助手"), got
     assert banner_h <= 60, banner_h
     assert not violations, violations
+
+
+def test_stop_keeps_the_last_transcript(stack, browser, shots):
+    """Stop while speaking: the page waits for the flushed final (talk disabled with a hint)
+    instead of letting a new start drop it; then talk comes back."""
+    _, bridge = stack
+    page = _open(browser, bridge)
+    try:
+        page.fill("#hotwords", "fake:delay=0.3")  # a slow engine: the flushed final takes a while
+        page.click("#talk")
+        page.wait_for_selector("#log li.user.placeholder", timeout=15000)
+        page.click("#talk")  # stop mid-utterance
+        waited = page.evaluate("""() => ({disabled: document.getElementById('talk').disabled,
+            hint: document.getElementById('talk-hint').textContent,
+            state: document.getElementById('turnstate').dataset.state})""")
+        page.wait_for_function("!document.getElementById('talk').disabled", timeout=15000)
+        finals = page.evaluate("window.s2sStats.finals")
+        users = page.locator("#log li.user:not(.placeholder)").all_inner_texts()
+    finally:
+        page.close()
+    assert waited == {"disabled": True, "hint": "正在识别上一句，稍候再开始…", "state": "recognising"}, waited
+    assert any(f for f in finals) and users and "utt0" in users[-1], (finals, users)
+
+
+def test_reconnects_on_the_next_action_after_an_idle_close(stack, browser, tmp_path):
+    """The bridge closes a connection idle for bridge.idle_timeout: the page does not call that
+    an error; typing reconnects and the message goes through."""
+    d, _ = stack
+    import yaml
+
+    data = yaml.safe_load((d / "s2s.yaml").read_text(encoding="utf-8"))
+    data["bridge"]["idle_timeout"] = 2.0
+    cfg = tmp_path / "idle.yaml"
+    cfg.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    b = start_bridge(cfg, tmp_path / "bridge-idle.log", agent="echo")
+    page = _open(browser, b)
+    try:
+        page.wait_for_function("!window.s2sStats.connected", timeout=10000)
+        page.wait_for_timeout(300)
+        dormant = page.evaluate("""() => ({talk: document.getElementById('talk').disabled,
+            errors: !document.getElementById('errors').hidden, conn: document.getElementById('conn').textContent,
+            state: document.getElementById('turnstate').dataset.state})""")
+        page.fill("#textinput", "hello again.")
+        page.press("#textinput", "Enter")
+        page.wait_for_function("window.s2sStats.replies.includes('You said: hello again.')", timeout=15000)
+    finally:
+        page.close()
+        b.stop()
+    assert dormant == {"talk": False, "errors": False, "conn": "空闲断开 · 操作时自动重连", "state": "idle"}, dormant
