@@ -77,7 +77,7 @@ def _open(browser, url, viewport=DESKTOP):
 
 
 def test_spoken_mandarin_turn_on_the_fallback_engines(stack, browser, shots):
-    d, bridge, agent, _ = stack
+    _, bridge, agent, _ = stack
     page = _open(browser, bridge.http + "/")
     try:
         banner = page.inner_text("#banner")
