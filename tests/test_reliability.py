@@ -55,7 +55,9 @@ def stack(tmp_path_factory, models_dir):
     """FAKE-engine daemon + bridge on the echo agent; small limits so abuse hits them."""
     d = tmp_path_factory.mktemp("rel-stack")
     cfg = write_config(d / "s2s.yaml", models_dir, d / "run",
-                       bridge={"max_connections": 64, "max_message_bytes": MAX_MSG, "send_queue_bytes": QUEUE,
+                       bridge={"max_connections": 64, "max_connections_per_ip": 64, "max_turns_per_minute": 100000,
+                               "max_message_bytes": MAX_MSG,
+                               "send_queue_bytes": QUEUE,
                                "slow_client_timeout": SLOW_TIMEOUT},
                        agent={"kind": "echo"}, limits={"idle_timeout": IDLE})
     daemon = start_daemon(cfg, d / "daemon.log", fake_engines=True, timeout=60)
@@ -114,7 +116,7 @@ async def abuse(url: str) -> Dict[str, Any]:
         await send(json.dumps({"type": r.choice(["dance", "START", "audio", "ready", "", "x" * 500]) + str(i)}))
     bad_start = [{"type": "start", "language": "klingon"}, {"type": "start", "language": 5},
                  {"type": "start", "hotwords": "not a list"}, {"type": "start", "hotwords": [1, 2]},
-                 {"type": "start", "hotwords": ["x" * 65]}, {"type": "start", "hotwords": ["w"] * 101},
+                 {"type": "start", "hotwords": ["x" * 65]}, {"type": "start", "hotwords": [f"w{i}" for i in range(101)]},
                  {"type": "start", "barge_in": "yes"}, {"type": "text", "text": ""},
                  {"type": "text", "text": 7}, {"type": "text", "text": "x" * 5000}]
     for i in range(N_BAD_START):
