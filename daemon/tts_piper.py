@@ -80,6 +80,12 @@ class PiperEngine(SentenceTTS):
         self.voice_language = str(meta_json.get("language", {}).get("code", ""))
         self._synth_float("Ready.", "en", 1.0)  # warm the ONNX session
 
+    def languages(self) -> Tuple[str, ...]:
+        """The voice's own language (en for en_US-joe): what it can really speak, so clients (the
+        page) know before the first refusal that Chinese will not be spoken."""
+        lang = self.voice_language.split("_")[0]
+        return (lang,) if lang in ("zh", "en") else ("en",)
+
     def _prepare(self, text: str, language: str) -> str:
         """Drop CJK characters unless the voice speaks a CJK language: the English fallback voice
         speaks the Latin words of a Chinese reply, and a Chinese-only sentence is reported as

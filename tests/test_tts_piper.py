@@ -101,6 +101,7 @@ def test_english_voice_skips_chinese_instead_of_reading_noise(engine, whisper):
     from daemon.errors import ErrorCode, TextError
 
     assert engine.info().details["voice_language"] == "en_US"
+    assert engine.info().capabilities.languages == ("en",)  # what the voice can really speak
     mixed = engine.synthesize("你说的是：Set a timer for fifteen minutes.")
     plain = engine.synthesize("Set a timer for fifteen minutes.")
     assert abs(len(mixed) - len(plain)) < 0.1 * len(plain)  # the Chinese part adds nothing
