@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 from daemon.config import Config
@@ -91,6 +92,31 @@ def missing_models(cfg: Config, kind: str) -> Dict[str, str]:
     return out
 
 
+# The only place test engines may come from: this checkout's tests/ directory (not installed by a
+# package, and excluded from the production copy by scripts/install-speech-p100.sh).
+TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
+
+
+def test_engines_module(env: Mapping[str, str]) -> str:
+    """The fake-engine module named by $S2S_TEST_ENGINES ("" when unset).
+
+    Refused (StartupError) unless it is a file inside this checkout's tests/ directory: the hook
+    must not run an arbitrary Python file named in a production process's environment."""
+    name = env.get(TEST_ENGINES_ENV, "")
+    if not name:
+        return ""
+    rel = name if name.endswith(".py") else name.replace(".", "/") + ".py"
+    path = Path(rel) if Path(rel).is_absolute() else Path.cwd() / rel
+    try:
+        path = path.resolve(strict=True)
+    except OSError:
+        path = Path(rel)
+    if TESTS_DIR not in path.parents or not path.is_file():
+        raise StartupError(f"{TEST_ENGINES_ENV}={name!r}: test engines may only come from {TESTS_DIR}; "
+                           f"unset {TEST_ENGINES_ENV} (it is a test hook, never used in production)")
+    return str(path)
+
+
 def _import_test_module(name: str) -> Any:
     if name.endswith(".py"):
         import importlib.util
@@ -127,7 +153,7 @@ def _real_builder(table: Mapping[str, Tuple[str, str, str]]) -> Callable[[str, C
 
 def _build(kind: str, cfg: Config, strict: bool, selected: str, fallback: str,
            table: Mapping[str, Tuple[str, str, str]]) -> Tuple[Any, List[Fallback]]:
-    test_mod = os.environ.get(TEST_ENGINES_ENV, "")
+    test_mod = test_engines_module(os.environ)
     if test_mod:
         logger.warning("%s=%s: using TEST engines for %s (never set this in production)", TEST_ENGINES_ENV,
                        test_mod, kind)

@@ -42,7 +42,7 @@ fi
 
 echo "== 1. code and venv in $PREFIX"
 if [ "$SRC" != "$PREFIX" ]; then
-  run "mkdir -p '$PREFIX' && (cd '$SRC' && tar --exclude=./.venv --exclude=./.models --exclude=./.run --exclude=./.git -cf - .) | (cd '$PREFIX' && tar -xf -)"
+  run "mkdir -p '$PREFIX' && (cd '$SRC' && tar --exclude=./.venv --exclude=./.models --exclude=./.run --exclude=./.git --exclude=./tests -cf - .) | (cd '$PREFIX' && tar -xf -)"
 fi
 [ -x "$VENV/bin/python" ] || run "python3 -m venv '$VENV'"
 run "$PIP install -q --upgrade pip setuptools wheel"
