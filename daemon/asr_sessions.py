@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -222,7 +222,7 @@ class ASRSessions:
 
     async def _send_events(self, s: Session, events: List[Dict[str, Any]], request_id: str = "") -> None:
         for ev in events or []:
-            m = P.event_to_message(s.session_id, ev, request_id)
+            m = event_to_message(s.session_id, ev, request_id)
             if m is None:
                 logger.debug("session %s: unknown engine event %r", s.session_id, ev.get("type"))
             elif isinstance(m, P.Partial):
@@ -277,9 +277,10 @@ class ASRSessions:
         except asyncio.CancelledError:
             raise
         except _Stalled:
-            logger.warning("session %s: client %s did not read its results for a while; closing", s.session_id,
-                           short(s.owner))
-            closed = P.Closed(session_id=s.session_id, reason="error")
+            if not s.closing:  # closing: the peer is gone (or closed it); nobody to tell
+                logger.warning("session %s: client %s did not read its results for a while; closing",
+                               s.session_id, short(s.owner))
+                closed = P.Closed(session_id=s.session_id, reason="error")
         except Exception as e:
             if isinstance(e, S2SError):
                 logger.warning("session %s: %s (%s)", s.session_id, e, e.code.value)
@@ -350,3 +351,19 @@ class ASRSessions:
         except S2SError:
             pass  # worker already gone
         logger.info("session %s: released (%.1f s)", s.session_id, self.clock() - s.opened_at)
+
+
+def event_to_message(session_id: str, ev: Mapping[str, Any], request_id: str = "") -> Optional[P.Message]:
+    """Engine event dict (daemon.engines format) -> SpeechStart/Partial/Final; None if unknown."""
+    t = ev.get("type")
+    utt = int(ev.get("utterance", 0) or 0)
+    if t == "speech_start":
+        return P.SpeechStart(session_id=session_id, start=float(ev.get("start", 0.0)), utterance=utt)
+    if t == "partial":
+        return P.Partial(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
+                         end=float(ev.get("end", 0.0)), utterance=utt)
+    if t == "final":
+        return P.Final(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
+                       end=float(ev.get("end", 0.0)), utterance=utt, reason=str(ev.get("reason", "vad")),
+                       request_id=request_id)
+    return None

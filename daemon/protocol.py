@@ -1,21 +1,17 @@
 """The s2s wire protocol, shared by the daemon, the client library and the bridge.
 
-A message is a ZeroMQ multipart message. On the daemon's ROUTER socket it arrives as
+A message is a ZeroMQ multipart message: ``[identity, b"", header, *binary]`` on the daemon's
+ROUTER socket, ``[b"", header, *binary]`` at a DEALER client. ``header`` is UTF-8 JSON with at
+least ``{"v": 1, "type": "..."}`` plus the message's fields; audio never goes inside the JSON:
+it travels as the one binary frame after the header (``audio`` both ways).
 
-    [identity, b"", header, *binary]
+Each message type is one frozen dataclass with ``encode() -> list[bytes]`` (the frames after
+the empty delimiter) and ``decode``; ``decode_request()`` / ``decode_reply()`` pick the class
+from the header. ``audio`` from a client is ASR input (session_id, seq, PCM16 16 kHz);
+``audio`` from the daemon is TTS output (request_id, seq, sentence, PCM16).
 
-and a DEALER client sees ``[b"", header, *binary]``. ``header`` is UTF-8 JSON holding at
-least ``{"v": 1, "type": "..."}`` plus the message's fields; audio never goes inside the
-JSON: it travels as the one binary frame after the header (``audio`` both ways).
-
-Each message type is one frozen dataclass with ``encode() -> list[bytes]`` (the frames
-after the empty delimiter) and ``decode``; the module-level ``decode_request()`` /
-``decode_reply()`` pick the class from the header. The same type name may mean different
-messages in the two directions: ``audio`` from a client is ASR input (session_id, seq,
-PCM16 16 kHz), ``audio`` from the daemon is TTS output (request_id, seq, sentence, PCM16).
-
-Bad input raises ``ProtocolError`` carrying a stable ``ErrorCode``, plus whatever request
-and session id could be read, so the daemon can answer with an ``error`` message.
+Bad input raises ``ProtocolError`` carrying a stable ``ErrorCode``, plus whatever request and
+session id could be read (and can be sent back), so the daemon can answer with ``error``.
 """
 
 from __future__ import annotations
@@ -76,8 +72,6 @@ class MsgType(str, enum.Enum):
     ERROR = "error"
 
 
-# --- field checks (raise ProtocolError, never assert) ---------------------------------------
-
 
 def is_text(value: Any) -> bool:
     """A str that UTF-8 can carry: JSON's "\\ud800" escapes decode to lone surrogates, which
@@ -134,8 +128,6 @@ def _check(value: Any, tp: Any, name: str, hdr: Mapping[str, Any]) -> Any:
         return value
     raise _fail(f"field {name!r}: unsupported type {t}", hdr)  # pragma: no cover - programming error
 
-
-# --- base ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -196,8 +188,6 @@ class Message:
             raise _fail(f"expected {cls.TYPE.value!r}, got {hdr['type']!r}", hdr, ErrorCode.UNKNOWN_TYPE)
         return cls.from_header(hdr, frames[1:])
 
-
-# --- client -> daemon -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -286,8 +276,6 @@ class Ping(Message):
     TYPE: ClassVar[MsgType] = MsgType.PING
     request_id: str = ""
 
-
-# --- daemon -> client -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -445,8 +433,6 @@ ASR_REQUESTS = frozenset({"open", "audio", "finalize", "reset", "close", "descri
 TTS_REQUESTS = frozenset({"synthesize", "cancel", "describe", "ping"})
 
 
-# --- framing ----------------------------------------------------------------------------------
-
 
 def parse_header(frames: Sequence[bytes]) -> Dict[str, Any]:
     """Header JSON of [header, *binary]: checks size, JSON, version and that type is a string."""
@@ -511,19 +497,3 @@ def router_frames(identity: bytes, msg: Message) -> Frames:
 
 def dealer_frames(msg: Message) -> Frames:
     return [b""] + msg.encode()
-
-
-def event_to_message(session_id: str, ev: Mapping[str, Any], request_id: str = "") -> Optional[Message]:
-    """Engine event dict (daemon.engines format) -> SpeechStart/Partial/Final; None if unknown."""
-    t = ev.get("type")
-    utt = int(ev.get("utterance", 0) or 0)
-    if t == "speech_start":
-        return SpeechStart(session_id=session_id, start=float(ev.get("start", 0.0)), utterance=utt)
-    if t == "partial":
-        return Partial(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
-                       end=float(ev.get("end", 0.0)), utterance=utt)
-    if t == "final":
-        return Final(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
-                     end=float(ev.get("end", 0.0)), utterance=utt, reason=str(ev.get("reason", "vad")),
-                     request_id=request_id)
-    return None

@@ -5,8 +5,9 @@
   to it is built from validated fields only and sending never raises.
 - **Flood control:** under a flood pyzmq hands back already-completed futures, so awaiting
   them never yields; the loop yields to the event loop every `YIELD_EVERY` messages. Each
-  peer has an error budget (a token bucket): replies to its bad messages beyond it are
+  peer has an error budget for malformed messages (a token bucket): replies beyond it are
   dropped and counted, not sent, so a flooder cannot make us flood it (or the log) back.
+  Refusals of well-formed requests are always answered (the bridge is one peer for many users).
 - **Send:** `send` never blocks (a vanished peer is reported to `on_peer_gone`; a peer at
   its high-water mark loses the message, counted); `send_wait` retries a full peer for a
   while and is what every reply that must not be lost goes through (TTS audio, finals,
@@ -212,11 +213,13 @@ class Transport:
             delay = min(0.1, delay * 2)
 
     def reply_error(self, which: str, ident: bytes, e: S2SError, request_id: str = "", session_id: str = "",
-                    seq: Optional[int] = None) -> None:
-        """An `error` for a request, within the peer's error budget."""
+                    seq: Optional[int] = None, budgeted: bool = False) -> None:
+        """An `error` for a request. `budgeted` (malformed messages, which no real client
+        sends): only within the peer's error budget. Refusals of well-formed requests (busy,
+        no_session, ...) are always answered: one peer may be a bridge serving many users."""
         if not ident:
             return
-        if not self.budgets.take(ident):
+        if budgeted and not self.budgets.take(ident):
             self.counters["errors_unanswered"] += 1
             return
         self.send(which, ident, P.Error.from_exception(e, request_id, session_id, seq))
@@ -260,7 +263,7 @@ class Transport:
             self.counters["protocol_errors"] += 1
             self.limited(logging.INFO, f"bad-{which}", "%s: bad message from %s: %s (%s)", which, short(ident), e,
                          e.code.value)
-            self.reply_error(which, ident, e, e.request_id, e.session_id)
+            self.reply_error(which, ident, e, e.request_id, e.session_id, budgeted=True)
         except S2SError as e:
             if e.code == ErrorCode.BUSY:
                 self.counters["busy"] = self.counters.get("busy", 0) + 1

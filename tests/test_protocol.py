@@ -7,6 +7,7 @@ import json
 import pytest
 
 from daemon import protocol as P
+from daemon.asr_sessions import event_to_message
 from daemon.errors import BusyError, ErrorCode
 
 REQUESTS = [
@@ -121,8 +122,8 @@ def test_error_from_exception_never_leaks_internals():
 
 
 def test_event_to_message():
-    m = P.event_to_message("s", {"type": "final", "text": "好", "start": 1, "end": 2, "utterance": 3, "reason": "vad"})
+    m = event_to_message("s", {"type": "final", "text": "好", "start": 1, "end": 2, "utterance": 3, "reason": "vad"})
     assert m == P.Final(session_id="s", text="好", start=1.0, end=2.0, utterance=3, reason="vad")
-    assert isinstance(P.event_to_message("s", {"type": "speech_start", "start": 0.5}), P.SpeechStart)
-    assert isinstance(P.event_to_message("s", {"type": "partial", "text": "x"}), P.Partial)
-    assert P.event_to_message("s", {"type": "weird"}) is None
+    assert isinstance(event_to_message("s", {"type": "speech_start", "start": 0.5}), P.SpeechStart)
+    assert isinstance(event_to_message("s", {"type": "partial", "text": "x"}), P.Partial)
+    assert event_to_message("s", {"type": "weird"}) is None
