@@ -425,22 +425,3 @@ def as_dict(cfg: Config, redact: bool = True) -> dict:
             d["agent"]["api_key"] = "***"
     return d
 
-
-def reloadable_diff(old: Config, new: Config) -> Tuple[list, list]:
-    """Split changes between two configs into (applied on SIGHUP, needing a restart)."""
-    live_prefixes = ("limits.", "logging.", "asr.hotwords", "asr.partial_interval", "tts.speed",
-                     "daemon.drain_timeout")
-    applied, restart = [], []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if dataclasses.is_dataclass(a):
-            for f in dataclasses.fields(a):
-                if f.name in ("source", "overrides"):
-                    continue
-                walk(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}.")
-        elif a != b:
-            key = prefix[:-1]
-            (applied if key.startswith(live_prefixes) else restart).append(key)
-
-    walk(old, new, "")
-    return applied, restart

@@ -67,7 +67,8 @@ def _table(info: Dict[str, Any]) -> str:
     """The daemon's describe() as text. Never raises on an unexpected shape: shows it instead."""
     from daemon.engines import Fallback, SchemaError
 
-    d = info.get("daemon") if isinstance(info.get("daemon"), dict) else {}
+    raw = info.get("daemon")
+    d: Dict[str, Any] = raw if isinstance(raw, dict) else {}
     uptime = d.get("uptime")
     lines = [f"daemon   v{d.get('version')} protocol {d.get('protocol')} pid {d.get('pid')} "
              f"uptime {uptime:.0f}s healthy={d.get('healthy')}" if isinstance(uptime, (int, float))
@@ -152,7 +153,8 @@ def cmd_transcribe(args: argparse.Namespace, eps: Dict[str, str]) -> int:
             if line and (args.stream or not isinstance(m, P.Partial)):
                 print(line, flush=True)
 
-    with ASRClient(eps["asr"], timeout=args.timeout) as c:
+    c = ASRClient(eps["asr"], timeout=args.timeout)
+    with c:
         try:
             s = c.open(language=args.lang, sample_rate=sr, partials=args.stream)
         except DaemonError as e:
@@ -189,7 +191,8 @@ def cmd_transcribe(args: argparse.Namespace, eps: Dict[str, str]) -> int:
 def cmd_speak(args: argparse.Namespace, eps: Dict[str, str]) -> int:
     from daemon.audio import write_wav
 
-    with TTSClient(eps["tts"], timeout=args.timeout) as c:
+    c = TTSClient(eps["tts"], timeout=args.timeout)
+    with c:
         try:
             t0 = time.monotonic()
             first = None

@@ -150,14 +150,16 @@ def test_secrets_redacted():
     assert "s3cret" not in repr(d) and "sk-x" not in repr(d)
 
 
-def test_reloadable_diff_splits_live_and_restart():
+def test_reload_changes_split_live_and_restart():
     import dataclasses
+
+    from daemon.reload import changes
 
     a = C.Config()
     b = dataclasses.replace(a, limits=dataclasses.replace(a.limits, max_sessions=4),
                             asr=dataclasses.replace(a.asr, device="cpu", hotwords=("阿里巴巴",)))
-    applied, restart = C.reloadable_diff(a, b)
-    assert set(applied) == {"limits.max_sessions", "asr.hotwords"}
+    applied, restart = changes(a, b)
+    assert applied == ["asr.hotwords [] -> [阿里巴巴]", f"limits.max_sessions {a.limits.max_sessions} -> 4"]
     assert restart == ["asr.device"]
 
 
