@@ -48,10 +48,6 @@ def float_to_pcm16(x: np.ndarray) -> bytes:
     return (x * 32767.0).astype("<i2").tobytes()
 
 
-def pcm16_to_float(buf: bytes) -> np.ndarray:
-    return to_float32(buf)
-
-
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """Band-limited resampling (soxr, high quality)."""
     if sr_in == sr_out or x.size == 0:
