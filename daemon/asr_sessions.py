@@ -59,6 +59,7 @@ class Session:
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     stash: Optional[Command] = None  # a command taken off the queue while merging audio
+    tentative: bool = False  # the client asked for tentative/resume events
 
     def has_work(self) -> bool:
         return self.busy or self.stash is not None or not self.queue.empty()
@@ -143,6 +144,7 @@ class ASRSessions:
             import soxr
 
             s.resampler = soxr.ResampleStream(msg.sample_rate, P.ASR_SAMPLE_RATE, 1, dtype="float32")
+        s.tentative = msg.tentative
         self.sessions[s.session_id] = s
         s.task = asyncio.get_running_loop().create_task(self._run(s), name=f"asr-{s.session_id}")
         logger.info("session %s: open from %s (lang=%s, rate=%d, partials=%s)", s.session_id, short(ident),
@@ -208,13 +210,21 @@ class ASRSessions:
                                   max_utterance_seconds=cfg.limits.max_utterance_seconds)
 
         try:
-            return open_with(list(hotwords) if hotwords else None)
+            return self._speculate(s, open_with(list(hotwords) if hotwords else None))
         except S2SError as e:
             if e.code == ErrorCode.UNSUPPORTED and s.hotwords is None and hotwords:
                 # The configured defaults do not fit this model: serve without them.
                 logger.warning("session %s: default hotwords unusable (%s); opening without", s.session_id, e)
-                return open_with(None)
+                return self._speculate(s, open_with(None))
             raise
+
+    def _speculate(self, s: Session, engine: ASRSession) -> ASRSession:
+        """Tentative decodes after turn.early_silence, for a session that asked for them."""
+        early = self.cfg().turn.early_silence if s.tentative else 0.0
+        setter = getattr(engine, "set_early_silence", None)
+        if setter is not None:
+            setter(early)
+        return engine
 
     async def _must_send(self, s: Session, msg: P.Message) -> None:
         if not await self.transport.send_wait("asr", s.owner, msg):
@@ -227,6 +237,9 @@ class ASRSessions:
                 logger.debug("session %s: unknown engine event %r", s.session_id, ev.get("type"))
             elif isinstance(m, P.Partial):
                 if s.partials:  # superseded by the next partial or the final: may be dropped
+                    self.transport.send("asr", s.owner, m)
+            elif isinstance(m, (P.Tentative, P.Resume)):
+                if s.tentative:  # the final decides anyway: may be dropped like a partial
                     self.transport.send("asr", s.owner, m)
             else:
                 await self._must_send(s, m)
@@ -354,7 +367,8 @@ class ASRSessions:
 
 
 def event_to_message(session_id: str, ev: Mapping[str, Any], request_id: str = "") -> Optional[P.Message]:
-    """Engine event dict (daemon.engines format) -> SpeechStart/Partial/Final; None if unknown."""
+    """Engine event dict (daemon.engines format) -> SpeechStart/Partial/Final/Tentative/Resume;
+    None if unknown."""
     t = ev.get("type")
     utt = int(ev.get("utterance", 0) or 0)
     if t == "speech_start":
@@ -366,4 +380,9 @@ def event_to_message(session_id: str, ev: Mapping[str, Any], request_id: str = "
         return P.Final(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
                        end=float(ev.get("end", 0.0)), utterance=utt, reason=str(ev.get("reason", "vad")),
                        request_id=request_id)
+    if t == "tentative":
+        return P.Tentative(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
+                           end=float(ev.get("end", 0.0)), utterance=utt)
+    if t == "resume":
+        return P.Resume(session_id=session_id, start=float(ev.get("start", 0.0)), utterance=utt)
     return None

@@ -553,14 +553,16 @@ class AsyncASRStream:
 class AsyncASRClient(AsyncClient):
     async def open(self, session_id: Optional[str] = None, language: Optional[str] = None,
                    hotwords: Optional[Sequence[str]] = None, sample_rate: int = P.ASR_SAMPLE_RATE,
-                   partials: bool = True, timeout: Optional[float] = None) -> AsyncASRStream:
+                   partials: bool = True, timeout: Optional[float] = None,
+                   tentative: bool = False) -> AsyncASRStream:
         sid = session_id or new_id()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[sid] = q
         try:
             opened = await self.request(P.Open(session_id=sid, request_id=new_id(), language=language,
                                                hotwords=tuple(hotwords) if hotwords is not None else None,
-                                               sample_rate=sample_rate, partials=partials), timeout)
+                                               sample_rate=sample_rate, partials=partials, tentative=tentative),
+                                        timeout)
         except BaseException:
             self._streams.pop(sid, None)
             raise

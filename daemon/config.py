@@ -180,6 +180,16 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class TurnConfig:
+    # Seconds of silence inside an utterance after which the daemon decodes it so far
+    # (`tentative`, for sessions that ask); under the VAD's 0.8 s end silence; 0 = never.
+    early_silence: float = 0.3
+    # The bridge starts the agent and the first sentence's synthesis on a tentative and holds
+    # them until the final: released when the texts match, cancelled when they do not.
+    speculate: bool = True
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_sessions: int = 32
     idle_timeout: float = 60.0
@@ -210,6 +220,7 @@ class Config:
     tts: TTSConfig = field(default_factory=TTSConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
@@ -340,6 +351,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"daemon.{which}_endpoint", f"{ep!r} is not a ZeroMQ endpoint", src)
     if not 8000 <= cfg.tts.sample_rate <= 48000:
         raise ConfigError("tts.sample_rate", "must be between 8000 and 48000", src)
+    if not 0 <= cfg.turn.early_silence < 0.8:
+        raise ConfigError("turn.early_silence", "must be at least 0 and under the VAD's 0.8 s end silence", src)
     if cfg.limits.max_session_lag < cfg.limits.max_asr_lag:
         raise ConfigError("limits.max_session_lag", "must be at least limits.max_asr_lag", src)
     # The selected engine must name its model paths (existence is checked at load).

@@ -61,6 +61,8 @@ class MsgType(str, enum.Enum):
     SPEECH_START = "speech_start"
     PARTIAL = "partial"
     FINAL = "final"
+    TENTATIVE = "tentative"  # the utterance so far, after a short silence (speculative)
+    RESUME = "resume"  # speech went on after a tentative: it is withdrawn
     CLOSED = "closed"
     ACK = "ack"
     # daemon -> client, TTS
@@ -202,6 +204,7 @@ class Open(Message):
     hotwords: Optional[Tuple[str, ...]] = None
     sample_rate: int = ASR_SAMPLE_RATE
     partials: bool = True
+    tentative: bool = False  # tentative/resume events (turn.early_silence)
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,28 @@ class Final(Message):
 
 
 @dataclass(frozen=True)
+class Tentative(Message):
+    """Not a final: `resume` withdraws it and the utterance's `final` decides."""
+
+    TYPE: ClassVar[MsgType] = MsgType.TENTATIVE
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    text: str = ""
+    start: float = 0.0
+    end: float = 0.0
+    utterance: int = 0
+
+
+@dataclass(frozen=True)
+class Resume(Message):
+    TYPE: ClassVar[MsgType] = MsgType.RESUME
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
+    session_id: str = ""
+    start: float = 0.0
+    utterance: int = 0
+
+
+@dataclass(frozen=True)
 class Closed(Message):
     """reason: finalized | closed | idle | peer_gone | shutdown | error; the client library
     adds daemon_gone for streams whose connection to the daemon was lost."""
@@ -427,7 +452,7 @@ class Error(Message):
 REQUESTS: Dict[str, Type[Message]] = {c.TYPE.value: c for c in (
     Open, Audio, Finalize, Reset, Close, Synthesize, Cancel, Describe, Ping)}
 REPLIES: Dict[str, Type[Message]] = {c.TYPE.value: c for c in (
-    Opened, SpeechStart, Partial, Final, Closed, Ack, SynthAudio, Done, Cancelled, Info, Pong, Error)}
+    Opened, SpeechStart, Partial, Final, Tentative, Resume, Closed, Ack, SynthAudio, Done, Cancelled, Info, Pong, Error)}
 # Requests each socket serves.
 ASR_REQUESTS = frozenset({"open", "audio", "finalize", "reset", "close", "describe", "ping"})
 TTS_REQUESTS = frozenset({"synthesize", "cancel", "describe", "ping"})

@@ -17,6 +17,13 @@ Why these choices:
   this small.
 - Only the current utterance (plus a few seconds of history for the VAD's look-back) is kept;
   `max_utterance_seconds` forces a final, so memory stays bounded on endless input.
+- Speculative turns (`turn.early_silence`, sessions that ask for them): a short silence inside
+  an utterance is read from fsmn-vad's own state (its count of silent frames, plus the window
+  it needs to call a frame silent), not from a second detector, so "pause" and "end" can never
+  disagree about what was speech. The utterance so far is decoded at the pause (`tentative`);
+  if the VAD confirms speech again the tentative is withdrawn (`resume`); if the endpoint
+  comes with nothing but silence after the pause, the final carries the tentative's text
+  instead of decoding the same speech twice.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,6 +47,9 @@ from daemon.errors import AudioError, ErrorCode, ModelMissingError, S2SError, Un
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
+# How far past a pause's speech end the VAD may draw the utterance's end and still have heard
+# nothing new (it ends one or two frames after its last speech frame).
+PAUSE_END_SLACK = SAMPLE_RATE // 10
 
 # funasr quiet-mode flags accepted by AutoModel.
 FUNASR_QUIET = {"disable_update": True, "disable_pbar": True, "disable_log": True}
@@ -64,6 +74,10 @@ class FsmnVAD:
         self.ncpu = ncpu
         self.max_end_silence_ms = max_end_silence_ms
         self.step_ms = step_ms
+        # fsmn-vad options read at load (its config's values; these are the shipped ones).
+        self.frame_ms = 10
+        self.speech_to_sil_ms = 150  # silence the VAD's window needs before it counts frames
+        self.lookahead_end_ms = 100  # speech kept past the last speech frame (do_extend)
         self._model: Any = None
 
     def load(self) -> None:
@@ -72,6 +86,11 @@ class FsmnVAD:
 
         # CPU always: see the module docstring.
         self._model = AutoModel(model=str(self.model_dir), device="cpu", ncpu=self.ncpu, **FUNASR_QUIET)
+        opts = getattr(getattr(self._model, "model", None), "vad_opts", None)
+        if opts is not None:
+            self.frame_ms = int(getattr(opts, "frame_in_ms", self.frame_ms))
+            self.speech_to_sil_ms = int(getattr(opts, "speech_to_sil_time_thres", self.speech_to_sil_ms))
+            self.lookahead_end_ms = int(getattr(opts, "lookahead_time_end_point", self.lookahead_end_ms))
         logger.info("vad: loaded %s (step %d ms, end silence %d ms)", self.model_dir, self.step_ms,
                     self.max_end_silence_ms)
 
@@ -105,11 +124,13 @@ class FsmnVAD:
 
 @dataclass
 class VADEvent:
-    kind: str  # "start" | "end"
+    kind: str  # "start" | "end" | "pause" | "resume"
     start: int  # utterance start, absolute samples
-    end: int = -1  # utterance end (kind "end"), absolute samples
-    audio: Optional[np.ndarray] = None  # the utterance (kind "end")
+    end: int = -1  # utterance end ("end"), speech end before the pause ("pause"), absolute samples
+    audio: Optional[np.ndarray] = None  # the utterance ("end"), the utterance so far ("pause")
     reason: str = "vad"  # vad | max_length | finalize
+    # "end" only: the utterance was paused (a "pause" event) and no speech came after it.
+    after_pause: bool = False
 
 
 class _Ring:
@@ -165,6 +186,8 @@ class VADSegmenter:
         self.step = int(vad.step_ms * SAMPLE_RATE / 1000)
         self.max_utterance = int(max_utterance_seconds * SAMPLE_RATE)
         self.history = int(self.HISTORY_SECONDS * SAMPLE_RATE)
+        # Silence inside an utterance that makes a "pause" event (0: none; per session).
+        self.early_silence_ms = 0
         self.reset()
 
     def reset(self) -> None:
@@ -174,6 +197,8 @@ class VADSegmenter:
         self._vad_fed = 0  # absolute samples given to the VAD so far
         self._utt_start: Optional[int] = None
         self._last_speech_end = 0
+        self._pause_end: Optional[int] = None  # speech end of the open pause (absolute samples)
+        self._pause_frame = -1  # the VAD's last speech frame when the pause was seen
 
     # -- state ------------------------------------------------------------------------
 
@@ -250,17 +275,47 @@ class VADSegmenter:
             events.append(self._close(cut, "max_length"))
             self._utt_start = cut
             events.append(VADEvent("start", cut))
+        if self._utt_start is not None and self.early_silence_ms > 0 and not final:
+            events += self._pause_or_resume()
         if not final and self._utt_start is None and \
                 self._vad_fed - max(self._last_speech_end, self._vad_origin) > self.IDLE_RESET_SECONDS * SAMPLE_RATE:
             self._cache = {}
             self._vad_origin = self._vad_fed
         return events
 
+    def _pause_or_resume(self) -> List[VADEvent]:
+        """A "pause" once the VAD has counted early_silence_ms of silence in the open utterance;
+        a "resume" when it confirms speech again after one (then the next silence may pause)."""
+        stats = self._cache.get("stats")
+        if stats is None or self._utt_start is None:
+            return []
+        last = int(getattr(stats, "latest_confirmed_speech_frame", -1))
+        silent = int(getattr(stats, "continous_silence_frame_count", 0))
+        if self._pause_end is not None:
+            if last > self._pause_frame:
+                ev = VADEvent("resume", self._utt_start, self._vad_origin + last * self.vad.frame_ms * 16)
+                self._pause_end, self._pause_frame = None, -1
+                return [ev]
+            return []
+        if silent <= 0 or silent * self.vad.frame_ms + self.vad.speech_to_sil_ms < self.early_silence_ms:
+            return []
+        # Where the VAD will end the utterance if nothing follows: its last speech frame (which
+        # already includes its look-ahead), one frame on.
+        end = self._vad_origin + (last + 1) * self.vad.frame_ms * 16
+        end = min(max(end, self._utt_start), self._vad_fed)
+        self._pause_end, self._pause_frame = end, last
+        return [VADEvent("pause", self._utt_start, end, self._ring.slice(self._utt_start, end))]
+
     def _close(self, end: int, reason: str) -> VADEvent:
         start = self._utt_start if self._utt_start is not None else end
-        ev = VADEvent("end", start, end, self._ring.slice(start, end), reason)
+        # Nothing but silence since the pause: the final's speech is the pause's (its end lies
+        # a frame or two later, where the VAD drew it).
+        after_pause = self._pause_end is not None and reason != "max_length" and \
+            end - self._pause_end <= PAUSE_END_SLACK
+        ev = VADEvent("end", start, end, self._ring.slice(start, end), reason, after_pause)
         self._utt_start = None
         self._last_speech_end = end
+        self._pause_end, self._pause_frame = None, -1
         return ev
 
     def _trim(self) -> None:
@@ -292,7 +347,8 @@ def _is_cjk(ch: str) -> bool:
 
 
 class StreamingEngine:
-    """One session: VAD endpointing -> speech_start / partial / final event dicts.
+    """One session: VAD endpointing -> speech_start / partial / final event dicts, plus
+    tentative / resume for a session that asked for them (`set_early_silence`).
 
     Subclasses implement `_decode(audio) -> str` and optionally the partial hooks. All methods
     are synchronous and meant to run on the pool's worker (pool.submit).
@@ -310,6 +366,7 @@ class StreamingEngine:
         self._seg = pool.vad.segmenter(max_utterance_seconds, session_id)
         self._queue: Deque[Dict[str, Any]] = deque()
         self._utt = 0
+        self._tentative: Optional[Tuple[int, str]] = None  # (utterance, text) of the open pause
         self.last_active = time.monotonic()
         if hotwords:
             self.set_hotwords(hotwords)
@@ -351,11 +408,20 @@ class StreamingEngine:
         self._seg.reset()
         self._queue.clear()
         self._utt = 0
+        self._tentative = None
         self._partial_reset()
         self.last_active = time.monotonic()
 
     def set_language(self, lang: str) -> None:
         self.language = check_language(lang)
+
+    def set_early_silence(self, seconds: float) -> None:
+        """Decode the utterance so far after this much silence inside it (`tentative`); 0: never."""
+        self._seg.early_silence_ms = max(int(round(float(seconds) * 1000)), 0)
+
+    @property
+    def early_silence(self) -> float:
+        return self._seg.early_silence_ms / 1000.0
 
     def set_hotwords(self, hotwords: Sequence[str]) -> None:
         words = clean_hotwords(hotwords)
@@ -379,9 +445,22 @@ class StreamingEngine:
     def _on_vad(self, ev: VADEvent) -> List[Dict[str, Any]]:
         if ev.kind == "start":
             self._partial_reset()
+            self._tentative = None
             return [{"type": "speech_start", "start": self._t(ev.start), "utterance": self._utt}]
+        if ev.kind == "pause":
+            return self._on_pause(ev)
+        if ev.kind == "resume":
+            if self._tentative is None:
+                return []
+            self._tentative = None
+            logger.debug("asr %s: resume %d at %.2f", self.session_id, self._utt, self._t(ev.end))
+            return [{"type": "resume", "start": self._t(ev.end), "utterance": self._utt}]
         audio = ev.audio if ev.audio is not None else np.zeros(0, dtype=np.float32)
-        text = self._decode(audio) if audio.size else ""
+        tentative, self._tentative = self._tentative, None
+        if ev.after_pause and tentative is not None and tentative[0] == self._utt:
+            text = tentative[1]  # only silence since the tentative: the same speech, decoded once
+        else:
+            text = self._decode(audio) if audio.size else ""
         self._partial_reset()
         final = {"type": "final", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
                  "utterance": self._utt, "reason": ev.reason}
@@ -389,6 +468,17 @@ class StreamingEngine:
                      final["end"], ev.reason, text)
         self._utt += 1
         return [final]
+
+    def _on_pause(self, ev: VADEvent) -> List[Dict[str, Any]]:
+        audio = ev.audio if ev.audio is not None else np.zeros(0, dtype=np.float32)
+        text = self._decode(audio) if audio.size else ""
+        if not text.strip():
+            return []  # nothing to speculate on; the final decides
+        self._tentative = (self._utt, text)
+        logger.debug("asr %s: tentative %d %.2f-%.2f %r", self.session_id, self._utt, self._t(ev.start),
+                     self._t(ev.end), text)
+        return [{"type": "tentative", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
+                 "utterance": self._utt}]
 
     def _decode(self, audio: np.ndarray) -> str:  # pragma: no cover - abstract
         raise NotImplementedError

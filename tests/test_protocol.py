@@ -14,6 +14,7 @@ REQUESTS = [
     P.Open(session_id="s1", request_id="r1", language="zh", hotwords=("阿里巴巴", "s2s"), sample_rate=48000,
            partials=False),
     P.Open(session_id="s1"),
+    P.Open(session_id="s1", tentative=True),
     P.Audio(session_id="s1", seq=7, pcm=b"\x01\x00\xff\x7f", request_id="r", ack=True),
     P.Finalize(session_id="s1", request_id="r2"),
     P.Reset(session_id="s1", request_id="r3"),
@@ -28,6 +29,8 @@ REPLIES = [
     P.SpeechStart(session_id="s1", start=0.3, utterance=1),
     P.Partial(session_id="s1", text="提醒我", start=0.3, end=1.2, utterance=1),
     P.Final(session_id="s1", text="提醒我。", start=0.3, end=3.1, utterance=1, reason="finalize", request_id="r2"),
+    P.Tentative(session_id="s1", text="提醒我", start=0.3, end=1.5, utterance=1),
+    P.Resume(session_id="s1", start=1.9, utterance=1),
     P.Closed(session_id="s1", request_id="r2", reason="finalized"),
     P.Ack(session_id="s1", request_id="r3", of="reset"),
     P.SynthAudio(request_id="t1", seq=2, sentence=1, text="Hello.", sample_rate=24000, pcm=b"\x00\x00" * 10),
@@ -126,4 +129,7 @@ def test_event_to_message():
     assert m == P.Final(session_id="s", text="好", start=1.0, end=2.0, utterance=3, reason="vad")
     assert isinstance(event_to_message("s", {"type": "speech_start", "start": 0.5}), P.SpeechStart)
     assert isinstance(event_to_message("s", {"type": "partial", "text": "x"}), P.Partial)
+    t = event_to_message("s", {"type": "tentative", "text": "好", "start": 1, "end": 1.5, "utterance": 3})
+    assert isinstance(t, P.Tentative) and (t.text, t.end, t.utterance) == ("好", 1.5, 3)
+    assert isinstance(event_to_message("s", {"type": "resume", "start": 2.0, "utterance": 3}), P.Resume)
     assert event_to_message("s", {"type": "weird"}) is None
