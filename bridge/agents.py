@@ -24,7 +24,9 @@ Every failure is an `AgentError` with a stable code (``timeout``, ``unavailable`
 `total` (bridge.reply_timeout) the whole reply. An answer that is not an event stream (a
 plain JSON body, an HTML error page) is ``bad_reply``, never an empty reply. Cancelling the
 consumer (barge-in, the reply cap) closes the HTTP stream, so the agent server sees the
-disconnect. `AgentLimits` carries the bridge's caps: ``max_tokens`` for OpenAI-compatible
+disconnect. `Conversation.discard()` forgets the last reply when it was speculative and never
+shown (a LangGraph run is cancelled with rollback through the server's API; an OpenAI-style
+history drops the exchange). `AgentLimits` carries the bridge's caps: ``max_tokens`` for OpenAI-compatible
 requests, and the characters of a reply kept in the conversation's history.
 """
 
@@ -215,6 +217,10 @@ class Conversation:
         raise NotImplementedError
         yield ""
 
+    async def discard(self) -> None:
+        """Forget the last reply (its stream is closed already): it was speculative and never
+        reached the user, so the conversation must not remember it."""
+
     async def aclose(self) -> None:
         pass
 
@@ -375,6 +381,8 @@ class LangGraphConversation(Conversation):
     def __init__(self, agent: "LangGraphAgent"):
         self.agent = agent
         self.thread_id = ""
+        self.run_id = ""       # the last run (from the stream's `metadata` event)
+        self.run_ended = False
 
     @property
     def conversation_id(self) -> str:  # type: ignore[override]
@@ -406,16 +414,38 @@ class LangGraphConversation(Conversation):
                     r.raise_for_status()
                 _check_event_stream(r)
                 parser = LangGraphStreamParser()
+                self.run_id, self.run_ended = _run_id(r.headers.get("content-location", "")), False
                 async for event, data in iter_sse(r.aiter_lines()):
+                    if event == "metadata" and not self.run_id:
+                        self.run_id = _metadata_run_id(data)
                     delta = parser.feed(event, data)
                     if delta:
                         yield delta
                     if parser.ended:
+                        self.run_ended = True
                         break
         except AgentError:
             raise
         except Exception as e:  # httpx errors, bad JSON
             raise _http_error(e, a.url) from None
+
+    async def discard(self) -> None:
+        """Cancel the last run with rollback: the server deletes the run and its checkpoints, so
+        the thread's history never shows the speculative exchange."""
+        tid, rid = self.thread_id, self.run_id
+        self.run_id = ""
+        if not tid or not rid:
+            return
+        a = self.agent
+        r = await a.client.post(f"{a.url}/threads/{tid}/runs/{rid}/cancel", params={"wait": "true", "action": "rollback"},
+                                timeout=5.0)
+        if r.status_code < 400:
+            logger.info("langgraph thread %s: run %s cancelled (rollback)", tid, rid)
+        elif self.run_ended:
+            logger.warning("langgraph thread %s: run %s had finished (HTTP %d to cancel); the thread keeps it",
+                           tid, rid, r.status_code)
+        else:
+            logger.warning("langgraph thread %s: cancelling run %s answered HTTP %d", tid, rid, r.status_code)
 
     async def aclose(self) -> None:
         """Delete the thread: the server would keep every conversation forever otherwise."""
@@ -428,6 +458,21 @@ class LangGraphConversation(Conversation):
                 logger.warning("langgraph thread %s: delete answered HTTP %d", tid, r.status_code)
         except Exception as e:  # the agent may be gone; nothing to do about it here
             logger.warning("langgraph thread %s: delete failed: %s", tid, type(e).__name__)
+
+
+def _run_id(location: str) -> str:
+    """The run id in a runs/stream answer's Content-Location (/threads/T/runs/R[/stream])."""
+    m = re.search(r"/runs/([^/?#]+)", location or "")
+    return m.group(1) if m and m.group(1) != "stream" else ""
+
+
+def _metadata_run_id(data: str) -> str:
+    try:
+        d = json.loads(data)
+    except ValueError:
+        return ""
+    rid = d.get("run_id") if isinstance(d, dict) else None
+    return rid if isinstance(rid, str) else ""
 
 
 class LangGraphAgent(_HTTPAgent):
@@ -454,11 +499,19 @@ class OpenAIConversation(Conversation):
     def __init__(self, agent: "OpenAIAgent"):
         self.agent = agent
         self.history: List[Dict[str, str]] = []
+        self._mark: Optional[int] = None
+
+    async def discard(self) -> None:
+        """Drop the last exchange (the user's text and whatever was said to it)."""
+        if self._mark is not None:
+            del self.history[self._mark:]
+            self._mark = None
 
     async def reply(self, text: str) -> AsyncIterator[str]:
         a = self.agent
         self.history.append({"role": "user", "content": text})
         self.history = self.history[-self.MAX_HISTORY:]
+        self._mark = len(self.history) - 1  # where this exchange starts (for discard)
         body: Dict[str, Any] = {"messages": list(self.history), "stream": True,
                                 "max_tokens": a.limits.max_tokens}
         if a.cfg.model:

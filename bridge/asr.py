@@ -7,7 +7,9 @@ instead of 25. Arrival times are kept per browser frame, so the speech end -> fi
 still counts from when the audio reached the bridge.
 
 The pump reads the session's events and turns them into page events; `on_activity` (speech
-start, a non-empty partial: barge-in) and `on_final` (a turn) are the connection's.
+start, a non-empty partial: barge-in), `on_final` (a turn) and `on_tentative` (a speculative
+turn; the session asks the daemon for `tentative`/`resume` when `turn.speculate` is on) are the
+connection's. Tentatives are not shown to the page: only a final is what the user said.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ OPEN_TIMEOUT = 5.0
 
 class Recognizer:
     def __init__(self, ctx: Context, events: Events, conn_id: str,
-                 on_activity: Callable[[str], Awaitable[Any]], on_final: Callable[[str], Awaitable[Any]]):
+                 on_activity: Callable[[str], Awaitable[Any]], on_final: Callable[[str], Awaitable[Any]],
+                 on_tentative: Optional[Callable[[str], Awaitable[Any]]] = None):
         self.ctx = ctx
         self.events = events
         self.id = conn_id
         self.on_activity = on_activity
         self.on_final = on_final
+        self.on_tentative = on_tentative
         self.stream: Any = None          # daemon.client.AsyncASRStream
         self.pump_task: Optional[asyncio.Task] = None
         self.started = False
@@ -76,7 +80,8 @@ class Recognizer:
         try:
             daemon.check("asr")
             stream = await daemon.asr.open(session_id=sid, language=self.language, hotwords=self.hotwords,
-                                           partials=True, timeout=OPEN_TIMEOUT)
+                                           partials=True, timeout=OPEN_TIMEOUT,
+                                           tentative=self.on_tentative is not None)
         except DaemonError as e:
             await self.events.error(e.code.value, f"speech recognition: {e.message}", "asr")
             return False
@@ -175,6 +180,12 @@ class Recognizer:
                 if isinstance(m, P.SpeechStart):
                     await emit({"type": "speech_start", "utterance": m.utterance, "start": m.start})
                     await self.on_activity("speech_start")
+                elif isinstance(m, P.Tentative):
+                    self.stats["tentatives"] += 1
+                    if self.on_tentative is not None and m.text.strip():
+                        await self.on_tentative(m.text.strip())
+                elif isinstance(m, P.Resume):
+                    await self.on_activity("resume")
                 elif isinstance(m, P.Partial):
                     await emit({"type": "partial", "text": m.text, "utterance": m.utterance})
                     if m.text.strip():
@@ -189,8 +200,7 @@ class Recognizer:
                                 "end": m.end, "reason": m.reason,
                                 "latency_ms": None if latency is None else round(latency * 1000.0, 1)})
                     self.stats["finals"] += 1
-                    if m.text.strip():
-                        await self.on_final(m.text.strip())
+                    await self.on_final(m.text.strip())
                 elif isinstance(m, P.Error):
                     await self.events.error(m.code, f"speech recognition: {m.message}", "asr")
                 elif isinstance(m, P.Closed):

@@ -40,7 +40,8 @@ class Connection:
         self.conv = ctx.agent.conversation()
         self.speaker = Speaker(ctx, self.events, conn_id)
         self.turns = Turns(ctx, self.events, conn_id, self.conv, self.speaker)
-        self.asr = Recognizer(ctx, self.events, conn_id, self._on_activity, self._on_final)
+        self.asr = Recognizer(ctx, self.events, conn_id, self._on_activity, self._on_final,
+                              self._on_tentative if self.turns.speculative else None)
         self.barge_in = True
         self.close_reason = ""
 
@@ -110,8 +111,10 @@ class Connection:
             await self.conv.aclose()
         except Exception:  # never let cleanup fail the handler
             logger.exception("conn %s: closing the agent conversation failed", self.id)
-        logger.info("conn %s: released (%s, %d errors, %d interrupted, %d bytes of audio out)", self.id,
-                    dict(self.asr.stats), self.events.errors, self.turns.interrupted, self.speaker.audio_bytes_out)
+        logger.info("conn %s: released (%s, %d errors, %d interrupted, %d bytes of audio out, speculative turns "
+                    "%d released / %d cancelled)", self.id, dict(self.asr.stats), self.events.errors,
+                    self.turns.interrupted, self.speaker.audio_bytes_out, self.turns.spec_released,
+                    self.turns.spec_wasted)
 
     # --- reader -----------------------------------------------------------------------
 
@@ -202,16 +205,31 @@ class Connection:
             return
         text = text.strip()
         await self.events.emit({"type": "user_text", "text": text})
-        # Typed input always takes over from a reply in progress.
+        # Typed input always takes over from a reply in progress, and from one being prepared.
+        await self.turns.drop_speculation("text")
         await self.turns.interrupt("text")
         self.turns.start(text, "text")
 
     # --- from the recognizer ------------------------------------------------------------
 
     async def _on_activity(self, reason: str) -> None:
-        if self.barge_in:
+        # The user goes on (a new utterance, or speech after the pause that made the tentative):
+        # the reply being prepared answers the wrong text. A partial is not enough: the daemon
+        # sends partials through the pause too.
+        if reason in ("speech_start", "resume"):
+            await self.turns.drop_speculation(reason)
+        if self.barge_in and reason != "resume":
             await self.turns.interrupt(reason)
 
+    async def _on_tentative(self, text: str) -> None:
+        await self.turns.speculate(text)
+
     async def _on_final(self, text: str) -> None:
-        if await self.turns.admit():
+        if not text:
+            await self.turns.drop_speculation("empty final")
+            return
+        if not await self.turns.admit():
+            await self.turns.drop_speculation("rate_limited")
+            return
+        if not await self.turns.confirm(text):  # released the speculative reply, or dropped it
             self.turns.start(text, "speech")

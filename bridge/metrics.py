@@ -1,7 +1,8 @@
 """The bridge's Prometheus metrics (`GET /metrics`), on a registry of its own.
 
 Bridge series (prefix `s2s_bridge_`): connections (total, open), refused connections by
-reason, closed connections by reason, turns by source, errors by code and source, and two
+reason, closed connections by reason, turns by source, speculative turns by outcome, errors by
+code and source, and two
 latency histograms: speech end -> final and final (or typed text) -> first reply audio.
 The daemon's counters from its `describe` are exported beside them as
 `s2s_daemon_<name>_total`, with `s2s_daemon_up` (1 when `describe` answered).
@@ -60,6 +61,11 @@ class Metrics:
         self.first_audio_latency = Histogram("s2s_bridge_first_audio_latency_seconds",
                                              "final or typed text -> first reply audio", registry=r,
                                              buckets=LATENCY_BUCKETS)
+        self.speculative = Counter("s2s_bridge_speculative_turns", "speculative turns (started on a tentative) "
+                                   "by outcome: released at the final, or cancelled (wasted)", ["outcome"],
+                                   registry=r)
+        for outcome in ("released", "cancelled"):
+            self.speculative.labels(outcome)
         self.daemon = _DaemonCollector()
         r.register(self.daemon)  # type: ignore[arg-type]
         for reason in ("full", "per_address", "origin", "token_in_url"):

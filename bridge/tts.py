@@ -1,16 +1,16 @@
 """One browser's reply speech: sentences -> daemon TTS (the shared client) -> reply audio.
 
-Each sentence is its own TTS request (`<connection>-<turn>-<sentence>`), spoken as soon as
-the agent finished writing it. A daemon that is down is said once per turn; the text is on
-the page anyway. `playback_until` estimates when the browser will be done playing, for
-barge-in.
+Each sentence is its own TTS request (`<connection>-<turn key>-<sentence>`), spoken as soon as
+the agent finished writing it. What a turn sends the page goes through its `Outlet`
+(bridge/turns.py), which holds a speculative turn's audio until it is released. A daemon that is
+down is said once per turn; the text is on the page anyway. `playback_until` estimates when the
+browser will be done playing, for barge-in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, Optional
 
 from bridge.context import Context
@@ -45,30 +45,28 @@ class Speaker:
                 return
             if tts_down:
                 continue  # the text is on the page; the error was said once
+            if idx and not turn.out.released.is_set():
+                await turn.out.released.wait()  # speculative: only the first sentence before the final
             try:
                 await self._speak(turn, idx, text)
             except DaemonError as e:
-                await self.events.error(e.code.value, f"speech synthesis: {e.message}", "tts")
-                await self.events.emit({"type": "tts_end", "turn": turn.no, "sentence": idx, "error": e.code.value})
+                await turn.out.error(e.code.value, f"speech synthesis: {e.message}", "tts")
+                await turn.out.emit({"type": "tts_end", "turn": turn.no, "sentence": idx, "error": e.code.value})
                 tts_down = e.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN)
             idx += 1
 
     async def _speak(self, turn: Any, idx: int, text: str) -> None:
         self.ctx.daemon.check("tts")
-        await self.events.emit({"type": "tts_start", "turn": turn.no, "sentence": idx, "text": text,
-                                "sample_rate": self.out_rate})
-        loop = asyncio.get_running_loop()
-        async for chunk in self.ctx.daemon.tts.synthesize(text, request_id=f"{self.id}-{turn.no}-{idx}",
+        await turn.out.emit({"type": "tts_start", "turn": turn.no, "sentence": idx, "text": text,
+                             "sample_rate": self.out_rate})
+        async for chunk in self.ctx.daemon.tts.synthesize(text, request_id=f"{self.id}-{turn.key}-{idx}",
                                                           timeout=TTS_TIMEOUT):
-            if not chunk.pcm:
-                continue
-            if turn.first_audio_at is None:
-                turn.first_audio_at = time.monotonic()
-                self.ctx.metrics.first_audio_latency.observe(turn.first_audio_at - turn.started)
-                await self.events.emit({"type": "first_audio", "turn": turn.no,
-                                        "latency_ms": ms(turn.started, turn.first_audio_at)})
-            rate = chunk.sample_rate or self.out_rate
-            self.playback_until = max(self.playback_until, loop.time()) + len(chunk.pcm) / 2 / rate
-            self.audio_bytes_out += len(chunk.pcm)
-            await self.events.audio(chunk.pcm, turn.no)
-        await self.events.emit({"type": "tts_end", "turn": turn.no, "sentence": idx})
+            if chunk.pcm:
+                await turn.out.audio(chunk.pcm, chunk.sample_rate or self.out_rate)
+        await turn.out.emit({"type": "tts_end", "turn": turn.no, "sentence": idx})
+
+    def played(self, pcm: bytes, rate: int) -> None:
+        """Reply audio sent to the page: when the browser will be done playing it."""
+        loop = asyncio.get_running_loop()
+        self.playback_until = max(self.playback_until, loop.time()) + len(pcm) / 2 / rate
+        self.audio_bytes_out += len(pcm)

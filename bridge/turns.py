@@ -11,16 +11,26 @@ whole reply must arrive within `bridge.reply_timeout`, and a reply with no text 
 Barge-in: `interrupt()` cancels the turn in progress (agent HTTP stream closed, daemon TTS
 request cancelled), drops reply audio still queued and sends `interrupted`. Without barge-in,
 replies wait for the one before (they are all heard, in order).
+
+Speculative turns (`turn.speculate`): `speculate()` starts a turn on the daemon's `tentative`
+text before the utterance is final. It runs like any turn (agent, sentences, synthesis) but its
+`Outlet` holds everything it would send the page. `confirm()` on the final releases it at once
+when the final says the same (normalised), else drops it; `drop_speculation()` (the user went
+on, typed, or a new utterance began) drops it: its agent run is cancelled and forgotten
+(`Conversation.discard`), its TTS requests cancelled, and nothing it produced reaches the page.
+A speculative turn gets its turn number only when released, so the page never sees a gap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Set
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from websockets.exceptions import ConnectionClosed
 
@@ -39,15 +49,88 @@ APOLOGY = {"zh": "抱歉，助手暂时无法回答，请稍后再试。",
            "en": "Sorry, the assistant cannot answer right now. Please try again later."}
 
 
+_NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def same_text(a: str, b: str) -> bool:
+    """Whether a tentative and a final say the same: case, spaces and punctuation ignored."""
+    return _NOT_WORD.sub("", a).casefold() == _NOT_WORD.sub("", b).casefold()
+
+
 @dataclass
 class Turn:
-    no: int
+    no: int                        # 0 while speculative: numbered when released
     text: str
     source: str                    # "speech" | "text"
-    started: float = field(default_factory=time.monotonic)   # final / text received
+    started: float = field(default_factory=time.monotonic)   # final / text / tentative received
     first_delta_at: Optional[float] = None
     first_audio_at: Optional[float] = None
     agent_done: bool = False
+    key: str = ""                  # in TTS request ids: unique per connection, also when dropped
+    final_at: Optional[float] = None   # a speculative turn: when its final released it
+    out: Any = None                # its Outlet
+
+
+class Outlet:
+    """Where one turn's page output goes: straight to the connection, or, for a speculative turn,
+    held in order until `release()` (sent then, in order) or `drop()` (never sent). First-audio
+    latency and the playback estimate count from when audio is really sent."""
+
+    def __init__(self, events: Events, speaker: Speaker, turn: Turn, held: bool = False):
+        self.events = events
+        self.speaker = speaker
+        self.turn = turn
+        self.held = held
+        self.dropped = False
+        self.released = asyncio.Event()
+        if not held:
+            self.released.set()
+        self._buf: Deque[Tuple[str, Any]] = collections.deque()
+
+    async def emit(self, event: Dict[str, Any]) -> None:
+        await self._put(("emit", event))
+
+    async def error(self, code: str, message: str, source: str = "bridge") -> None:
+        await self._put(("error", (code, message, source)))
+
+    async def audio(self, pcm: bytes, rate: int) -> None:
+        await self._put(("audio", (pcm, rate)))
+
+    async def _put(self, item: Tuple[str, Any]) -> None:
+        if self.dropped:
+            return
+        if self.held:
+            self._buf.append(item)
+        else:
+            await self._send(item)
+
+    async def _send(self, item: Tuple[str, Any]) -> None:
+        kind, x = item
+        t = self.turn
+        if kind == "emit":
+            await self.events.emit({**x, "turn": t.no} if "turn" in x else x)
+        elif kind == "error":
+            await self.events.error(*x)
+        else:
+            pcm, rate = x
+            if t.first_audio_at is None:
+                t.first_audio_at = time.monotonic()
+                t0 = t.final_at if t.final_at is not None else t.started
+                self.speaker.ctx.metrics.first_audio_latency.observe(max(t.first_audio_at - t0, 0.0))
+                await self.events.emit({"type": "first_audio", "turn": t.no, "latency_ms": ms(t0, t.first_audio_at),
+                                        **({"speculative": True} if t.final_at is not None else {})})
+            self.speaker.played(pcm, rate)
+            await self.events.audio(pcm, t.no)
+
+    async def release(self) -> None:
+        while self._buf and not self.dropped:
+            await self._send(self._buf.popleft())
+        self.held = False  # no await since the buffer was seen empty: nothing slips out of order
+        self.released.set()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self._buf.clear()
 
 
 class Turns:
@@ -66,6 +149,11 @@ class Turns:
         self.tasks: Set[asyncio.Task] = set()
         self.closing = False
         self.interrupted = 0
+        self.speculative = bool(ctx.cfg.turn.speculate)
+        self.spec: Optional[Tuple[Turn, asyncio.Task]] = None   # the speculative turn, held
+        self.spec_no = 0
+        self.spec_released = 0
+        self.spec_wasted = 0
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -81,12 +169,74 @@ class Turns:
         if self.closing:
             return  # the connection is going away; nobody would hear the reply
         self.no += 1
-        turn = Turn(self.no, text, source)
+        turn = Turn(self.no, text, source, key=str(self.no))
+        turn.out = Outlet(self.events, self.speaker, turn)
         self.ctx.metrics.turns.labels(source).inc()
         prev = [t for t in self.tasks if not t.done()]
         task = asyncio.create_task(self._run(turn, prev), name=f"turn-{self.id}-{turn.no}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    # --- speculative turns --------------------------------------------------------------
+
+    async def speculate(self, text: str) -> None:
+        """Start a held turn on a tentative text (a newer tentative replaces an older one)."""
+        if self.closing or not self.speculative:
+            return
+        if self.spec is not None:
+            if same_text(self.spec[0].text, text):
+                return  # already working on exactly this
+            await self.drop_speculation("newer tentative")
+        self.spec_no += 1
+        turn = Turn(0, text, "speech", key=f"s{self.spec_no}")
+        turn.out = Outlet(self.events, self.speaker, turn, held=True)
+        prev = [t for t in self.tasks if not t.done()]
+        task = asyncio.create_task(self._run(turn, prev), name=f"turn-{self.id}-{turn.key}")
+        self.spec = (turn, task)
+        logger.info("conn %s: speculative turn %s started on %r", self.id, turn.key, text[:80])
+
+    async def confirm(self, text: str) -> bool:
+        """On a final: release the speculative turn if it said the same (True), else drop it."""
+        if self.spec is None:
+            return False
+        turn, task = self.spec
+        if not same_text(turn.text, text):
+            await self.drop_speculation("final differs")
+            return False
+        self.spec = None
+        self.no += 1
+        turn.no = turn.no or self.no
+        turn.text = text
+        turn.final_at = time.monotonic()
+        self.spec_released += 1
+        self.ctx.metrics.turns.labels("speech").inc()
+        self.ctx.metrics.speculative.labels("released").inc()
+        if not task.done():
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        self.current = turn
+        logger.info("conn %s: speculative turn %s released as turn %d (%.0f ms after it started)", self.id,
+                    turn.key, turn.no, (turn.final_at - turn.started) * 1000)
+        await turn.out.release()
+        return True
+
+    async def drop_speculation(self, reason: str) -> bool:
+        """Cancel the speculative turn: nothing of it reaches the page; the agent forgets it."""
+        if self.spec is None:
+            return False
+        (turn, task), self.spec = self.spec, None
+        turn.out.drop()
+        task.cancel()
+        self.spec_wasted += 1
+        self.ctx.metrics.speculative.labels("cancelled").inc()
+        await asyncio.wait([task], timeout=CANCEL_GRACE)
+        try:
+            await self.conv.discard()
+        except Exception:  # the agent may be gone; the reply was never shown anyway
+            logger.warning("conn %s: could not discard speculative turn %s at the agent", self.id, turn.key,
+                           exc_info=True)
+        logger.info("conn %s: speculative turn %s cancelled (%s)", self.id, turn.key, reason)
+        return True
 
     def active(self) -> bool:
         return any(not t.done() for t in self.tasks) or \
@@ -114,6 +264,11 @@ class Turns:
     async def close(self) -> None:
         """No new turns; cancel the running ones."""
         self.closing = True
+        if self.spec is not None:
+            self.spec[0].out.drop()
+            self.spec[1].cancel()
+            self.tasks.add(self.spec[1])
+            self.spec = None
         tasks = [t for t in self.tasks if not t.done()]
         for t in tasks:
             t.cancel()
@@ -124,7 +279,8 @@ class Turns:
         try:
             if prev:
                 await asyncio.wait(prev)
-            self.current = turn
+            if not turn.out.held:
+                self.current = turn
             sentences: asyncio.Queue = asyncio.Queue()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._agent(turn, sentences))
@@ -154,7 +310,7 @@ class Turns:
                     if delta:
                         size += len(delta)
                         parts.append(delta)
-                        await self.events.emit({"type": "agent_delta", "turn": turn.no, "text": delta})
+                        await turn.out.emit({"type": "agent_delta", "turn": turn.no, "text": delta})
                         for s in buf.push(delta):
                             sentences.put_nowait(s)
                     if truncated:
@@ -168,14 +324,14 @@ class Turns:
                     "first_token_ms": ms(turn.started, turn.first_delta_at)}
             if truncated:
                 done["truncated"] = True
-                await self.events.error("reply_too_long", f"the reply was cut at {self.max_chars} characters "
-                                        "(bridge.max_reply_chars)", "agent")
-            await self.events.emit(done)
+                await turn.out.error("reply_too_long", f"the reply was cut at {self.max_chars} characters "
+                                     "(bridge.max_reply_chars)", "agent")
+            await turn.out.emit(done)
         except AgentError as e:
             logger.warning("conn %s: turn %d: agent failed: %s (%s)", self.id, turn.no, e.message, e.code)
-            await self.events.error(e.code, f"agent: {e.message}", "agent")
+            await turn.out.error(e.code, f"agent: {e.message}", "agent")
             turn.agent_done = True
-            await self.events.emit({"type": "agent_done", "turn": turn.no, "text": "".join(parts), "error": e.code})
+            await turn.out.emit({"type": "agent_done", "turn": turn.no, "text": "".join(parts), "error": e.code})
             sentences.put_nowait(self._apology(turn.text))
         finally:
             sentences.put_nowait(None)

@@ -9,6 +9,8 @@ replies and controllable per-token delays.
 LangGraph subset (what bridge/agents.py uses):
     GET  /ok, GET /info                          liveness
     POST /threads                                -> {"thread_id": ...}
+    POST /threads/{thread_id}/runs/{run_id}/cancel   marks the run cancelled; action=rollback also
+                                                 takes its messages out of the thread
     POST /threads/{thread_id}/runs/stream        SSE, HTTP/1.1 chunked:
          event: metadata  data: {"run_id": ..., "attempt": 1}
          stream_mode "messages-tuple": event: messages  data: [AIMessageChunk, metadata] per token
@@ -61,6 +63,8 @@ class RunRecord:
     completed: bool = False
     disconnected: bool = False
     disconnected_at: Optional[float] = None
+    run_id: str = ""
+    cancelled: str = ""           # the cancel's action ("interrupt" | "rollback"), when cancelled
 
     @property
     def last_token_time(self) -> Optional[float]:
@@ -265,7 +269,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         srv.requests.append(f"POST {self.path}")
         body = self._body()
         m = re.fullmatch(r"/threads/([^/]+)/runs/stream", self.path)
-        if self.path == "/threads":
+        c = re.fullmatch(r"/threads/([^/]+)/runs/([^/?]+)/cancel(?:\?(.*))?", self.path)
+        if c:
+            self._cancel(c.group(1), c.group(2), c.group(3) or "")
+        elif self.path == "/threads":
             tid = str(uuid.uuid4())
             srv.threads[tid] = []
             self._json(200, {"thread_id": tid, "status": "idle", "metadata": {}, "values": None})
@@ -278,6 +285,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._openai(body)
         else:
             self._json(404, {"detail": "Not Found"})
+
+    def _cancel(self, tid: str, run_id: str, query: str) -> None:
+        rec = next((r for r in self.srv.runs if r.run_id == run_id and r.thread_id == tid), None)
+        if rec is None:
+            self._json(404, {"detail": "Run not found"})
+            return
+        action = "rollback" if "action=rollback" in query else "interrupt"
+        rec.cancelled = action
+        history = self.srv.threads.get(tid, [])
+        if action == "rollback":
+            for text in (rec.user_text, "".join(rec.tokens_sent)):
+                if text in history:
+                    history.remove(text)
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _record(self, api: str, thread_id: str, user_text: str, turn: int, body: dict) -> RunRecord:
         srv = self.srv
@@ -340,7 +363,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         modes = body.get("stream_mode") or ["values"]
         modes = [modes] if isinstance(modes, str) else modes
         legacy = "messages" in modes and "messages-tuple" not in modes
-        run_id = str(uuid.uuid4())
+        run_id = rec.run_id = str(uuid.uuid4())
         msg_id = f"run-{run_id}"
         meta = {"langgraph_node": "agent", "langgraph_step": 1, "thread_id": tid, "run_id": run_id,
                 "ls_model_name": "fake"}
