@@ -433,10 +433,17 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
     tmp = Path(tempfile.mkdtemp(prefix="s2s-bench-"))
     st: Optional[Stack] = None
     procs: List[Proc] = []
+    fixed = None
+    agent, agent_url = args.agent, args.agent_url
     try:
+        if agent == "fixed":
+            from daemon.bench_agent import FixedLatencyAgent
+
+            fixed = FixedLatencyAgent(ttft=args.agent_ttft).__enter__()
+            agent, agent_url = "openai", fixed.url
         engines = args.engines or ("config" if args.config else "bundled")
         data = engine_config(engines, Path(args.models), tmp / "run", args.device, sessions,
-                             Path(args.config) if args.config else None, args.agent, args.agent_url)
+                             Path(args.config) if args.config else None, agent, agent_url)
         cfg_path = tmp / "s2s.yaml"
         cfg_path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         cfg = load_config(str(cfg_path), env={})
@@ -449,7 +456,7 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
         st.startup_s["daemon"] = round(time.monotonic() - t0, 2)
         if need_bridge:
             t0 = time.monotonic()
-            b = Proc("bridge", [sys.executable, "-m", "bridge", "--config", str(cfg_path), "--agent", args.agent],
+            b = Proc("bridge", [sys.executable, "-m", "bridge", "--config", str(cfg_path), "--agent", agent],
                      tmp / "bridge.log", _env())
             procs.append(b)
             port = _wait_bridge(b, 60.0)
@@ -462,6 +469,8 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
             rc = p.stop()
             if rc not in (0, None, -signal.SIGTERM):
                 logger.warning("%s exited with %s; log: %s", p.name, rc, p.log)
+        if fixed is not None:
+            fixed.__exit__(None, None, None)
         if args.keep_logs:
             print(f"logs kept in {tmp}")
         else:
@@ -875,7 +884,58 @@ async def stream_realtime(ws: WS, pcm: bytes, t0: float, frame_s: float = WS_FRA
 # --- e2e -------------------------------------------------------------------------------------------
 
 
+def _bridge_speculative(ws_url: str) -> Dict[str, float]:
+    import urllib.request
+
+    m = re.match(r"wss?://([^/]+)/", ws_url)
+    try:
+        with urllib.request.urlopen(f"http://{m.group(1) if m else ''}/metrics", timeout=5) as r:
+            body = r.read().decode()
+    except (OSError, ValueError):
+        return {}
+    return {o: float(v) for o, v in re.findall(r'^s2s_bridge_speculative_turns_total\{outcome="(\w+)"\} (\S+)$',
+                                                body, re.M)}
+
+
 async def _e2e(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
+    """Both ways when asked (--speculation both) and the stack is ours: a second bridge on the same
+    daemon with turn.speculate false runs the same utterances right after."""
+    modes = ("on", "off") if args.speculation == "both" else (args.speculation,)
+    if len(modes) == 2 and st.tmp is None:
+        modes = ("attached",)  # an attached bridge runs as configured
+    results: Dict[str, Any] = {}
+    for mode in modes:
+        bridge, proc = st.bridge, None
+        if mode == "off" and st.tmp is not None:
+            bridge, proc = _second_bridge(st, speculate=False)
+        try:
+            results[mode] = await _e2e_once(st, args, bridge)
+        finally:
+            if proc is not None:
+                proc.stop()
+    if len(results) == 1:
+        return next(iter(results.values()))
+    out = dict(results["on"])
+    out["speculation_off"] = results["off"]
+    return out
+
+
+def _second_bridge(st: Stack, speculate: bool) -> Tuple[str, Proc]:
+    import yaml
+
+    assert st.tmp is not None
+    data = yaml.safe_load((st.tmp / "s2s.yaml").read_text(encoding="utf-8"))
+    data["turn"] = dict(data.get("turn") or {}, speculate=speculate)
+    path = st.tmp / f"s2s-speculate-{str(speculate).lower()}.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    agent = data.get("agent", {}).get("kind", "echo")
+    b = Proc("bridge", [sys.executable, "-m", "bridge", "--config", str(path), "--agent", agent],
+             st.tmp / f"bridge-speculate-{str(speculate).lower()}.log", _env())
+    port = _wait_bridge(b, 60.0)
+    return f"ws://127.0.0.1:{port}/ws", b
+
+
+async def _e2e_once(st: Stack, args: argparse.Namespace, bridge: str) -> Dict[str, Any]:
     lang = stack_language(st)
     utts = [u for u in load_manifest(Path(args.manifest)) if u.lang == lang and u.kind == "utt"]
     if not utts:
@@ -884,9 +944,10 @@ async def _e2e(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
     missing = 0
     samples = []
     tail = noise_pcm(args.tail)
+    spec0 = _bridge_speculative(bridge)
     for k in range(args.utterances):
         u = utts[k % len(utts)]
-        ws = await WS.open(st.bridge)
+        ws = await WS.open(bridge)
         try:
             if not await ws.start(lang):
                 raise SystemExit(f"s2s-bench: the bridge did not start a session: {ws.events[-3:]}")
@@ -917,7 +978,14 @@ async def _e2e(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
             samples.append(row)
         finally:
             await ws.close()
+    spec1 = _bridge_speculative(bridge)
+    spec = {o: int(spec1.get(o, 0) - spec0.get(o, 0)) for o in ("released", "cancelled")}
+    real_turns = len(to_audio)
     return {"language": lang, "utterances": args.utterances, "missing": missing,
+            "speculation": "on" if spec1 and (spec["released"] or spec["cancelled"]) else
+            ("off" if spec1 else "unknown"), "speculative_turns": spec,
+            "wasted_per_turn": round(spec["cancelled"] / real_turns, 3) if real_turns else None,
+            "agent_ttft_ms": round(args.agent_ttft * 1000) if args.agent == "fixed" else None,
             "speech_end_to_final": stats_ms(to_final), "final_to_first_audio": stats_ms(final_to_audio),
             "speech_end_to_first_audio": stats_ms(to_audio),
             "bridge_reported": {"final_latency": stats_ms(bridge_final), "final_to_first_audio": stats_ms(bridge_first)},
@@ -929,11 +997,18 @@ def run_e2e(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def print_e2e(r: Dict[str, Any]) -> str:
-    rows = [[k.replace("_", " "), r[k]["n"], fmt(r[k]["p50"], digits=0), fmt(r[k]["p95"], digits=0),
-             fmt(r[k]["max"], digits=0)]
-            for k in ("speech_end_to_final", "final_to_first_audio", "speech_end_to_first_audio")]
-    return (table(f"End to end through the bridge ({r['language']}, agent {r['agent']}): {r['utterances']} "
-                  f"utterances, {r['missing']} without a reply (ms)", ["measure", "n", "p50", "p95", "max"], rows))
+    runs = [("", r)] + ([("speculation off: ", r["speculation_off"])] if r.get("speculation_off") else [])
+    rows = []
+    for prefix, x in runs:
+        rows += [[prefix + k.replace("_", " "), x[k]["n"], fmt(x[k]["p50"], digits=0), fmt(x[k]["p95"], digits=0),
+                  fmt(x[k]["max"], digits=0)]
+                 for k in ("speech_end_to_final", "final_to_first_audio", "speech_end_to_first_audio")]
+    ttft = f", first token after {r['agent_ttft_ms']} ms" if r.get("agent_ttft_ms") is not None else ""
+    spec = r.get("speculative_turns") or {}
+    note = (f"; speculation {r.get('speculation', '?')}: {spec.get('released', 0)} speculative turns released, "
+            f"{spec.get('cancelled', 0)} wasted ({fmt(r.get('wasted_per_turn'), digits=2)} per turn)")
+    return (table(f"End to end through the bridge ({r['language']}, agent {r['agent']}{ttft}): {r['utterances']} "
+                  f"utterances, {r['missing']} without a reply{note} (ms)", ["measure", "n", "p50", "p95", "max"], rows))
 
 
 # --- load ------------------------------------------------------------------------------------------
@@ -1309,8 +1384,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--config", help="YAML config (--engines config; or for in-process comparisons when attaching)")
     g.add_argument("--models", default=str(default_models()), help="models root (default: $S2S_MODELS or ./.models)")
     g.add_argument("--device", default="cpu", help="asr/tts device for bundled/tiny/full (cpu, auto, cuda:N)")
-    g.add_argument("--agent", default="echo", choices=("echo", "langgraph", "openai"), help="bridge agent (default echo)")
+    g.add_argument("--agent", default="echo", choices=("echo", "fixed", "langgraph", "openai"),
+                   help="bridge agent (default echo; fixed: a stand-in LLM with --agent-ttft to its first token)")
     g.add_argument("--agent-url", default="", help="agent URL for langgraph/openai")
+    g.add_argument("--agent-ttft", type=float, default=0.2, help="--agent fixed: seconds to the first token (0.2)")
+    g.add_argument("--speculation", default="both", choices=("on", "off", "both"),
+                   help="e2e: speculative turns (turn.speculate) on, off, or both side by side (default both)")
     g.add_argument("--asr", help="attach: daemon ASR endpoint (ipc://... or tcp://...)")
     g.add_argument("--tts", help="attach: daemon TTS endpoint")
     g.add_argument("--bridge", help="attach: bridge websocket URL ws://HOST:PORT/ws")

@@ -354,3 +354,39 @@ def test_speculation_off_is_the_old_path(stack, agent_srv):
     m = metrics(off.port)
     assert m.get('s2s_bridge_speculative_turns_total{outcome="cancelled"}', 0) == 0
     assert m.get('s2s_bridge_speculative_turns_total{outcome="released"}', 0) == 0
+
+
+# --- the benchmark's fixed-latency agent -------------------------------------------------------
+
+
+def test_fixed_latency_agent_answers_after_its_ttft_and_counts_closed_streams():
+    import httpx
+
+    from daemon.bench_agent import FixedLatencyAgent
+
+    async def go(url: str) -> tuple:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            t0 = time.monotonic()
+            first = None
+            text = []
+            async with client.stream("POST", url + "/v1/chat/completions",
+                                     json={"stream": True, "messages": [{"role": "user", "content": "你好"}]}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        first = first or time.monotonic() - t0
+                        text.append(re.search(r'"content": "([^"]*)"', line).group(1))
+            async with client.stream("POST", url + "/v1/chat/completions",
+                                     json={"stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        break  # close the stream after the first token
+            return first, "".join(text)
+
+    with FixedLatencyAgent(ttft=0.3, token_delay=0.05) as agent:
+        first, text = asyncio.run(go(agent.url))
+        assert 0.3 <= first < 0.6, first
+        assert text.startswith("好的") and text.endswith("。")
+        deadline = time.monotonic() + 3
+        while agent.disconnected < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.requests == 2 and agent.disconnected == 1
