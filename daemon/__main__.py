@@ -189,7 +189,10 @@ def run(cfg: Config, strict: bool = False) -> int:
         logger.warning("an engine worker did not stop; exiting anyway")
         logging.shutdown()
         os._exit(rc)
-    logger.info("stopped" if rc == 0 else "stopped after a fatal failure (exit %d)", rc)
+    if rc == 0:
+        logger.info("stopped")
+    else:
+        logger.info("stopped after a fatal failure (exit %d)", rc)
     return rc
 
 
