@@ -141,6 +141,15 @@ def _take(text: str, max_chars: int, final: bool) -> Tuple[Optional[str], str]:
     return None, text
 
 
+def _drop_leading_strays(text: str) -> str:
+    """Text without the closers/terminators/commas at its front: nothing before them to attach to."""
+    stripped = text.lstrip()
+    while stripped and not stripped[0].isalnum() and stripped[0] in (
+            _CLOSERS + _CJK_TERMINATORS + _ASCII_TERMINATORS + "." + _COMMAS):
+        stripped = stripped[1:].lstrip()
+    return stripped
+
+
 def _clean(piece: str) -> str:
     return re.sub(r"\s+", " ", piece).strip()
 
@@ -154,7 +163,9 @@ def split_sentences(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> List[str]:
     if max_chars < MIN_CLAUSE_CHARS * 2:
         raise ValueError(f"max_chars must be at least {MIN_CLAUSE_CHARS * 2}")
     out: List[str] = []
-    rest = text
+    # As SentenceBuffer does: a stray closer or terminator at the very front is dropped before
+    # cutting, so a long first clause is cut at the same place whether it streams in or not.
+    rest = _drop_leading_strays(text)
     while rest:
         piece, rest = _take(rest, max_chars, final=True)
         if piece is None:  # pragma: no cover - final=True always takes something
@@ -204,11 +215,7 @@ class SentenceBuffer:
         while True:
             # A leading piece with nothing speakable (a stray closing quote or "！" that
             # arrived after its sentence was sent) cannot be spoken on its own: drop it.
-            stripped = self._buf.lstrip()
-            while stripped and not stripped[0].isalnum() and stripped[0] in (
-                    _CLOSERS + _CJK_TERMINATORS + _ASCII_TERMINATORS + "." + _COMMAS):
-                stripped = stripped[1:].lstrip()
-            self._buf = stripped
+            self._buf = _drop_leading_strays(self._buf)
             piece, rest = _take(self._buf, self.max_chars, final=False)
             if piece is None:
                 break

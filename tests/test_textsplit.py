@@ -107,6 +107,14 @@ def test_streaming_matches_whole_text(text, cuts):
     assert all(is_speakable(p) for p in out)
 
 
+def test_a_leading_stray_closer_does_not_move_the_long_clause_cut():
+    """Found by the property above: the buffer dropped the leading quote before cutting a
+    25-character run at 24, split_sentences cut with the quote counted."""
+    text = "”你好你好HelloHelloHelloHello"
+    b = SentenceBuffer(max_chars=24)
+    assert b.push(text) + b.flush() == split_sentences(text, max_chars=24)
+
+
 @pytest.mark.parametrize("text,expected", [
     ("现在10:30了", "现在十点三十分了"),
     ("8:05出发", "八点零五分出发"),
