@@ -30,6 +30,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["MODELSCOPE_OFFLINE"] = "1"
+# Property tests: the same examples on every run by default (a red CI must mean a change broke
+# something, not that a new random example turned up). HYPOTHESIS_PROFILE=explore searches anew;
+# what it finds becomes a named regression test.
+from hypothesis import settings as _hsettings  # noqa: E402
+
+_hsettings.register_profile("ci", derandomize=True, print_blob=True)
+_hsettings.register_profile("explore", derandomize=False, print_blob=True)
+_hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 # Load the guard by path: a `sitecustomize` from the Python installation may already own that name.
 _spec = importlib.util.spec_from_file_location("s2s_offline_guard", OFFLINE_DIR / "sitecustomize.py")
 _guard = importlib.util.module_from_spec(_spec)
