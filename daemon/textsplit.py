@@ -170,6 +170,10 @@ def split_sentences(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> List[str]:
         piece, rest = _take(rest, max_chars, final=True)
         if piece is None:  # pragma: no cover - final=True always takes something
             break
+        # Strays right after a sentence belong to it (SentenceBuffer, having sent the sentence,
+        # drops them): either way they do not count towards the next clause's length.
+        stripped = _drop_leading_strays(rest)
+        piece, rest = piece + rest[:len(rest) - len(stripped)], stripped
         _append(out, piece)
     return out
 
