@@ -126,6 +126,18 @@ class PiperModels:
 
 
 @dataclass(frozen=True)
+class KokoroModels:
+    # Directory with kokoro-v1.0.int8.onnx, vocab.json and voices.npz (s2s-models bundled).
+    model: str = "kokoro"
+    # A voice in voices.npz (s2s-models list shows them; bundled: Japanese styles speaking Mandarin).
+    voice: str = "jf_alpha"
+    # The voice's own rate, multiplied by tts.speed or a request's speed.
+    speed: float = 1.0
+    # onnxruntime intra-op threads; 0 = one per CPU core, at most 4.
+    threads: int = 0
+
+
+@dataclass(frozen=True)
 class TTSConfig:
     engine: str = "melo"
     device: str = "cuda:1"
@@ -135,7 +147,9 @@ class TTSConfig:
     sample_rate: int = 24000
     melo: MeloModels = field(default_factory=MeloModels)
     piper: PiperModels = field(default_factory=PiperModels)
-    fallback_engine: str = "piper"
+    kokoro: KokoroModels = field(default_factory=KokoroModels)
+    # kokoro+piper: Kokoro speaks Chinese and mixed text, Piper English-only text (per request).
+    fallback_engine: str = "kokoro+piper"
 
 
 @dataclass(frozen=True)
@@ -240,8 +254,8 @@ CHOICES = {
     "asr.dtype": ("auto", "float16", "float32"),
     "asr.language": ("zh", "en", "auto"),
     "asr.whisper.compute_type": ("int8", "int8_float16", "float16", "float32", "default"),
-    "tts.engine": ("melo", "piper"),
-    "tts.fallback_engine": ("piper", "melo", "none"),
+    "tts.engine": ("melo", "kokoro", "piper", "kokoro+piper"),
+    "tts.fallback_engine": ("kokoro+piper", "kokoro", "piper", "melo", "none"),
     "tts.language": ("ZH", "EN"),
     "agent.kind": ("langgraph", "openai", "echo"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -256,7 +270,7 @@ POSITIVE = (
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
     "limits.max_text_chars", "limits.max_tts_queue", "limits.max_chunk_seconds",
     "limits.max_asr_lag", "limits.max_session_lag",
-    "asr.whisper.beam_size",
+    "asr.whisper.beam_size", "tts.kokoro.speed",
 )
 
 
@@ -360,7 +374,12 @@ def _validate(cfg: Config) -> None:
         "funasr": ("asr.funasr.paraformer", "asr.funasr.vad"),
         "whisper": ("asr.whisper.model",),
     }[cfg.asr.engine]
-    required += {"melo": ("tts.melo.model",), "piper": ("tts.piper.voice",)}[cfg.tts.engine]
+    required += {"melo": ("tts.melo.model",), "piper": ("tts.piper.voice",), "kokoro": ("tts.kokoro.model",),
+                 "kokoro+piper": ("tts.kokoro.model", "tts.piper.voice")}[cfg.tts.engine]
+    if cfg.tts.kokoro.threads < 0:
+        raise ConfigError("tts.kokoro.threads", "must be 0 (one per core) or more", src)
+    if not cfg.tts.kokoro.voice:
+        raise ConfigError("tts.kokoro.voice", "must name a voice", src)
     for key in required:
         if not _get(cfg, key):
             raise ConfigError(key, "required by the selected engine but empty", src)

@@ -33,7 +33,12 @@ TEST_ENGINES_ENV = "S2S_TEST_ENGINES"
 ASR_CLASSES = {"funasr": ("daemon.asr_funasr", "FunASRPool", "FunASRConfig"),
                "whisper": ("daemon.asr_whisper", "WhisperPool", "WhisperConfig")}
 TTS_CLASSES = {"melo": ("daemon.tts_melo", "MeloTTSEngine", "MeloConfig"),
-               "piper": ("daemon.tts_piper", "PiperEngine", "PiperConfig")}
+               "kokoro": ("daemon.tts_kokoro", "KokoroEngine", "KokoroConfig"),
+               "piper": ("daemon.tts_piper", "PiperEngine", "PiperConfig"),
+               # Kokoro for Chinese and mixed text, Piper for English-only text, chosen per request.
+               "kokoro+piper": ("daemon.tts_kokoro", "RoutedTTS", "")}
+# When a two-engine fallback cannot be built, the half that still can speaks.
+DEGRADED = {"kokoro+piper": "piper"}
 
 
 class StartupError(S2SError):
@@ -76,7 +81,12 @@ def tts_model_paths(cfg: Config, engine: str) -> List[Tuple[str, str]]:
     if engine == "melo":
         m = cfg.tts.melo
         return [("tts.melo.model", m.model), ("tts.melo.hf_home", m.hf_home), ("tts.melo.nltk_data", m.nltk_data)]
-    return [("tts.piper.voice", cfg.tts.piper.voice)]
+    paths = []
+    if engine.startswith("kokoro"):
+        paths.append(("tts.kokoro.model", cfg.tts.kokoro.model))
+    if engine.endswith("piper"):
+        paths.append(("tts.piper.voice", cfg.tts.piper.voice))
+    return paths
 
 
 def missing_models(cfg: Config, kind: str) -> Dict[str, str]:
@@ -137,7 +147,7 @@ def _import_test_module(name: str) -> Any:
 def _construct(mod: Any, cls_name: str, settings_name: str, cfg: Config) -> Any:
     """Engine(Settings.from_config(cfg)), Engine.from_config(cfg) or Engine(cfg), whichever exists."""
     cls = getattr(mod, cls_name)
-    settings = getattr(mod, settings_name, None)
+    settings = getattr(mod, settings_name, None) if settings_name else None
     if settings is not None and callable(getattr(settings, "from_config", None)):
         return cls(settings.from_config(cfg))
     factory = getattr(cls, "from_config", None)
@@ -163,7 +173,11 @@ def _build(kind: str, cfg: Config, strict: bool, selected: str, fallback: str,
     missing = missing_models(cfg, kind)
     builder = _real_builder(table)
     fallbacks: List[Fallback] = []
-    for _attempt in range(2):
+    for _attempt in range(3):
+        if not strict and selected in missing and fallback in missing and fallback in DEGRADED:
+            logger.warning("%s fallback %s unavailable (%s); using %s", kind, fallback, missing[fallback],
+                           DEGRADED[fallback])
+            fallback = DEGRADED[fallback]
         choice = choose_engine(kind, selected, fallback, missing, strict)
         fallbacks += list(choice.fallbacks)
         for f in choice.fallbacks:

