@@ -11,10 +11,11 @@ The daemon ties sessions to the peer's identity: one identity for the whole brid
 bridge closes each browser's ASR session itself (`close` when the browser goes) and a TTS
 request is cancelled when its iterator is left (daemon.client).
 
-The blocking-free client reconnects its socket after a request times out (to drop what was
-queued for a daemon that went away). Shared, that would fail every other browser's requests
-in flight, so the shared clients keep their socket: ZeroMQ reconnects to a restarted daemon
-by itself, and a lost connection is reported to every open stream by the socket monitor.
+The asyncio client reconnects its socket after a request times out (to drop what was queued
+for a daemon that went away). Shared, that would fail every other browser's requests in
+flight, so the shared clients are made with `reconnect_on_timeout=False`: ZeroMQ reconnects to
+a restarted daemon by itself, and a lost connection is reported to every open stream by the
+socket monitor.
 """
 
 from __future__ import annotations
@@ -33,24 +34,11 @@ OPEN_TIMEOUT = 5.0
 TTS_TIMEOUT = 20.0
 
 
-class _KeepSocket:
-    async def reconnect(self) -> None:  # see the module docstring
-        logger.debug("shared daemon client at %s: request timed out; keeping the socket", self.endpoint)  # type: ignore[attr-defined]
-
-
-class SharedASRClient(_KeepSocket, AsyncASRClient):
-    pass
-
-
-class SharedTTSClient(_KeepSocket, AsyncTTSClient):
-    pass
-
-
 class DaemonLink:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.asr = SharedASRClient(cfg.daemon.endpoint("asr"), timeout=OPEN_TIMEOUT)
-        self.tts = SharedTTSClient(cfg.daemon.endpoint("tts"), timeout=TTS_TIMEOUT)
+        self.asr = AsyncASRClient(cfg.daemon.endpoint("asr"), timeout=OPEN_TIMEOUT, reconnect_on_timeout=False)
+        self.tts = AsyncTTSClient(cfg.daemon.endpoint("tts"), timeout=TTS_TIMEOUT, reconnect_on_timeout=False)
 
     async def start(self) -> None:
         await self.asr.connect()

@@ -292,6 +292,20 @@ def test_tts_cancel_within_one_chunk(d):
         assert list(t.synthesize("Done."))
 
 
+def test_blocking_synthesize_left_early_cancels_in_the_daemon(d):
+    """Breaking out of the blocking client's synthesize() sends `cancel`, as the asyncio client
+    does (the two had drifted): the daemon stops at once instead of synthesising 10 slow sentences."""
+    with TTSClient(d.tts) as t, ASRClient(d.asr) as c:
+        for chunk in t.synthesize("[slow] " + "One. " * 10):
+            assert isinstance(chunk, P.SynthAudio)
+            break
+        deadline = time.monotonic() + 2.0  # the whole request would take 3 s
+        while c.describe()["queues"]["tts_requests"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.describe()["queues"]["tts_requests"] == 0
+        assert list(t.synthesize("Done."))  # the client still works
+
+
 def test_tts_does_not_starve_asr(d, fixtures_dir):
     pcm = fixture_pcm(fixtures_dir, "zh/01.wav")
     with TTSClient(d.tts) as t, ASRClient(d.asr) as c:
