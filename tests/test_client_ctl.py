@@ -1,6 +1,6 @@
 """The real daemon on real engines, driven through daemon.client and s2s-ctl:
-bundled Whisper base + fsmn-vad and the Piper voice (reached through the fallback from the
-default funasr/melo config, whose weights are absent here), and the tiny FunASR/Melo models."""
+bundled Whisper base + fsmn-vad and the Kokoro + Piper voices (reached through the fallback from
+the default funasr/melo config, whose weights are absent here), and the tiny FunASR/Melo models."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def overlap(a, b):
 
 @pytest.fixture(scope="module")
 def wd(tmp_path_factory, models_dir):
-    """Default engines (funasr, melo) are absent: the daemon falls back to whisper + piper."""
+    """Default engines (funasr, melo) are absent: the daemon falls back to whisper + kokoro+piper."""
     p = DaemonProcess(tmp_path_factory.mktemp("whisperd"), {
         "models_root": str(models_dir),
         "asr": {"device": "cpu"}, "tts": {"device": "cpu"},
@@ -63,11 +63,13 @@ def test_ready_and_watchdog_on_bundled_models(wd):
 def test_health_shows_engines_and_fallbacks(wd):
     r = ctl(wd, "health")
     assert r.returncode == 0, r.stderr
-    assert "engine=whisper" in r.stdout and "engine=piper" in r.stdout
+    assert "engine=whisper" in r.stdout and "engine=kokoro+piper" in r.stdout
     assert "fallback asr.engine: funasr -> whisper (startup)" in r.stdout
-    assert "fallback tts.engine: melo -> piper (startup)" in r.stdout
+    assert "fallback tts.engine: melo -> kokoro+piper (startup)" in r.stdout
+    assert "fallback tts.voice: kokoro -> piper (synthesis)" in r.stdout
     # the real engines' model paths are shown, whole
     assert "model whisper: " in r.stdout and "model vad: " in r.stdout and "model voice: " in r.stdout
+    assert "model kokoro: " in r.stdout
     j = json.loads(ctl(wd, "health", "--json").stdout)
     assert j["asr"]["info"]["asr"]["engine"] == "whisper"
     check_describe(j["asr"]["info"])  # the bundled engines' describe, through the schema
