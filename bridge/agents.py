@@ -402,6 +402,8 @@ class LangGraphConversation(Conversation):
 
     async def reply(self, text: str) -> AsyncIterator[str]:
         a = self.agent
+        # Until this reply's run exists there is none of its own to discard (never the last one's).
+        self.run_id, self.run_ended = "", False
         try:
             tid = await self._ensure_thread()
             body = {"assistant_id": a.cfg.assistant_id,

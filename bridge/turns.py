@@ -69,6 +69,7 @@ class Turn:
     key: str = ""                  # in TTS request ids: unique per connection, also when dropped
     final_at: Optional[float] = None   # a speculative turn: when its final released it
     out: Any = None                # its Outlet
+    asked: bool = False            # its agent request has started (only then is there a reply to discard)
 
 
 class Outlet:
@@ -230,6 +231,12 @@ class Turns:
         self.spec_wasted += 1
         self.ctx.metrics.speculative.labels("cancelled").inc()
         await asyncio.wait([task], timeout=CANCEL_GRACE)
+        if not turn.asked:
+            # Still waiting for the turn before it (barge-in off): it never reached the agent, and
+            # the conversation's last exchange is a heard one that must not be forgotten.
+            logger.info("conn %s: speculative turn %s cancelled before asking the agent (%s)", self.id, turn.key,
+                        reason)
+            return True
         try:
             await self.conv.discard()
         except Exception:  # the agent may be gone; the reply was never shown anyway
@@ -299,6 +306,7 @@ class Turns:
         truncated = False
         cfg = self.ctx.cfg
         try:
+            turn.asked = True
             replies = stream_reply(self.conv, turn.text, float(cfg.agent.timeout),
                                    total=float(cfg.bridge.reply_timeout))
             async with contextlib.aclosing(replies):  # closing it closes the agent's HTTP stream
