@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set
 
 
 def float_convs(model: Any) -> int:
@@ -40,7 +40,7 @@ def float_convs(model: Any) -> int:
         return users[0]
 
     replace: Dict[int, Any] = {}
-    drop = set()
+    drop: Set[int] = set()
     new_inits = []
     for conv in [n for n in g.node if n.op_type == "ConvInteger"]:
         quant = producer[conv.input[0]]

@@ -30,12 +30,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
 
 from daemon import textsplit
-from daemon.engines import Capabilities, EngineInfo, Fallback
+from daemon.engines import Capabilities, EngineInfo, Fallback, TTSEngine
 from daemon.errors import ModelMissingError, TextError
 from daemon.tts_melo import SentenceTTS
 
@@ -125,14 +125,14 @@ class EnglishG2P:
         if ps:
             return ps
         if word.isupper() and len(word) <= 5:  # GPU, PPT: spelt out
-            letters = [self.lookup(c) for c in word]
-            if all(letters):
-                return "".join(p.replace("ˈ", "ˌ") for p in letters[:-1]) + letters[-1]  # type: ignore[union-attr]
+            letters = [p for p in map(self.lookup, word) if p]
+            if len(letters) == len(word):
+                return "".join(p.replace("ˈ", "ˌ") for p in letters[:-1]) + letters[-1]
         parts = _CAMEL_RE.findall(word)  # WiFi, iPhone: each part when all are known
         if len(parts) > 1:
-            looked = [self.lookup(p) for p in parts]
-            if all(looked):
-                return "".join(looked)  # type: ignore[arg-type]
+            looked = [p for p in map(self.lookup, parts) if p]
+            if len(looked) == len(parts):
+                return "".join(looked)
         return self.espeak(word)
 
     def __call__(self, text: str) -> str:
@@ -360,12 +360,19 @@ class KokoroEngine(SentenceTTS):
 # --- kokoro + piper: the bundled fallback, routed by the text's language ---------------------------
 
 
+class Voice(TTSEngine, Protocol):
+    """What RoutedTTS needs of each engine (SentenceTTS subclasses have it)."""
+
+    loaded: bool
+    speed: float
+
+
 class RoutedTTS:
     """Two engines behind one TTSEngine: `zh` speaks Chinese and mixed text, `en` English-only
     text (`language_of`). Requests run on the zh engine's worker; an English request waits there
     for the en engine's own worker, so one request runs at a time, as with a single engine."""
 
-    def __init__(self, zh: SentenceTTS, en: SentenceTTS, name: str = ""):
+    def __init__(self, zh: Voice, en: Voice, name: str = ""):
         self.zh, self.en = zh, en
         self.name = name or f"{zh.name}+{en.name}"
         self.sample_rate = zh.sample_rate
@@ -387,7 +394,7 @@ class RoutedTTS:
         self.zh.load()
         self.en.load()
 
-    def engine_for(self, text: str, language: str = "zh") -> SentenceTTS:
+    def engine_for(self, text: str, language: str = "zh") -> Voice:
         lang = language_of(text if isinstance(text, str) else "", language or "zh")
         return self.en if lang == "en" else self.zh
 
