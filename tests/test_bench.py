@@ -80,6 +80,10 @@ def test_engine_configs_validate(tmp_path, models_dir):
         assert (cfg.asr.engine, cfg.tts.engine) == (asr, tts)
         assert cfg.limits.max_sessions >= 44 and cfg.bridge.max_connections >= 44 and cfg.bridge.port == 0
         assert cfg.agent.kind == "echo"
+    for tts in ("kokoro", "kokoro+piper"):  # s2s-bench tts --engines bundled --tts-engine ... --tts-threads 1
+        cfg = parse_config(bench.engine_config("bundled", models_dir, tmp_path / "run", tts_engine=tts, tts_threads=1),
+                           "test", env={})
+        assert (cfg.tts.engine, cfg.tts.kokoro.model, cfg.tts.kokoro.threads) == (tts, "kokoro", 1)
 
 
 def test_full_size_dims():
