@@ -206,7 +206,9 @@ def test_page_and_healthz_name_the_fallbacks(first_start):
     assert h["daemon"]["reachable"] and h["agent"]["echo_fallback"] is True  # nothing on :8000 here
     fbs = {(f["component"], f["from"], f["to"]) for f in h["daemon"]["fallbacks"]}
     assert ("asr.engine", "funasr", "whisper") in fbs, fbs
-    assert any(c == "tts.engine" and src == "melo" for c, src, _ in fbs), fbs
+    assert ("tts.engine", "melo", "kokoro+piper") in fbs, fbs  # the bundled Mandarin voice
+    assert h["daemon"]["engines"]["tts"]["engine"] == "kokoro+piper"
+    assert "zh" in h["daemon"]["engines"]["tts"]["languages"]
     # the default config asks for cuda:1; this machine has no GPU
     assert ("asr.device", "cuda:1", "cpu") in fbs and ("tts.device", "cuda:1", "cpu") in fbs, fbs
     assert h["daemon"]["engines"]["asr"]["engine"] == "whisper"
@@ -225,16 +227,17 @@ def test_s2s_ctl_health_exits_0_and_prints_every_fallback(first_start):
         assert line in r.stdout, r.stdout
 
 
-def test_one_spoken_round_trip(first_start, fixtures_dir):
+def test_one_spoken_round_trip_in_mandarin(first_start, fixtures_dir):
+    """A Mandarin sentence in, its transcript, and the reply spoken back (the bundled Mandarin voice)."""
     from websockets.sync.client import connect
 
     from daemon.audio import float_to_pcm16, read_wav
 
-    x, _sr = read_wav(fixtures_dir / "en" / "01.wav")
+    x, _sr = read_wav(fixtures_dir / "zh" / "01.wav")  # 提醒我晚上八点给阳台的花浇水。
     pcm = float_to_pcm16(x)
     events, audio = [], 0
     with connect(f"ws://127.0.0.1:{first_start['port']}/ws", origin=first_start["base"], open_timeout=10) as ws:
-        ws.send(json.dumps({"type": "start", "language": "en"}))
+        ws.send(json.dumps({"type": "start", "language": "zh"}))
         for i in range(0, len(pcm), 3200):
             ws.send(pcm[i:i + 3200])
         ws.send(b"\0\0" * 16000)  # 1 s of silence ends the utterance
@@ -252,8 +255,12 @@ def test_one_spoken_round_trip(first_start, fixtures_dir):
             if ev["type"] == "tts_end" and audio:
                 break
     finals = [e for e in events if e["type"] == "final" and e.get("text")]
-    assert finals and "timer" in finals[0]["text"].lower(), events
-    assert audio > 24000, events  # over half a second of 24 kHz PCM16 reply audio
+    cjk = lambda s: any("\u4e00" <= ch <= "\u9fff" for ch in s)  # noqa: E731
+    assert finals and cjk(finals[0]["text"]), events
+    spoken = [e["text"] for e in events if e["type"] == "tts_start"]
+    assert spoken and any(cjk(t) for t in spoken), events  # the echo agent's Chinese reply was spoken
+    assert not [e for e in events if e["type"] == "error"], events
+    assert audio > 2 * 24000 * 1.0, events  # over a second of 24 kHz PCM16 reply audio
 
 
 def test_ctrl_c_in_the_terminal_stops_everything_cleanly(first_start):
