@@ -137,7 +137,8 @@ const STR = {
   },
 };
 const LANG_NAME = { zh: "中文", en: "English", auto: UI === "zh" ? "自动" : "Auto" };
-const ENGINE_NAME = { whisper: "Whisper", funasr: "FunASR", melo: "MeloTTS", piper: "Piper", echo: "echo" };
+const ENGINE_NAME = { whisper: "Whisper", funasr: "FunASR", melo: "MeloTTS", piper: "Piper", kokoro: "Kokoro",
+  "kokoro+piper": UI === "zh" ? "Kokoro（中文）+ Piper（英文）" : "Kokoro (Chinese) + Piper (English)", echo: "echo" };
 
 function t(key, vars) {
   let s = STR[UI][key];
