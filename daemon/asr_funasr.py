@@ -28,8 +28,8 @@ from daemon import devices
 from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, ModelMissingError, S2SError
 from daemon.workers import extend_budget
-from daemon.vad import (FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, PoolBase, StreamingEngine, join_cjk,
-                        require_dir)
+from daemon.asr_base import PoolBase, StreamingEngine, join_cjk
+from daemon.vad import FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, require_dir
 
 logger = logging.getLogger(__name__)
 

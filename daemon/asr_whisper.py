@@ -27,7 +27,8 @@ from daemon import devices
 from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, S2SError
 from daemon.workers import extend_budget
-from daemon.vad import SAMPLE_RATE, FsmnVAD, PoolBase, StreamingEngine, require_dir
+from daemon.asr_base import PoolBase, StreamingEngine
+from daemon.vad import SAMPLE_RATE, FsmnVAD, require_dir
 
 logger = logging.getLogger(__name__)
 

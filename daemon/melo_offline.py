@@ -14,7 +14,7 @@ melo reaches for the network in three places when it is imported:
 off) and NLTK at our own data directory *before* melo is imported, and installs the
 one import shim melo needs here. `HUB_MODELS` lists every hub repository and file melo
 touches, so that `s2s-models fetch` can download them on an online host and the tiny
-builder (daemon/tiny_melo.py) can lay out the same tree for tests.
+builder (daemon/models/tiny_melo.py) can lay out the same tree for tests.
 
 Nothing heavy is imported at module level.
 """

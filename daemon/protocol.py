@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from daemon.errors import ErrorCode, S2SError
+from daemon.protocol_fields import ProtocolError, _check, _fail
 
 PROTOCOL_VERSION = 1
 # Largest header accepted (bytes of JSON); audio is never in the header.
@@ -31,16 +31,6 @@ MAX_HEADER_BYTES = 64 * 1024
 ASR_SAMPLE_RATE = 16000
 
 Frames = List[bytes]
-
-
-class ProtocolError(S2SError):
-    """A message that cannot be used; `code` says why, ids are filled in when readable."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST,
-                 request_id: str = "", session_id: str = ""):
-        super().__init__(message, code)
-        self.request_id = request_id
-        self.session_id = session_id
 
 
 class MsgType(str, enum.Enum):
@@ -72,64 +62,6 @@ class MsgType(str, enum.Enum):
     INFO = "info"
     PONG = "pong"
     ERROR = "error"
-
-
-
-def is_text(value: Any) -> bool:
-    """A str that UTF-8 can carry: JSON's "\\ud800" escapes decode to lone surrogates, which
-    cannot be encoded again (an id echoed in a reply would make the reply itself fail)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _fail(msg: str, hdr: Mapping[str, Any], code: ErrorCode = ErrorCode.BAD_REQUEST) -> ProtocolError:
-    rid = hdr.get("request_id", "")
-    sid = hdr.get("session_id", "")
-    return ProtocolError(msg, code, rid if is_text(rid) else "", sid if is_text(sid) else "")
-
-
-def _check(value: Any, tp: Any, name: str, hdr: Mapping[str, Any]) -> Any:
-    """Validate one header field against a dataclass annotation string."""
-    t = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
-    t = t.replace("typing.", "")
-    optional = t.startswith("Optional[")
-    if optional:
-        if value is None:
-            return None
-        t = t[len("Optional["):-1]
-    if t == "str":
-        if not isinstance(value, str):
-            raise _fail(f"field {name!r} must be a string", hdr)
-        if not is_text(value):
-            raise _fail(f"field {name!r} is not valid Unicode (lone surrogate)", hdr)
-        return value
-    if t == "bool":
-        if not isinstance(value, bool):
-            raise _fail(f"field {name!r} must be true or false", hdr)
-        return value
-    if t == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(f"field {name!r} must be an integer", hdr)
-        return value
-    if t == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _fail(f"field {name!r} must be a finite number", hdr)
-        return float(value)
-    if t.startswith("Tuple[str"):
-        if not isinstance(value, (list, tuple)) or not all(is_text(v) for v in value):
-            raise _fail(f"field {name!r} must be a list of strings", hdr)
-        return tuple(value)
-    if t.startswith("Dict"):
-        if not isinstance(value, dict):
-            raise _fail(f"field {name!r} must be an object", hdr)
-        return value
-    raise _fail(f"field {name!r}: unsupported type {t}", hdr)  # pragma: no cover - programming error
-
 
 
 @dataclass(frozen=True)
@@ -189,7 +121,6 @@ class Message:
         if hdr["type"] != cls.TYPE.value:
             raise _fail(f"expected {cls.TYPE.value!r}, got {hdr['type']!r}", hdr, ErrorCode.UNKNOWN_TYPE)
         return cls.from_header(hdr, frames[1:])
-
 
 
 @dataclass(frozen=True)
@@ -278,7 +209,6 @@ class Describe(Message):
 class Ping(Message):
     TYPE: ClassVar[MsgType] = MsgType.PING
     request_id: str = ""
-
 
 
 @dataclass(frozen=True)

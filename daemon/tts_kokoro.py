@@ -37,17 +37,17 @@ import numpy as np
 from daemon import textsplit
 from daemon.engines import Capabilities, EngineInfo, Fallback, TTSEngine
 from daemon.errors import ModelMissingError, TextError
-from daemon.tts_melo import SentenceTTS
+from daemon.tts_base import SentenceTTS
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "kokoro-v1.0.int8-floatconv.onnx"  # daemon/kokoro_onnx.py
+MODEL_FILE = "kokoro-v1.0.int8-floatconv.onnx"  # daemon/models/kokoro_onnx.py
 VOCAB_FILE = "vocab.json"
 VOICES_FILE = "voices.npz"
 MODEL_SAMPLE_RATE = 24000
 # The model's context is 512 tokens including the two boundary tokens.
 MAX_TOKENS = 510
-# A guard, not seen with the float-convolution model (daemon/kokoro_onnx.py): the int8 export
+# A guard, not seen with the float-convolution model (daemon/models/kokoro_onnx.py): the int8 export
 # broke about one sentence in two into near-silence with non-finite or huge samples at the ends.
 # Real speech from this model peaks near 0.6.
 _SANE_PEAK = 1.0

@@ -2,7 +2,7 @@
 
 The bundled voice is English (en_US-joe-medium, 22.05 kHz), resampled to `tts.sample_rate`.
 Piper's espeak-ng frontend reads numbers itself, so no normalisation happens here. Sentence
-splitting, streaming, the worker thread and CUDA fallback come from tts_melo.SentenceTTS.
+splitting, streaming, the worker thread and CUDA fallback come from tts_base.SentenceTTS.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from daemon import textsplit
 from daemon.engines import EngineInfo
 from daemon.errors import ModelMissingError
-from daemon.tts_melo import SentenceTTS
+from daemon.tts_base import SentenceTTS
 
 logger = logging.getLogger(__name__)
 

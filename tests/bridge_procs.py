@@ -45,7 +45,7 @@ def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 # The same subprocess wrapper s2s-bench uses (log to a file, SIGTERM then kill on stop).
-from daemon.bench_cli import Proc  # noqa: E402
+from daemon.tools.bench import Proc  # noqa: E402
 
 
 def wait_daemon_ready(proc: Proc, cfg_path: Path, timeout: float) -> Proc:

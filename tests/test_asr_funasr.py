@@ -1,5 +1,5 @@
 """FunASR engine end to end: real fsmn-vad + tiny random Paraformer / streaming / SeACo / punc
-models (daemon/tiny_funasr.py) through funasr's real loaders and inference code."""
+models (daemon/models/tiny_funasr.py) through funasr's real loaders and inference code."""
 
 from __future__ import annotations
 
@@ -356,7 +356,7 @@ def test_standalone_engine_seed_interface(models_dir, fixtures_dir):
 
 
 def test_tiny_builders_are_deterministic_and_idempotent(models_dir, tmp_path):
-    from daemon import modelstore, tiny_funasr
+    from daemon.models import store as modelstore, tiny_funasr
 
     tiny_funasr.COMPONENTS["tiny/ct-punc"](tmp_path)
     built = tmp_path / "tiny" / "ct-punc" / "model.pt"

@@ -1,12 +1,12 @@
 """Whisper engine (bundled Whisper base, faster-whisper int8 on CPU) through the shared VAD
-endpointing, scored with daemon/metrics.py; plus the metrics' normalisation."""
+endpointing, scored with daemon/tools/metrics.py; plus the metrics' normalisation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from daemon import metrics
+from daemon.tools import metrics
 from daemon.asr_whisper import WhisperConfig, WhisperPool, to_simplified
 from daemon.audio import read_wav
 from daemon.config import parse_config

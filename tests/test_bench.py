@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import bench_cli as bench
+from daemon.tools import bench
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_engine_configs_validate(tmp_path, models_dir):
 def test_full_size_dims():
     """The full-size synth configs carry Paraformer-large / MeloTTS-Chinese / mBERT dims
     (parameter counts are checked by `s2s-models synth --size full --plan`, not here: ~25 s)."""
-    from daemon import tiny_full, tiny_funasr
+    from daemon.models import tiny_full, tiny_funasr
 
     d = tiny_full.paraformer_dims()
     enc = tiny_funasr.config_bicif(d)["encoder_conf"]

@@ -23,7 +23,7 @@ from helpers.describe_schema import check_describe
 
 
 def ctl(d, *args, timeout=120):
-    r = subprocess.run([sys.executable, "-m", "daemon.ctl", "--asr", d.asr, "--tts", d.tts, *args], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "daemon.tools.ctl", "--asr", d.asr, "--tts", d.tts, *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout)
     return r
 

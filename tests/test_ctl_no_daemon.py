@@ -13,7 +13,7 @@ from daemon_harness import ROOT
 def test_health_without_a_daemon_says_so_at_once(tmp_path):
     asr, tts = f"ipc://{tmp_path}/asr.sock", f"ipc://{tmp_path}/tts.sock"
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "daemon.ctl", "--asr", asr, "--tts", tts, "--timeout", "30", "health"],
+    r = subprocess.run([sys.executable, "-m", "daemon.tools.ctl", "--asr", asr, "--tts", tts, "--timeout", "30", "health"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     took = time.monotonic() - t0
     assert r.returncode == 1, r.stdout + r.stderr
@@ -25,7 +25,7 @@ def test_health_without_a_daemon_says_so_at_once(tmp_path):
 
 def test_speak_without_a_daemon_says_so_at_once(tmp_path):
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "daemon.ctl", "--asr", f"ipc://{tmp_path}/a.sock", "--tts",
+    r = subprocess.run([sys.executable, "-m", "daemon.tools.ctl", "--asr", f"ipc://{tmp_path}/a.sock", "--tts",
                         f"ipc://{tmp_path}/t.sock", "speak", "你好", "-o", str(tmp_path / "x.wav")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "does not exist" in r.stderr, r.stdout + r.stderr

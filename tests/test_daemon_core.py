@@ -8,7 +8,6 @@ import asyncio
 import concurrent.futures
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -10,7 +10,6 @@ import json
 import signal
 import threading
 import time
-import uuid
 
 import pytest
 import zmq

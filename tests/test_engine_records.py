@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.ctl import _table
+from daemon.tools.ctl import _table
 from daemon.engines import Capabilities, EngineInfo, Fallback, SchemaError, merge_fallbacks
 from helpers.describe_schema import check_describe, mixed_lists
 

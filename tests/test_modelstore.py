@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon import modelstore as M
+from daemon.models import store as M
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "daemon.modelstore", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "daemon.models.store", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -139,7 +139,7 @@ def test_package_dir_does_not_import(monkeypatch):
 
 
 def test_fetch_plan_names_every_repository_and_file():
-    from daemon import fetch
+    from daemon.models import fetch
     from daemon.melo_offline import HUB_MODELS
 
     items = fetch.plan()
@@ -171,7 +171,7 @@ def test_fetch_offline_fails_fast_with_a_clear_message(tmp_path):
     env = dict(os.environ, S2S_OFFLINE_LOG=str(tmp_path / "guard.log"))  # expected attempts stay out of the suite log
     env.pop("HF_HUB_OFFLINE", None)
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "daemon.modelstore", "fetch", "--out", str(tmp_path / "m")],
+    r = subprocess.run([sys.executable, "-m", "daemon.models.store", "fetch", "--out", str(tmp_path / "m")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     elapsed = time.monotonic() - t0
     assert r.returncode == 1
@@ -182,7 +182,7 @@ def test_fetch_offline_fails_fast_with_a_clear_message(tmp_path):
 
 
 def test_checksum_manifest_catches_changed_files(tmp_path):
-    from daemon import fetch
+    from daemon.models import fetch
 
     root = tmp_path / "m"
     d = root / "melo-zh"

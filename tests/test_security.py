@@ -249,8 +249,8 @@ def test_secrets_never_logged_or_shown(secure, agent, fixtures_dir):
     seen.append(body.decode())
     asr, tts = (f"ipc://{secure['dir']}/run/asr.sock", f"ipc://{secure['dir']}/run/tts.sock")
     outputs = []
-    for args in (["-m", "daemon.ctl", "--asr", asr, "--tts", tts, "health", "--json"],
-                 ["-m", "daemon.ctl", "--asr", asr, "--tts", tts, "health"],
+    for args in (["-m", "daemon.tools.ctl", "--asr", asr, "--tts", tts, "health", "--json"],
+                 ["-m", "daemon.tools.ctl", "--asr", asr, "--tts", tts, "health"],
                  ["-m", "daemon", "--config", str(cfg), "--check-config"],
                  ["-m", "bridge", "--config", str(cfg), "--probe-agent", "-v"]):
         r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60,

@@ -1,7 +1,7 @@
 """Speculative turns (issue 17): the daemon's `tentative`/`resume` events and the bridge's held
 replies.
 
-Engine level: the real fsmn-vad + tiny random FunASR models (daemon/tiny_funasr.py) and the
+Engine level: the real fsmn-vad + tiny random FunASR models (daemon/models/tiny_funasr.py) and the
 bundled Whisper base, in process. A tiny Paraformer's text is nonsense, but deterministic: the
 same audio decodes to the same text, which is all these tests need.
 
@@ -362,7 +362,7 @@ def test_speculation_off_is_the_old_path(stack, agent_srv):
 def test_fixed_latency_agent_answers_after_its_ttft_and_counts_closed_streams():
     import httpx
 
-    from daemon.bench_agent import FixedLatencyAgent
+    from daemon.tools.bench_agent import FixedLatencyAgent
 
     async def go(url: str) -> tuple:
         async with httpx.AsyncClient(trust_env=False) as client:

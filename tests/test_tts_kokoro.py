@@ -5,7 +5,6 @@ sentences (none of them in tests/fixtures) and the bundled Whisper base hears th
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import wave
@@ -13,7 +12,9 @@ import wave
 import numpy as np
 import pytest
 
-from daemon import audio, metrics
+from daemon import audio
+
+from daemon.tools import metrics
 from daemon.config import parse_config
 from daemon.engines import TTSEngine
 from daemon.errors import ErrorCode, ModelMissingError, TextError
@@ -207,7 +208,7 @@ def test_daemon_describes_the_routing(kd):
 
 def test_ctl_speak_mandarin_24k(kd, tmp_path):
     out = tmp_path / "reply.wav"
-    r = subprocess.run([sys.executable, "-m", "daemon.ctl", "--asr", kd.asr, "--tts", kd.tts, "speak",
+    r = subprocess.run([sys.executable, "-m", "daemon.tools.ctl", "--asr", kd.asr, "--tts", kd.tts, "speak",
                         "今天上海的天气怎么样？", "-o", str(out)], cwd=ROOT, capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -19,7 +19,8 @@ from daemon import melo_offline
 from daemon.config import parse_config
 from daemon.engines import TTSEngine
 from daemon.errors import ErrorCode, S2SError, TextError
-from daemon.tts_melo import MeloConfig, MeloTTSEngine, trim_silence
+from daemon.tts_base import trim_silence
+from daemon.tts_melo import MeloConfig, MeloTTSEngine
 
 SR = 24000
 

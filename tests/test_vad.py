@@ -10,7 +10,8 @@ import pytest
 from daemon.audio import read_wav
 from daemon.errors import ModelMissingError
 from daemon.rules import clean_hotwords
-from daemon.vad import FsmnVAD, VADSegmenter, join_cjk
+from daemon.asr_base import join_cjk
+from daemon.vad import FsmnVAD, VADSegmenter
 
 SR = 16000
 # Tolerances from the acceptance criteria: a segment covers its manifest span and reaches at

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
-from daemon.ctl import _table
+from daemon.tools.ctl import _table
 from daemon.engines import EngineInfo, Fallback
 
 

@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from daemon import modelstore
+from daemon.models import store as modelstore
 from daemon.melo_offline import HUB_MODELS
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 def components() -> Dict[str, Callable[[Path], None]]:
-    from daemon import tiny_funasr, tiny_melo
+    from daemon.models import tiny_funasr, tiny_melo
 
     out: Dict[str, Callable[[Path], None]] = {}
     out.update(tiny_funasr.COMPONENTS)
@@ -29,7 +29,7 @@ def build(out: Path, only: Optional[Iterable[str]] = None) -> None:
     names = list(only) if only else list(comps)
     unknown = [n for n in names if n not in comps]
     if unknown:
-        from daemon.modelstore import ModelStoreError
+        from daemon.models.store import ModelStoreError
 
         raise ModelStoreError(f"unknown tiny component(s) {', '.join(unknown)}; known: {', '.join(comps)}")
     for name in names:

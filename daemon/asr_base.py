@@ -1,0 +1,285 @@
+"""What the ASR engines share, built on the VAD (daemon/vad.py):
+
+- `StreamingEngine` turns `VADSegmenter` events into the ASR event dicts of daemon/engines.py
+  (speech_start / partial / tentative / resume / final); FunASR and Whisper engines subclass it
+  and only supply the decoding.
+- `PoolBase` is the session table, idle GC and single-thread device worker both pools use.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from daemon.audio import to_float32
+from daemon.engines import Capabilities, Fallback
+from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
+from daemon.rules import check_language, clean_hotwords
+from daemon.vad import SAMPLE_RATE, VADEvent
+
+logger = logging.getLogger(__name__)
+
+
+# --- shared engine behaviour ----------------------------------------------------------
+
+
+def join_cjk(text: str) -> str:
+    """funasr separates CJK characters with spaces; keep spaces only between Latin words."""
+    words = text.split()
+    out = ""
+    for w in words:
+        if out and (_is_cjk(out[-1]) or _is_cjk(w[0])):
+            out += w
+        elif out:
+            out += " " + w
+        else:
+            out = w
+    return out
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef"
+
+
+class StreamingEngine:
+    """One session: VAD endpointing -> speech_start / partial / final event dicts, plus
+    tentative / resume for a session that asked for them (`set_early_silence`).
+
+    Subclasses implement `_decode(audio) -> str` and optionally the partial hooks. All methods
+    are synchronous and meant to run on the pool's worker (pool.submit).
+    """
+
+    supports_partials = False
+
+    def __init__(self, pool: "PoolBase", session_id: str, language: str, hotwords: Sequence[str],
+                 partials: bool, max_utterance_seconds: float):
+        self.pool = pool
+        self.session_id = session_id
+        self.language = check_language(language)
+        self.hotwords: List[str] = []
+        self.partials = bool(partials) and self.supports_partials
+        self._seg = pool.vad.segmenter(max_utterance_seconds, session_id)
+        self._queue: Deque[Dict[str, Any]] = deque()
+        self._utt = 0
+        self._tentative: Optional[Tuple[int, str]] = None  # (utterance, text) of the open pause
+        self.last_active = time.monotonic()
+        if hotwords:
+            self.set_hotwords(hotwords)
+
+    # -- the ASRSession protocol --------------------------------------------------------
+
+    def feed(self, pcm: Any) -> List[Dict[str, Any]]:
+        x = to_float32(pcm)
+        self.last_active = time.monotonic()
+        if x.size == 0:
+            return []
+        events: List[Dict[str, Any]] = []
+        for ev in self._seg.push(x):
+            events += self._on_vad(ev)
+        if self.partials and self._seg.in_speech:
+            events += self._partial_step(final=False)
+        return events
+
+    def feed_audio(self, pcm: Any) -> Optional[Dict[str, Any]]:
+        self._queue.extend(self.feed(pcm))
+        return self._queue.popleft() if self._queue else None
+
+    def finalize_events(self) -> List[Dict[str, Any]]:
+        self.last_active = time.monotonic()
+        events = list(self._queue)
+        self._queue.clear()
+        for ev in self._seg.flush():
+            events += self._on_vad(ev)
+        if not events or events[-1]["type"] != "final":
+            t = self._t(self._seg.total)
+            events.append({"type": "final", "text": "", "start": t, "end": t, "utterance": self._utt,
+                           "reason": "finalize"})
+        return events
+
+    def finalize(self) -> Dict[str, Any]:
+        return self.finalize_events()[-1]
+
+    def reset(self) -> None:
+        self._seg.reset()
+        self._queue.clear()
+        self._utt = 0
+        self._tentative = None
+        self._partial_reset()
+        self.last_active = time.monotonic()
+
+    def set_language(self, lang: str) -> None:
+        self.language = check_language(lang)
+
+    def set_early_silence(self, seconds: float) -> None:
+        """Decode the utterance so far after this much silence inside it (`tentative`); 0: never."""
+        self._seg.early_silence_ms = max(int(round(float(seconds) * 1000)), 0)
+
+    @property
+    def early_silence(self) -> float:
+        return self._seg.early_silence_ms / 1000.0
+
+    def set_hotwords(self, hotwords: Sequence[str]) -> None:
+        words = clean_hotwords(hotwords)
+        if words and not self.pool.capabilities().hotwords:
+            raise UnsupportedError(f"{self.pool.name}: the loaded model ({self.pool.model_label()}) cannot use "
+                                   f"hotwords; use asr.engine funasr with a SeACo-Paraformer model in "
+                                   f"asr.funasr.paraformer", model=self.pool.model_label())
+        self.hotwords = words
+
+    @property
+    def buffered_samples(self) -> int:
+        """Audio this session holds (bounded by max utterance + a few seconds)."""
+        return self._seg.buffered_samples
+
+    # -- internals --------------------------------------------------------------------
+
+    @staticmethod
+    def _t(sample: int) -> float:
+        return round(sample / SAMPLE_RATE, 3)
+
+    def _on_vad(self, ev: VADEvent) -> List[Dict[str, Any]]:
+        if ev.kind == "start":
+            self._partial_reset()
+            self._tentative = None
+            return [{"type": "speech_start", "start": self._t(ev.start), "utterance": self._utt}]
+        if ev.kind == "pause":
+            return self._on_pause(ev)
+        if ev.kind == "resume":
+            if self._tentative is None:
+                return []
+            self._tentative = None
+            logger.debug("asr %s: resume %d at %.2f", self.session_id, self._utt, self._t(ev.end))
+            return [{"type": "resume", "start": self._t(ev.end), "utterance": self._utt}]
+        audio = ev.audio if ev.audio is not None else np.zeros(0, dtype=np.float32)
+        tentative, self._tentative = self._tentative, None
+        if ev.after_pause and tentative is not None and tentative[0] == self._utt:
+            text = tentative[1]  # only silence since the tentative: the same speech, decoded once
+        else:
+            text = self._decode(audio) if audio.size else ""
+        self._partial_reset()
+        final = {"type": "final", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
+                 "utterance": self._utt, "reason": ev.reason}
+        logger.debug("asr %s: final %d %.2f-%.2f (%s) %r", self.session_id, self._utt, final["start"],
+                     final["end"], ev.reason, text)
+        self._utt += 1
+        return [final]
+
+    def _on_pause(self, ev: VADEvent) -> List[Dict[str, Any]]:
+        audio = ev.audio if ev.audio is not None else np.zeros(0, dtype=np.float32)
+        text = self._decode(audio) if audio.size else ""
+        if not text.strip():
+            return []  # nothing to speculate on; the final decides
+        self._tentative = (self._utt, text)
+        logger.debug("asr %s: tentative %d %.2f-%.2f %r", self.session_id, self._utt, self._t(ev.start),
+                     self._t(ev.end), text)
+        return [{"type": "tentative", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
+                 "utterance": self._utt}]
+
+    def _decode(self, audio: np.ndarray) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _partial_reset(self) -> None:
+        pass
+
+    def _partial_step(self, final: bool) -> List[Dict[str, Any]]:
+        return []
+
+
+# --- shared pool behaviour ------------------------------------------------------------
+
+
+class PoolBase:
+    """Session table, idle GC and the single-thread device worker.
+
+    Reloadable values reach a session per call: `open(..., partial_interval=,
+    max_utterance_seconds=)`; None means the pool's configured default."""
+
+    name = "asr"
+    engine_class: Callable[..., StreamingEngine]
+
+    def __init__(self, idle_timeout: float = 60.0):
+        # No session cap here: the daemon admits (limits.max_sessions, reloadable); a pool
+        # used without the daemon serves as many sessions as it is asked for.
+        self.idle_timeout = idle_timeout
+        self.vad: Any = None
+        self.fallbacks: List[Fallback] = []
+        self._sessions: Dict[str, StreamingEngine] = {}
+        self._lock = threading.Lock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
+        self._loaded = False
+
+    # subclasses: load(), capabilities(), model_label(), _new_engine(), info()
+
+    def _note_fallback(self, src: str, dst: str, reason: str, when: str) -> None:
+        f = Fallback("asr.device", src, dst, reason, when)
+        logger.error("%s: %s", self.name, f.line())
+        self.fallbacks.append(f)
+
+    def capabilities(self) -> Capabilities:  # pragma: no cover - overridden
+        return Capabilities()
+
+    def model_label(self) -> str:  # pragma: no cover - overridden
+        return self.name
+
+    def _new_engine(self, session_id: str, language: Optional[str], hotwords: Optional[Sequence[str]],
+                    partials: bool, partial_interval: Optional[float],
+                    max_utterance_seconds: Optional[float]) -> StreamingEngine:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def open(self, session_id: str, language: Optional[str] = None, hotwords: Optional[Sequence[str]] = None,
+             partials: bool = True, sample_rate: int = SAMPLE_RATE, partial_interval: Optional[float] = None,
+             max_utterance_seconds: Optional[float] = None) -> StreamingEngine:
+        if sample_rate != SAMPLE_RATE:
+            raise AudioError(f"sample rate {sample_rate} Hz is not supported; send 16000 Hz mono PCM16",
+                             sample_rate=sample_rate)
+        if not self._loaded:
+            raise S2SError(f"{self.name}: models are not loaded", ErrorCode.UNAVAILABLE)
+        with self._lock:
+            if session_id in self._sessions:
+                raise S2SError(f"session {session_id!r} is already open", ErrorCode.SESSION_EXISTS)
+            # Construction is cheap (no model work); a bad language/hotword raises before the
+            # session is registered.
+            engine = self._new_engine(session_id, language, hotwords, partials, partial_interval,
+                                      max_utterance_seconds)
+            self._sessions[session_id] = engine
+        logger.info("asr %s: opened (%s, language %s, hotwords %d, partials %s)", session_id, self.name,
+                    engine.language, len(engine.hotwords), engine.partials)
+        return engine
+
+    def get(self, session_id: str) -> Optional[StreamingEngine]:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            engine = self._sessions.pop(session_id, None)
+        if engine is not None:
+            logger.info("asr %s: closed", session_id)
+
+    def gc_idle(self, now: Optional[float] = None) -> List[str]:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [sid for sid, s in self._sessions.items() if now - s.last_active > self.idle_timeout]
+            for sid in idle:
+                del self._sessions[sid]
+        for sid in idle:
+            logger.info("asr %s: closed after %.0f s idle", sid, self.idle_timeout)
+        return idle
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._sessions.clear()
