@@ -45,29 +45,15 @@ def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 # The same subprocess wrapper s2s-bench uses (log to a file, SIGTERM then kill on stop).
-from daemon.tools.bench import Proc  # noqa: E402
+from daemon.tools.bench.stack import Proc, wait_daemon  # noqa: E402
 
 
 def wait_daemon_ready(proc: Proc, cfg_path: Path, timeout: float) -> Proc:
     """Wait until both of the daemon's sockets answer a ping; RuntimeError with its log if not."""
-    from daemon.client import Client, DaemonError
     from daemon.config import load_config
 
     cfg = load_config(str(cfg_path), env={})
-    deadline = time.monotonic() + timeout
-    for which in ("asr", "tts"):
-        while True:
-            if not proc.alive():
-                raise RuntimeError(f"daemon exited with {proc.p.returncode}:\n{proc.text()[-3000:]}")
-            if time.monotonic() > deadline:
-                proc.stop()
-                raise RuntimeError(f"daemon not ready after {timeout:g} s:\n{proc.text()[-3000:]}")
-            try:
-                with Client(cfg.daemon.endpoint(which), timeout=1.0) as c:
-                    c.ping(1.0)
-                break
-            except DaemonError:
-                time.sleep(0.3)
+    wait_daemon(proc, [cfg.daemon.endpoint("asr"), cfg.daemon.endpoint("tts")], timeout, RuntimeError)
     return proc
 
 

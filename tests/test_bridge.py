@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from bridge_procs import start_bridge, start_daemon, write_config
-from helpers.ws import FRAME, WSClient, http_get, metrics, read_pcm, silence  # noqa: F401 (other modules import them from here)
+from helpers.ws import WSClient, http_get, metrics, read_pcm, silence
 from fake_langgraph import FakeAgentServer
 
 # --- fixtures -----------------------------------------------------------------------------------

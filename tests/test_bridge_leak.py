@@ -29,7 +29,7 @@ from websockets.asyncio.client import connect
 from bridge_procs import start_bridge, start_daemon, write_config
 from daemon.client import ASRClient
 from procstats import settled
-from test_bridge import http_get
+from helpers.ws import http_get
 
 SESSIONS = 400
 WARMUP = 30

@@ -28,7 +28,7 @@ from bridge_procs import Proc, start_bridge, start_daemon, write_config
 from daemon import protocol as P
 from daemon.client import ASRClient, TTSClient
 from procstats import settled, stats
-from test_bridge import WSClient, http_get, read_pcm, silence
+from helpers.ws import WSClient, http_get, read_pcm, silence
 
 TESTS = Path(__file__).resolve().parent
 IDLE = 3.0

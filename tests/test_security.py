@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidStatus
 from bridge.server import STATIC_DIR, CONTENT_TYPES, static_path
 from bridge_procs import ROOT, start_bridge, start_daemon, write_config
 from fake_langgraph import FakeAgentServer
-from test_bridge import WSClient, http_get, read_pcm, silence
+from helpers.ws import WSClient, http_get, read_pcm, silence
 
 TOKEN = "tok-7f3a9c1e5b2d4f60a8e1"
 API_KEY = "sk-test-2b7e151628aed2a6abf71589"

@@ -23,7 +23,7 @@ from bridge_procs import start_bridge, start_daemon, write_config
 from daemon import protocol as P
 from daemon.client import ASRClient, TTSClient
 from procstats import growth, settled
-from test_bridge import WSClient, http_get, read_pcm, silence
+from helpers.ws import WSClient, http_get, read_pcm, silence
 
 WARMUP = 10
 

@@ -159,16 +159,19 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def _wait_daemon(proc: Proc, endpoints: Sequence[str], timeout: float) -> None:
+def wait_daemon(proc: Proc, endpoints: Sequence[str], timeout: float, error: Any = SystemExit) -> None:
+    """Wait until each endpoint answers a ping; `error` (with the daemon's log) if it exits or the
+    time runs out. The one readiness wait for a daemon started as a process (s2s-bench, tests)."""
     from daemon.client import Client, DaemonError
 
     deadline = time.monotonic() + timeout
     for ep in endpoints:
         while True:
             if not proc.alive():
-                raise SystemExit(f"s2s-bench: daemon exited with {proc.p.returncode}:\n{proc.text()[-3000:]}")
+                raise error(f"daemon exited with {proc.p.returncode}:\n{proc.text()[-3000:]}")
             if time.monotonic() > deadline:
-                raise SystemExit(f"s2s-bench: daemon not ready after {timeout:g} s:\n{proc.text()[-3000:]}")
+                proc.stop()
+                raise error(f"daemon not ready after {timeout:g} s:\n{proc.text()[-3000:]}")
             try:
                 with Client(ep, timeout=1.0) as c:
                     c.ping(1.0)
@@ -228,7 +231,7 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
         t0 = time.monotonic()
         d = Proc("daemon", [sys.executable, "-m", "daemon", "--config", str(cfg_path)], tmp / "daemon.log", _env())
         procs.append(d)
-        _wait_daemon(d, eps, args.start_timeout)
+        wait_daemon(d, eps, args.start_timeout)
         st = Stack(eps[0], eps[1], cfg=cfg, engines=engines, daemon_pid=d.pid, procs=procs, tmp=tmp)
         st.startup_s["daemon"] = round(time.monotonic() - t0, 2)
         if need_bridge:
