@@ -81,6 +81,6 @@ def models_dir(tmp_path_factory) -> Path:
     manifest_file = root / "s2s-models.json"
     if not manifest_file.exists():
         for cmd in ("bundled", "tiny"):
-            subprocess.run([sys.executable, "-m", "daemon.models.store", cmd, "--out", str(root)],
+            subprocess.run([sys.executable, "-m", "daemon.models.cli", cmd, "--out", str(root)],
                            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return root

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "daemon.models.store", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "daemon.models.cli", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -171,7 +171,7 @@ def test_fetch_offline_fails_fast_with_a_clear_message(tmp_path):
     env = dict(os.environ, S2S_OFFLINE_LOG=str(tmp_path / "guard.log"))  # expected attempts stay out of the suite log
     env.pop("HF_HUB_OFFLINE", None)
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "daemon.models.store", "fetch", "--out", str(tmp_path / "m")],
+    r = subprocess.run([sys.executable, "-m", "daemon.models.cli", "fetch", "--out", str(tmp_path / "m")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     elapsed = time.monotonic() - t0
     assert r.returncode == 1

@@ -110,3 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"s2s-models: {e}", file=sys.stderr)
         return 1
     return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
