@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import zmq
 
@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ASRClient", "ASRStream", "AsyncASRClient", "AsyncASRStream", "AsyncClient", "AsyncTTSClient",
            "Client", "DEFAULT_TIMEOUT", "DaemonError", "HWM", "TTSClient", "missing_endpoint", "new_id"]
+
+
+_C = TypeVar("_C", bound="Client")
 
 
 class Client:
@@ -57,7 +60,7 @@ class Client:
     def close(self) -> None:
         self._sock.close(linger=0)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self: "_C") -> "_C":
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -100,7 +100,7 @@ def _sanm_decoder(dims: TinyDims, sanm_shfit: int = 0) -> Dict[str, Any]:
             "sanm_shfit": sanm_shfit}
 
 
-_PARAFORMER_MODEL_CONF = {"ctc_weight": 0.0, "lsm_weight": 0.1, "length_normalized_loss": True,
+_PARAFORMER_MODEL_CONF: Dict[str, Any] = {"ctc_weight": 0.0, "lsm_weight": 0.1, "length_normalized_loss": True,
                           "predictor_weight": 1.0, "predictor_bias": 1, "sampling_ratio": 0.75}
 _TOKENIZER = {"tokenizer": "CharTokenizer", "tokenizer_conf": {"unk_symbol": "<unk>", "split_with_space": True}}
 

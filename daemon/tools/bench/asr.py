@@ -223,8 +223,13 @@ def run_asr(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
             for _ in range(args.repeat):
                 # Interleaved: a burst of load from elsewhere hits all paths alike.
                 for p in paths:
-                    secs, text = (_daemon_transcribe(c, u) if p == "daemon" else
-                                  _engine_transcribe(pool, u) if p == "engine" else lib(u))
+                    if p == "daemon":
+                        secs, text = _daemon_transcribe(c, u)
+                    elif p == "engine":
+                        secs, text = _engine_transcribe(pool, u)
+                    else:
+                        assert lib is not None  # "library" is in paths only when lib is
+                        secs, text = lib(u)
                     best[p][u.id] = min(best[p].get(u.id, float("inf")), secs)
                     hyps[p][u.id] = text
     if pool:

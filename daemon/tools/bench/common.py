@@ -62,6 +62,10 @@ def pct(values: Sequence[float], q: float) -> Optional[float]:
     """q-th percentile (0-100, linear interpolation); None for no values."""
     if not len(values):
         return None
+    return _pct(values, q)
+
+
+def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
@@ -70,7 +74,7 @@ def stats_ms(seconds: Sequence[float]) -> Dict[str, Any]:
     ms = [s * 1000.0 for s in seconds]
     if not ms:
         return {"n": 0, "p50": None, "p95": None, "p99": None, "mean": None, "min": None, "max": None}
-    return {"n": len(ms), "p50": round(pct(ms, 50), 3), "p95": round(pct(ms, 95), 3), "p99": round(pct(ms, 99), 3),
+    return {"n": len(ms), "p50": round(_pct(ms, 50), 3), "p95": round(_pct(ms, 95), 3), "p99": round(_pct(ms, 99), 3),
             "mean": round(float(np.mean(ms)), 3), "min": round(min(ms), 3), "max": round(max(ms), 3)}
 
 

@@ -61,8 +61,8 @@ def run_tts(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
     return {"engine": st.info.get("tts", {}).get("engine"), "language": lang, "replies": len(texts) * args.repeat,
             "threads": details.get("threads", details.get("kokoro.threads")),
             "sentences": sentences, "per_sentence": stats_ms(per_sentence), "first_audio": stats_ms(ttfa),
-            "whole_reply": stats_ms(whole), "first_over_whole_p50": round(pct(ratio, 50), 3),
-            "rtf_p50": round(pct(rtf, 50), 4), "texts": texts}
+            "whole_reply": stats_ms(whole), "first_over_whole_p50": round(pct(ratio, 50) or 0.0, 3),
+            "rtf_p50": round(pct(rtf, 50) or 0.0, 4), "texts": texts}
 
 
 def print_tts(r: Dict[str, Any]) -> str:

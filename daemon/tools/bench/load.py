@@ -83,7 +83,7 @@ async def _load(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
 
     async def session(k: int) -> None:
         ws = await WS.open(st.bridge)
-        info = {"frames": 0, "finals": 0, "partials": 0, "ok": False}
+        info: Dict[str, Any] = {"frames": 0, "finals": 0, "partials": 0, "ok": False}
         try:
             if not await ws.start(lang, timeout=60):
                 info["error"] = [e for _, e in ws.events if e.get("type") == "error"][:2]
@@ -178,7 +178,7 @@ async def _soak(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
     marks = sorted({0, warm, m} | {int(m * i / 10) for i in range(1, 10)})
 
     def sample(i: int) -> None:
-        row = {"session": i}
+        row: Dict[str, Any] = {"session": i}
         for k, p in pids.items():
             s = proc_sample(p) if p else None
             row[k] = round(s["rss"] / 2 ** 20, 1) if s else None

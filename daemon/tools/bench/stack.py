@@ -210,7 +210,6 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
     import yaml
 
     tmp = Path(tempfile.mkdtemp(prefix="s2s-bench-"))
-    st: Optional[Stack] = None
     procs: List[Proc] = []
     fixed = None
     agent, agent_url = args.agent, args.agent_url
