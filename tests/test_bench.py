@@ -84,6 +84,11 @@ def test_engine_configs_validate(tmp_path, models_dir):
         cfg = parse_config(bench.engine_config("bundled", models_dir, tmp_path / "run", tts_engine=tts, tts_threads=1),
                            "test", env={})
         assert (cfg.tts.engine, cfg.tts.kokoro.model, cfg.tts.kokoro.threads) == (tts, "kokoro", 1)
+    # s2s-bench asr --whisper-beam 1: the trade-off against the default beam
+    cfg = parse_config(bench.engine_config("bundled", models_dir, tmp_path / "run", whisper_beam=1), "test", env={})
+    assert cfg.asr.whisper.beam_size == 1
+    default = parse_config(bench.engine_config("bundled", models_dir, tmp_path / "run"), "test", env={})
+    assert default.asr.whisper.beam_size == 5
 
 
 def test_full_size_dims():

@@ -147,6 +147,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="e2e: speculative turns (turn.speculate) on, off, or both side by side (default both)")
     g.add_argument("--tts-engine", default="", choices=("", "piper", "kokoro", "kokoro+piper"),
                    help="--engines bundled: the TTS engine (default piper)")
+    g.add_argument("--whisper-beam", type=int, default=0,
+                   help="--engines bundled: Whisper's beam size (0 = the config default, 5); e.g. `asr --whisper-beam 1`"
+                        " beside the default shows the accuracy/speed trade-off")
     g.add_argument("--tts-threads", type=int, default=0,
                    help="--tts-engine kokoro: onnxruntime intra-op threads (0 = one per core, at most 4)")
     g.add_argument("--asr", help="attach: daemon ASR endpoint (ipc://... or tcp://...)")

@@ -36,7 +36,7 @@ def default_models() -> Path:
 
 def engine_config(engines: str, models: Path, run_dir: Path, device: str = "cpu", sessions: int = 32,
                   config_file: Optional[Path] = None, agent: str = "echo", agent_url: str = "",
-                  tts_engine: str = "", tts_threads: int = 0) -> Dict[str, Any]:
+                  tts_engine: str = "", tts_threads: int = 0, whisper_beam: int = 0) -> Dict[str, Any]:
     """The YAML dict a self-started stack runs on (bridge on a free port, echo agent by default)."""
     import yaml
 
@@ -58,6 +58,8 @@ def engine_config(engines: str, models: Path, run_dir: Path, device: str = "cpu"
                                                       "nltk_data": f"{d}/nltk_data"}}
         else:
             raise SystemExit(f"s2s-bench: unknown --engines {engines!r} (one of {', '.join(ENGINES)})")
+        if whisper_beam and engines == "bundled":
+            data["asr"]["whisper"]["beam_size"] = whisper_beam
         if tts_engine and engines == "bundled":
             data["tts"] = {"engine": tts_engine, "piper": {"voice": "piper/en_US-joe-medium.onnx"},
                            "kokoro": {"model": "kokoro", "threads": tts_threads}}
@@ -222,7 +224,7 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
         engines = args.engines or ("config" if args.config else "bundled")
         data = engine_config(engines, Path(args.models), tmp / "run", args.device, sessions,
                              Path(args.config) if args.config else None, agent, agent_url,
-                             args.tts_engine, args.tts_threads)
+                             args.tts_engine, args.tts_threads, args.whisper_beam)
         cfg_path = tmp / "s2s.yaml"
         cfg_path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         cfg = load_config(str(cfg_path), env={})
