@@ -175,8 +175,11 @@ class Daemon:
             self.reload()
         await self._stop.wait()
         await self._drain_and_close()
+        # Sockets closed and their files removed while SIGTERM is still ours: a supervisor's
+        # SIGTERM arriving right after SIGINT (start-s2s.sh on Ctrl-C) must not kill the daemon
+        # between the two and leave stale socket files behind.
+        self.transport.close()
         for sig in (signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late reload must not kill a stopping daemon
-        self.transport.close()
         return 1 if self.fatal else 0

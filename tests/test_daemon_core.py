@@ -252,3 +252,36 @@ def test_a_loop_that_dies_makes_serve_exit_non_zero(tmp_path, loop):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         asr.shutdown()
         tts.shutdown()
+
+
+def test_sigterm_is_still_handled_while_the_socket_files_are_removed(tmp_path):
+    """start-s2s.sh on Ctrl-C: the daemon gets the terminal's SIGINT and, a moment later, the
+    script's SIGTERM. The daemon used to restore SIGTERM's default action before closing its
+    sockets, so a SIGTERM in between killed it with the socket files left behind (seen once in the
+    newcomer test under load). The handler must stay in place until the files are gone."""
+    d, asr, tts = _daemon(tmp_path)
+    seen = []
+    close = d.transport.close
+
+    def close_and_look() -> None:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        close()
+
+    d.transport.close = close_and_look  # type: ignore[method-assign]
+
+    async def main() -> int:
+        serve = asyncio.create_task(d.serve())
+        while "asr-recv" not in d.tasks:
+            await asyncio.sleep(0.01)
+        d.request_stop("test")
+        return await asyncio.wait_for(serve, 10)
+
+    try:
+        assert asyncio.run(main()) == 0
+        assert len(seen) == 1 and seen[0] not in (signal.SIG_DFL, None), seen
+        assert not list((tmp_path / "run").glob("*.sock"))
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        asr.shutdown()
+        tts.shutdown()
