@@ -253,7 +253,7 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
         if fixed is not None:
             fixed.__exit__(None, None, None)
         if args.keep_logs:
-            print(f"logs kept in {tmp}")
+            logger.warning("logs kept in %s", tmp)  # asked for with --keep-logs: shown at any log level
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
