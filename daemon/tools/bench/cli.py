@@ -18,6 +18,7 @@ from daemon.tools.bench.stack import Stack, default_models, open_stack, stack_la
 from daemon.tools.bench.asr import _engine_transcribe, print_asr, print_ipc, run_asr, run_ipc
 from daemon.tools.bench.e2e import print_e2e, print_tts, run_e2e, run_tts
 from daemon.tools.bench.load import print_load, print_soak, run_load, run_soak
+from daemon.tools.bench.capacity import DEFAULT_STREAMS, parse_streams, print_capacity, run_capacity, stack_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ def print_acceptance(r: Dict[str, Any]) -> str:
 
 RUNNERS = {"ipc": (run_ipc, print_ipc, False), "asr": (run_asr, print_asr, False), "tts": (run_tts, print_tts, False),
            "e2e": (run_e2e, print_e2e, True), "load": (run_load, print_load, True),
-           "soak": (run_soak, print_soak, True), "acceptance": (run_acceptance, print_acceptance, True)}
+           "soak": (run_soak, print_soak, True), "capacity": (run_capacity, print_capacity, False),
+           "acceptance": (run_acceptance, print_acceptance, True)}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -169,9 +171,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     s.add_argument("--utterances", type=int, default=6, help="e2e: utterances spoken")
     s.add_argument("--tail", type=float, default=8.0, help="e2e: seconds of open microphone after speech, at most")
     s.add_argument("--sessions", type=int, default=None, help="load: concurrent (32); soak: sequential (1000)")
-    s.add_argument("--seconds", type=float, default=30.0, help="load: seconds of audio per session")
+    s.add_argument("--seconds", type=float, default=30.0,
+                   help="load: seconds of audio per session; capacity: cap on each recording (11-19 s; 30 = whole)")
     s.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="load: seconds to wait, after a session stops, for its last final")
+                   help="load, capacity: seconds to wait, after a session stops, for its last final")
+    s.add_argument("--streams", type=parse_streams, default=DEFAULT_STREAMS,
+                   help=f"capacity: the sweep's concurrent stream counts (default {DEFAULT_STREAMS})")
     s.add_argument("--speech-every", type=int, default=25,
                    help="soak: every Nth session speaks an utterance and waits for the reply (others send 0.5 s of "
                         "quiet audio)")
@@ -189,7 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run, show, bridge = RUNNERS[args.mode]
     t0 = time.monotonic()
-    sessions = args.sessions if args.mode == "load" else 32
+    sessions = {"load": args.sessions, "capacity": stack_sessions(args.streams)}.get(args.mode, 32)
     with open_stack(args, need_bridge=bridge, sessions=sessions) as st:
         print(f"s2s-bench {args.mode}: {st.label()}", flush=True)
         if st.info.get("fallbacks"):

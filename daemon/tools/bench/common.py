@@ -25,7 +25,7 @@ DEFAULT_MANIFEST = ROOT / "tests" / "fixtures" / "manifest.jsonl"
 RATE = 16000
 CHUNK_BYTES = 3200          # 100 ms of 16 kHz PCM16: the unit the IPC figure is per
 WS_FRAME_S = 0.04           # the page's worklet sends 40 ms frames
-MODES = ("ipc", "asr", "tts", "e2e", "load", "soak", "acceptance")
+MODES = ("ipc", "asr", "tts", "e2e", "load", "soak", "capacity", "acceptance")
 ENGINES = ("bundled", "tiny", "full", "config")
 # Environment that must not change what a self-started stack runs.
 SCRUB_ENV = ("ASR_ENGINE", "TTS_ENGINE", "ASR_DEVICE", "TTS_DEVICE", "S2S_CONFIG", "S2S_MODELS",
