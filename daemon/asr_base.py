@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -21,9 +22,52 @@ from daemon.audio import to_float32
 from daemon.engines import Capabilities, Fallback
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
 from daemon.rules import check_language, clean_hotwords
-from daemon.vad import SAMPLE_RATE, VADEvent
+from daemon.vad import SAMPLE_RATE, VADBlock, VADEvent, run_steps
 
 logger = logging.getLogger(__name__)
+
+
+# --- the requests an engine's steps yield (answered by PoolBase.run_requests) ----------
+
+
+@dataclass
+class Decode:
+    """Decode one utterance (or the utterance so far); the answer is the engine's decode result."""
+
+    audio: np.ndarray
+    hotwords: Tuple[str, ...] = ()
+    language: str = "zh"
+
+
+@dataclass
+class StreamChunk:
+    """One chunk through a streaming decoder with the session's cache; the answer is the text it adds."""
+
+    audio: np.ndarray
+    cache: Dict[str, Any]
+
+
+Request = Union[VADBlock, Decode, StreamChunk]
+# A session's work as steps: yields requests, gets their answers, returns its events.
+Steps = Generator[Any, Any, List[Dict[str, Any]]]
+# Utterances decoded in one batch at most, and how much longer than the shortest in its batch
+# an utterance may be (padding is wasted work; a long one must not hold short ones).
+MAX_DECODE_BATCH = 16
+MAX_DECODE_STRETCH = 2.0
+
+
+def decode_groups(lengths: Sequence[int]) -> List[List[int]]:
+    """Indices of decode requests in batches: shortest first, each batch at most
+    MAX_DECODE_BATCH long and no member over MAX_DECODE_STRETCH x its shortest."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: List[List[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None and len(g) < MAX_DECODE_BATCH and lengths[i] <= MAX_DECODE_STRETCH * max(lengths[g[0]], 1):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 # --- shared engine behaviour ----------------------------------------------------------
@@ -75,15 +119,21 @@ class StreamingEngine:
     # -- the ASRSession protocol --------------------------------------------------------
 
     def feed(self, pcm: Any) -> List[Dict[str, Any]]:
+        return run_steps(self.feed_steps(pcm), self.pool.run_list)
+
+    def feed_steps(self, pcm: Any) -> Steps:
+        """`feed` as steps: yields each model request (`VADBlock`, `StreamChunk`, `Decode`) and
+        takes back its answer, so the daemon runs many sessions' requests in one batch
+        (daemon/asr_batch.py). The session's logic is the same code either way."""
         x = to_float32(pcm)
         self.last_active = time.monotonic()
         if x.size == 0:
             return []
         events: List[Dict[str, Any]] = []
-        for ev in self._seg.push(x):
-            events += self._on_vad(ev)
+        for ev in (yield from self._seg.push_steps(x)):
+            events += yield from self._on_vad(ev)
         if self.partials and self._seg.in_speech:
-            events += self._partial_step(final=False)
+            events += yield from self._partial_steps()
         return events
 
     def feed_audio(self, pcm: Any) -> Optional[Dict[str, Any]]:
@@ -91,11 +141,14 @@ class StreamingEngine:
         return self._queue.popleft() if self._queue else None
 
     def finalize_events(self) -> List[Dict[str, Any]]:
+        return run_steps(self._finalize_steps(), self.pool.run_list)
+
+    def _finalize_steps(self) -> Steps:
         self.last_active = time.monotonic()
         events = list(self._queue)
         self._queue.clear()
         for ev in self._seg.flush():
-            events += self._on_vad(ev)
+            events += yield from self._on_vad(ev)
         if not events or events[-1]["type"] != "final":
             t = self._t(self._seg.total)
             events.append({"type": "final", "text": "", "start": t, "end": t, "utterance": self._utt,
@@ -143,13 +196,13 @@ class StreamingEngine:
     def _t(sample: int) -> float:
         return round(sample / SAMPLE_RATE, 3)
 
-    def _on_vad(self, ev: VADEvent) -> List[Dict[str, Any]]:
+    def _on_vad(self, ev: VADEvent) -> Steps:
         if ev.kind == "start":
             self._partial_reset()
             self._tentative = None
             return [{"type": "speech_start", "start": self._t(ev.start), "utterance": self._utt}]
         if ev.kind == "pause":
-            return self._on_pause(ev)
+            return (yield from self._on_pause(ev))
         if ev.kind == "resume":
             if self._tentative is None:
                 return []
@@ -161,18 +214,19 @@ class StreamingEngine:
         if ev.after_pause and tentative is not None and tentative[0] == self._utt:
             text = tentative[1]  # only silence since the tentative: the same speech, decoded once
         else:
-            text = self._decode(audio) if audio.size else ""
+            text = (yield from self._decode_steps(audio)) if audio.size else ""
         self._partial_reset()
         final = {"type": "final", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
                  "utterance": self._utt, "reason": ev.reason}
+        self._final_extras(final)
         logger.debug("asr %s: final %d %.2f-%.2f (%s) %r", self.session_id, self._utt, final["start"],
                      final["end"], ev.reason, text)
         self._utt += 1
         return [final]
 
-    def _on_pause(self, ev: VADEvent) -> List[Dict[str, Any]]:
+    def _on_pause(self, ev: VADEvent) -> Steps:
         audio = ev.audio if ev.audio is not None else np.zeros(0, dtype=np.float32)
-        text = self._decode(audio) if audio.size else ""
+        text = (yield from self._decode_steps(audio)) if audio.size else ""
         if not text.strip():
             return []  # nothing to speculate on; the final decides
         self._tentative = (self._utt, text)
@@ -181,14 +235,19 @@ class StreamingEngine:
         return [{"type": "tentative", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
                  "utterance": self._utt}]
 
-    def _decode(self, audio: np.ndarray) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _decode_steps(self, audio: np.ndarray) -> Generator[Any, Any, str]:
+        """The utterance's text: one `Decode` request (engines may read more from the answer)."""
+        return str((yield Decode(audio, tuple(self.hotwords), self.language)))
+
+    def _final_extras(self, final: Dict[str, Any]) -> None:
+        """Engine-specific fields of a final (Whisper: the language it heard)."""
 
     def _partial_reset(self) -> None:
         pass
 
-    def _partial_step(self, final: bool) -> List[Dict[str, Any]]:
+    def _partial_steps(self) -> Steps:
         return []
+        yield  # a generator with nothing to ask
 
 
 # --- shared pool behaviour ------------------------------------------------------------
@@ -276,6 +335,50 @@ class PoolBase:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    # -- answering the steps' requests (on the worker) ----------------------------------
+
+    def run_requests(self, reqs: Sequence[Any]) -> Iterator[Tuple[int, Any]]:
+        """Answer many sessions' requests, batched by kind: (index, answer or the exception
+        that request raised), yielded as each batch finishes, so a session whose last
+        request is answered can go on while longer decodes still run."""
+        by_kind: Dict[type, List[int]] = {}
+        for i, r in enumerate(reqs):
+            by_kind.setdefault(type(r), []).append(i)
+        vad = by_kind.pop(VADBlock, [])
+        if vad:
+            yield from zip(vad, self.vad.run_requests([reqs[i] for i in vad]), strict=True)
+        for i in by_kind.pop(StreamChunk, []):
+            yield i, _answer(self.stream_request, reqs[i])
+        dec = by_kind.pop(Decode, [])
+        keyed: Dict[Tuple[Tuple[str, ...], str], List[int]] = {}
+        for i in dec:
+            keyed.setdefault((reqs[i].hotwords, reqs[i].language), []).append(i)
+        batches = [[idx[j] for j in g] for idx in keyed.values()
+                   for g in decode_groups([reqs[i].audio.size for i in idx])]
+        for batch in sorted(batches, key=lambda b: reqs[b[0]].audio.size):
+            yield from zip(batch, self.decode_requests([reqs[i] for i in batch]), strict=True)
+        for kind, idx in by_kind.items():
+            for i in idx:
+                yield i, TypeError(f"{self.name}: unknown request {kind.__name__}")
+
+    def run_list(self, reqs: Sequence[Any]) -> List[Any]:
+        """run_requests' answers in request order (one session driven alone: run_steps)."""
+        out: List[Any] = [None] * len(reqs)
+        for i, answer in self.run_requests(reqs):
+            out[i] = answer
+        return out
+
+    def decode_requests(self, reqs: List["Decode"]) -> List[Any]:
+        """Decodes with the same hotwords and language, of similar length: engines that can
+        batch them override this; here one by one."""
+        return [_answer(self.decode_request, r) for r in reqs]
+
+    def decode_request(self, req: "Decode") -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def stream_request(self, req: "StreamChunk") -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         return self._executor.submit(fn, *args, **kwargs)
 
@@ -283,3 +386,11 @@ class PoolBase:
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._sessions.clear()
+
+
+def _answer(fn: Callable[[Any], Any], req: Any) -> Any:
+    """fn(req), or the exception it raised (it belongs to the session that asked)."""
+    try:
+        return fn(req)
+    except Exception as e:  # noqa: BLE001
+        return e

@@ -28,7 +28,7 @@ from daemon import devices
 from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, ModelMissingError, S2SError
 from daemon.workers import extend_budget
-from daemon.asr_base import PoolBase, StreamingEngine, join_cjk
+from daemon.asr_base import Decode, PoolBase, Steps, StreamChunk, StreamingEngine, join_cjk
 from daemon.vad import FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, require_dir
 
 logger = logging.getLogger(__name__)
@@ -202,22 +202,45 @@ class FunASRPool(PoolBase):
 
     def decode(self, audio: np.ndarray, hotwords: Sequence[str] = ()) -> str:
         """Offline Paraformer on one utterance, then punctuation; plain text."""
-        return self._guarded("recognition", self._decode, audio, tuple(hotwords))
+        return str(self._guarded("recognition", self._decode_batch, [audio], tuple(hotwords))[0])
 
-    def _decode(self, audio: np.ndarray, hotwords: Tuple[str, ...]) -> str:
-        kw: Dict[str, Any] = {"disable_pbar": True}
+    def decode_request(self, req: Decode) -> str:
+        return self.decode(req.audio, req.hotwords)
+
+    def decode_requests(self, reqs: List[Decode]) -> List[Any]:
+        """Utterances with the same hotwords in one padded Paraformer forward (the model is
+        non-autoregressive); if the batch fails, each alone, so a failure stays its own."""
+        if len(reqs) > 1:
+            try:
+                return list(self._guarded("recognition", self._decode_batch, [r.audio for r in reqs],
+                                          reqs[0].hotwords))
+            except Exception:  # noqa: BLE001 - logged by _guarded; retried one by one below
+                pass
+        return super().decode_requests(reqs)
+
+    def _decode_batch(self, audios: List[np.ndarray], hotwords: Tuple[str, ...]) -> List[str]:
+        kw: Dict[str, Any] = {"disable_pbar": True, "batch_size": len(audios)}
         if hotwords:
             kw["hotword"] = " ".join(hotwords)
-        res = self._asr.generate(input=audio, **kw)
-        text = str(res[0].get("text", "")) if res else ""
-        if text.strip() and self._punc is not None:
-            pres = self._punc.generate(input=text, disable_pbar=True)
-            text = str(pres[0].get("text", text)) if pres else text
-        return join_cjk(text)
+        res = self._asr.generate(input=audios if len(audios) > 1 else audios[0], **kw)
+        if len(res or []) != len(audios):
+            raise EngineError(f"recognition returned {len(res or [])} results for {len(audios)} utterances")
+        out = []
+        for r in res:
+            text = str(r.get("text", ""))
+            if text.strip() and self._punc is not None:
+                # CT-Transformer punctuation takes one text per call (funasr asserts it).
+                pres = self._punc.generate(input=text, disable_pbar=True)
+                text = str(pres[0].get("text", text)) if pres else text
+            out.append(join_cjk(text))
+        return out
 
     def stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
         """One 600 ms chunk through the streaming Paraformer; the text it adds."""
         return self._guarded("streaming recognition", self._stream_chunk, audio, cache)
+
+    def stream_request(self, req: StreamChunk) -> str:
+        return self.stream_chunk(req.audio, req.cache)
 
     def _stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
         res = self._stream.generate(input=audio, cache=cache, is_final=False, disable_pbar=True, **STREAM_KW)
@@ -288,16 +311,13 @@ class FunASREngine(StreamingEngine):
                          c.max_utterance_seconds if max_utterance_seconds is None else max_utterance_seconds)
         self.partials = self.partials and pool.has_partials
 
-    def _decode(self, audio: np.ndarray) -> str:
-        return self.pool.decode(audio, self.hotwords)
-
     def _partial_reset(self) -> None:
         self._stream_cache = {}
         self._stream_text = ""
         self._since_partial = 0
         self._stream_pos = 0
 
-    def _partial_step(self, final: bool) -> List[Dict[str, Any]]:
+    def _partial_steps(self) -> Steps:
         start = self._seg.utterance_start
         if start is None:
             return []
@@ -309,7 +329,7 @@ class FunASREngine(StreamingEngine):
         pos = max(self._stream_pos, start)
         while self._seg.total - pos >= STREAM_SAMPLES:
             chunk = self._seg.audio(pos, pos + STREAM_SAMPLES)
-            self._stream_text += self.pool.stream_chunk(chunk, self._stream_cache)
+            self._stream_text += str((yield StreamChunk(chunk, self._stream_cache)))
             pos += STREAM_SAMPLES
             self._since_partial += STREAM_SAMPLES
             text = join_cjk(self._stream_text)

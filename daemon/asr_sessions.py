@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from daemon import protocol as P
+from daemon.asr_batch import FeedBatcher
 from daemon.asr_capacity import Backlog, Capacity
 from daemon.config import Config
 from daemon.engines import ASRPool, ASRSession, EngineInfo
@@ -89,6 +90,7 @@ class ASRSessions:
         self.info = info
         self.clock = clock
         self.capacity = Capacity(lambda: cfg().limits, clock)
+        self.batcher = FeedBatcher(worker, pool, counters)
         self.sessions: Dict[str, Session] = {}
         self.stopping = False
         for k in ("idle_closed", "asr_audio_messages", "asr_feeds", "peer_gone"):
@@ -270,7 +272,7 @@ class ASRSessions:
         pcm = first.pcm if len(batch) == 1 else b"".join(m.pcm for m in batch)
         self.counters["asr_feeds"] += 1
         try:
-            events = await self.worker.call("feed", engine.feed, self._pcm_for_engine(s, pcm))
+            events = await self.batcher.feed(engine, self._pcm_for_engine(s, pcm))
         except AudioError as e:
             for m in batch:
                 if m.ack or m is batch[-1]:

@@ -30,13 +30,16 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, Generator, List, Optional, TypeVar, cast
 
 import numpy as np
 
 from daemon.errors import ModelMissingError
+from daemon.vad_batch import VADBlock
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 SAMPLE_RATE = 16000
 # How far past a pause's speech end the VAD may draw the utterance's end and still have heard
@@ -71,6 +74,7 @@ class FsmnVAD:
         self.speech_to_sil_ms = 150  # silence the VAD's window needs before it counts frames
         self.lookahead_end_ms = 100  # speech kept past the last speech frame (do_extend)
         self._model: Any = None
+        self._batched: Any = None  # daemon.vad_batch.BatchedFsmn once loaded
 
     def load(self) -> None:
         require_dir(self.model_dir, "fsmn-vad")
@@ -83,6 +87,9 @@ class FsmnVAD:
             self.frame_ms = int(getattr(opts, "frame_in_ms", self.frame_ms))
             self.speech_to_sil_ms = int(getattr(opts, "speech_to_sil_time_thres", self.speech_to_sil_ms))
             self.lookahead_end_ms = int(getattr(opts, "lookahead_time_end_point", self.lookahead_end_ms))
+        from daemon.vad_batch import BatchedFsmn
+
+        self._batched = BatchedFsmn(self._model, self.max_end_silence_ms)
         logger.info("vad: loaded %s (step %d ms, end silence %d ms)", self.model_dir, self.step_ms,
                     self.max_end_silence_ms)
 
@@ -107,11 +114,47 @@ class FsmnVAD:
             return []
         return list(res[0]["value"]) if res else []
 
+    def run_requests(self, blocks: List[VADBlock]) -> List[Any]:
+        """Many sessions' next blocks at once -> each one's pairs (or the exception it raised).
+        Sessions whose blocks have the same number of frames share one encoder forward
+        (daemon/vad_batch.py); the per-frame decisions stay each session's own."""
+        if self._batched is None or len(blocks) == 1:
+            out: List[Any] = []
+            for b in blocks:
+                try:
+                    out.append(self.run(b.audio, b.cache, is_final=False))
+                except Exception as e:  # noqa: BLE001 - one session's failure is its own
+                    out.append(e)
+            return out
+        return self._batched.run(blocks)
+
     def segmenter(self, max_utterance_seconds: float = 30.0, session_id: str = "") -> "VADSegmenter":
         return VADSegmenter(self, max_utterance_seconds, session_id)
 
 
 # --- per-session segmentation ---------------------------------------------------------
+
+
+Step = TypeVar("Step")
+
+
+def run_steps(steps: Generator[Step, Any, R], run: Callable[[List[Step]], List[Any]]) -> R:
+    """Drive one step generator alone: each request it yields is answered by `run([request])[0]`
+    (an exception there is raised inside the generator). The batched driver for many sessions
+    is daemon/asr_batch.py; this is the same contract with a batch of one."""
+    value: Any = None
+    error: Optional[BaseException] = None
+    while True:
+        try:
+            req = steps.throw(error) if error is not None else steps.send(value)
+        except StopIteration as stop:
+            return cast(R, stop.value)
+        try:
+            value, error = run([req])[0], None
+        except Exception as e:  # noqa: BLE001 - handed to the generator, which decides
+            value, error = None, e
+        if isinstance(value, BaseException):
+            value, error = None, value
 
 
 @dataclass
@@ -218,12 +261,20 @@ class VADSegmenter:
 
     def push(self, x: np.ndarray) -> List[VADEvent]:
         """Append float32 16 kHz audio; run the VAD over every whole step available."""
+        return run_steps(self.push_steps(x), lambda blocks: [self.vad.run(b.audio, b.cache, is_final=False)
+                                                              for b in blocks])
+
+    def push_steps(self, x: np.ndarray) -> Generator[VADBlock, Any, List[VADEvent]]:
+        """`push` as steps: yields each `VADBlock` for the model and takes back its segments, so a
+        scheduler can run many sessions' blocks in one forward (daemon/asr_batch.py)."""
         self._ring.append(np.asarray(x, dtype=np.float32))
         events: List[VADEvent] = []
         block = self.step * self.MAX_BLOCK_STEPS
         while self._ring.end - self._vad_fed >= self.step:
             n = min(block, (self._ring.end - self._vad_fed) // self.step * self.step)
-            events += self._run(self._ring.slice(self._vad_fed, self._vad_fed + n), final=False)
+            audio = self._ring.slice(self._vad_fed, self._vad_fed + n)
+            pairs = yield VADBlock(audio, self._cache)
+            events += self._apply(pairs, audio.size, final=False)
         self._trim()
         return events
 
@@ -249,8 +300,11 @@ class VADSegmenter:
         return events
 
     def _run(self, block: np.ndarray, final: bool, clamp: Optional[int] = None) -> List[VADEvent]:
-        pairs = self.vad.run(block, self._cache, is_final=final)
-        self._vad_fed = min(self._vad_fed + block.size, self._ring.end)
+        return self._apply(self.vad.run(block, self._cache, is_final=final), block.size, final, clamp)
+
+    def _apply(self, pairs: List[List[int]], samples: int, final: bool, clamp: Optional[int] = None) -> List[VADEvent]:
+        """The model's segments for the next `samples` of audio -> events."""
+        self._vad_fed = min(self._vad_fed + samples, self._ring.end)
         limit = clamp if clamp is not None else self._vad_fed
         events: List[VADEvent] = []
         for start_ms, end_ms in pairs:

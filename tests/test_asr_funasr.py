@@ -16,16 +16,9 @@ from daemon.audio import float_to_pcm16, read_wav
 from daemon.config import parse_config
 from daemon.engines import ASRPool, ASRSession
 from daemon.errors import AudioError, ErrorCode, ModelMissingError, S2SError, UnsupportedError
+from helpers.funasr_tiny import make_config
 
 SR = 16000
-
-
-def make_config(models_dir, **kw) -> FunASRConfig:
-    base = dict(paraformer_dir=models_dir / "tiny" / "paraformer", vad_dir=models_dir / "fsmn-vad",
-                punc_dir=models_dir / "tiny" / "ct-punc", streaming_dir=models_dir / "tiny" / "paraformer-streaming",
-                device="cpu", ncpu=1, idle_timeout=30.0)
-    base.update(kw)
-    return FunASRConfig(**base)
 
 
 @pytest.fixture(scope="module")
