@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from daemon import devices
 from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, S2SError
 from daemon.workers import extend_budget
-from daemon.asr_base import PoolBase, StreamingEngine
+from daemon.asr_base import Decode, PoolBase, StreamingEngine
 from daemon.vad import SAMPLE_RATE, FsmnVAD, require_dir
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,9 @@ class WhisperPool(PoolBase):
             text = to_simplified(text)
         return text, lang
 
+    def decode_request(self, req: Decode) -> Tuple[str, str]:
+        return self.transcribe(req.audio, req.language)
+
     def capabilities(self) -> Capabilities:
         return Capabilities(partials=False, hotwords=False, punctuation=True, languages=("zh", "en", "auto"))
 
@@ -207,16 +210,12 @@ class WhisperEngine(StreamingEngine):
                          c.max_utterance_seconds if max_utterance_seconds is None else max_utterance_seconds)
         self.last_language = ""
 
-    def _decode(self, audio: np.ndarray) -> str:
-        text, self.last_language = self.pool.transcribe(audio, self.language)
-        return text
+    def _decode_steps(self, audio: np.ndarray) -> Generator[Any, Any, str]:
+        text, self.last_language = yield Decode(audio, (), self.language)
+        return str(text)
 
-    def _on_vad(self, ev: Any) -> List[Dict[str, Any]]:
-        events = super()._on_vad(ev)
-        for e in events:
-            if e["type"] == "final":
-                e["language"] = self.last_language or self.language
-        return events
+    def _final_extras(self, final: Dict[str, Any]) -> None:
+        final["language"] = self.last_language or self.language
 
 
 def _default_hotwords(pool: WhisperPool) -> List[str]:
