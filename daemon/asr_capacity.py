@@ -11,6 +11,10 @@ than real time is not "behind".
   dropped) until it is back within `limits.max_asr_lag`: one gap, not scattered frames.
 - A session's queued audio is capped at `SESSION_BACKLOG_SECONDS`, and its queued commands
   of any kind (zero-length audio and `reset` included) at `MAX_QUEUED_COMMANDS`.
+- `open` is also refused (`busy`) when the streams it would make are predicted to load the
+  worker past `limits.max_asr_load` (daemon/asr_load.py: the load measured now plus the cost
+  per stream fitted to what the worker did), so the stream one too many is told to retry
+  before the others fall behind; `limits.max_asr_load: 0` turns this off.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Iterable, Tuple
+from typing import Callable, Deque, Iterable, List, Optional, Tuple
 
+from daemon.asr_load import LOAD_WINDOW_SECONDS, LoadModel, streams_throughout
 from daemon.config import LimitsConfig
 from daemon.errors import AudioError, ErrorCode, S2SError
 
@@ -30,6 +35,9 @@ SESSION_BACKLOG_SECONDS = 60.0
 # Commands (audio of any length, reset, finalize) a session may have queued; more gets `busy`.
 # Room for the whole audio backlog in 20 ms messages (what the bridge sends), no more.
 MAX_QUEUED_COMMANDS = 4096
+# A session is streaming while its audio arrives within this many seconds of the last; one
+# that has not sent audio yet counts as streaming for a window after its open.
+STREAMING_GAP_SECONDS = 1.0
 
 
 def retry_after(seconds: float) -> float:
@@ -49,12 +57,18 @@ class Backlog:
     shedding: bool = False
     shed_chunks: int = 0
     shed_samples: int = 0
+    opened: float = 0.0
+    first_audio: Optional[float] = None  # when its first audio arrived
+    last_audio: Optional[float] = None   # when its latest audio arrived
 
     def lag(self, now: float) -> float:
         """Seconds the oldest unprocessed audio is behind real time (0 when caught up)."""
         return max(0.0, now - self.pending[0][0]) if self.pending else 0.0
 
     def accept(self, samples: int, now: float) -> None:
+        if self.first_audio is None:
+            self.first_audio = now
+        self.last_audio = now
         due = max(now, self.clock)
         self.clock = due + samples / self.sample_rate
         self.pending.append((due, samples))
@@ -80,11 +94,38 @@ class Backlog:
 class Capacity:
     """The admission rules over every session's backlog; `limits` is read per call (reloadable)."""
 
-    def __init__(self, limits: Callable[[], LimitsConfig], clock: Callable[[], float]):
+    def __init__(self, limits: Callable[[], LimitsConfig], clock: Callable[[], float],
+                 busy: Callable[[], float] = lambda: 0.0):
         self.limits = limits
         self.clock = clock
         self.busy_open_lag = 0
+        self.busy_open_load = 0
         self.audio_shed = 0
+        self.load = LoadModel(busy, clock, lambda: limits().asr_stream_cost)
+        self._batch_seen = False  # a faster-than-real-time session sent audio in this window
+
+    def tick(self, backlogs: Iterable[Backlog]) -> None:
+        """About every second: close the load window when due (daemon/asr_load.py)."""
+        bl = list(backlogs)
+        now = self.clock()
+        rt = [b for b in bl if not self._ahead(b, now)]
+        self._batch_seen = self._batch_seen or len(rt) < len(bl)
+        if self.load.tick(lambda t0: streams_throughout([b.first_audio for b in rt], [b.last_audio for b in rt], t0,
+                                                        now, STREAMING_GAP_SECONDS), clean=not self._batch_seen):
+            self._batch_seen = False
+
+    @staticmethod
+    def _ahead(b: Backlog, now: float) -> bool:
+        """Sending faster than real time (a file): not a stream."""
+        return b.clock > now + STREAMING_GAP_SECONDS
+
+    def streaming(self, backlogs: Iterable[Backlog]) -> List[Backlog]:
+        """The real-time streams now: sessions whose audio keeps arriving at about real time, and
+        those opened in the last two windows that have sent none yet (counted as streams)."""
+        now = self.clock()
+        return [b for b in backlogs
+                if (b.last_audio is not None and now - b.last_audio <= STREAMING_GAP_SECONDS and not self._ahead(b, now))
+                or (b.last_audio is None and now - b.opened <= 2 * LOAD_WINDOW_SECONDS)]
 
     @staticmethod
     def lag(backlogs: Iterable[Backlog], now: float) -> Tuple[float, float]:
@@ -100,6 +141,7 @@ class Capacity:
         if open_sessions >= lim.max_sessions:
             raise S2SError(f"{open_sessions} sessions open (limits.max_sessions); retry later", ErrorCode.BUSY,
                            retry_after=1.0)
+        backlogs = list(backlogs)
         worst, queued = self.lag(backlogs, self.clock())
         if worst > lim.max_asr_lag:
             self.busy_open_lag += 1
@@ -108,6 +150,18 @@ class Capacity:
             raise S2SError(f"speech recognition is at capacity ({worst:.1f} s behind real time, "
                            f"limits.max_asr_lag={lim.max_asr_lag:g}); retry later", ErrorCode.BUSY,
                            retry_after=retry_after(worst - lim.max_asr_lag + 1.0))
+        if lim.max_asr_load > 0:
+            live = self.streaming(backlogs)
+            predicted, fit = self.load.predict(len(live) + 1)
+            if predicted > lim.max_asr_load:
+                self.busy_open_load += 1
+                logger.info("open %s refused: %d streams predicted to load the ASR worker %.0f %% (%.3f per stream "
+                            "+ %.2f; measured %.0f %%; limits.max_asr_load=%g)", session_id, len(live) + 1,
+                            100 * predicted, fit.per_stream, fit.fixed, 100 * self.load.load, lim.max_asr_load)
+                raise S2SError(f"speech recognition is at capacity ({len(live)} real-time streams; one more is "
+                               f"predicted to load it {predicted:.0%}, limits.max_asr_load={lim.max_asr_load:g}); "
+                               f"retry later",
+                               ErrorCode.BUSY, retry_after=retry_after(LOAD_WINDOW_SECONDS + 1.0))
 
     def admit_command(self, b: Backlog, queued: int) -> None:
         """One more command for a session that has `queued` commands waiting."""

@@ -89,7 +89,7 @@ class ASRSessions:
         self.counters = counters
         self.info = info
         self.clock = clock
-        self.capacity = Capacity(lambda: cfg().limits, clock)
+        self.capacity = Capacity(lambda: cfg().limits, clock, lambda: worker.busy_s)
         self.batcher = FeedBatcher(worker, pool, counters)
         self.sessions: Dict[str, Session] = {}
         self.stopping = False
@@ -141,7 +141,7 @@ class ASRSessions:
             raise AudioError(f"sample_rate {msg.sample_rate} outside 8000-48000")
         self.capacity.admit_open(len(self.sessions), (s.backlog for s in self.sessions.values()), msg.session_id)
         s = Session(msg.session_id, ident, msg.sample_rate, msg.language, msg.hotwords, msg.partials, msg.request_id,
-                    Backlog(msg.session_id, msg.sample_rate))
+                    Backlog(msg.session_id, msg.sample_rate, opened=self.clock()))
         if msg.sample_rate != P.ASR_SAMPLE_RATE:
             import soxr
 

@@ -218,6 +218,13 @@ class LimitsConfig:
     # A session this far behind real time has its audio refused with `busy` (dropped) until it
     # is back within max_asr_lag, instead of queueing ever later finals.
     max_session_lag: float = 6.0
+    # ASR admission by predicted cost: `open` answers `busy` when one more real-time stream is
+    # predicted to load the ASR worker past this fraction of its time (daemon/asr_load.py);
+    # 0 turns the prediction off (the lag rule above still holds).
+    max_asr_load: float = 0.9
+    # What one real-time stream is taken to cost (worker seconds per second) before the
+    # daemon has measured any; measured figures replace it.
+    asr_stream_cost: float = 0.03
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,7 @@ POSITIVE = (
     "bridge.max_reply_tokens", "bridge.reply_timeout",
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
     "limits.max_text_chars", "limits.max_tts_queue", "limits.max_chunk_seconds",
-    "limits.max_asr_lag", "limits.max_session_lag",
+    "limits.max_asr_lag", "limits.max_session_lag", "limits.asr_stream_cost",
     "asr.whisper.beam_size", "tts.kokoro.speed",
 )
 
@@ -367,6 +374,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("tts.sample_rate", "must be between 8000 and 48000", src)
     if not 0 <= cfg.turn.early_silence < 0.8:
         raise ConfigError("turn.early_silence", "must be at least 0 and under the VAD's 0.8 s end silence", src)
+    if not 0.0 <= cfg.limits.max_asr_load <= 1.0:
+        raise ConfigError("limits.max_asr_load", "must be between 0 (off) and 1", src)
     if cfg.limits.max_session_lag < cfg.limits.max_asr_lag:
         raise ConfigError("limits.max_session_lag", "must be at least limits.max_asr_lag", src)
     # The selected engine must name its model paths (existence is checked at load).

@@ -28,8 +28,6 @@ from daemon.workers import Worker
 
 logger = logging.getLogger(__name__)
 
-# How often the ASR worker's load figure is refreshed, seconds.
-LOAD_WINDOW_SECONDS = 2.0
 DEFAULT_PERIOD = 5.0
 
 
@@ -65,8 +63,6 @@ class Health:
         self.problems: List[str] = []
         self.stopping = False
         self.started = time.time()
-        self.asr_load = 0.0
-        self._load_mark = (time.monotonic(), 0.0)
         self._last_status = ""
 
     # --- reporting ---------------------------------------------------------------------------
@@ -84,8 +80,11 @@ class Health:
         sessions = self.asr.sessions.values()
         worst, queued = Capacity.lag((s.backlog for s in sessions), now)
         asr, tts = self._asr_info(), engine_info("tts", self.tts_engine)
-        counters = dict(self.counters, busy_open_lag=self.asr.capacity.busy_open_lag,
-                        audio_shed=self.asr.capacity.audio_shed)
+        cap = self.asr.capacity
+        counters = dict(self.counters, busy_open_lag=cap.busy_open_lag, busy_open_load=cap.busy_open_load,
+                        audio_shed=cap.audio_shed)
+        live = cap.streaming(s.backlog for s in sessions)
+        fit = cap.load.fit()
         return {
             "daemon": {"version": daemon.__version__, "protocol": P.PROTOCOL_VERSION, "pid": os.getpid(),
                        "uptime": round(time.time() - self.started, 3), "config": cfg.source,
@@ -101,7 +100,10 @@ class Health:
             "queues": {"asr_sessions": len(self.asr.sessions),
                        "asr_queued_chunks": sum(s.queue.qsize() for s in sessions),
                        "asr_max_lag": round(worst, 3), "asr_queued_seconds": round(queued, 2),
-                       "asr_worker_load": round(self.asr_load, 3),
+                       "asr_worker_load": round(cap.load.load, 3),
+                       "asr_streams": len(live), "asr_stream_cost": round(fit.per_stream, 4),
+                       "asr_fixed_load": round(fit.fixed, 3),
+                       "asr_stream_capacity": fit.capacity(cfg.limits.max_asr_load),
                        "asr_at_capacity": worst > cfg.limits.max_asr_lag,
                        "tts_requests": len(self.tts)},
             "limits": dataclasses.asdict(cfg.limits),
@@ -120,13 +122,6 @@ class Health:
         return line
 
     # --- the loop ----------------------------------------------------------------------------
-
-    def _update_load(self, now: float) -> None:
-        t0, busy0 = self._load_mark
-        if now - t0 >= LOAD_WINDOW_SECONDS:
-            busy = self.workers[0].busy_s
-            self.asr_load = min(1.0, max(0.0, (busy - busy0) / (now - t0)))
-            self._load_mark = (now, busy)
 
     def check(self) -> bool:
         """Judge the workers now; True when healthy. A dead worker calls on_fatal."""
@@ -168,7 +163,7 @@ class Health:
         """Idle sessions and the load figure, about every second."""
         while True:
             await asyncio.sleep(min(1.0, self.cfg().limits.idle_timeout / 4))
-            self._update_load(time.monotonic())
+            self.asr.capacity.tick(s.backlog for s in self.asr.sessions.values())
             self.asr.gc_idle()
 
     def report(self, text: str) -> None:

@@ -169,11 +169,71 @@ class Streamer(threading.Thread):
 def slow(tmp_path_factory, models_dir):
     p = DaemonProcess(tmp_path_factory.mktemp("capacity-admit"), {
         "models_root": str(models_dir),
+        # The lag rule alone (admission by predicted cost off): this fixture overloads on purpose.
+        "limits": {"max_asr_lag": MAX_LAG, "max_session_lag": MAX_SESSION_LAG, "max_chunk_seconds": 1.0,
+                   "max_asr_load": 0},
+    })
+    p.wait_ready(30)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, models_dir):
+    """The defaults of admission (limits.max_asr_load 0.9): the lag bound is not what refuses."""
+    p = DaemonProcess(tmp_path_factory.mktemp("capacity-predict"), {
+        "models_root": str(models_dir),
         "limits": {"max_asr_lag": MAX_LAG, "max_session_lag": MAX_SESSION_LAG, "max_chunk_seconds": 1.0},
     })
     p.wait_ready(30)
     yield p
     p.stop()
+
+
+def test_the_stream_one_too_many_is_refused_before_anyone_falls_behind(predicted):
+    """Two fake streams at 0.4 of the worker each: one more is predicted at 1.2 and refused with
+    `busy`, while the two keep up; with one of them gone a new stream fits again."""
+    streams: List[Streamer] = []
+    with ASRClient(predicted.asr, timeout=10) as c:
+        try:
+            streams = [Streamer(predicted.asr, f"p{i}") for i in range(2)]
+            for s in streams:
+                s.start()
+            # Two load windows, so the two streams are measured.
+            info = wait_for(c, lambda i: i["queues"]["asr_streams"] == 2 and i["queues"]["asr_worker_load"] > 0.6
+                            and i["queues"]["asr_stream_capacity"] == 2, 15)
+            q = info["queues"]
+            assert q["asr_worker_load"] > 0.6 and q["asr_stream_capacity"] == 2, q
+            assert 0.3 < q["asr_stream_cost"] < 0.55, q
+            with pytest.raises(DaemonError) as e:
+                c.open(session_id="third")
+            assert e.value.code == ErrorCode.BUSY and "predicted" in str(e.value)
+            assert e.value.retry_after is not None and e.value.retry_after >= 1.0
+            info = c.describe()
+            assert info["counters"]["busy_open_load"] >= 1
+            assert info["counters"]["busy_open_lag"] == 0
+            assert info["queues"]["asr_max_lag"] < MAX_LAG, info["queues"]
+            assert not any(s.errors for s in streams), "the admitted streams were never refused audio"
+
+            streams.pop().finish()
+            # The gone stream stops counting at once; the load falls within a window.
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    again = c.open(session_id="fits-again")
+                    break
+                except DaemonError as err:
+                    if err.code != ErrorCode.BUSY or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            again.close()
+        finally:
+            for s in streams:
+                if s.is_alive() or not s.session.closed:
+                    try:
+                        s.finish()
+                    except DaemonError:
+                        pass
 
 
 def wait_for(c: ASRClient, pred, timeout: float) -> Dict:

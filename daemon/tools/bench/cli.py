@@ -152,6 +152,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--whisper-beam", type=int, default=0,
                    help="--engines bundled: Whisper's beam size (0 = the config default, 5); e.g. `asr --whisper-beam 1`"
                         " beside the default shows the accuracy/speed trade-off")
+    g.add_argument("--asr-ncpu", type=int, default=0,
+                   help="--engines bundled/tiny/full: asr.ncpu, the ASR models' intra-op threads (0 = the config "
+                        "default); e.g. `capacity --asr-ncpu 1` beside `--asr-ncpu 2` measures the thread policy")
     g.add_argument("--tts-threads", type=int, default=0,
                    help="--tts-engine kokoro: onnxruntime intra-op threads (0 = one per core, at most 4)")
     g.add_argument("--asr", help="attach: daemon ASR endpoint (ipc://... or tcp://...)")

@@ -36,7 +36,8 @@ def default_models() -> Path:
 
 def engine_config(engines: str, models: Path, run_dir: Path, device: str = "cpu", sessions: int = 32,
                   config_file: Optional[Path] = None, agent: str = "echo", agent_url: str = "",
-                  tts_engine: str = "", tts_threads: int = 0, whisper_beam: int = 0) -> Dict[str, Any]:
+                  tts_engine: str = "", tts_threads: int = 0, whisper_beam: int = 0,
+                  asr_ncpu: int = 0) -> Dict[str, Any]:
     """The YAML dict a self-started stack runs on (bridge on a free port, echo agent by default)."""
     import yaml
 
@@ -65,6 +66,8 @@ def engine_config(engines: str, models: Path, run_dir: Path, device: str = "cpu"
                            "kokoro": {"model": "kokoro", "threads": tts_threads}}
         for k in ("asr", "tts"):
             data[k].update(device=device, fallback_engine="none")
+        if asr_ncpu:
+            data["asr"]["ncpu"] = asr_ncpu
         data["limits"] = {"max_sessions": max(32, sessions + 4), "idle_timeout": 120.0}
         data["logging"] = {"level": "INFO"}
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
@@ -224,7 +227,7 @@ def open_stack(args: argparse.Namespace, need_bridge: bool, sessions: int = 32) 
         engines = args.engines or ("config" if args.config else "bundled")
         data = engine_config(engines, Path(args.models), tmp / "run", args.device, sessions,
                              Path(args.config) if args.config else None, agent, agent_url,
-                             args.tts_engine, args.tts_threads, args.whisper_beam)
+                             args.tts_engine, args.tts_threads, args.whisper_beam, args.asr_ncpu)
         cfg_path = tmp / "s2s.yaml"
         cfg_path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         cfg = load_config(str(cfg_path), env={})

@@ -1,0 +1,148 @@
+"""The ASR worker's cost model (daemon/asr_load.py) and admission by predicted cost
+(daemon/asr_capacity.py), with a fake clock and fake busy time: no sleeps."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.asr_capacity import Backlog, Capacity
+from daemon.asr_load import LOAD_WINDOW_SECONDS, LoadModel, streams_throughout
+from daemon.config import LimitsConfig
+from daemon.errors import ErrorCode, S2SError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+        self.busy = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def model(prior: float = 0.03) -> "tuple[LoadModel, Clock]":
+    c = Clock()
+    return LoadModel(lambda: c.busy, c, lambda: prior), c
+
+
+def run_window(m: LoadModel, c: Clock, streams: int, load: float) -> None:
+    c.t += LOAD_WINDOW_SECONDS
+    c.busy += load * LOAD_WINDOW_SECONDS
+    assert m.tick(lambda t0: streams)
+
+
+def test_before_any_measurement_the_prior_prices_a_stream():
+    m, _ = model(prior=0.05)
+    f = m.fit()
+    assert (f.fixed, f.per_stream) == (0.0, 0.05)
+    assert f.capacity(0.9) == 18
+    assert m.predict(10)[0] == pytest.approx(0.5)
+
+
+def test_a_window_measures_the_worker_and_the_streams():
+    m, c = model()
+    run_window(m, c, streams=4, load=0.4)
+    assert m.load == pytest.approx(0.4)
+    assert m.fit().per_stream == pytest.approx(0.1)  # one N seen: all of it charged to the streams
+    assert not m.tick(lambda t0: 4)  # the next window is not due yet
+
+
+def test_shared_overhead_is_fitted_as_fixed_cost():
+    """Batching makes the cost concave: 0.2 at 4 streams, 0.5 at 16 -> 0.1 fixed + 0.025 each."""
+    m, c = model()
+    for _ in range(3):
+        run_window(m, c, 4, 0.2)
+        run_window(m, c, 16, 0.5)
+    f = m.fit()
+    assert f.fixed == pytest.approx(0.1, abs=1e-6) and f.per_stream == pytest.approx(0.025, abs=1e-6)
+    assert f.capacity(0.9) == 32
+    assert m.predict(32)[0] == pytest.approx(0.9)
+
+
+def test_saturated_windows_do_not_teach_a_false_cost():
+    m, c = model()
+    run_window(m, c, 8, 0.4)
+    run_window(m, c, 40, 1.0)  # the worker was full: demand unknown, left out
+    assert m.observations == 1
+    assert m.fit().per_stream == pytest.approx(0.05)
+
+
+def test_a_window_with_other_work_is_not_an_observation():
+    m, c = model()
+    c.t += LOAD_WINDOW_SECONDS
+    c.busy += 0.9 * LOAD_WINDOW_SECONDS
+    assert m.tick(lambda t0: 1, clean=False)
+    assert m.load == pytest.approx(0.9) and m.observations == 0
+
+
+def test_streams_throughout_counts_only_streams_sending_all_window():
+    assert streams_throughout([0.0, 5.0, None, 0.0], [9.5, 9.9, None, 7.0], t0=2.0, now=10.0) == 1
+
+
+def limits(**kw) -> LimitsConfig:
+    return LimitsConfig(**kw)
+
+
+def test_a_burst_of_opens_stops_where_the_predicted_load_would_pass_the_limit():
+    """All at one instant, nothing measured: each admitted open is charged the prior."""
+    c = Clock()
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.1, max_sessions=100), c, lambda: c.busy)
+    backlogs = []
+    refused = None
+    for i in range(20):
+        try:
+            cap.admit_open(len(backlogs), backlogs, f"s{i}")
+        except S2SError as e:
+            refused = (i, e)
+            break
+        backlogs.append(Backlog(f"s{i}", 16000, opened=c.t))
+    assert refused is not None and refused[0] == 9, refused  # 9 x 0.1 = 0.9 fits, the 10th does not
+    assert refused[1].code == ErrorCode.BUSY and refused[1].extra["retry_after"] >= 1 and "predicted" in str(refused[1])
+    assert cap.busy_open_load == 1
+
+
+def test_measured_streams_set_the_price_and_silent_sessions_do_not_count():
+    c = Clock()
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.5, max_sessions=100), c, lambda: c.busy)
+    live = [Backlog(f"s{i}", 16000, opened=c.t) for i in range(10)]
+    idle = [Backlog(f"i{i}", 16000, opened=c.t - 60) for i in range(5)]  # open, never sent audio
+    for _ in range(3):
+        c.t += LOAD_WINDOW_SECONDS
+        c.busy += 0.3 * LOAD_WINDOW_SECONDS
+        for b in live:
+            b.accept(1600, c.t)  # audio arriving, processed at once (no lag)
+            b.done(1)
+        cap.tick(live + idle)
+    assert cap.load.fit().per_stream == pytest.approx(0.03)
+    assert len(cap.streaming(live + idle)) == 10
+    cap.admit_open(15, live + idle, "fits")  # 0.3 + 0.03: far below 0.9, prior (0.5) forgotten
+
+
+def test_a_file_sent_faster_than_real_time_is_not_a_stream_and_does_not_teach_the_cost():
+    c = Clock()
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.03, max_sessions=100), c, lambda: c.busy)
+    file = Backlog("file", 16000, opened=c.t)
+    for _ in range(3):
+        file.accept(16000 * 20, c.t)  # 20 s of audio at once: far ahead of real time
+        file.done(1)
+        c.t += LOAD_WINDOW_SECONDS
+        c.busy += 0.95 * LOAD_WINDOW_SECONDS
+        cap.tick([file])
+    assert cap.streaming([file]) == []
+    assert cap.load.observations == 0
+    cap.admit_open(1, [file], "a real-time stream")  # the transcription job does not block it
+
+
+def test_zero_turns_the_prediction_off():
+    c = Clock()
+    cap = Capacity(lambda: limits(max_asr_load=0.0, asr_stream_cost=1.0, max_sessions=100), c, lambda: c.busy)
+    backlogs = [Backlog(f"s{i}", 16000, opened=c.t) for i in range(10)]
+    cap.admit_open(10, backlogs, "any")
+
+
+def test_the_limit_is_validated():
+    from daemon.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError):
+        parse_config({"limits": {"max_asr_load": 1.5}})
+    assert parse_config({"limits": {"max_asr_load": 0}}).limits.max_asr_load == 0
