@@ -40,6 +40,17 @@ class Decode:
 
 
 @dataclass
+class SentenceEnd:
+    """Does this text (the utterance so far, at a pause) end a sentence? The answer is a bool."""
+
+    text: str
+
+
+# What ends a sentence in a final's text (Whisper writes its own punctuation).
+SENTENCE_END_MARKS = "。？！.?!"
+
+
+@dataclass
 class StreamChunk:
     """One chunk through a streaming decoder with the session's cache; the answer is the text it adds."""
 
@@ -47,7 +58,7 @@ class StreamChunk:
     cache: Dict[str, Any]
 
 
-Request = Union[VADBlock, Decode, StreamChunk]
+Request = Union[VADBlock, Decode, StreamChunk, SentenceEnd]
 # A session's work as steps: yields requests, gets their answers, returns its events.
 Steps = Generator[Any, Any, List[Dict[str, Any]]]
 # Utterances decoded in one batch at most, and how much longer than the shortest in its batch
@@ -112,6 +123,7 @@ class StreamingEngine:
         self._queue: Deque[Dict[str, Any]] = deque()
         self._utt = 0
         self._tentative: Optional[Tuple[int, str]] = None  # (utterance, text) of the open pause
+        self.sentence_end = False  # a pause after a whole sentence ends the utterance there
         self.last_active = time.monotonic()
         if hotwords:
             self.set_hotwords(hotwords)
@@ -173,6 +185,12 @@ class StreamingEngine:
         """Decode the utterance so far after this much silence inside it (`tentative`); 0: never."""
         self._seg.early_silence_ms = max(int(round(float(seconds) * 1000)), 0)
 
+    def set_sentence_end(self, on: bool) -> None:
+        """Endpointing that knows sentences: at a pause (see set_early_silence) after speech the
+        engine judges a whole sentence, the final comes at once (reason `sentence`) instead of
+        after the VAD's full end silence; speech that goes on is the next utterance."""
+        self.sentence_end = bool(on)
+
     @property
     def early_silence(self) -> float:
         return self._seg.early_silence_ms / 1000.0
@@ -215,6 +233,9 @@ class StreamingEngine:
             text = tentative[1]  # only silence since the tentative: the same speech, decoded once
         else:
             text = (yield from self._decode_steps(audio)) if audio.size else ""
+        return [self._final(ev, text)]
+
+    def _final(self, ev: VADEvent, text: str) -> Dict[str, Any]:
         self._partial_reset()
         final = {"type": "final", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
                  "utterance": self._utt, "reason": ev.reason}
@@ -222,13 +243,16 @@ class StreamingEngine:
         logger.debug("asr %s: final %d %.2f-%.2f (%s) %r", self.session_id, self._utt, final["start"],
                      final["end"], ev.reason, text)
         self._utt += 1
-        return [final]
+        return final
 
     def _on_pause(self, ev: VADEvent) -> Steps:
         audio = ev.audio if ev.audio is not None else np.zeros(0, dtype=np.float32)
         text = (yield from self._decode_steps(audio)) if audio.size else ""
         if not text.strip():
             return []  # nothing to speculate on; the final decides
+        if self.sentence_end and (yield SentenceEnd(text)):
+            self._tentative = None
+            return [self._final(self._seg.close_at_pause(), text)]
         self._tentative = (self._utt, text)
         logger.debug("asr %s: tentative %d %.2f-%.2f %r", self.session_id, self._utt, self._t(ev.start),
                      self._t(ev.end), text)
@@ -349,6 +373,8 @@ class PoolBase:
             yield from zip(vad, self.vad.run_requests([reqs[i] for i in vad]), strict=True)
         for i in by_kind.pop(StreamChunk, []):
             yield i, _answer(self.stream_request, reqs[i])
+        for i in by_kind.pop(SentenceEnd, []):
+            yield i, _answer(self.sentence_end_request, reqs[i])
         dec = by_kind.pop(Decode, [])
         keyed: Dict[Tuple[Tuple[str, ...], str], List[int]] = {}
         for i in dec:
@@ -378,6 +404,11 @@ class PoolBase:
 
     def stream_request(self, req: "StreamChunk") -> str:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def sentence_end_request(self, req: "SentenceEnd") -> bool:
+        """By the text's own last mark (engines whose punctuation always closes a final, FunASR's
+        CT-Transformer, override this with what the model predicted before that)."""
+        return req.text.rstrip()[-1:] in tuple(SENTENCE_END_MARKS)
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         return self._executor.submit(fn, *args, **kwargs)

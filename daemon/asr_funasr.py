@@ -28,7 +28,7 @@ from daemon import devices
 from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, ModelMissingError, S2SError
 from daemon.workers import extend_budget
-from daemon.asr_base import Decode, PoolBase, Steps, StreamChunk, StreamingEngine, join_cjk
+from daemon.asr_base import Decode, PoolBase, SentenceEnd, Steps, StreamChunk, StreamingEngine, join_cjk
 from daemon.vad import FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, require_dir
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ STREAM_CHUNK = [0, 10, 5]
 STREAM_SAMPLES = STREAM_CHUNK[1] * 960
 # How much longer than its budget a call that reloads the models on the CPU may run.
 RELOAD_BUDGET_SECONDS = 120.0
+# CT-Transformer labels that end a sentence, and the marks it writes (stripped before asking it).
+SENTENCE_END_LABELS = ("。", "？")
+PUNCTUATION_MARKS = "，。？、,.?!！"
 STREAM_KW = {"chunk_size": STREAM_CHUNK, "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
 
 
@@ -238,6 +241,29 @@ class FunASRPool(PoolBase):
     def stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
         """One 600 ms chunk through the streaming Paraformer; the text it adds."""
         return self._guarded("streaming recognition", self._stream_chunk, audio, cache)
+
+    def sentence_end_request(self, req: SentenceEnd) -> bool:
+        if self._punc is None:
+            return super().sentence_end_request(req)
+        return bool(self._guarded("punctuation", self._ends_sentence, req.text))
+
+    def _ends_sentence(self, text: str) -> bool:
+        """The CT-Transformer's own label after the text's last word: funasr closes every final
+        with 。 (it turns a trailing ， into one), so the finished text cannot say whether the
+        speaker stopped mid-phrase; the label before that rewrite can."""
+        import torch
+        from funasr.models.ct_transformer.utils import split_words
+
+        model = self._punc.model
+        raw = "".join(ch for ch in text if ch not in PUNCTUATION_MARKS)
+        tokens = split_words(raw, jieba_usr_dict=getattr(model, "jieba_usr_dict", None))
+        if not tokens:
+            return False
+        ids = self._punc.kwargs["tokenizer"].encode(tokens)
+        with torch.no_grad():
+            y, _ = model.punc_forward(text=torch.tensor([ids], dtype=torch.int64),
+                                      text_lengths=torch.tensor([len(ids)], dtype=torch.int32))
+        return str(model.punc_list[int(y[0, -1].argmax())]) in SENTENCE_END_LABELS
 
     def stream_request(self, req: StreamChunk) -> str:
         return self.stream_chunk(req.audio, req.cache)

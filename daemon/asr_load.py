@@ -9,9 +9,12 @@ curve. With batching across sessions (daemon/asr_batch.py) that curve is not a l
 origin: a lone stream pays every per-call overhead alone, 24 streams share it, so the average
 cost per stream falls as streams are added. The model is a line `load = fixed + per_stream x N`
 fitted to recent observations (weighted least squares, each window's weight decaying by
-`DECAY`); with observations at one N only, the whole load is charged to the streams (the
-conservative end). Windows where the worker was saturated say only "at least this much" and
-are left out of the fit.
+`DECAY`). With observations at one N only, the slope cannot be measured: the per-stream cost
+is then the smaller of the average and `limits.asr_stream_cost` (the configured marginal cost),
+and the rest of the measured load is the fixed part. Windows where the worker was saturated say
+only "at least this much": they are left out of the fit, but the fewest streams that saturated
+it are remembered, and no more streams than that are predicted to fit (until a window with as
+many streams is measured unsaturated).
 
 Only real-time streams are counted: a session sending faster than real time (a file being
 transcribed) takes whatever the worker has left, so a window in which one was sending is not
@@ -31,7 +34,7 @@ from typing import Callable, Optional, Tuple
 LOAD_WINDOW_SECONDS = 2.0
 DECAY = 0.85                 # weight kept by an observation per newer window
 SATURATED = 0.95             # a window this busy measured a floor, not the demand
-MIN_SPREAD = 0.5             # variance of N below which the observations are "one N"
+MIN_SPREAD = 0.05            # variance of N below which the observations are "one N"
 
 
 @dataclass
@@ -61,6 +64,7 @@ class LoadModel:
         self._busy0 = busy()
         self._sums = [0.0] * 5       # decayed sums: w, w*n, w*l, w*n*n, w*n*l
         self.observations = 0
+        self.saturated_at: Optional[int] = None  # fewest streams seen saturating the worker
 
     def tick(self, streams_throughout: Callable[[float], int], clean: bool = True) -> bool:
         """Close the window if it is long enough; `streams_throughout(t0)` counts the streams
@@ -73,8 +77,13 @@ class LoadModel:
         busy = self.busy()
         self.load = min(1.0, max(0.0, (busy - self._busy0) / dt))
         n = streams_throughout(self.window_start)
-        if n > 0 and clean and self.load < SATURATED:
-            self.observe(n, self.load)
+        if n > 0 and clean:
+            if self.load < SATURATED:
+                self.observe(n, self.load)
+                if self.saturated_at is not None and n >= self.saturated_at:
+                    self.saturated_at = None  # as many streams fit now (the machine got quieter)
+            else:
+                self.saturated_at = n if self.saturated_at is None else min(self.saturated_at, n)
         self.window_start, self._busy0 = now, busy
         return True
 
@@ -93,8 +102,11 @@ class LoadModel:
             return Fit(0.0, prior)
         mn, ml = sn / w, sl / w
         var = snn / w - mn * mn
-        if var < MIN_SPREAD or mn <= 0:
-            return Fit(0.0, max(ml / mn, 1e-4) if mn > 0 else prior)
+        if mn <= 0:
+            return Fit(0.0, prior)
+        if var < MIN_SPREAD:  # one N: the configured marginal cost, at most the average
+            per = min(ml / mn, prior)
+            return Fit(max(ml - per * mn, 0.0), max(per, 1e-4))
         per = (snl / w - mn * ml) / var
         if per <= 0:  # noise (or a cost that does not grow): charge the average
             return Fit(0.0, max(ml / mn, 1e-4))
@@ -106,7 +118,15 @@ class LoadModel:
     def predict(self, streams: int) -> Tuple[float, Fit]:
         """Predicted load with `streams` real-time streams, and the fit it came from."""
         f = self.fit()
-        return f.load(streams), f
+        load = f.load(streams)
+        if self.saturated_at is not None and streams >= self.saturated_at:
+            load = max(load, SATURATED)
+        return load, f
+
+    def capacity(self, max_load: float) -> int:
+        """Real-time streams predicted to fit under max_load (0: no limit set)."""
+        n = self.fit().capacity(max_load)
+        return min(n, self.saturated_at - 1) if self.saturated_at is not None and n else n
 
 
 def streams_throughout(first_audio: "list[Optional[float]]", last_audio: "list[Optional[float]]", t0: float,

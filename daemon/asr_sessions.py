@@ -222,10 +222,14 @@ class ASRSessions:
 
     def _speculate(self, s: Session, engine: ASRSession) -> ASRSession:
         """Tentative decodes after turn.early_silence, for a session that asked for them."""
-        early = self.cfg().turn.early_silence if s.tentative else 0.0
+        turn = self.cfg().turn
+        early = turn.early_silence if s.tentative else 0.0
         setter = getattr(engine, "set_early_silence", None)
         if setter is not None:
             setter(early)
+        sentences = getattr(engine, "set_sentence_end", None)
+        if sentences is not None:
+            sentences(bool(early and turn.sentence_end))
         return engine
 
     async def _must_send(self, s: Session, msg: P.Message) -> None:

@@ -201,6 +201,10 @@ class TurnConfig:
     # The bridge starts the agent and the first sentence's synthesis on a tentative and holds
     # them until the final: released when the texts match, cancelled when they do not.
     speculate: bool = True
+    # Endpointing that knows sentences: at that early silence, speech the punctuation model
+    # judges a whole sentence gets its final at once; speech that stops mid-phrase waits for
+    # the VAD's full end silence (for sessions that ask for tentatives, i.e. the bridge's).
+    sentence_end: bool = True
 
 
 @dataclass(frozen=True)

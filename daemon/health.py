@@ -103,7 +103,7 @@ class Health:
                        "asr_worker_load": round(cap.load.load, 3),
                        "asr_streams": len(live), "asr_stream_cost": round(fit.per_stream, 4),
                        "asr_fixed_load": round(fit.fixed, 3),
-                       "asr_stream_capacity": fit.capacity(cfg.limits.max_asr_load),
+                       "asr_stream_capacity": cap.load.capacity(cfg.limits.max_asr_load),
                        "asr_at_capacity": worst > cfg.limits.max_asr_lag,
                        "tts_requests": len(self.tts)},
             "limits": dataclasses.asdict(cfg.limits),

@@ -45,6 +45,9 @@ SAMPLE_RATE = 16000
 # How far past a pause's speech end the VAD may draw the utterance's end and still have heard
 # nothing new (it ends one or two frames after its last speech frame).
 PAUSE_END_SLACK = SAMPLE_RATE // 10
+# Where speech after an utterance closed at its pause starts: this far before the frame the VAD
+# confirmed it at (its window needs some speech to confirm).
+RESUME_LOOKBACK = SAMPLE_RATE // 2
 
 # funasr quiet-mode flags accepted by AutoModel.
 FUNASR_QUIET = {"disable_update": True, "disable_pbar": True, "disable_log": True}
@@ -163,7 +166,7 @@ class VADEvent:
     start: int  # utterance start, absolute samples
     end: int = -1  # utterance end ("end"), speech end before the pause ("pause"), absolute samples
     audio: Optional[np.ndarray] = None  # the utterance ("end"), the utterance so far ("pause")
-    reason: str = "vad"  # vad | max_length | finalize
+    reason: str = "vad"  # vad | max_length | finalize | sentence (closed at its pause)
     # "end" only: the utterance was paused (a "pause" event) and no speech came after it.
     after_pause: bool = False
 
@@ -234,6 +237,9 @@ class VADSegmenter:
         self._last_speech_end = 0
         self._pause_end: Optional[int] = None  # speech end of the open pause (absolute samples)
         self._pause_frame = -1  # the VAD's last speech frame when the pause was seen
+        # The utterance was closed at its pause (a whole sentence, `close_at_pause`) while the
+        # VAD is still inside its segment: the VAD's last speech frame then; None otherwise.
+        self._closed_frame: Optional[int] = None
 
     # -- state ------------------------------------------------------------------------
 
@@ -295,6 +301,7 @@ class VADSegmenter:
         if self._utt_start is not None:
             events.append(self._close(end_of_audio, "finalize"))
         self._cache = {}
+        self._closed_frame = None
         self._vad_origin = self._vad_fed = end_of_audio
         self._trim()
         return events
@@ -315,13 +322,17 @@ class VADSegmenter:
             if end_ms >= 0 and self._utt_start is not None:
                 e = min(self._vad_origin + int(end_ms) * 16, limit)
                 events.append(self._close(max(e, self._utt_start), "vad"))
+            elif end_ms >= 0:
+                self._closed_frame = None  # the VAD's end of a segment already closed at its pause
         if self._utt_start is not None and self._vad_fed - self._utt_start >= self.max_utterance:
             # Force a final; the VAD is still in speech, so the rest continues as a new utterance.
             cut = self._utt_start + self.max_utterance
             events.append(self._close(cut, "max_length"))
             self._utt_start = cut
             events.append(VADEvent("start", cut))
-        if self._utt_start is not None and self.early_silence_ms > 0 and not final:
+        if self._closed_frame is not None and not final:
+            events += self._resume_after_close()
+        elif self._utt_start is not None and self.early_silence_ms > 0 and not final:
             events += self._pause_or_resume()
         if not final and self._utt_start is None and \
                 self._vad_fed - max(self._last_speech_end, self._vad_origin) > self.IDLE_RESET_SECONDS * SAMPLE_RATE:
@@ -351,6 +362,30 @@ class VADSegmenter:
         end = min(max(end, self._utt_start), self._vad_fed)
         self._pause_end, self._pause_frame = end, last
         return [VADEvent("pause", self._utt_start, end, self._ring.slice(self._utt_start, end))]
+
+    def close_at_pause(self) -> VADEvent:
+        """End the open utterance at its pause now (the engine judged the speech before it a
+        whole sentence) instead of at the VAD's end silence. The VAD stays inside its segment:
+        its end of it is then ignored, and speech it confirms before that starts a new
+        utterance (`_resume_after_close`)."""
+        if self._utt_start is None or self._pause_end is None:
+            raise RuntimeError("close_at_pause: no paused utterance")
+        frame = self._pause_frame
+        ev = self._close(self._pause_end, "sentence")
+        self._closed_frame = frame
+        return ev
+
+    def _resume_after_close(self) -> List[VADEvent]:
+        stats = self._cache.get("stats")
+        last = int(getattr(stats, "latest_confirmed_speech_frame", -1)) if stats is not None else -1
+        if self._closed_frame is None or last <= self._closed_frame:
+            return []
+        # Speech again inside the VAD's segment: a new utterance, from a little before the VAD
+        # confirmed it (it confirms after a window of speech), never before the closed one's end.
+        at = self._vad_origin + last * self.vad.frame_ms * 16 - RESUME_LOOKBACK
+        self._utt_start = min(max(at, self._last_speech_end, self._ring.start), self._vad_fed)
+        self._closed_frame = None
+        return [VADEvent("start", self._utt_start)]
 
     def _close(self, end: int, reason: str) -> VADEvent:
         start = self._utt_start if self._utt_start is not None else end

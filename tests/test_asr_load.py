@@ -40,11 +40,20 @@ def test_before_any_measurement_the_prior_prices_a_stream():
 
 
 def test_a_window_measures_the_worker_and_the_streams():
-    m, c = model()
+    m, c = model(prior=0.03)
     run_window(m, c, streams=4, load=0.4)
     assert m.load == pytest.approx(0.4)
-    assert m.fit().per_stream == pytest.approx(0.1)  # one N seen: all of it charged to the streams
+    # one N seen: the slope is unknown; the configured marginal cost, the rest is fixed
+    f = m.fit()
+    assert f.per_stream == pytest.approx(0.03) and f.fixed == pytest.approx(0.28)
     assert not m.tick(lambda t0: 4)  # the next window is not due yet
+
+
+def test_a_cheap_engine_is_charged_its_average_when_that_is_below_the_prior():
+    m, c = model(prior=0.05)
+    run_window(m, c, streams=10, load=0.2)
+    f = m.fit()
+    assert (f.fixed, f.per_stream) == (0.0, pytest.approx(0.02))
 
 
 def test_shared_overhead_is_fitted_as_fixed_cost():
@@ -59,12 +68,18 @@ def test_shared_overhead_is_fitted_as_fixed_cost():
     assert m.predict(32)[0] == pytest.approx(0.9)
 
 
-def test_saturated_windows_do_not_teach_a_false_cost():
-    m, c = model()
-    run_window(m, c, 8, 0.4)
-    run_window(m, c, 40, 1.0)  # the worker was full: demand unknown, left out
-    assert m.observations == 1
-    assert m.fit().per_stream == pytest.approx(0.05)
+def test_saturation_is_remembered_as_a_ceiling_not_learned_as_a_cost():
+    m, c = model(prior=0.01)  # a prior far too low for this engine
+    run_window(m, c, 1, 0.3)
+    assert m.capacity(0.9) == 61  # (0.9 - 0.29 fixed) / 0.01: what the prior alone would admit
+    run_window(m, c, 6, 1.0)  # the worker was full: demand unknown, left out of the fit
+    assert m.observations == 1 and m.saturated_at == 6
+    assert m.capacity(0.9) == 5 and m.predict(6)[0] >= 0.95
+    run_window(m, c, 3, 0.9 * 0.99)
+    f = m.fit()  # now two N: 0.3 at 1, 0.89 at 3 -> ~0.3 per stream
+    assert f.per_stream == pytest.approx(0.2955, abs=1e-3) and m.capacity(0.9) == 3
+    run_window(m, c, 6, 0.9)  # six fit after all (quieter machine): the ceiling goes
+    assert m.saturated_at is None
 
 
 def test_a_window_with_other_work_is_not_an_observation():
@@ -103,7 +118,7 @@ def test_a_burst_of_opens_stops_where_the_predicted_load_would_pass_the_limit():
 
 def test_measured_streams_set_the_price_and_silent_sessions_do_not_count():
     c = Clock()
-    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.5, max_sessions=100), c, lambda: c.busy)
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.05, max_sessions=100), c, lambda: c.busy)
     live = [Backlog(f"s{i}", 16000, opened=c.t) for i in range(10)]
     idle = [Backlog(f"i{i}", 16000, opened=c.t - 60) for i in range(5)]  # open, never sent audio
     for _ in range(3):
@@ -115,7 +130,7 @@ def test_measured_streams_set_the_price_and_silent_sessions_do_not_count():
         cap.tick(live + idle)
     assert cap.load.fit().per_stream == pytest.approx(0.03)
     assert len(cap.streaming(live + idle)) == 10
-    cap.admit_open(15, live + idle, "fits")  # 0.3 + 0.03: far below 0.9, prior (0.5) forgotten
+    cap.admit_open(15, live + idle, "fits")  # 11 x 0.03: far below 0.9
 
 
 def test_a_file_sent_faster_than_real_time_is_not_a_stream_and_does_not_teach_the_cost():
