@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 # Keys (or key prefixes) applied without a restart, and where they take effect.
 LIVE = (("limits.", "new requests"), ("logging.", "now"), ("asr.hotwords", "new sessions"),
-        ("asr.partial_interval", "new sessions"), ("tts.speed", "new requests"), ("daemon.drain_timeout", "now"))
+        ("asr.partial_interval", "new sessions"), ("tts.speed", "new requests"), ("daemon.drain_timeout", "now"),
+        ("turn.early_silence", "new sessions"), ("turn.sentence_end", "new sessions"))
 
 
 def _fmt(v: Any) -> str:
@@ -54,6 +55,7 @@ def merge(old: Config, new: Config) -> Config:
         old, limits=new.limits, logging=new.logging,
         asr=dataclasses.replace(old.asr, hotwords=new.asr.hotwords, partial_interval=new.asr.partial_interval),
         tts=dataclasses.replace(old.tts, speed=new.tts.speed),
+        turn=dataclasses.replace(old.turn, early_silence=new.turn.early_silence, sentence_end=new.turn.sentence_end),
         daemon=dataclasses.replace(old.daemon, drain_timeout=new.daemon.drain_timeout))
 
 

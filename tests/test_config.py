@@ -163,6 +163,20 @@ def test_reload_changes_split_live_and_restart():
     assert restart == ["asr.device"]
 
 
+def test_reload_applies_the_turn_timing_to_new_sessions():
+    import dataclasses
+
+    from daemon.reload import changes, merge
+
+    a = C.Config()
+    b = dataclasses.replace(a, turn=dataclasses.replace(a.turn, early_silence=0.25, sentence_end=False, speculate=False))
+    applied, restart = changes(a, b)
+    assert applied == ["turn.early_silence 0.3 -> 0.25", "turn.sentence_end True -> False"]
+    assert restart == ["turn.speculate"]  # the bridge's, read when it starts
+    m = merge(a, b)
+    assert (m.turn.early_silence, m.turn.sentence_end, m.turn.speculate) == (0.25, False, True)
+
+
 def run_check(args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k not in C.ENV_OVERRIDES and k != "S2S_CONFIG"}
     env.update(env_extra or {})
