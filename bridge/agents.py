@@ -24,10 +24,12 @@ Every failure is an `AgentError` with a stable code (``timeout``, ``unavailable`
 `total` (bridge.reply_timeout) the whole reply. An answer that is not an event stream (a
 plain JSON body, an HTML error page) is ``bad_reply``, never an empty reply. Cancelling the
 consumer (barge-in, the reply cap) closes the HTTP stream, so the agent server sees the
-disconnect. `Conversation.discard()` forgets the last reply when it was speculative and never
-shown (a LangGraph run is cancelled with rollback through the server's API; an OpenAI-style
-history drops the exchange). `AgentLimits` carries the bridge's caps: ``max_tokens`` for OpenAI-compatible
-requests, and the characters of a reply kept in the conversation's history.
+disconnect (a LangGraph run is asked with ``on_disconnect: cancel``: the server stops it).
+`Conversation.discard()` forgets the last reply when it was speculative and never shown (a
+LangGraph run is cancelled with rollback through the server's API, or deleted with its
+checkpoints when it is no longer running; an OpenAI-style history drops the exchange).
+`AgentLimits` carries the bridge's caps: ``max_tokens`` for OpenAI-compatible requests, and the
+characters of a reply kept in the conversation's history.
 """
 
 from __future__ import annotations
@@ -408,7 +410,11 @@ class LangGraphConversation(Conversation):
             tid = await self._ensure_thread()
             body = {"assistant_id": a.cfg.assistant_id,
                     "input": {"messages": [{"role": "user", "content": text}]},
-                    "stream_mode": ["messages-tuple"]}
+                    "stream_mode": ["messages-tuple"],
+                    # Closing the stream (barge-in, the reply cap, a timeout, a dropped speculative
+                    # turn) stops the run. The server's default is to finish it unheard, and to
+                    # queue this thread's next run behind it.
+                    "on_disconnect": "cancel"}
             async with a.client.stream("POST", f"{a.url}/threads/{tid}/runs/stream", json=body,
                                        headers={"Accept": "text/event-stream"}) as r:
                 if r.status_code >= 400:
@@ -424,30 +430,59 @@ class LangGraphConversation(Conversation):
                     if delta:
                         yield delta
                     if parser.ended:
-                        self.run_ended = True
                         break
+                # The whole stream was read: the run is over (the LangGraph server closes the
+                # stream without an `end` event).
+                self.run_ended = True
         except AgentError:
             raise
         except Exception as e:  # httpx errors, bad JSON
             raise _http_error(e, a.url) from None
 
     async def discard(self) -> None:
-        """Cancel the last run with rollback: the server deletes the run and its checkpoints, so
-        the thread's history never shows the speculative exchange."""
+        """Forget the last run, so the thread's history never shows the speculative exchange.
+
+        A run still going is cancelled with rollback: the server deletes the run and its
+        checkpoints. One that is not (it finished, or the server stopped it when the stream was
+        closed: the cancel answers 404, or the run outlives it) is deleted once the server is done
+        with it; deleting a run deletes its checkpoints too (it is what the server's rollback does)."""
         tid, rid = self.thread_id, self.run_id
         self.run_id = ""
         if not tid or not rid:
             return
         a = self.agent
-        r = await a.client.post(f"{a.url}/threads/{tid}/runs/{rid}/cancel", params={"wait": "true", "action": "rollback"},
-                                timeout=5.0)
-        if r.status_code < 400:
+        run_url = f"{a.url}/threads/{tid}/runs/{rid}"
+        r = await a.client.post(run_url + "/cancel", params={"wait": "true", "action": "rollback"}, timeout=5.0)
+        if r.status_code < 400 and (await a.client.get(run_url, timeout=5.0)).status_code == 404:
             logger.info("langgraph thread %s: run %s cancelled (rollback)", tid, rid)
-        elif self.run_ended:
-            logger.warning("langgraph thread %s: run %s had finished (HTTP %d to cancel); the thread keeps it",
+            return
+        if r.status_code >= 400 and r.status_code != 404:
+            logger.warning("langgraph thread %s: cancelling run %s answered HTTP %d; the thread keeps it",
                            tid, rid, r.status_code)
+            return
+        how = "finished" if self.run_ended else "stopped"
+        await self._wait_not_busy(tid)  # nothing of the run may be written after it is deleted
+        d = await a.client.delete(run_url, timeout=5.0)
+        if d.status_code < 400:
+            logger.info("langgraph thread %s: run %s had %s; deleted with its checkpoints", tid, rid, how)
         else:
-            logger.warning("langgraph thread %s: cancelling run %s answered HTTP %d", tid, rid, r.status_code)
+            logger.warning("langgraph thread %s: run %s had %s; deleting it answered HTTP %d, the thread keeps it",
+                           tid, rid, how, d.status_code)
+
+    async def _wait_not_busy(self, tid: str, limit: float = 2.0) -> None:
+        """Until the thread is no longer busy: the server is done with its last run."""
+        a = self.agent
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        while True:
+            r = await a.client.get(f"{a.url}/threads/{tid}", timeout=limit)
+            try:
+                busy = r.status_code < 400 and r.json().get("status") == "busy"
+            except (ValueError, AttributeError):
+                busy = False
+            if not busy or loop.time() >= end:
+                return
+            await asyncio.sleep(0.02)
 
     async def aclose(self) -> None:
         """Delete the thread: the server would keep every conversation forever otherwise."""
