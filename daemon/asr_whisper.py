@@ -11,6 +11,9 @@ as FunASR (daemon/vad.py) and the same event format.
   do what the word "hotwords" promises is worse than a clear refusal.
 - Device: CPU uses int8 (config `compute_type`); CUDA uses float16 (or float32 when asked).
   A CUDA error at load or inference reloads the model on the CPU once, logged and reported.
+- Concurrency: utterances of several sessions that are due together (PoolBase.run_requests)
+  are decoded in one batched beam search (`WhisperPool.decode_requests`), each as it would be
+  alone: the same 30 s window, prompt, options and no-speech rule, so the same text.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -41,6 +44,17 @@ RELOAD_BUDGET_SECONDS = 120.0
 # pass looks poor, which made 2.4 s of English heard as zh take 5-14 s and stall every session on
 # the worker. With beam 5 a single pass was as accurate here (BENCHMARKS.md, "Whisper fallback").
 DECODE_TEMPERATURE = 0.0
+# faster-whisper's defaults for that pass (WhisperModel.transcribe), named because the batched
+# pass (WhisperPool._decode_batch) calls CTranslate2 itself and must decode as the single one.
+PATIENCE = 1.0
+LENGTH_PENALTY = 1.0
+MAX_INITIAL_TIMESTAMP = 1.0
+# A window is silent (no text) when Whisper's no-speech probability is above this and the
+# decode's average log-probability is not above LOG_PROB_THRESHOLD.
+NO_SPEECH_THRESHOLD = 0.6
+LOG_PROB_THRESHOLD = -1.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,13 @@ def to_simplified(text: str) -> str:
 
         _T2S = opencc.OpenCC("t2s")
     return _T2S.convert(text)
+
+
+def _final_text(texts: Sequence[str], lang: str) -> str:
+    """A window's text pieces -> the final's text: joined (without spaces in zh), folded to
+    simplified in zh."""
+    text = ("" if lang == "zh" else " ").join(t.strip() for t in texts).strip()
+    return to_simplified(text) if lang == "zh" else text
 
 
 class WhisperPool(PoolBase):
@@ -138,8 +159,13 @@ class WhisperPool(PoolBase):
 
     def transcribe(self, audio: np.ndarray, language: str) -> Tuple[str, str]:
         """One utterance -> (text, language). Run on the worker."""
+        return self._guarded("recognition", self._transcribe, audio, language)
+
+    def _guarded(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args); after a CUDA error reload Whisper on the CPU once and retry. Other failures
+        are logged and raised as EngineError."""
         try:
-            return self._transcribe(audio, language)
+            return fn(*args)
         except S2SError:
             raise
         except Exception as e:
@@ -148,26 +174,92 @@ class WhisperPool(PoolBase):
                 extend_budget(RELOAD_BUDGET_SECONDS)  # a model reload is a legitimately long call
                 self._load_model("cpu", "float32")
                 try:
-                    return self._transcribe(audio, language)
+                    return fn(*args)
                 except Exception as e2:
-                    raise EngineError(f"recognition failed: {e2}") from e2
-            logger.exception("whisper: recognition failed")
-            raise EngineError(f"recognition failed: {e}") from e
+                    raise EngineError(f"{what} failed: {e2}") from e2
+            logger.exception("whisper: %s failed", what)
+            raise EngineError(f"{what} failed: {e}") from e
 
     def _transcribe(self, audio: np.ndarray, language: str) -> Tuple[str, str]:
         segments, info = self._model.transcribe(
             audio, language=None if language == "auto" else language, beam_size=self.config.beam_size,
+            patience=PATIENCE, length_penalty=LENGTH_PENALTY, max_initial_timestamp=MAX_INITIAL_TIMESTAMP,
+            no_speech_threshold=NO_SPEECH_THRESHOLD, log_prob_threshold=LOG_PROB_THRESHOLD,
             vad_filter=False, condition_on_previous_text=False, without_timestamps=True,
             temperature=DECODE_TEMPERATURE)
         lang = info.language if language == "auto" else language
-        sep = "" if lang == "zh" else " "
-        text = sep.join(s.text.strip() for s in segments).strip()
-        if lang == "zh":
-            text = to_simplified(text)
-        return text, lang
+        return _final_text([s.text for s in segments], lang), lang
 
     def decode_request(self, req: Decode) -> Tuple[str, str]:
         return self.transcribe(req.audio, req.language)
+
+    def decode_requests(self, reqs: List[Decode]) -> List[Any]:
+        """Utterances of one window (<= 30 s) in one batched pass (`_decode_batch`); a longer
+        one, or one alone, by `transcribe`. If the batch fails, each alone, so a failure
+        stays its own."""
+        window = self._model.feature_extractor.n_samples
+        batch = [i for i, r in enumerate(reqs) if r.audio.size <= window] if self._model.model.is_multilingual else []
+        answers: Dict[int, Any] = {}
+        if len(batch) > 1:
+            try:
+                texts = self._guarded(f"recognition of {len(batch)} utterances together", self._decode_batch,
+                                      [reqs[i] for i in batch])
+                answers = dict(zip(batch, texts, strict=True))
+            except Exception:  # noqa: BLE001 - logged by _guarded; each alone below
+                pass
+        alone = [i for i in range(len(reqs)) if i not in answers]
+        answers.update(zip(alone, super().decode_requests([reqs[i] for i in alone]), strict=True))
+        return [answers[i] for i in range(len(reqs))]
+
+    def _decode_batch(self, reqs: Sequence[Decode]) -> List[Tuple[str, str]]:
+        """(text, language) of each utterance (one window each), decoded as `_transcribe` decodes
+        it alone (faster-whisper's sequential path on its first window), but all in one beam
+        search (on CUDA one encode as well); "auto" detects each language from the encoder
+        output, as faster-whisper's BatchedInferencePipeline does."""
+        import ctranslate2
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        model = self._model
+        fe = model.feature_extractor
+        frames, mels = [], []
+        for r in reqs:
+            mel = fe(r.audio)
+            n = mel.shape[-1] - 1  # faster-whisper's content frames: the last one is padding
+            if n > fe.nb_max_frames:
+                raise ValueError(f"{r.audio.size / SAMPLE_RATE:.1f} s is more than one window")
+            frames.append(n)
+            mels.append(pad_or_trim(mel[:, :n]))
+        if self.device.startswith("cuda"):
+            encoded = model.encode(np.stack(mels))
+        else:
+            # One window at a time: on the CPU a stacked batch of 4 took ~15% longer than its
+            # windows one by one (base, int8, 2 threads); the outputs are the same either way.
+            stacked = np.concatenate([np.asarray(model.encode(m)) for m in mels])
+            encoded = ctranslate2.StorageView.from_array(stacked)
+        langs = [r.language for r in reqs]
+        if "auto" in langs:
+            detected = model.model.detect_language(encoded)  # per item: [(token, probability)], best first
+            langs = [d[0][0][2:-2] if lang == "auto" else lang for lang, d in zip(langs, detected, strict=True)]
+        tokenizers = {lang: Tokenizer(model.hf_tokenizer, True, task="transcribe", language=lang)
+                      for lang in set(langs)}
+        tokenizer = tokenizers[langs[0]]
+        # DECODE_TEMPERATURE 0 is a beam search: faster-whisper passes no sampling options then.
+        results = model.model.generate(
+            encoded, [model.get_prompt(tokenizers[lang], [], without_timestamps=True) for lang in langs],
+            beam_size=self.config.beam_size, patience=PATIENCE, length_penalty=LENGTH_PENALTY,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, max_length=model.max_length,
+            return_scores=True, return_no_speech_prob=True, suppress_blank=True,
+            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+            max_initial_timestamp_index=int(round(MAX_INITIAL_TIMESTAMP / model.time_precision)))
+        out = []
+        for n, lang, res in zip(frames, langs, results, strict=True):
+            tokens = res.sequences_ids[0]
+            avg_logprob = res.scores[0] * len(tokens) ** LENGTH_PENALTY / (len(tokens) + 1)
+            silent = res.no_speech_prob > NO_SPEECH_THRESHOLD and not avg_logprob > LOG_PROB_THRESHOLD
+            out.append((_final_text([] if n == 0 or silent else [tokenizer.decode(tokens)], lang), lang))
+        return out
 
     def capabilities(self) -> Capabilities:
         return Capabilities(partials=False, hotwords=False, punctuation=True, languages=("zh", "en", "auto"))

@@ -1,5 +1,6 @@
 """Whisper engine (bundled Whisper base, faster-whisper int8 on CPU) through the shared VAD
-endpointing, scored with daemon/tools/metrics.py; plus the metrics' normalisation."""
+endpointing, scored with daemon/tools/metrics.py; utterances of several sessions decoded in one
+batched pass; plus the metrics' normalisation."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import numpy as np
 import pytest
 
 from daemon.tools import metrics
+from daemon.asr_base import Decode
 from daemon.asr_whisper import WhisperConfig, WhisperPool, to_simplified
 from daemon.audio import read_wav
 from daemon.config import parse_config
 from daemon.engines import ASRPool, ASRSession
-from daemon.errors import AudioError, ModelMissingError, UnsupportedError
+from daemon.errors import AudioError, EngineError, ModelMissingError, UnsupportedError
 
 SR = 16000
 
@@ -132,6 +134,85 @@ def test_from_config_and_missing_model(models_dir, tmp_path):
     assert wc.model_dir == models_dir / "whisper-base" and wc.compute_type == "int8" and wc.missing() == []
     with pytest.raises(ModelMissingError):
         WhisperPool(WhisperConfig(model_dir=tmp_path, vad_dir=models_dir / "fsmn-vad")).load()
+
+
+# --- utterances of several sessions decoded together --------------------------------------
+
+
+def _utt(fixtures_dir, name, language):
+    return Decode(read_wav(fixtures_dir / name)[0], (), language)
+
+
+@pytest.fixture
+def batches(pool, monkeypatch):
+    """The size of each batched pass the pool attempts."""
+    sizes = []
+    real = pool._decode_batch
+
+    def spy(reqs):
+        sizes.append(len(reqs))
+        return real(reqs)
+
+    monkeypatch.setattr(pool, "_decode_batch", spy)
+    return sizes
+
+
+def test_utterances_due_together_decode_in_one_pass_each_as_alone(pool, fixtures_dir, batches):
+    """Four Mandarin and two English utterances of six sessions: one pass per language, and
+    every text exactly what `transcribe` makes of it alone. Exact, not close: each utterance is
+    padded to Whisper's 30 s window either way, and the encoder and the beam search compute
+    each item of a batch as they compute it alone."""
+    reqs = [_utt(fixtures_dir, name, lang) for name, lang in (
+        ("zh/01.wav", "zh"), ("zh/02.wav", "zh"), ("en/01.wav", "en"), ("zh/03.wav", "zh"),
+        ("en/02.wav", "en"), ("zh/04.wav", "zh"))]
+    together = pool.run_list(reqs)
+    assert sorted(batches) == [2, 4]
+    assert together == [pool.transcribe(r.audio, r.language) for r in reqs]
+    assert [lang for _, lang in together] == ["zh", "zh", "en", "zh", "en", "zh"]
+    assert "timer" in together[2][0].lower() and together[0][0] == to_simplified(together[0][0])
+
+
+def test_auto_language_in_a_batch_is_each_utterances_own(pool, fixtures_dir, batches):
+    reqs = [_utt(fixtures_dir, "zh/05.wav", "auto"), _utt(fixtures_dir, "en/02.wav", "auto"),
+            Decode(np.zeros(0, np.float32), (), "zh")]
+    together = pool.decode_requests(reqs)
+    assert batches == [3]
+    assert together[:2] == [pool.transcribe(r.audio, "auto") for r in reqs[:2]]
+    assert [lang for _, lang in together] == ["zh", "en", "zh"]
+    assert "pharmacy" in together[1][0].lower()
+    assert together[2] == ("", "zh") == pool.transcribe(reqs[2].audio, "zh")
+
+
+class _FailsOn:
+    """The model's feature extractor, failing for audio of one length (an input the front end
+    cannot take, as a MemoryError on one large input would be)."""
+
+    def __init__(self, real, size):
+        self.real, self.size = real, size
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, audio, *args, **kwargs):
+        if audio.size == self.size:
+            raise MemoryError("simulated: no memory for this utterance's features")
+        return self.real(audio, *args, **kwargs)
+
+
+def test_what_a_batch_cannot_take_goes_alone(pool, fixtures_dir, batches, monkeypatch):
+    """A batch that fails (here: on one utterance's features) is decoded one by one: that
+    utterance fails alone, the others get their texts. An utterance over one 30 s window
+    goes alone from the start (faster-whisper decodes it window by window)."""
+    good = [_utt(fixtures_dir, "zh/06.wav", "zh"), _utt(fixtures_dir, "zh/07.wav", "zh")]
+    bad = _utt(fixtures_dir, "zh/08.wav", "zh")
+    speech = read_wav(fixtures_dir / "zh" / "09.wav")[0]
+    long = Decode(np.concatenate([speech, np.zeros(31 * SR - speech.size, np.float32)]), (), "zh")
+    expected = [pool.transcribe(r.audio, "zh") for r in good + [long]]
+    monkeypatch.setattr(pool._model, "feature_extractor", _FailsOn(pool._model.feature_extractor, bad.audio.size))
+    answers = pool.decode_requests([good[0], bad, long, good[1]])
+    assert batches == [3]  # the three within a window; it failed, so each went alone
+    assert isinstance(answers[1], EngineError) and "no memory" in str(answers[1]), answers[1]
+    assert [answers[0], answers[2], answers[3]] == [expected[0], expected[2], expected[1]]
 
 
 # --- metrics ------------------------------------------------------------------------------
