@@ -61,7 +61,7 @@ class FunASRConfig:
     partial_interval: float = 0.6
     max_utterance_seconds: float = 30.0
     idle_timeout: float = 60.0
-    ncpu: int = 2
+    ncpu: int = 1
     batch_size: int = 1
 
     @classmethod
@@ -77,7 +77,7 @@ class FunASRConfig:
             hotwords=tuple(cfg.asr.hotwords), partials=cfg.asr.partials,
             partial_interval=cfg.asr.partial_interval,
             max_utterance_seconds=cfg.limits.max_utterance_seconds,
-            idle_timeout=cfg.limits.idle_timeout, ncpu=cfg.asr.ncpu)
+            idle_timeout=cfg.limits.idle_timeout, ncpu=devices.cpu_threads(cfg.asr.ncpu, "funasr"))
 
     def missing(self) -> List[str]:
         """Required model directories that are absent (cheap; no model is loaded)."""

@@ -78,7 +78,7 @@ class WhisperConfig:
                    dtype=cfg.asr.dtype, compute_type=w.compute_type, beam_size=w.beam_size,
                    language=cfg.asr.language, hotwords=tuple(cfg.asr.hotwords),
                    max_utterance_seconds=cfg.limits.max_utterance_seconds,
-                   idle_timeout=cfg.limits.idle_timeout, ncpu=cfg.asr.ncpu)
+                   idle_timeout=cfg.limits.idle_timeout, ncpu=devices.cpu_threads(cfg.asr.ncpu, "whisper"))
 
     def missing(self) -> List[str]:
         out = [] if (Path(self.model_dir) / "model.bin").is_file() else [str(self.model_dir)]
@@ -123,7 +123,7 @@ class WhisperPool(PoolBase):
         require_dir(c.model_dir, "whisper", marker="model.bin")
         require_dir(c.vad_dir, "fsmn-vad")
         t0 = time.monotonic()
-        self.vad = FsmnVAD(c.vad_dir, ncpu=c.ncpu)
+        self.vad = FsmnVAD(c.vad_dir, ncpu=1)  # torch's threads, for small calls: one (devices.AUTO_THREADS)
         self.vad.load()
         choice = devices.resolve(c.device, c.dtype, what="asr.whisper")
         if choice.fallback_reason:

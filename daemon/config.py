@@ -108,7 +108,8 @@ class ASRConfig:
     whisper: WhisperModels = field(default_factory=WhisperModels)
     # Engine used when the selected engine's weights are absent (unless daemon.strict).
     fallback_engine: str = "whisper"
-    ncpu: int = 2
+    # CPU threads for CPU inference; 0: each engine's measured best (daemon/devices.AUTO_THREADS).
+    ncpu: int = 0
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ CHOICES = {
 }
 DEVICE_KEYS = ("asr.device", "tts.device", "tts.fallback_device")
 POSITIVE = (
-    "daemon.drain_timeout", "daemon.hwm", "asr.partial_interval", "asr.ncpu", "tts.speed",
+    "daemon.drain_timeout", "daemon.hwm", "asr.partial_interval", "tts.speed",
     "tts.sample_rate", "bridge.max_connections", "bridge.max_message_bytes", "agent.timeout",
     "bridge.send_queue_bytes", "bridge.slow_client_timeout", "bridge.max_connections_per_ip",
     "bridge.login_timeout", "bridge.idle_timeout", "bridge.max_turns_per_minute", "bridge.max_reply_chars",
@@ -378,6 +379,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("tts.sample_rate", "must be between 8000 and 48000", src)
     if not 0 <= cfg.turn.early_silence < 0.8:
         raise ConfigError("turn.early_silence", "must be at least 0 and under the VAD's 0.8 s end silence", src)
+    if cfg.asr.ncpu < 0:
+        raise ConfigError("asr.ncpu", "must be 0 (auto) or a number of threads", src)
     if not 0.0 <= cfg.limits.max_asr_load <= 1.0:
         raise ConfigError("limits.max_asr_load", "must be between 0 (off) and 1", src)
     if cfg.limits.max_session_lag < cfg.limits.max_asr_lag:

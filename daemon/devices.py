@@ -8,10 +8,25 @@ without a GPU. `probe_cuda()` gathers the facts from torch at load time, never a
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
+
+
+# CPU threads per engine when asr.ncpu is 0 (auto), by what measured best here (BENCHMARKS.md,
+# "Thread policy"): torch's FunASR models are small calls that a second thread only spins on
+# (the same wall time for twice the CPU at one stream, and far worse with the cores shared);
+# CTranslate2's Whisper decodes are large GEMMs that two threads finish 27 % sooner.
+AUTO_THREADS = {"funasr": 1, "whisper": 2}
+
+
+def cpu_threads(configured: int, engine: str) -> int:
+    """asr.ncpu for this engine: the configured count, or (0) the measured best, within the cores."""
+    if configured > 0:
+        return configured
+    return max(1, min(AUTO_THREADS.get(engine, 1), os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,23 @@ def test_probe_cuda_on_this_host_is_consistent():
     c = resolve("cuda:1", "auto", facts, what="test")
     if not facts.available:
         assert c.device == "cpu" and c.fallback_reason
+
+
+def test_cpu_threads_auto_is_each_engines_measured_best_within_the_cores(monkeypatch):
+    from daemon import devices
+    from daemon.config import ConfigError, parse_config
+
+    assert parse_config({}).asr.ncpu == 0  # auto by default
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 16)
+    assert devices.cpu_threads(0, "funasr") == 1 and devices.cpu_threads(0, "whisper") == 2
+    assert devices.cpu_threads(3, "funasr") == 3  # a configured count is kept
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 1)
+    assert devices.cpu_threads(0, "whisper") == 1
+    from daemon.asr_funasr import FunASRConfig
+    from daemon.asr_whisper import WhisperConfig
+
+    cfg = parse_config({})
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 2)
+    assert FunASRConfig.from_config(cfg).ncpu == 1 and WhisperConfig.from_config(cfg).ncpu == 2
+    with pytest.raises(ConfigError):
+        parse_config({"asr": {"ncpu": -1}})
