@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Dict, Optional, Tuple, Union
 
 from websockets.exceptions import ConnectionClosed
@@ -28,6 +29,19 @@ from daemon.rules import LANGUAGES, clean_hotwords
 logger = logging.getLogger(__name__)
 
 
+class _Events(Events):
+    """The connection's events; notes when the speech of the last `final` ended, on the bridge's
+    clock (where its `latency_ms` counts from), for the turn's speech end -> first audio."""
+
+    speech_end: Optional[float] = None
+
+    async def emit(self, event: Dict[str, Any]) -> None:
+        if event.get("type") == "final":
+            lat = event.get("latency_ms")
+            self.speech_end = None if lat is None else time.monotonic() - lat / 1000.0
+        await super().emit(event)
+
+
 class Connection:
     def __init__(self, ws: Any, ctx: Context, conn_id: str):
         self.ws = ws
@@ -36,7 +50,7 @@ class Connection:
         bc = ctx.cfg.bridge
         self.authed = not bc.token
         self.out = OutQueue(bc.send_queue_bytes, bc.slow_client_timeout)
-        self.events = Events(self.out, conn_id, ctx.metrics)
+        self.events = _Events(self.out, conn_id, ctx.metrics)
         self.conv = ctx.agent.conversation()
         self.speaker = Speaker(ctx, self.events, conn_id)
         self.turns = Turns(ctx, self.events, conn_id, self.conv, self.speaker)
@@ -190,6 +204,7 @@ class Connection:
                                     "agent": self.ctx.public_agent, "barge_in": self.barge_in,
                                     "input_sample_rate": INPUT_RATE, "output_sample_rate": self.speaker.out_rate,
                                     "partials": bool(caps.get("partials", False)),
+                                    "speculate": self.turns.speculative,
                                     "hotwords": caps.get("hotwords", False)})
 
     async def _on_text(self, msg: Dict[str, Any]) -> None:
@@ -231,5 +246,6 @@ class Connection:
         if not await self.turns.admit():
             await self.turns.drop_speculation("rate_limited")
             return
-        if not await self.turns.confirm(text):  # released the speculative reply, or dropped it
-            self.turns.start(text, "speech")
+        speech_end = self.events.speech_end
+        if not await self.turns.confirm(text, speech_end):  # released the speculative reply, or dropped it
+            self.turns.start(text, "speech", speech_end)

@@ -19,6 +19,12 @@ when the final says the same (normalised), else drops it; `drop_speculation()` (
 on, typed, or a new utterance began) drops it: its agent run is cancelled and forgotten
 (`Conversation.discard`), its TTS requests cancelled, and nothing it produced reaches the page.
 A speculative turn gets its turn number only when released, so the page never sees a gap.
+
+What the page learns about timing: a spoken turn's `first_audio` carries `speech_end_ms` (the
+user's speech end, where the final's `latency_ms` counts from, -> first reply audio, on the
+bridge's clock) beside `latency_ms` (final -> first audio). With speculation on, every spoken
+turn and every dropped speculative turn sends `speculation` {`released`, `cancelled`, `turns`}:
+the connection's running counts (cancelled = wasted), never anything of the dropped turn.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class Turn:
     agent_done: bool = False
     key: str = ""                  # in TTS request ids: unique per connection, also when dropped
     final_at: Optional[float] = None   # a speculative turn: when its final released it
+    speech_end: Optional[float] = None  # a spoken turn: when the user's speech ended (its audio arrived)
     out: Any = None                # its Outlet
     asked: bool = False            # its agent request has started (only then is there a reply to discard)
 
@@ -118,8 +125,12 @@ class Outlet:
                 t.first_audio_at = time.monotonic()
                 t0 = t.final_at if t.final_at is not None else t.started
                 self.speaker.ctx.metrics.first_audio_latency.observe(max(t.first_audio_at - t0, 0.0))
-                await self.events.emit({"type": "first_audio", "turn": t.no, "latency_ms": ms(t0, t.first_audio_at),
-                                        **({"speculative": True} if t.final_at is not None else {})})
+                event = {"type": "first_audio", "turn": t.no, "latency_ms": ms(t0, t.first_audio_at)}
+                if t.speech_end is not None:
+                    event["speech_end_ms"] = ms(t.speech_end, t.first_audio_at)
+                if t.final_at is not None:
+                    event["speculative"] = True
+                await self.events.emit(event)
             self.speaker.played(pcm, rate)
             await self.events.audio(pcm, t.no)
 
@@ -155,6 +166,7 @@ class Turns:
         self.spec_no = 0
         self.spec_released = 0
         self.spec_wasted = 0
+        self.heard = 0                 # spoken turns (finals that got a turn), for `speculation`
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -166,11 +178,11 @@ class Turns:
                                 "(bridge.max_turns_per_minute); wait a moment")
         return False
 
-    def start(self, text: str, source: str) -> None:
+    def start(self, text: str, source: str, speech_end: Optional[float] = None) -> None:
         if self.closing:
             return  # the connection is going away; nobody would hear the reply
         self.no += 1
-        turn = Turn(self.no, text, source, key=str(self.no))
+        turn = Turn(self.no, text, source, key=str(self.no), speech_end=speech_end)
         turn.out = Outlet(self.events, self.speaker, turn)
         self.ctx.metrics.turns.labels(source).inc()
         prev = [t for t in self.tasks if not t.done()]
@@ -196,20 +208,28 @@ class Turns:
         self.spec = (turn, task)
         logger.info("conn %s: speculative turn %s started on %r", self.id, turn.key, text[:80])
 
-    async def confirm(self, text: str) -> bool:
-        """On a final: release the speculative turn if it said the same (True), else drop it."""
+    async def confirm(self, text: str, speech_end: Optional[float] = None) -> bool:
+        """On a final (a spoken turn): release the speculative turn if it said the same (True),
+        else drop it (False: the caller starts the turn)."""
         if self.spec is None:
+            if self.speculative:
+                self.heard += 1
+                await self._report()
             return False
         turn, task = self.spec
         if not same_text(turn.text, text):
-            await self.drop_speculation("final differs")
+            await self.drop_speculation("final differs", report=False)
+            self.heard += 1
+            await self._report()
             return False
         self.spec = None
         self.no += 1
         turn.no = turn.no or self.no
         turn.text = text
         turn.final_at = time.monotonic()
+        turn.speech_end = speech_end
         self.spec_released += 1
+        self.heard += 1
         self.ctx.metrics.turns.labels("speech").inc()
         self.ctx.metrics.speculative.labels("released").inc()
         if not task.done():
@@ -218,11 +238,18 @@ class Turns:
         self.current = turn
         logger.info("conn %s: speculative turn %s released as turn %d (%.0f ms after it started)", self.id,
                     turn.key, turn.no, (turn.final_at - turn.started) * 1000)
+        await self._report()
         await turn.out.release()
         return True
 
-    async def drop_speculation(self, reason: str) -> bool:
-        """Cancel the speculative turn: nothing of it reaches the page; the agent forgets it."""
+    async def _report(self) -> None:
+        """The page's running counts: speculative turns released and cancelled, spoken turns."""
+        await self.events.emit({"type": "speculation", "released": self.spec_released,
+                                "cancelled": self.spec_wasted, "turns": self.heard})
+
+    async def drop_speculation(self, reason: str, report: bool = True) -> bool:
+        """Cancel the speculative turn: nothing of it reaches the page (only the new counts, in
+        `speculation`); the agent forgets it."""
         if self.spec is None:
             return False
         (turn, task), self.spec = self.spec, None
@@ -230,6 +257,8 @@ class Turns:
         task.cancel()
         self.spec_wasted += 1
         self.ctx.metrics.speculative.labels("cancelled").inc()
+        if report and not self.closing:
+            await self._report()
         await asyncio.wait([task], timeout=CANCEL_GRACE)
         if not turn.asked:
             # Still waiting for the turn before it (barge-in off): it never reached the agent, and

@@ -470,3 +470,123 @@ def test_barge_in_stops_audio_and_cancels_the_agent(real_stack, agent_srv, fixtu
     assert agent_srv.wait_for(lambda: first.disconnected, 3.0)
     assert not first.completed and len(first.tokens_sent) < len(long_reply.split())
     assert first.disconnected_at - t_int < 1.0
+
+
+# --- per-turn timing and speculation counts for the page (issue 17) -------------------------------
+# The speculation module's stack (tiny FunASR + fsmn-vad + the Piper voice, `turn.early_silence`
+# 0.2 s, one bridge with `turn.speculate` on and one with it off), on this module's fake agent.
+
+from test_speculation import FIX, _pcm16, _reply, _session, _split_with_pause, stack  # noqa: E402,F401
+
+SPEC_KEYS = {"type", "released", "cancelled", "turns"}
+SPEC_METRIC = 's2s_bridge_speculative_turns_total{outcome="%s"}'
+
+
+def _at(c: WSClient, kind: str) -> List[Any]:
+    return [(t, e) for t, e in c.events if isinstance(e, dict) and e.get("type") == kind]
+
+
+async def _spoken(url: str, pcm: bytes, replies: int = 1) -> Any:
+    c = await _session(url)
+    t0 = time.monotonic()
+    await c.stream(pcm, realtime=True)
+    await c.wait(lambda: len(c.of("tts_end")) >= 2 * replies, 30, "the reply spoken")
+    await asyncio.sleep(0.3)
+    await c.close()
+    return c, t0
+
+
+def test_first_audio_says_speech_end_and_the_page_gets_a_released_speculative_turn(stack, agent_srv):
+    """A sentence then silence: the reply prepared on the tentative is released at the final. Its
+    `first_audio` has speech end -> first audio on the bridge's clock (= the final's latency + final
+    -> first audio), and `speculation` counts it as released for the page."""
+    on, _ = stack
+    agent_srv.reset(script=_reply, token_delay=0.01, first_token_delay=0.05)
+    before = metrics(on.port)
+    c, t0 = run(_spoken(on.ws, read_pcm(FIX / "02.wav") + silence(1.5)))
+    after = metrics(on.port)
+    assert c.of("ready")[0]["speculate"] is True
+    finals = [f for f in c.of("final") if f["text"]]
+    assert len(finals) == 1, finals
+    final = finals[0]
+    (t_fa, fa), = _at(c, "first_audio")
+    assert fa["turn"] == 1 and fa["speculative"] is True, fa
+    # speech end -> first audio = speech end -> final + final -> first audio (a few ms between them)
+    gap = fa["speech_end_ms"] - final["latency_ms"] - fa["latency_ms"]
+    assert -1.0 <= gap < 100.0, (fa, final)
+    # ...and what a client that sent the audio in real time sees: its sample at the final's `end`
+    # went out at t0 + end, the first audio arrived at t_fa
+    seen = (t_fa - (t0 + final["end"])) * 1000.0
+    assert abs(seen - fa["speech_end_ms"]) < 300.0, (seen, fa)
+    # the counts: every `speculation` event is counts only (never a dropped turn's text); the last
+    # says one spoken turn, released; the cancelled ones (a comma pause) are the bridge's metric
+    spec = c.of("speculation")
+    assert spec and all(set(e) == SPEC_KEYS for e in spec), spec
+    last = spec[-1]
+    released = after[SPEC_METRIC % "released"] - before[SPEC_METRIC % "released"]
+    cancelled = after[SPEC_METRIC % "cancelled"] - before[SPEC_METRIC % "cancelled"]
+    assert (last["released"], last["cancelled"], last["turns"]) == (1, cancelled, 1) and released == 1, (spec, released,
+                                                                                                        cancelled)
+    # the release is reported before the reply's events, and nothing was sent while it was held
+    t_final = _at(c, "final")[-1][0]
+    t_last = _at(c, "speculation")[-1][0]
+    assert t_final <= t_last <= t_fa
+    assert all(t >= t_final for t, e in c.events if isinstance(e, bytes) or
+               (isinstance(e, dict) and e.get("type") in ("agent_delta", "tts_start", "first_audio")))
+
+
+def test_a_dropped_speculative_turn_is_counted_for_the_page_when_it_is_dropped(stack, agent_srv):
+    """A sentence, a pause, the rest: the turn started on the first half is dropped when speech
+    resumes; the page gets `speculation` with the new count then (before the final), no text of it,
+    and the one reply's `first_audio` counts from the end of the whole sentence."""
+    on, _ = stack
+    agent_srv.reset(script=_reply, token_delay=0.02)
+    audio, cut = _split_with_pause(FIX / "01.wav", 0.4)
+    before = metrics(on.port)
+    c, t0 = run(_spoken(on.ws, _pcm16(audio) + silence(1.5)))
+    after = metrics(on.port)
+    finals = [(t, f) for t, f in _at(c, "final") if f["text"]]
+    assert len(finals) == 1, finals
+    t_final, final = finals[0]
+    spec = _at(c, "speculation")
+    assert all(set(e) == SPEC_KEYS for _, e in spec), spec
+    # the drop at the pause reached the page before the final, as a count
+    dropped = [(t, e) for t, e in spec if t < t_final]
+    assert dropped and dropped[0][1]["cancelled"] == 1 and dropped[0][1]["released"] == 0, spec
+    assert dropped[0][1]["turns"] == 0
+    # after the final: one spoken turn; released if the reply was prepared on the whole sentence
+    (t_fa, fa), = _at(c, "first_audio")
+    last = spec[-1][1]
+    cancelled = after[SPEC_METRIC % "cancelled"] - before[SPEC_METRIC % "cancelled"]
+    assert last == {"type": "speculation", "released": 1 if fa.get("speculative") else 0,
+                    "cancelled": cancelled, "turns": 1}, (spec, cancelled)
+    assert cancelled >= 1
+    # speech end is the end of the whole sentence (after the pause), not of its first half
+    assert final["end"] > cut + 0.4 + 0.5, (final, cut)
+    assert fa["speech_end_ms"] >= final["latency_ms"] + fa["latency_ms"] - 1.0, (fa, final)
+    seen = (t_fa - (t0 + final["end"])) * 1000.0
+    assert abs(seen - fa["speech_end_ms"]) < 300.0, (seen, fa)
+
+
+def test_speculation_off_sends_no_counts_and_typed_turns_no_speech_end(stack, agent_srv):
+    """`turn.speculate: false`: `ready` says so, no `speculation` events; a spoken reply's
+    `first_audio` still has `speech_end_ms` (not speculative); a typed one has none."""
+    _, off = stack
+    agent_srv.reset(script=_reply, token_delay=0.01)
+
+    async def go():
+        c, t0 = await _spoken(off.ws, read_pcm(FIX / "02.wav") + silence(1.5))
+        t = await WSClient.open(off.ws)
+        await t.send_json({"type": "text", "text": "hello there."})
+        await t.wait_event("first_audio", 1, 30)
+        await t.close()
+        return c, t
+
+    c, t = run(go())
+    assert c.of("ready")[0]["speculate"] is False
+    assert not c.of("speculation") and not t.of("speculation")
+    fa, = c.of("first_audio")
+    final = next(f for f in c.of("final") if f["text"])
+    assert "speculative" not in fa and fa["speech_end_ms"] >= final["latency_ms"] + fa["latency_ms"] - 1.0, (fa, final)
+    typed = t.of("first_audio")[0]
+    assert "speech_end_ms" not in typed and "speculative" not in typed and typed["latency_ms"] > 0, typed

@@ -29,6 +29,7 @@ const stats = window.s2sStats = {
   connected: false, ready: false, agent: null, ui: UI,
   audioBytesSent: 0, audioBytesReceived: 0, audioChunksReceived: 0,
   partials: 0, finals: [], replies: [], interrupted: 0, errors: [], latencies: [], textLatencies: [],
+  speechEndLatencies: [], speculation: null,
   states: [], starts: [], reconnects: 0, health: undefined,
 };
 
@@ -49,6 +50,8 @@ const STR = {
     reconnectIn: "已断开 · {s} 秒后重连（第 {n} 次）", reconnecting: "正在重连（第 {n} 次）…",
     refused: "服务拒绝了连接", hintOffline: "未连接到语音服务，暂时不能说话或发送文字。",
     hintRefused: "服务拒绝了连接：{why}。修正后请刷新页面。", hintFinalizing: "正在识别上一句，稍候再开始…",
+    latE2E: "说完 → 首个语音", seconds: "{s} s", specMark: "推测", specLabel: "推测回复",
+    specValue: "用上 {r} · 作废 {c}", specPerTurn: "（每轮作废 {p}）",
     latAsrLabel: "识别 {ms} ms", latFirstAudio: "首个语音 {ms} ms", latTypedLabel: "文字 → 首个语音 {ms} ms",
     notSpoken: "未朗读", partSpoken: "部分未朗读", interrupted: "已打断", playbackStopped: "已停止播放",
     whyNoChinese: "当前合成语音不会说中文", whyTtsFailed: "语音合成失败", whyTtsDown: "语音合成服务不可用",
@@ -97,6 +100,8 @@ const STR = {
     refused: "The server refused the connection", hintOffline: "Not connected to the speech service: talking and typing are off.",
     hintRefused: "The server refused the connection: {why}. Fix it and reload the page.",
     hintFinalizing: "Still recognising the last sentence…",
+    latE2E: "end of speech → first audio", seconds: "{s} s", specMark: "speculative",
+    specLabel: "Speculative replies", specValue: "{r} released / {c} wasted", specPerTurn: " ({p} wasted per turn)",
     latAsrLabel: "recognised in {ms} ms", latFirstAudio: "first audio {ms} ms", latTypedLabel: "text → first audio {ms} ms",
     notSpoken: "Not spoken", partSpoken: "Only partly spoken", interrupted: "Interrupted", playbackStopped: "Playback stopped",
     whyNoChinese: "the voice cannot speak Chinese", whyTtsFailed: "speech synthesis failed",
@@ -725,6 +730,7 @@ function onEvent(ev) {
   switch (ev.type) {
     case "hello":
       showAgent(ev.agent);
+      newSpeculationCounts();
       break;
     case "ready":
       outRate = ev.output_sample_rate || outRate;
@@ -732,6 +738,7 @@ function onEvent(ev) {
       if (typeof ev.hotwords === "boolean") { caps.asrHotwords = ev.hotwords; applyCapabilities(); }
       if (hotwordProbe && ev.hotwords === true && talking) { sendStart(); break; }
       hotwordProbe = null;
+      if (ev.speculate === true) renderSpeculation();  // replies may be prepared before the final
       sessionReady = talking;
       stats.ready = talking;
       break;
@@ -809,6 +816,11 @@ function onEvent(ev) {
       break;
     }
     case "first_audio":
+      showFirstAudio(ev);
+      break;
+    case "speculation":
+      specNow = { released: count(ev.released), cancelled: count(ev.cancelled), turns: count(ev.turns) };
+      renderSpeculation();
       break;
     case "interrupted": {
       stats.interrupted++;
@@ -876,6 +888,40 @@ function onAudio(buf) {
     refreshState();
   };
   refreshState();
+}
+
+// --- speech end -> first audio, speculative replies -------------------------------------------
+
+// The bridge's clock: from when the user's speech ended (its audio reached the bridge) to the
+// reply's first audio; `speculative` when the reply was prepared before the final and released.
+function showFirstAudio(ev) {
+  if (typeof ev.speech_end_ms !== "number" || !Number.isFinite(ev.speech_end_ms)) return;
+  const speculative = ev.speculative === true;
+  stats.speechEndLatencies.push({ ms: ev.speech_end_ms, speculative });
+  const s = (Math.max(0, ev.speech_end_ms) / 1000).toFixed(2);
+  $("lat-e2e").textContent = t("seconds", { s }) + (speculative ? ` · ${t("specMark")}` : "");
+  const turn = turnFor(ev.turn);
+  if (turn && turn.agentLi) turn.agentLi.dataset.speculative = speculative ? "true" : "false";
+}
+
+// The bridge counts per connection; the page adds up its connections (a reconnect starts at 0).
+const ZERO = { released: 0, cancelled: 0, turns: 0 };
+let specBefore = { ...ZERO }, specNow = { ...ZERO };
+const count = (x) => (Number.isInteger(x) && x > 0 ? x : 0);
+
+function newSpeculationCounts() {
+  for (const k of Object.keys(ZERO)) specBefore[k] += specNow[k];
+  specNow = { ...ZERO };
+}
+
+function renderSpeculation() {
+  const c = {};
+  for (const k of Object.keys(ZERO)) c[k] = specBefore[k] + specNow[k];
+  stats.speculation = c;
+  let text = t("specValue", { r: c.released, c: c.cancelled });
+  if (c.turns) text += t("specPerTurn", { p: (c.cancelled / c.turns).toFixed(2) });
+  $("spec").textContent = text;
+  $("spec-row").hidden = false;
 }
 
 function stopPlayback() {
