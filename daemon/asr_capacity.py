@@ -38,6 +38,8 @@ MAX_QUEUED_COMMANDS = 4096
 # A session is streaming while its audio arrives within this many seconds of the last; one
 # that has not sent audio yet counts as streaming for a window after its open.
 STREAMING_GAP_SECONDS = 1.0
+# A session this far behind real time means the worker is catching up, not at its steady state.
+CATCHING_UP_SECONDS = 0.5
 
 
 def retry_after(seconds: float) -> float:
@@ -102,14 +104,14 @@ class Capacity:
         self.busy_open_load = 0
         self.audio_shed = 0
         self.load = LoadModel(busy, clock, lambda: limits().asr_stream_cost)
-        self._batch_seen = False  # a faster-than-real-time session sent audio in this window
+        self._batch_seen = False  # this window carried other work than the streams' steady state
 
     def tick(self, backlogs: Iterable[Backlog]) -> None:
         """About every second: close the load window when due (daemon/asr_load.py)."""
         bl = list(backlogs)
         now = self.clock()
         rt = [b for b in bl if not self._ahead(b, now)]
-        self._batch_seen = self._batch_seen or len(rt) < len(bl)
+        self._batch_seen = self._batch_seen or len(rt) < len(bl) or self.lag(bl, now)[0] > CATCHING_UP_SECONDS
         if self.load.tick(lambda t0: streams_throughout([b.first_audio for b in rt], [b.last_audio for b in rt], t0,
                                                         now, STREAMING_GAP_SECONDS), clean=not self._batch_seen):
             self._batch_seen = False

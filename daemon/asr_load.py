@@ -14,11 +14,12 @@ is then the smaller of the average and `limits.asr_stream_cost` (the configured 
 and the rest of the measured load is the fixed part. Windows where the worker was saturated say
 only "at least this much": they are left out of the fit, but the fewest streams that saturated
 it are remembered, and no more streams than that are predicted to fit (until a window with as
-many streams is measured unsaturated).
+many streams is measured unsaturated, or for `SATURATION_MEMORY_SECONDS`).
 
 Only real-time streams are counted: a session sending faster than real time (a file being
 transcribed) takes whatever the worker has left, so a window in which one was sending is not
-an observation of the curve (`tick(..., clean=False)`).
+an observation of the curve (`tick(..., clean=False)`); nor is one that ends with a session
+behind real time (the worker was catching up: its load belonged to earlier, busier windows).
 
 Admission (`Capacity.admit_open`) asks `predict(streams after the new one)`, counting the
 streams opened but not measured yet too, so a burst of opens at one instant cannot all be
@@ -34,6 +35,7 @@ from typing import Callable, Optional, Tuple
 LOAD_WINDOW_SECONDS = 2.0
 DECAY = 0.85                 # weight kept by an observation per newer window
 SATURATED = 0.95             # a window this busy measured a floor, not the demand
+SATURATION_MEMORY_SECONDS = 30.0  # how long "N streams saturated it" holds as a ceiling
 MIN_SPREAD = 0.05            # variance of N below which the observations are "one N"
 
 
@@ -65,11 +67,13 @@ class LoadModel:
         self._sums = [0.0] * 5       # decayed sums: w, w*n, w*l, w*n*n, w*n*l
         self.observations = 0
         self.saturated_at: Optional[int] = None  # fewest streams seen saturating the worker
+        self._saturated_seen = 0.0                # ... when last seen
 
     def tick(self, streams_throughout: Callable[[float], int], clean: bool = True) -> bool:
         """Close the window if it is long enough; `streams_throughout(t0)` counts the streams
         that sent audio through all of [t0, now]; `clean` False: the window also carried work
-        that is not real-time streams. True when a window closed."""
+        that is not the streams' steady state (a file sent faster than real time, a backlog
+        being caught up): it measures the load but teaches nothing. True when a window closed."""
         now = self.clock()
         dt = now - self.window_start
         if dt < LOAD_WINDOW_SECONDS:
@@ -84,6 +88,9 @@ class LoadModel:
                     self.saturated_at = None  # as many streams fit now (the machine got quieter)
             else:
                 self.saturated_at = n if self.saturated_at is None else min(self.saturated_at, n)
+                self._saturated_seen = now
+        if self.saturated_at is not None and now - self._saturated_seen > SATURATION_MEMORY_SECONDS:
+            self.saturated_at = None  # not seen again for a while: let the fit speak
         self.window_start, self._busy0 = now, busy
         return True
 

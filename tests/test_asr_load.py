@@ -82,6 +82,31 @@ def test_saturation_is_remembered_as_a_ceiling_not_learned_as_a_cost():
     assert m.saturated_at is None
 
 
+def test_the_saturation_ceiling_is_forgotten_when_not_seen_again():
+    from daemon.asr_load import SATURATION_MEMORY_SECONDS
+
+    m, c = model()
+    run_window(m, c, 10, 1.0)
+    assert m.saturated_at == 10
+    for _ in range(int(SATURATION_MEMORY_SECONDS / LOAD_WINDOW_SECONDS) + 1):
+        run_window(m, c, 0, 0.0)  # nobody streaming
+    assert m.saturated_at is None
+
+
+def test_a_backlog_being_caught_up_teaches_nothing():
+    """Streams ending while the worker still works off their backlog: high load, few streams."""
+    c = Clock()
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.03, max_sessions=100), c, lambda: c.busy)
+    b = Backlog("late", 16000, opened=c.t - 10)
+    b.accept(16000 * 3, c.t - 5)  # 3 s accepted 5 s ago, still unprocessed: 5 s behind
+    b.first_audio = c.t - 10
+    b.last_audio = c.t
+    c.t += LOAD_WINDOW_SECONDS
+    c.busy += 0.95 * LOAD_WINDOW_SECONDS
+    cap.tick([b])
+    assert cap.load.observations == 0 and cap.load.saturated_at is None
+
+
 def test_a_window_with_other_work_is_not_an_observation():
     m, c = model()
     c.t += LOAD_WINDOW_SECONDS
