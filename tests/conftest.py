@@ -84,3 +84,15 @@ def models_dir(tmp_path_factory) -> Path:
             subprocess.run([sys.executable, "-m", "daemon.models.cli", cmd, "--out", str(root)],
                            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_funasr_pool(models_dir):
+    """The tiny random FunASR models with the real fsmn-vad, loaded once per test module."""
+    from daemon.asr_funasr import FunASRPool
+    from helpers.funasr_tiny import make_config
+
+    p = FunASRPool(make_config(models_dir))
+    p.load()
+    yield p
+    p.shutdown()

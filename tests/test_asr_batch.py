@@ -15,13 +15,11 @@ import pytest
 
 from daemon.asr_base import MAX_DECODE_BATCH, MAX_DECODE_STRETCH, Decode, decode_groups
 from daemon.asr_batch import FeedBatcher, drive
-from daemon.asr_funasr import FunASRPool
 from daemon.audio import float_to_pcm16, read_wav
 from daemon.errors import AudioError
 from daemon.tools.metrics import cer
 from daemon.vad import FsmnVAD, VADBlock
 from daemon.workers import Worker
-from helpers.funasr_tiny import make_config
 
 SR = 16000
 FRAME = 1920 * 2  # 120 ms of PCM16
@@ -38,11 +36,8 @@ def speech(fixtures_dir):
 
 
 @pytest.fixture(scope="module")
-def pool(models_dir):
-    p = FunASRPool(make_config(models_dir))
-    p.load()
-    yield p
-    p.shutdown()
+def pool(tiny_funasr_pool):
+    return tiny_funasr_pool
 
 
 def test_batched_vad_gives_each_session_its_own_segments(models_dir, speech):

@@ -22,11 +22,8 @@ SR = 16000
 
 
 @pytest.fixture(scope="module")
-def pool(models_dir):
-    p = FunASRPool(make_config(models_dir))
-    p.load()
-    yield p
-    p.shutdown()
+def pool(tiny_funasr_pool):
+    return tiny_funasr_pool
 
 
 @pytest.fixture(scope="module")

@@ -221,23 +221,30 @@ def test_the_stream_one_too_many_is_refused_before_anyone_falls_behind(predicted
 
             streams.pop().finish()
             # The gone stream stops counting at once; the load falls within a window.
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    again = c.open(session_id="fits-again")
-                    break
-                except DaemonError as err:
-                    if err.code != ErrorCode.BUSY or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
-            again.close()
+            open_when_admitted(c, "fits-again", 15).close()
         finally:
-            for s in streams:
-                if s.is_alive() or not s.session.closed:
-                    try:
-                        s.finish()
-                    except DaemonError:
-                        pass
+            finish_all(streams)
+
+
+def finish_all(streams: List[Streamer]) -> None:
+    for s in streams:
+        if s.is_alive() or not s.session.closed:
+            try:
+                s.finish()
+            except DaemonError:
+                pass
+
+
+def open_when_admitted(c: ASRClient, session_id: str, timeout: float):
+    """Open as a client honouring retry_after would (at most 1 s between tries)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return c.open(session_id=session_id)
+        except DaemonError as e:
+            if e.code != ErrorCode.BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(min(e.retry_after or 0.5, 1.0))
 
 
 def wait_for(c: ASRClient, pred, timeout: float) -> Dict:
@@ -303,23 +310,9 @@ def test_busy_past_capacity_and_sessions_within_capacity_unaffected(slow):
             assert info["queues"]["asr_max_lag"] < MAX_LAG, info["queues"]
             # As a client honouring retry_after would: the two remaining streams keep the lag near
             # the bound on a busy machine, so one open may still land a moment before it drops.
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    again = c.open(session_id="again")
-                    break
-                except DaemonError as e:
-                    if e.code != ErrorCode.BUSY or time.monotonic() > deadline:
-                        raise
-                    time.sleep(min(e.retry_after or 0.5, 1.0))
-            again.close()
+            open_when_admitted(c, "again", 15).close()
         finally:
-            for s in streams:
-                if s.is_alive() or not s.session.closed:
-                    try:
-                        s.finish()
-                    except DaemonError:
-                        pass
+            finish_all(streams)
 
 
 # --- the VAD's cost per call -------------------------------------------------------------------

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from daemon.asr_base import SENTENCE_END_MARKS, PoolBase, SentenceEnd
-from helpers.funasr_tiny import make_config
 
 SR = 16000
 FIX = Path(__file__).parent / "fixtures" / "zh"
@@ -30,13 +29,8 @@ def pcm_f32(name: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pool(models_dir):
-    from daemon.asr_funasr import FunASRPool
-
-    p = FunASRPool(make_config(models_dir))
-    p.load()
-    yield p
-    p.shutdown()
+def pool(tiny_funasr_pool):
+    return tiny_funasr_pool
 
 
 @pytest.fixture()
