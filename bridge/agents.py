@@ -385,6 +385,8 @@ class LangGraphConversation(Conversation):
         self.thread_id = ""
         self.run_id = ""       # the last run (from the stream's `metadata` event)
         self.run_ended = False
+        self.kept_run = ""     # the newest run not discarded: a reply the user got
+        self.posted = False    # this reply's run was asked for (it may exist before we know its id)
 
     @property
     def conversation_id(self) -> str:  # type: ignore[override]
@@ -405,7 +407,9 @@ class LangGraphConversation(Conversation):
     async def reply(self, text: str) -> AsyncIterator[str]:
         a = self.agent
         # Until this reply's run exists there is none of its own to discard (never the last one's).
-        self.run_id, self.run_ended = "", False
+        if self.run_id:
+            self.kept_run = self.run_id
+        self.run_id, self.run_ended, self.posted = "", False, False
         try:
             tid = await self._ensure_thread()
             body = {"assistant_id": a.cfg.assistant_id,
@@ -415,6 +419,7 @@ class LangGraphConversation(Conversation):
                     # turn) stops the run. The server's default is to finish it unheard, and to
                     # queue this thread's next run behind it.
                     "on_disconnect": "cancel"}
+            self.posted = True
             async with a.client.stream("POST", f"{a.url}/threads/{tid}/runs/stream", json=body,
                                        headers={"Accept": "text/event-stream"}) as r:
                 if r.status_code >= 400:
@@ -446,8 +451,15 @@ class LangGraphConversation(Conversation):
         checkpoints. One that is not (it finished, or the server stopped it when the stream was
         closed: the cancel answers 404, or the run outlives it) is deleted once the server is done
         with it; deleting a run deletes its checkpoints too (it is what the server's rollback does)."""
-        tid, rid = self.thread_id, self.run_id
-        self.run_id = ""
+        tid, rid, posted = self.thread_id, self.run_id, self.posted
+        self.run_id, self.posted = "", False
+        if tid and not rid and posted:
+            # Dropped before the answer's headers named the run: the server may have made it
+            # (with the user's words in the thread); its newest run is ours unless it is the
+            # last one we kept.
+            rid = await self._newest_run(tid)
+            if rid == self.kept_run:
+                rid = ""
         if not tid or not rid:
             return
         a = self.agent
@@ -468,6 +480,15 @@ class LangGraphConversation(Conversation):
         else:
             logger.warning("langgraph thread %s: run %s had %s; deleting it answered HTTP %d, the thread keeps it",
                            tid, rid, how, d.status_code)
+
+    async def _newest_run(self, tid: str) -> str:
+        r = await self.agent.client.get(f"{self.agent.url}/threads/{tid}/runs", params={"limit": 1}, timeout=5.0)
+        try:
+            runs = r.json() if r.status_code < 400 else []
+            rid = runs[0].get("run_id") if isinstance(runs, list) and runs and isinstance(runs[0], dict) else ""
+        except ValueError:
+            rid = ""
+        return rid if isinstance(rid, str) else ""
 
     async def _wait_not_busy(self, tid: str, limit: float = 2.0) -> None:
         """Until the thread is no longer busy: the server is done with its last run."""

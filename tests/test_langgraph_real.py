@@ -258,6 +258,66 @@ def test_a_speculative_reply_that_finished_is_forgotten_too(real_langgraph):
     assert "".join(nxt) == answer(2, "下一句")
 
 
+class _LateHeaders:
+    """An httpx transport that hands the runs/stream answer to the bridge `delay` seconds after
+    the server sent it: the run exists on the server while the bridge does not know its id yet.
+    Cancelled while waiting, it closes the answer (the server sees the disconnect)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+
+    async def handle_async_request(self, request):
+        response = await self.inner.handle_async_request(request)
+        if request.method == "POST" and request.url.path.endswith("/runs/stream"):
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:
+                await response.aclose()
+                raise
+        return response
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+
+def test_a_speculative_turn_dropped_before_its_run_was_named_is_forgotten(real_langgraph):
+    """Dropped after the server made the run but before its answer named it (Content-Location):
+    discard() must still take the user's words out of the thread, and never the reply kept
+    before it."""
+    srv = real_langgraph
+    dropped = "还没开始就不算"
+
+    async def go():
+        agent = _agent(srv)
+        conv = agent.conversation()
+        try:
+            await _collect(conv, "第一句")
+            tid = conv.thread_id
+            kept = conv.run_id
+            agent.client._transport = _LateHeaders(agent.client._transport, 1.0)
+            task = asyncio.create_task(_collect(conv, dropped))
+            assert await asyncio.to_thread(_wait_for, lambda: len(srv.runs(tid)) == 2, 5.0), srv.runs(tid)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert conv.run_id == ""  # the bridge never learned the run's id
+            agent.client._transport = agent.client._transport.inner
+            await conv.discard()
+            after = {"runs": [r["run_id"] for r in srv.runs(tid)], "state": srv.messages(tid),
+                     "history": srv.history_texts(tid), "active": srv.active_runs(tid)}
+            nxt, _ = await _collect(conv, "下一句")
+            return kept, after, nxt
+        finally:
+            await conv.aclose()
+            await agent.aclose()
+
+    kept, after, nxt = run(go())
+    assert after["runs"] == [kept], after["runs"]  # the kept reply's run stays, the dropped one is gone
+    assert after["state"] == [("human", "第一句"), ("ai", answer(1, "第一句"))], after["state"]
+    assert dropped not in after["history"], after["history"]
+    assert after["active"] == []
+    assert "".join(nxt) == answer(2, "下一句")
+
+
 def test_a_speculative_run_dropped_as_it_ends_is_forgotten(real_langgraph):
     """The race between the two above: the stream is cut at the last words, as the run finishes.
     Whichever way the server sees it (a cancel that answers 404, or one that is accepted while
