@@ -195,3 +195,57 @@ def test_feed_batcher_reports_a_dead_worker_to_every_waiter(pool):
     finally:
         pool.close("dead")
 
+
+
+# --- the driver, by property -----------------------------------------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402 - the property tests of the driver, below
+
+
+class _Boom(Exception):
+    pass
+
+
+def _session_steps(sid: int, plan: list, seen: list):
+    """A fake session: asks for each planned request in turn, records the answers it gets, and
+    handles a failed request as the engines do (it is its own error: the feed ends with it)."""
+    for step, _ in enumerate(plan):
+        answer = yield (sid, step)
+        seen.append(answer)
+    return ("events", sid)
+
+
+@given(st.lists(st.lists(st.sampled_from(["ok", "fail", "batch_fail"]), max_size=5), min_size=1, max_size=8),
+       st.integers(min_value=1, max_value=4))
+def test_drive_gives_every_session_its_own_answers_and_one_outcome(plans, chunk):
+    """Any mix of sessions, request counts, single failures and whole-batch failures: each session
+    gets exactly the answers to its own requests in order, and exactly one outcome."""
+    seen = [[] for _ in plans]
+    outcomes: dict = {}
+
+    def run_requests(reqs):
+        if any(plans[sid][step] == "batch_fail" for sid, step in reqs):
+            # the batch machinery fails after answering the first `chunk` requests
+            for pos, (sid, step) in enumerate(reqs[:chunk]):
+                if plans[sid][step] != "batch_fail":
+                    yield pos, _Boom(f"{sid}:{step}") if plans[sid][step] == "fail" else ("answer", sid, step)
+            raise RuntimeError("batch failed")
+        for pos, (sid, step) in enumerate(reqs):
+            yield pos, _Boom(f"{sid}:{step}") if plans[sid][step] == "fail" else ("answer", sid, step)
+
+    def done(i, value, error):
+        assert i not in outcomes, f"session {i} finished twice"
+        outcomes[i] = (value, error)
+
+    drive(run_requests, [_session_steps(i, p, seen[i]) for i, p in enumerate(plans)], done)
+    assert sorted(outcomes) == list(range(len(plans)))
+    for i, plan in enumerate(plans):
+        value, error = outcomes[i]
+        assert all(a == ("answer", i, k) for k, a in enumerate(seen[i])), seen[i]
+        if error is None:
+            assert value == ("events", i) and len(seen[i]) == len(plan) and "fail" not in plan
+        else:
+            assert len(seen[i]) < len(plan) or not plan
+            assert isinstance(error, (_Boom, RuntimeError))
+            if isinstance(error, _Boom):
+                assert str(error) == f"{i}:{len(seen[i])}"
