@@ -249,3 +249,77 @@ def test_drive_gives_every_session_its_own_answers_and_one_outcome(plans, chunk)
             assert isinstance(error, (_Boom, RuntimeError))
             if isinstance(error, _Boom):
                 assert str(error) == f"{i}:{len(seen[i])}"
+
+
+# --- in the daemon -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_daemon(tmp_path_factory, models_dir):
+    import yaml
+    from bridge_procs import start_daemon, write_config
+
+    d = tmp_path_factory.mktemp("batch-daemon")
+    path = write_config(d / "s2s.yaml", models_dir, d / "run", asr="funasr", tts="piper",
+                        # a burst of 9 sessions sent faster than real time; a vanished one is
+                        # reclaimed after 3 s without audio (nothing is sent to it to notice sooner)
+                        limits={"max_asr_load": 0, "idle_timeout": 3.0})
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["asr"]["funasr"] = {"paraformer": "tiny/paraformer", "vad": "fsmn-vad", "punc": "tiny/ct-punc",
+                             "streaming": "tiny/paraformer-streaming"}
+    data["tts"]["piper"] = {"voice": "piper/en_US-joe-medium.onnx"}
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    proc = start_daemon(path, d / "daemon.log", timeout=120)
+    from daemon.config import load_config
+
+    yield load_config(str(path), env={}).daemon.endpoint("asr"), proc
+    proc.stop()
+
+
+def test_the_daemon_batches_concurrent_sessions_and_a_vanished_client_costs_the_others_nothing(
+        tiny_daemon, speech):
+    """Eight sessions at once and a ninth whose client vanishes mid-stream: the eight get the same
+    segments a lone session gets, the worker ran batches of several feeds, nothing is left open."""
+    from daemon import protocol as P
+    from daemon.client_async import AsyncASRClient
+
+    endpoint, proc = tiny_daemon
+    pcm = float_to_pcm16(speech[0])
+    chunk = 3200 * 2  # 200 ms
+
+    async def one(name: str, vanish: bool = False):
+        c = await AsyncASRClient(endpoint, timeout=30).connect()
+        try:
+            s = await c.open(session_id=name, partials=False)
+            for k in range(0, len(pcm), chunk):
+                await s.send(pcm[k:k + chunk])
+                await asyncio.sleep(0.01)
+                if vanish and k > len(pcm) // 2:
+                    return None  # the client goes away without a word (its socket closes below)
+            events = await s.finalize(timeout=60)
+            return [(m.start, m.end, m.utterance) for m in events if isinstance(m, P.Final) and m.text]
+        finally:
+            await c.close()
+
+    async def main():
+        alone = await one("alone")
+        together = await asyncio.gather(*(one(f"s{i}") for i in range(8)), one("gone", vanish=True))
+        c = await AsyncASRClient(endpoint, timeout=10).connect()
+        try:
+            for _ in range(150):
+                info = await c.describe()
+                if not info["sessions"]:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await c.close()
+        return alone, together, info
+
+    alone, together, info = asyncio.run(main())
+    assert alone and all(t == alone for t in together[:8]), (alone, together)
+    assert together[8] is None
+    assert info["sessions"] == [], info["sessions"]  # the vanished client's session was reclaimed (idle)
+    counters = info["counters"]
+    assert counters["asr_largest_batch"] >= 2, counters
+    assert counters["asr_batched_feeds"] > counters["asr_feed_batches"], counters
+    assert "Traceback" not in proc.text()
