@@ -22,7 +22,7 @@ import asyncio
 import logging
 from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
 
-from daemon.workers import Worker, WorkerGone
+from daemon.workers import BATCH_FEED_PERIODS, Worker, WorkerGone, extend_budget
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class FeedBatcher:
         cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finished, loop, batch, f))
 
     def _run(self, batch: List[Tuple[Any, Any, "asyncio.Future[Any]"]], settle: Done) -> None:
+        extend_budget(BATCH_FEED_PERIODS * self.worker.period * (len(batch) - 1))
         steps = []
         for engine, pcm, _ in batch:
             feed_steps = getattr(engine, "feed_steps", None)

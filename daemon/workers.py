@@ -35,6 +35,10 @@ BUDGET_PERIODS: Dict[str, float] = {
     "sentence": 3.0, "stream": 3.0, "other": 3.0,
 }
 
+# A batch of several sessions' feeds (daemon/asr_batch.py) is one call: each feed after the
+# first adds this many watchdog periods to its budget (a batch is bounded by its size).
+BATCH_FEED_PERIODS = 0.5
+
 _local = threading.local()
 
 

@@ -323,3 +323,35 @@ def test_the_daemon_batches_concurrent_sessions_and_a_vanished_client_costs_the_
     assert counters["asr_largest_batch"] >= 2, counters
     assert counters["asr_batched_feeds"] > counters["asr_feed_batches"], counters
     assert "Traceback" not in proc.text()
+
+
+def test_a_batch_of_feeds_gets_a_budget_that_grows_with_it(pool, speech):
+    """The watchdog judges a batch as one call: with more feeds in it, it may run longer."""
+    from daemon.workers import BATCH_FEED_PERIODS
+
+    budgets = []
+    worker = Worker("asr", pool.submit, period=1.0)
+
+    class Probe:
+        def feed(self, pcm):
+            budgets.append(worker.budget("feed") + worker.current.extra)
+            return []
+
+    batcher = FeedBatcher(worker, pool)
+    gate = threading.Event()
+
+    async def main():
+        await batcher.feed(Probe(), b"")
+        blocker = worker.submit("other", gate.wait, 10)
+        tasks = [asyncio.ensure_future(batcher.feed(Probe(), b"")) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wrap_future(blocker)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    base = worker.budget("feed")
+    assert budgets[0] == base
+    # the first of the five found the batcher idle and went alone (queued behind the blocker);
+    # the other four waited for it and went together
+    assert budgets[1:] == [base] + [base + 3 * BATCH_FEED_PERIODS] * 4
