@@ -105,16 +105,23 @@ class Capacity:
         self.audio_shed = 0
         self.load = LoadModel(busy, clock, lambda: limits().asr_stream_cost)
         self._batch_seen = False  # this window carried other work than the streams' steady state
+        self._lag_mark = 0.0      # the worst lag when the last window closed
 
     def tick(self, backlogs: Iterable[Backlog]) -> None:
         """About every second: close the load window when due (daemon/asr_load.py)."""
         bl = list(backlogs)
         now = self.clock()
         rt = [b for b in bl if not self._ahead(b, now)]
-        self._batch_seen = self._batch_seen or len(rt) < len(bl) or self.lag(bl, now)[0] > CATCHING_UP_SECONDS
+        worst = self.lag(bl, now)[0]
+        self._batch_seen = self._batch_seen or len(rt) < len(bl)
+        # Falling behind (the lag grew over the window) is the streams' doing; a lag shrinking
+        # while a backlog drains is not, and any lag means the load is not their steady state.
+        growing = worst > CATCHING_UP_SECONDS and worst > self._lag_mark
         if self.load.tick(lambda t0: streams_throughout([b.first_audio for b in rt], [b.last_audio for b in rt], t0,
-                                                        now, STREAMING_GAP_SECONDS), clean=not self._batch_seen):
+                                                        now, STREAMING_GAP_SECONDS),
+                          clean=not self._batch_seen and worst <= CATCHING_UP_SECONDS, behind=growing):
             self._batch_seen = False
+            self._lag_mark = worst
 
     @staticmethod
     def _ahead(b: Backlog, now: float) -> bool:
@@ -152,8 +159,10 @@ class Capacity:
             raise S2SError(f"speech recognition is at capacity ({worst:.1f} s behind real time, "
                            f"limits.max_asr_lag={lim.max_asr_lag:g}); retry later", ErrorCode.BUSY,
                            retry_after=retry_after(worst - lim.max_asr_lag + 1.0))
-        if lim.max_asr_load > 0:
-            live = self.streaming(backlogs)
+        live = self.streaming(backlogs)
+        # With no other stream live there is nobody to protect: one stream is always served
+        # (the lag rule above still holds).
+        if lim.max_asr_load > 0 and live:
             predicted, fit = self.load.predict(len(live) + 1)
             if predicted > lim.max_asr_load:
                 self.busy_open_load += 1

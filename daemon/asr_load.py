@@ -13,8 +13,10 @@ fitted to recent observations (weighted least squares, each window's weight deca
 is then the smaller of the average and `limits.asr_stream_cost` (the configured marginal cost),
 and the rest of the measured load is the fixed part. Windows where the worker was saturated say
 only "at least this much": they are left out of the fit, but the fewest streams that saturated
-it are remembered, and no more streams than that are predicted to fit (until a window with as
-many streams is measured unsaturated, or for `SATURATION_MEMORY_SECONDS`).
+it while the streams fell behind real time are remembered, and no more streams than that are
+predicted to fit (until a window with as many streams is measured unsaturated, or for
+`SATURATION_MEMORY_SECONDS`); a saturated window with nobody behind (one long decode) is a
+burst, not a capacity.
 
 Only real-time streams are counted: a session sending faster than real time (a file being
 transcribed) takes whatever the worker has left, so a window in which one was sending is not
@@ -69,11 +71,14 @@ class LoadModel:
         self.saturated_at: Optional[int] = None  # fewest streams seen saturating the worker
         self._saturated_seen = 0.0                # ... when last seen
 
-    def tick(self, streams_throughout: Callable[[float], int], clean: bool = True) -> bool:
+    def tick(self, streams_throughout: Callable[[float], int], clean: bool = True, behind: bool = False) -> bool:
         """Close the window if it is long enough; `streams_throughout(t0)` counts the streams
-        that sent audio through all of [t0, now]; `clean` False: the window also carried work
+        that sent audio through all of [t0, now]. `clean` False: the window also carried work
         that is not the streams' steady state (a file sent faster than real time, a backlog
-        being caught up): it measures the load but teaches nothing. True when a window closed."""
+        being caught up): it measures the load but teaches nothing. `behind`: the streams fell
+        (further) behind real time over the window, so a saturated window was their doing (a
+        ceiling); saturation with nobody falling behind is a burst (a long decode) or a backlog
+        draining, not a capacity. True when a window closed."""
         now = self.clock()
         dt = now - self.window_start
         if dt < LOAD_WINDOW_SECONDS:
@@ -81,14 +86,13 @@ class LoadModel:
         busy = self.busy()
         self.load = min(1.0, max(0.0, (busy - self._busy0) / dt))
         n = streams_throughout(self.window_start)
-        if n > 0 and clean:
-            if self.load < SATURATED:
-                self.observe(n, self.load)
-                if self.saturated_at is not None and n >= self.saturated_at:
-                    self.saturated_at = None  # as many streams fit now (the machine got quieter)
-            else:
-                self.saturated_at = n if self.saturated_at is None else min(self.saturated_at, n)
-                self._saturated_seen = now
+        if n > 0 and behind and self.load >= SATURATED:
+            self.saturated_at = n if self.saturated_at is None else min(self.saturated_at, n)
+            self._saturated_seen = now
+        elif n > 0 and clean and not behind and self.load < SATURATED:
+            self.observe(n, self.load)
+            if self.saturated_at is not None and n >= self.saturated_at:
+                self.saturated_at = None  # as many streams fit now (the machine got quieter)
         if self.saturated_at is not None and now - self._saturated_seen > SATURATION_MEMORY_SECONDS:
             self.saturated_at = None  # not seen again for a while: let the fit speak
         self.window_start, self._busy0 = now, busy

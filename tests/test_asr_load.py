@@ -25,10 +25,10 @@ def model(prior: float = 0.03) -> "tuple[LoadModel, Clock]":
     return LoadModel(lambda: c.busy, c, lambda: prior), c
 
 
-def run_window(m: LoadModel, c: Clock, streams: int, load: float) -> None:
+def run_window(m: LoadModel, c: Clock, streams: int, load: float, behind: bool = False) -> None:
     c.t += LOAD_WINDOW_SECONDS
     c.busy += load * LOAD_WINDOW_SECONDS
-    assert m.tick(lambda t0: streams)
+    assert m.tick(lambda t0: streams, behind=behind)
 
 
 def test_before_any_measurement_the_prior_prices_a_stream():
@@ -72,7 +72,7 @@ def test_saturation_is_remembered_as_a_ceiling_not_learned_as_a_cost():
     m, c = model(prior=0.01)  # a prior far too low for this engine
     run_window(m, c, 1, 0.3)
     assert m.capacity(0.9) == 61  # (0.9 - 0.29 fixed) / 0.01: what the prior alone would admit
-    run_window(m, c, 6, 1.0)  # the worker was full: demand unknown, left out of the fit
+    run_window(m, c, 6, 1.0, behind=True)  # full and streams late: demand unknown, left out of the fit
     assert m.observations == 1 and m.saturated_at == 6
     assert m.capacity(0.9) == 5 and m.predict(6)[0] >= 0.95
     run_window(m, c, 3, 0.9 * 0.99)
@@ -86,11 +86,51 @@ def test_the_saturation_ceiling_is_forgotten_when_not_seen_again():
     from daemon.asr_load import SATURATION_MEMORY_SECONDS
 
     m, c = model()
-    run_window(m, c, 10, 1.0)
+    run_window(m, c, 10, 1.0, behind=True)
     assert m.saturated_at == 10
     for _ in range(int(SATURATION_MEMORY_SECONDS / LOAD_WINDOW_SECONDS) + 1):
         run_window(m, c, 0, 0.0)  # nobody streaming
     assert m.saturated_at is None
+
+
+def test_a_saturated_window_with_nobody_behind_is_a_burst_not_a_ceiling():
+    """One Whisper stream's long decode fills a window; nobody fell behind: no ceiling."""
+    m, c = model()
+    run_window(m, c, 1, 1.0, behind=False)
+    assert m.saturated_at is None and m.observations == 0
+
+
+def test_a_lone_stream_is_always_admitted():
+    """Nothing live to protect: even a prediction past the limit does not refuse the first."""
+    c = Clock()
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=2.0, max_sessions=100), c, lambda: c.busy)
+    cap.admit_open(0, [], "first")
+    first = Backlog("first", 16000, opened=c.t)
+    with pytest.raises(S2SError):
+        cap.admit_open(1, [first], "second")
+
+
+def test_streams_falling_behind_set_the_ceiling_a_draining_backlog_does_not():
+    c = Clock()
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.03, max_sessions=100), c, lambda: c.busy)
+    live = [Backlog(f"s{i}", 16000, opened=c.t) for i in range(6)]
+
+    def window(lag_s: float) -> None:
+        c.t += LOAD_WINDOW_SECONDS
+        c.busy += 1.0 * LOAD_WINDOW_SECONDS
+        for b in live:
+            b.forget()
+            b.accept(1600, c.t - lag_s)  # audio due `lag_s` ago, not processed yet
+            if b.first_audio is not None and b.first_audio > c.t - 10:
+                b.first_audio = c.t - 10
+            b.last_audio = c.t
+        cap.tick(live)
+
+    window(2.0)  # the lag grew from 0 to 2 s with six streams at full load: a ceiling
+    assert cap.load.saturated_at == 6
+    cap.load.saturated_at = None
+    window(1.0)  # full load, lag shrinking (2 -> 1 s): the backlog draining, no ceiling
+    assert cap.load.saturated_at is None and cap.load.observations == 0
 
 
 def test_a_backlog_being_caught_up_teaches_nothing():
