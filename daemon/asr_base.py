@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,7 +22,8 @@ from daemon.audio import to_float32
 from daemon.engines import Capabilities, Fallback
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
 from daemon.rules import check_language, clean_hotwords
-from daemon.vad import SAMPLE_RATE, VADBlock, VADEvent, run_steps
+from daemon.steps import run_steps
+from daemon.vad import SAMPLE_RATE, VADBlock, VADEvent
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class StreamChunk:
     cache: Dict[str, Any]
 
 
-Request = Union[VADBlock, Decode, StreamChunk, SentenceEnd]
 # A session's work as steps: yields requests, gets their answers, returns its events.
 Steps = Generator[Any, Any, List[Dict[str, Any]]]
 # Utterances decoded in one batch at most, and how much longer than the shortest in its batch
@@ -136,7 +136,7 @@ class StreamingEngine:
     def feed_steps(self, pcm: Any) -> Steps:
         """`feed` as steps: yields each model request (`VADBlock`, `StreamChunk`, `Decode`) and
         takes back its answer, so the daemon runs many sessions' requests in one batch
-        (daemon/asr_batch.py). The session's logic is the same code either way."""
+        (daemon/asr_batch.py, daemon/steps.py). The session's logic is the same code either way."""
         x = to_float32(pcm)
         self.last_active = time.monotonic()
         if x.size == 0:

@@ -22,49 +22,10 @@ import asyncio
 import logging
 from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
 
+from daemon.steps import Done, drive
 from daemon.workers import BATCH_FEED_PERIODS, Worker, WorkerGone, extend_budget
 
 logger = logging.getLogger(__name__)
-
-Done = Callable[[int, Any, Optional[BaseException]], None]
-
-
-def drive(run_requests: Callable[[Sequence[Any]], Any], steps: Sequence[Generator[Any, Any, Any]],
-          done: Done) -> None:
-    """Advance every generator until it returns; `done(i, value, error)` once per generator.
-    `run_requests(reqs)` yields (index into reqs, answer or exception)."""
-    waiting: Dict[int, Any] = {}
-
-    def advance(i: int, value: Any = None, error: Optional[BaseException] = None) -> None:
-        try:
-            req = steps[i].throw(error) if error is not None else steps[i].send(value)
-        except StopIteration as stop:
-            done(i, stop.value, None)
-            return
-        except Exception as e:  # noqa: BLE001 - the session's own failure, reported to it
-            done(i, None, e)
-            return
-        waiting[i] = req
-
-    for i in range(len(steps)):
-        advance(i)
-    while waiting:
-        round_ = list(waiting.items())
-        waiting.clear()
-        answered = set()
-        try:
-            for pos, answer in run_requests([req for _, req in round_]):
-                answered.add(pos)
-                if isinstance(answer, BaseException):
-                    advance(round_[pos][0], error=answer)
-                else:
-                    advance(round_[pos][0], answer)
-        except Exception as e:  # noqa: BLE001 - the batch machinery itself failed: every waiter
-            logger.exception("asr: answering %d requests failed", len(round_))
-            for pos, (i, _) in enumerate(round_):
-                if pos not in answered:
-                    advance(i, error=e)
-
 
 def _plain(feed: Callable[[Any], Any], pcm: Any) -> Generator[Any, Any, Any]:
     """An engine without steps (a fake, a third-party pool): its feed() as a generator that asks

@@ -30,16 +30,16 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Generator, List, Optional, TypeVar, cast
+from typing import Any, Deque, Dict, Generator, List, Optional
 
 import numpy as np
 
 from daemon.errors import ModelMissingError
+from daemon.steps import run_steps
 from daemon.vad_batch import VADBlock
 
 logger = logging.getLogger(__name__)
 
-R = TypeVar("R")
 
 SAMPLE_RATE = 16000
 # How far past a pause's speech end the VAD may draw the utterance's end and still have heard
@@ -136,28 +136,6 @@ class FsmnVAD:
 
 
 # --- per-session segmentation ---------------------------------------------------------
-
-
-Step = TypeVar("Step")
-
-
-def run_steps(steps: Generator[Step, Any, R], run: Callable[[List[Step]], List[Any]]) -> R:
-    """Drive one step generator alone: each request it yields is answered by `run([request])[0]`
-    (an exception there is raised inside the generator). The batched driver for many sessions
-    is daemon/asr_batch.py; this is the same contract with a batch of one."""
-    value: Any = None
-    error: Optional[BaseException] = None
-    while True:
-        try:
-            req = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration as stop:
-            return cast(R, stop.value)
-        try:
-            value, error = run([req])[0], None
-        except Exception as e:  # noqa: BLE001 - handed to the generator, which decides
-            value, error = None, e
-        if isinstance(value, BaseException):
-            value, error = None, value
 
 
 @dataclass
