@@ -371,8 +371,9 @@ class PoolBase:
         vad = by_kind.pop(VADBlock, [])
         if vad:
             yield from zip(vad, self.vad.run_requests([reqs[i] for i in vad]), strict=True)
-        for i in by_kind.pop(StreamChunk, []):
-            yield i, _answer(self.stream_request, reqs[i])
+        chunks = by_kind.pop(StreamChunk, [])
+        if chunks:
+            yield from zip(chunks, self.stream_requests([reqs[i] for i in chunks]), strict=True)
         for i in by_kind.pop(SentenceEnd, []):
             yield i, _answer(self.sentence_end_request, reqs[i])
         dec = by_kind.pop(Decode, [])
@@ -398,6 +399,10 @@ class PoolBase:
         """Decodes with the same hotwords and language, of similar length: engines that can
         batch them override this; here one by one."""
         return [_answer(self.decode_request, r) for r in reqs]
+
+    def stream_requests(self, reqs: List["StreamChunk"]) -> List[Any]:
+        """Streaming chunks of many sessions: engines that can batch them override this."""
+        return [_answer(self.stream_request, r) for r in reqs]
 
     def decode_request(self, req: "Decode") -> Any:  # pragma: no cover - overridden
         raise NotImplementedError

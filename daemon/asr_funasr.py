@@ -29,6 +29,7 @@ from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.errors import EngineError, ModelMissingError, S2SError
 from daemon.workers import extend_budget
 from daemon.asr_base import Decode, PoolBase, SentenceEnd, Steps, StreamChunk, StreamingEngine, join_cjk
+from daemon.paraformer_stream import BatchedStreaming
 from daemon.vad import FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, require_dir
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class FunASRPool(PoolBase):
         self._asr: Any = None
         self._punc: Any = None
         self._stream: Any = None
+        self._stream_batcher: Optional[BatchedStreaming] = None
 
     # -- loading ----------------------------------------------------------------------
 
@@ -240,7 +242,21 @@ class FunASRPool(PoolBase):
 
     def stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
         """One 600 ms chunk through the streaming Paraformer; the text it adds."""
-        return self._guarded("streaming recognition", self._stream_chunk, audio, cache)
+        return str(self._guarded("streaming recognition", self._stream_batch, [audio], [cache])[0])
+
+    def stream_requests(self, reqs: List[StreamChunk]) -> List[Any]:
+        """Every session's due chunk in one encoder and one decoder forward
+        (`daemon/paraformer_stream.py`). If the batch fails its caches are spent: each
+        session starts its partials afresh alone, so a failure stays its own."""
+        try:
+            return list(self._guarded("streaming recognition", self._stream_batch,
+                                      [r.audio for r in reqs], [r.cache for r in reqs]))
+        except Exception:  # noqa: BLE001 - logged by _guarded; retried one by one below
+            for r in reqs:
+                r.cache.clear()
+            if len(reqs) == 1:
+                raise
+        return super().stream_requests(reqs)
 
     def sentence_end_request(self, req: SentenceEnd) -> bool:
         if self._punc is None:
@@ -268,9 +284,10 @@ class FunASRPool(PoolBase):
     def stream_request(self, req: StreamChunk) -> str:
         return self.stream_chunk(req.audio, req.cache)
 
-    def _stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
-        res = self._stream.generate(input=audio, cache=cache, is_final=False, disable_pbar=True, **STREAM_KW)
-        return str(res[0].get("text", "")) if res else ""
+    def _stream_batch(self, audios: List[np.ndarray], caches: List[Dict[str, Any]]) -> List[str]:
+        if self._stream_batcher is None or self._stream_batcher.model is not self._stream.model:
+            self._stream_batcher = BatchedStreaming(self._stream)
+        return self._stream_batcher.run(audios, caches, STREAM_KW)
 
     # -- sessions and reporting -------------------------------------------------------
 

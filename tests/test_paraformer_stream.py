@@ -1,0 +1,123 @@
+"""The streaming Paraformer batched across sessions (daemon/paraformer_stream.py) against
+funasr's own one-session path, on real Mandarin speech through the tiny random
+streaming Paraformer in the real model's layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from daemon.asr_base import StreamChunk
+from daemon.asr_funasr import STREAM_KW, STREAM_SAMPLES
+from daemon.audio import read_wav
+from daemon.paraformer_stream import BatchedStreaming, _cif
+
+
+@pytest.fixture(scope="module")
+def automodel(models_dir):
+    from funasr import AutoModel
+
+    from daemon.vad import FUNASR_QUIET
+
+    return AutoModel(model=str(models_dir / "tiny" / "paraformer-streaming"), frontend_conf={"dither": 0.0},
+                     device="cpu", ncpu=1, **FUNASR_QUIET)
+
+
+@pytest.fixture(scope="module")
+def speech(fixtures_dir, manifest):
+    out = []
+    for row in manifest:
+        if row["lang"] == "zh":
+            x, _ = read_wav(fixtures_dir / row["path"])
+            out.append(x)
+    return out
+
+
+def _chunks(x):
+    return [x[i:i + STREAM_SAMPLES] for i in range(0, len(x) - STREAM_SAMPLES + 1, STREAM_SAMPLES)]
+
+
+def _one_by_one(automodel, chunks, cache):
+    out = []
+    for c in chunks:
+        res = automodel.generate(input=c, cache=cache, is_final=False, disable_pbar=True, **STREAM_KW)
+        out.append(res[0]["text"] if res else "")
+    return out
+
+
+def test_batched_equals_funasr_one_session_path(automodel, speech):
+    """Sessions started up to three chunks apart (so every batch mixes sessions at different
+    points of their utterances: look-back caches of every length, first decoder calls and
+    later ones) get, chunk by chunk, the text funasr's own path gives each alone; and their
+    caches carry on in funasr's own path exactly as funasr's would (the final flush agrees)."""
+    chunks = [_chunks(x) for x in speech + speech]
+    starts = [i % 4 for i in range(len(chunks))]
+    ref_caches = [{} for _ in chunks]
+    ref = [_one_by_one(automodel, cs, c) for cs, c in zip(chunks, ref_caches)]
+
+    batched = BatchedStreaming(automodel)
+    caches = [{} for _ in chunks]
+    got = [[] for _ in chunks]
+    steps = max(len(cs) + s for cs, s in zip(chunks, starts))
+    sizes = []
+    for step in range(steps):
+        due = [(i, cs[step - s]) for i, (cs, s) in enumerate(zip(chunks, starts)) if 0 <= step - s < len(cs)]
+        texts = batched.run([c for _, c in due], [caches[i] for i, _ in due], STREAM_KW)
+        sizes.append(len(due))
+        for (i, _), text in zip(due, texts):
+            got[i].append(text)
+    assert got == ref
+    assert any("".join(t) for t in ref), "the tiny model wrote nothing: the comparison shows nothing"
+    assert max(sizes) >= 8 and batched.forwards == steps  # one encoder forward per step, not per chunk
+
+    tail = np.zeros(STREAM_SAMPLES // 3, np.float32)
+    for mine, theirs in zip(caches, ref_caches):
+        a = automodel.generate(input=tail, cache=mine, is_final=True, disable_pbar=True, **STREAM_KW)
+        b = automodel.generate(input=tail, cache=theirs, is_final=True, disable_pbar=True, **STREAM_KW)
+        assert a[0]["text"] == b[0]["text"]
+
+
+def test_cif_is_funasrs_integrate_and_fire(automodel):
+    """The numpy integrate-and-fire gives funasr's predictor's own fired frames and carry, on
+    random chunks with a random carry-over (alphas scaled so some frames fire, some do not)."""
+    predictor = automodel.model.predictor
+    rng = np.random.default_rng(7)
+    dim = automodel.model.encoder.output_size()
+    fired_any = 0
+    for trial in range(40):
+        hidden = torch.from_numpy(rng.standard_normal((1, 15, dim)).astype(np.float32))
+        cache = {"chunk_size": STREAM_KW["chunk_size"],
+                 "cif_hidden": torch.from_numpy(rng.standard_normal((1, 1, dim)).astype(np.float32)),
+                 "cif_alphas": torch.tensor([[float(rng.uniform(0, 0.9))]])}
+        h0, a0 = cache["cif_hidden"].clone(), cache["cif_alphas"].clone()
+        with torch.no_grad():
+            embeds, lengths, _, _ = predictor.forward_chunk(hidden, cache)
+            out = torch.relu(predictor.cif_conv1d(predictor.pad(hidden.transpose(1, 2)))).transpose(1, 2)
+            alphas = torch.nn.functional.relu(torch.sigmoid(predictor.cif_output(out)) * predictor.smooth_factor
+                                              - predictor.noise_threshold).squeeze(-1)
+        alphas[:, :0] = 0.0
+        alphas[:, 10:] = 0.0
+        frames, integrate, rest = _cif(np.concatenate((h0.numpy().reshape(1, -1), hidden.numpy()[0])),
+                                       np.concatenate((a0.numpy().reshape(1), alphas.numpy()[0])),
+                                       np.float32(predictor.threshold))
+        assert len(frames) == int(lengths[0])
+        if frames:
+            fired_any += 1
+            np.testing.assert_array_equal(np.stack(frames), embeds[0, :len(frames)].numpy())
+        assert integrate == cache["cif_alphas"].reshape(-1)[0].item()
+        np.testing.assert_array_equal(rest, cache["cif_hidden"].reshape(-1).numpy())
+    assert fired_any, "no trial fired a token: the frames were never compared"
+
+
+def test_one_sessions_bad_chunk_is_its_own(tiny_funasr_pool, speech):
+    """A chunk the batch cannot take fails the batch; each session is then run alone from a
+    fresh cache, so only the bad one gets the error and the others still get their text."""
+    good = _chunks(speech[0])[0]
+    reqs = [StreamChunk(good, {}), StreamChunk(good[:100], {}), StreamChunk(good, {})]
+    answers = tiny_funasr_pool.stream_requests(reqs)
+    assert isinstance(answers[1], Exception) and "9600" in str(answers[1])
+    assert isinstance(answers[0], str) and answers[0] == answers[2]
+    # The good sessions' caches are live again (fresh), the next chunk goes on from them.
+    again = tiny_funasr_pool.stream_requests([reqs[0], reqs[2]])
+    assert again[0] == again[1] and all(isinstance(a, str) for a in again)
