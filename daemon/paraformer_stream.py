@@ -6,8 +6,9 @@ the daemon's sessions each on their own chunk clock that call is mostly per-call
 32 real-time streams it was ~45 % of the ASR worker. Here funasr's `inference` for a
 non-final chunk is taken apart, its modules and caches used as they are:
 
-1. per session: its frontend (fbank + LFR, with its frontend cache), the encoder's position
-   embedding (its `start_idx`) and the overlap with the previous chunk's frames;
+1. per session: its frontend (LFR, with its frontend cache; the kaldi fbank of all sessions'
+   chunks in one pass, `daemon/fbank_batch.py`), the encoder's position embedding (its
+   `start_idx`) and the overlap with the previous chunk's frames;
 2. sessions with the same frame count and the same encoder look-back length: their rows
    stacked, each encoder layer's `forward_chunk` run ONCE on the batch with the sessions'
    key/value caches stacked, the caches split back;
@@ -30,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from daemon.fbank_batch import FbankBatch
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,6 +52,7 @@ class BatchedStreaming:
         self.frontend = automodel.kwargs["frontend"]
         self.tokenizer = automodel.kwargs["tokenizer"]
         self.forwards = 0  # batched encoder forwards run (tests, describe)
+        self.fbank = FbankBatch(self.frontend)
         decoder = self.model.decoder
         layers = list(decoder.decoders) + list(getattr(decoder, "decoders2", None) or [])
         self._causal = all(int(layer.self_attn.pad_fn.padding[1]) == 0 for layer in layers
@@ -70,16 +74,23 @@ class BatchedStreaming:
         torch = self._torch
         model = self.model
         stride = int(kw["chunk_size"][1] * 960)
-        rows: List[Tuple[int, Any]] = []
-        for i, (audio, cache) in enumerate(zip(chunks, caches, strict=True)):
+        inputs = []
+        for audio, cache in zip(chunks, caches, strict=True):
             if not cache:
                 model.init_cache(cache, **kw)
             samples = torch.cat((cache["prev_samples"], torch.from_numpy(np.asarray(audio, np.float32))))
             if samples.numel() != stride:
                 raise ValueError(f"a streaming chunk is {stride} samples, not {samples.numel()}")
-            cache["prev_samples"] = torch.empty(0)
-            speech, _ = self._fbank(samples, cache)
-            rows.append((i, self._embed(speech.to(device), cache["encoder"])))
+            inputs.append(samples)
+        rows: List[Tuple[int, Any]] = []
+        try:
+            self.fbank.prepare([(c["frontend"], x) for c, x in zip(caches, inputs)])
+            for i, (samples, cache) in enumerate(zip(inputs, caches)):
+                cache["prev_samples"] = torch.empty(0)
+                speech, _ = self._fbank(samples, cache)
+                rows.append((i, self._embed(speech.to(device), cache["encoder"])))
+        finally:
+            self.fbank.discard([c["frontend"] for c in caches])
         texts = [""] * len(chunks)
         for group in _groups(rows, lambda r: r[1].shape[1]):
             idx = [i for i, _ in group]

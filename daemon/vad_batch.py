@@ -6,7 +6,8 @@ daemon's 200 ms steps that call is mostly per-call overhead: at 16 real-time str
 was most of the ASR worker's time. Here the steps of funasr's streaming `inference` for a
 non-final block are taken apart:
 
-1. per session: its frontend (fbank + LFR + CMVN, with its frontend cache), as funasr does;
+1. per session: its frontend (LFR + CMVN, with its frontend cache), as funasr does, with the
+   kaldi fbank of all sessions' blocks computed in one pass (`daemon/fbank_batch.py`);
 2. sessions whose blocks gave the same number of frames: their encoder memories stacked on
    the batch axis, ONE encoder forward, the memories split back;
 3. per session: funasr's own `forward` (decibels, the frame state machine, segments), whose
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from daemon.fbank_batch import FbankBatch
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class BatchedFsmn:
 
         self.inner = inner
         self.model.encoder = _Precomputed()
+        self.fbank = FbankBatch(self.frontend)
 
     def run(self, blocks: Sequence[VADBlock]) -> List[Any]:
         """Each block's [start_ms, end_ms] pairs, or the exception its session raised."""
@@ -76,12 +80,15 @@ class BatchedFsmn:
         results: List[Any] = [None] * len(blocks)
         prepared: List[Tuple[int, Any, Any]] = []
         with torch.no_grad():
+            samples = [self._samples(b.audio, b.cache) for b in blocks]
+            self._prepare_fbank(blocks, samples)
             for i, b in enumerate(blocks):
                 try:
-                    speech, waveform = self._features(b.audio, b.cache)
+                    speech, waveform = self._features(samples[i], b.cache)
                     prepared.append((i, speech, waveform))
                 except Exception as e:  # noqa: BLE001 - this session's own failure
                     results[i] = e
+            self.fbank.discard([b.cache["frontend"] for b in blocks])
             self._encode_groups(blocks, prepared)
             for i, speech, waveform in prepared:
                 cache = blocks[i].cache
@@ -95,14 +102,23 @@ class BatchedFsmn:
 
     # -- the steps --------------------------------------------------------------------
 
-    def _features(self, audio: np.ndarray, cache: Dict[str, Any]) -> Tuple[Any, Any]:
-        """funasr's streaming inference up to the encoder, for one block in one chunk."""
-        from funasr.utils.load_utils import extract_fbank
-
+    def _samples(self, audio: np.ndarray, cache: Dict[str, Any]) -> Any:
+        """What funasr's streaming inference feeds the frontend for this block."""
         torch = self._torch
         if not cache:
             self.model.init_cache(cache, max_end_silence_time=self.max_end_silence_ms)
-        sample = torch.cat((cache["prev_samples"], torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))))
+        return torch.cat((cache["prev_samples"], torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))))
+
+    def _prepare_fbank(self, blocks: Sequence[VADBlock], samples: List[Any]) -> None:
+        try:
+            self.fbank.prepare([(b.cache["frontend"], s) for b, s in zip(blocks, samples)])
+        except Exception:  # noqa: BLE001 - each session's frontend then computes its own
+            logger.exception("vad: batched fbank failed for %d sessions; one by one", len(blocks))
+
+    def _features(self, sample: Any, cache: Dict[str, Any]) -> Tuple[Any, Any]:
+        """funasr's streaming inference up to the encoder, for one block in one chunk."""
+        from funasr.utils.load_utils import extract_fbank
+
         kw = {"return_waveform": True} if getattr(self.frontend, "supports_aligned_waveforms", False) else {}
         speech, _ = extract_fbank([sample], data_type="sound", frontend=self.frontend, cache=cache["frontend"],
                                   is_final=False, **kw)
