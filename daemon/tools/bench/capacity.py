@@ -275,6 +275,11 @@ async def _poll_lag(st: Stack, stop: asyncio.Event, out: dict[str, float]) -> No
             try:
                 q = (await c.describe()).get("queues", {})
                 out["max_lag_s"] = max(out.get("max_lag_s", 0.0), float(q.get("asr_max_lag", 0.0)))
+                # What admission measured and learned (the last poll's fit; the busiest window).
+                out["worker_load_max"] = max(out.get("worker_load_max", 0.0), float(q.get("asr_worker_load", 0.0)))
+                for key in ("asr_stream_cost", "asr_fixed_load", "asr_stream_capacity"):
+                    if key in q:
+                        out[key] = q[key]
             except DaemonError:
                 pass
             try:
@@ -307,8 +312,10 @@ async def _point(st: Stack, n: int, recs: Sequence[Recording], drain_timeout: fl
         await poller
         for c in clients:
             await c.close()
-    return summarize(n, records, None if d0 is None or d1 is None else d1 - d0,
-                     None if c0 is None or c1 is None else c1 - c0, wall, lag.get("max_lag_s"))
+    point = summarize(n, records, None if d0 is None or d1 is None else d1 - d0,
+                      None if c0 is None or c1 is None else c1 - c0, wall, lag.get("max_lag_s"))
+    point["admission"] = {k: v for k, v in lag.items() if k != "max_lag_s"}
+    return point
 
 
 async def _wait_idle(st: Stack) -> int:
