@@ -229,7 +229,7 @@ class LimitsConfig:
     max_asr_load: float = 0.9
     # What one real-time stream is taken to cost (worker seconds per second) before the
     # daemon has measured any; measured figures replace it.
-    asr_stream_cost: float = 0.03
+    asr_stream_cost: float = 0.0225
 
 
 @dataclass(frozen=True)
