@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class BatchedStreaming:
     """Non-final chunks of a loaded streaming-Paraformer AutoModel, many sessions per call.
 
-    `run(chunks, caches, kwargs)` answers each session's text for its chunk, as
+    `run(chunks, caches, options)` answers each session's text for its chunk, as
     `AutoModel.generate(input=chunk, cache=cache, is_final=False, **kwargs)` would, and
     leaves each cache as that call would have."""
 
@@ -96,20 +96,27 @@ class BatchedStreaming:
             idx = [i for i, _ in group]
             enc = self._encode(torch.cat([x for _, x in group]), [caches[i]["encoder"] for i in idx])
             fired = self._predict(enc, [caches[i]["encoder"] for i in idx])
-            due = [(k, emb) for k, emb in enumerate(fired) if emb is not None]
-            for dgroup in _groups(due, lambda d: self._decoder_key(caches[idx[d[0]]]["decoder"], d[1])):
-                ks = [k for k, _ in dgroup]
-                tokens = self._decode(enc[ks], [emb for _, emb in dgroup], [caches[idx[k]]["decoder"] for k in ks])
-                for k, toks in zip(ks, tokens):
+            tokens = self._decode_rows(enc, fired, [caches[i]["decoder"] for i in idx])
+            for k, toks in enumerate(tokens):
+                if toks is not None:
                     texts[idx[k]] = self._text(toks)
         return texts
 
     # -- the steps ----------------------------------------------------------------------
 
-    def _decoder_key(self, cache: Dict[str, Any], embeds: Any) -> Tuple[bool, int]:
-        """Rows decoded together: with or without a decoder cache yet; and, unless every
+    def _decode_rows(self, memory: Any, fired: List[Optional[Any]],
+                     caches: List[Dict[str, Any]]) -> List[Optional[List[int]]]:
+        """Each row's token ids (None where CIF fired nothing: funasr skips the decoder then).
+        Rows go together when they all have a decoder cache or none has yet; and, unless every
         decoder FSMN is causal (so trailing padding changes no real output), the same length."""
-        return cache["decode_fsmn"] is None, 0 if self._causal else int(embeds.shape[0])
+        out: List[Optional[List[int]]] = [None] * len(fired)
+        due = [(k, emb) for k, emb in enumerate(fired) if emb is not None]
+        key = lambda d: (caches[d[0]]["decode_fsmn"] is None, 0 if self._causal else int(d[1].shape[0]))  # noqa: E731
+        for group in _groups(due, key):
+            ks = [k for k, _ in group]
+            for k, ids in zip(ks, self._decode(memory[ks], [emb for _, emb in group], [caches[k] for k in ks])):
+                out[k] = ids
+        return out
 
     def _fbank(self, samples: Any, cache: Dict[str, Any]) -> Tuple[Any, Any]:
         from funasr.utils.load_utils import extract_fbank

@@ -14,14 +14,33 @@ from daemon.audio import read_wav
 from daemon.paraformer_stream import BatchedStreaming, _cif
 
 
-@pytest.fixture(scope="module")
-def automodel(models_dir):
+def _load(model_dir):
     from funasr import AutoModel
 
     from daemon.vad import FUNASR_QUIET
 
-    return AutoModel(model=str(models_dir / "tiny" / "paraformer-streaming"), frontend_conf={"dither": 0.0},
-                     device="cpu", ncpu=1, **FUNASR_QUIET)
+    return AutoModel(model=str(model_dir), frontend_conf={"dither": 0.0}, device="cpu", ncpu=1, **FUNASR_QUIET)
+
+
+@pytest.fixture(scope="module")
+def automodel(models_dir):
+    return _load(models_dir / "tiny" / "paraformer-streaming")
+
+
+@pytest.fixture(scope="module")
+def centered_decoder(models_dir, tmp_path_factory):
+    """The same weights with the decoder's FSMN centred (`sanm_shfit: 0`): a row's padding
+    would reach its real tokens, so rows must be grouped by length instead."""
+    import shutil
+
+    import yaml
+
+    d = tmp_path_factory.mktemp("centered") / "paraformer-streaming"
+    shutil.copytree(models_dir / "tiny" / "paraformer-streaming", d)
+    conf = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+    conf["decoder_conf"]["sanm_shfit"] = 0
+    (d / "config.yaml").write_text(yaml.safe_dump(conf), encoding="utf-8")
+    return _load(d)
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +65,22 @@ def _one_by_one(automodel, chunks, cache):
     return out
 
 
-def test_batched_equals_funasr_one_session_path(automodel, speech):
+@pytest.mark.parametrize("which", ["real layout", "centred decoder FSMN"])
+def test_batched_equals_funasr_one_session_path(automodel, centered_decoder, speech, which):
     """Sessions started up to three chunks apart (so every batch mixes sessions at different
     points of their utterances: look-back caches of every length, first decoder calls and
     later ones) get, chunk by chunk, the text funasr's own path gives each alone; and their
-    caches carry on in funasr's own path exactly as funasr's would (the final flush agrees)."""
+    caches carry on in funasr's own path exactly as funasr's would (the final flush agrees).
+    Also with a decoder whose FSMN is centred (padding would reach real tokens): grouped by
+    length, the same equality."""
+    automodel = automodel if which == "real layout" else centered_decoder
     chunks = [_chunks(x) for x in speech + speech]
     starts = [i % 4 for i in range(len(chunks))]
     ref_caches = [{} for _ in chunks]
     ref = [_one_by_one(automodel, cs, c) for cs, c in zip(chunks, ref_caches)]
 
     batched = BatchedStreaming(automodel)
+    assert batched._causal == (which == "real layout")
     caches = [{} for _ in chunks]
     got = [[] for _ in chunks]
     steps = max(len(cs) + s for cs, s in zip(chunks, starts))
@@ -71,11 +95,69 @@ def test_batched_equals_funasr_one_session_path(automodel, speech):
     assert any("".join(t) for t in ref), "the tiny model wrote nothing: the comparison shows nothing"
     assert max(sizes) >= 8 and batched.forwards == steps  # one encoder forward per step, not per chunk
 
+    for mine, theirs in zip(caches, ref_caches):
+        _assert_same_state(mine, theirs)
     tail = np.zeros(STREAM_SAMPLES // 3, np.float32)
     for mine, theirs in zip(caches, ref_caches):
         a = automodel.generate(input=tail, cache=mine, is_final=True, disable_pbar=True, **STREAM_KW)
         b = automodel.generate(input=tail, cache=theirs, is_final=True, disable_pbar=True, **STREAM_KW)
         assert a[0]["text"] == b[0]["text"]
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=0, atol=1e-4)
+
+
+def _assert_same_state(mine, theirs):
+    """What the next chunk reads of a session's caches, equal: the position, the CIF carry,
+    every encoder layer's look-back keys/values, every decoder layer's FSMN memory (its last
+    kernel_size - 1 inputs) and cross-attention keys/values."""
+    me, te = mine["encoder"], theirs["encoder"]
+    assert me["start_idx"] == te["start_idx"]
+    _close(me["cif_alphas"].reshape(-1), te["cif_alphas"].reshape(-1))
+    _close(me["cif_hidden"].reshape(-1), te["cif_hidden"].reshape(-1))
+    _close(me["feats"], te["feats"])
+    for a, b in zip(me["opt"] or [], te["opt"] or [], strict=True):
+        _close(a["k"], b["k"])
+        _close(a["v"], b["v"])
+    md, td = mine["decoder"], theirs["decoder"]
+    assert (md["decode_fsmn"] is None) == (td["decode_fsmn"] is None)
+    for a, b in zip(md["decode_fsmn"] or [], td["decode_fsmn"] or [], strict=True):
+        _close(a[:, :, -10:], b[:, :, -10:])
+    for a, b in zip(md["opt"] or [], td["opt"] or [], strict=True):
+        _close(a["k"], b["k"])
+
+
+@pytest.mark.parametrize("which", ["real layout", "centred decoder FSMN"])
+def test_decoder_rows_of_different_lengths(automodel, centered_decoder, which):
+    """Rows with 1 to 5 tokens decoded together, on their first chunk and on a later one, give
+    each row's tokens and caches as funasr's decoder gives them to that row alone."""
+    model = automodel if which == "real layout" else centered_decoder
+    batched = BatchedStreaming(model)
+    decoder = model.model.decoder
+    dim = model.model.encoder.output_size()
+    gen = torch.Generator().manual_seed(3)
+    lengths = [[1, 3, 5, 2], [4, 1, 2, 5]]
+    fresh = {"decode_fsmn": None, "opt": None, "chunk_size": STREAM_KW["chunk_size"],
+             "decoder_chunk_look_back": STREAM_KW["decoder_chunk_look_back"]}
+    mine = [dict(fresh) for _ in lengths[0]]
+    theirs = [dict(fresh) for _ in lengths[0]]
+    for step in lengths:
+        memory = torch.randn((len(step), 15, dim), generator=gen)
+        embeds = [torch.randn((n, dim), generator=gen) for n in step]
+        with torch.no_grad():
+            got = batched._decode_rows(memory, embeds, mine)
+            for b, (emb, cache) in enumerate(zip(embeds, theirs)):
+                scores = torch.log_softmax(decoder.forward_chunk(memory[b:b + 1], emb[None], cache), dim=-1)
+                ids = [t for t in scores[0].argmax(dim=-1).tolist()
+                       if t not in (model.model.eos, model.model.sos, model.model.blank_id)]
+                assert got[b] == ids
+        for a, c in zip(mine, theirs):
+            for x, y in zip(a["decode_fsmn"], c["decode_fsmn"], strict=True):
+                _close(x[:, :, -10:], y[:, :, -10:])
+            for x, y in zip(a["opt"], c["opt"], strict=True):
+                _close(x["k"], y["k"])
+                _close(x["v"], y["v"])
 
 
 def test_cif_is_funasrs_integrate_and_fire(automodel):
