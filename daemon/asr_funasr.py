@@ -242,15 +242,20 @@ class FunASRPool(PoolBase):
 
     def stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
         """One 600 ms chunk through the streaming Paraformer; the text it adds."""
-        return str(self._guarded("streaming recognition", self._stream_batch, [audio], [cache])[0])
+        answer = self._guarded("streaming recognition", self._stream_batch, [audio], [cache])[0]
+        if isinstance(answer, Exception):
+            raise _stream_error(answer)
+        return str(answer)
 
     def stream_requests(self, reqs: List[StreamChunk]) -> List[Any]:
         """Every session's due chunk in one encoder and one decoder forward
-        (`daemon/paraformer_stream.py`). If the batch fails its caches are spent: each
-        session starts its partials afresh alone, so a failure stays its own."""
+        (`daemon/paraformer_stream.py`); a session's own bad chunk is its own error. If the
+        batch itself fails its caches are spent: each session starts its partials afresh
+        alone, so a failure stays its own."""
         try:
-            return list(self._guarded("streaming recognition", self._stream_batch,
-                                      [r.audio for r in reqs], [r.cache for r in reqs]))
+            answers = self._guarded("streaming recognition", self._stream_batch,
+                                    [r.audio for r in reqs], [r.cache for r in reqs])
+            return [_stream_error(a) if isinstance(a, Exception) else a for a in answers]
         except Exception:  # noqa: BLE001 - logged by _guarded; retried one by one below
             for r in reqs:
                 r.cache.clear()
@@ -284,7 +289,7 @@ class FunASRPool(PoolBase):
     def stream_request(self, req: StreamChunk) -> str:
         return self.stream_chunk(req.audio, req.cache)
 
-    def _stream_batch(self, audios: List[np.ndarray], caches: List[Dict[str, Any]]) -> List[str]:
+    def _stream_batch(self, audios: List[np.ndarray], caches: List[Dict[str, Any]]) -> List[Any]:
         if self._stream_batcher is None or self._stream_batcher.model is not self._stream.model:
             self._stream_batcher = BatchedStreaming(self._stream)
         return self._stream_batcher.run(audios, caches, STREAM_KW)
@@ -382,6 +387,11 @@ class FunASREngine(StreamingEngine):
                                "utterance": self._utt})
         self._stream_pos = pos
         return events
+
+
+def _stream_error(e: Exception) -> S2SError:
+    """A session's own streaming failure, as the error its client gets."""
+    return e if isinstance(e, S2SError) else EngineError(f"streaming recognition failed: {e}")
 
 
 def _default_hotwords(pool: FunASRPool) -> List[str]:

@@ -61,37 +61,34 @@ class BatchedStreaming:
     # -- one call -----------------------------------------------------------------------
 
     def run(self, chunks: Sequence[np.ndarray], caches: Sequence[Dict[str, Any]],
-            options: Dict[str, Any]) -> List[str]:
+            options: Dict[str, Any]) -> List[Any]:
+        """Each session's text, or the exception its own chunk raised (its cache untouched)."""
         torch = self._torch
-        model = self.model
-        device = next(model.parameters()).device
+        device = next(self.model.parameters()).device
         kw = {k: v for k, v in dict(self.kwargs, **options).items() if k != "cache"}
         with torch.no_grad():
             return self._run(chunks, caches, kw, device)
 
     def _run(self, chunks: Sequence[np.ndarray], caches: Sequence[Dict[str, Any]], kw: Dict[str, Any],
-             device: Any) -> List[str]:
+             device: Any) -> List[Any]:
         torch = self._torch
-        model = self.model
-        stride = int(kw["chunk_size"][1] * 960)
-        inputs = []
-        for audio, cache in zip(chunks, caches, strict=True):
-            if not cache:
-                model.init_cache(cache, **kw)
-            samples = torch.cat((cache["prev_samples"], torch.from_numpy(np.asarray(audio, np.float32))))
-            if samples.numel() != stride:
-                raise ValueError(f"a streaming chunk is {stride} samples, not {samples.numel()}")
-            inputs.append(samples)
+        texts: List[Any] = [""] * len(chunks)
+        inputs: Dict[int, Any] = {}
+        for i, (audio, cache) in enumerate(zip(chunks, caches, strict=True)):
+            try:
+                inputs[i] = self._samples(audio, cache, kw)
+            except Exception as e:  # noqa: BLE001 - this session's own bad chunk, its cache untouched
+                texts[i] = e
         rows: List[Tuple[int, Any]] = []
         try:
-            self.fbank.prepare([(c["frontend"], x) for c, x in zip(caches, inputs)])
-            for i, (samples, cache) in enumerate(zip(inputs, caches)):
+            self.fbank.prepare([(caches[i]["frontend"], x) for i, x in inputs.items()])
+            for i, samples in inputs.items():
+                cache = caches[i]
                 cache["prev_samples"] = torch.empty(0)
                 speech, _ = self._fbank(samples, cache)
                 rows.append((i, self._embed(speech.to(device), cache["encoder"])))
         finally:
-            self.fbank.discard([c["frontend"] for c in caches])
-        texts = [""] * len(chunks)
+            self.fbank.discard([caches[i]["frontend"] for i in inputs])
         for group in _groups(rows, lambda r: r[1].shape[1]):
             idx = [i for i, _ in group]
             enc = self._encode(torch.cat([x for _, x in group]), [caches[i]["encoder"] for i in idx])
@@ -103,6 +100,22 @@ class BatchedStreaming:
         return texts
 
     # -- the steps ----------------------------------------------------------------------
+
+    def _samples(self, audio: np.ndarray, cache: Dict[str, Any], kw: Dict[str, Any]) -> Any:
+        """What funasr's inference would feed the frontend: exactly one chunk (with what the
+        cache carried), checked before the session's cache is touched."""
+        torch = self._torch
+        stride = int(kw["chunk_size"][1] * 960)
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        if x.ndim != 1:
+            raise ValueError(f"a streaming chunk is 1-D audio, not shape {tuple(x.shape)}")
+        carried = cache.get("prev_samples")
+        n = x.numel() + (0 if carried is None else carried.numel())
+        if n != stride:
+            raise ValueError(f"a streaming chunk is {stride} samples, not {n}")
+        if not cache:
+            self.model.init_cache(cache, **kw)
+        return torch.cat((cache["prev_samples"], x))
 
     def _decode_rows(self, memory: Any, fired: List[Optional[Any]],
                      caches: List[Dict[str, Any]]) -> List[Optional[List[int]]]:

@@ -80,15 +80,21 @@ class BatchedFsmn:
         results: List[Any] = [None] * len(blocks)
         prepared: List[Tuple[int, Any, Any]] = []
         with torch.no_grad():
-            samples = [self._samples(b.audio, b.cache) for b in blocks]
-            self._prepare_fbank(blocks, samples)
+            samples: List[Any] = [None] * len(blocks)
             for i, b in enumerate(blocks):
                 try:
-                    speech, waveform = self._features(samples[i], b.cache)
+                    samples[i] = self._samples(b.audio, b.cache)
+                except Exception as e:  # noqa: BLE001 - this session's own failure
+                    results[i] = e
+            live = [i for i, x in enumerate(samples) if x is not None]
+            self._prepare_fbank([blocks[i] for i in live], [samples[i] for i in live])
+            for i in live:
+                try:
+                    speech, waveform = self._features(samples[i], blocks[i].cache)
                     prepared.append((i, speech, waveform))
                 except Exception as e:  # noqa: BLE001 - this session's own failure
                     results[i] = e
-            self.fbank.discard([b.cache["frontend"] for b in blocks])
+            self.fbank.discard([blocks[i].cache["frontend"] for i in live])
             self._encode_groups(blocks, prepared)
             for i, speech, waveform in prepared:
                 cache = blocks[i].cache

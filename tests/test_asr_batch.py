@@ -61,6 +61,18 @@ def test_batched_vad_gives_each_session_its_own_segments(models_dir, speech):
     assert all(any(a for a in per) for per in alone)  # every session found its speech
 
 
+def test_a_vad_block_that_cannot_be_read_is_its_own_error(models_dir, speech):
+    """A block whose samples cannot even be joined to its cache fails that session alone; the
+    others get what they get alone (their fbank still computed together)."""
+    vad = FsmnVAD(models_dir / "fsmn-vad", ncpu=1)
+    vad.load()
+    block = speech[0][:3200]
+    alone = vad.run(block, {}, is_final=False)
+    answers = vad.run_requests([VADBlock(block, {}), VADBlock(np.array(["not audio"]), {}), VADBlock(block, {})])
+    assert isinstance(answers[1], Exception)
+    assert answers[0] == answers[2] == alone
+
+
 def test_decode_groups_go_shortest_first_and_bound_the_padding():
     lengths = [16000 * 10, 16000, 16000 * 2, 16000 * 3, 16000 * 30, 16000]
     groups = decode_groups(lengths)

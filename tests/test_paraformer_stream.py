@@ -193,13 +193,44 @@ def test_cif_is_funasrs_integrate_and_fire(automodel):
 
 
 def test_one_sessions_bad_chunk_is_its_own(tiny_funasr_pool, speech):
-    """A chunk the batch cannot take fails the batch; each session is then run alone from a
-    fresh cache, so only the bad one gets the error and the others still get their text."""
-    good = _chunks(speech[0])[0]
-    reqs = [StreamChunk(good, {}), StreamChunk(good[:100], {}), StreamChunk(good, {})]
-    answers = tiny_funasr_pool.stream_requests(reqs)
-    assert isinstance(answers[1], Exception) and "9600" in str(answers[1])
-    assert isinstance(answers[0], str) and answers[0] == answers[2]
-    # The good sessions' caches are live again (fresh), the next chunk goes on from them.
-    again = tiny_funasr_pool.stream_requests([reqs[0], reqs[2]])
-    assert again[0] == again[1] and all(isinstance(a, str) for a in again)
+    """A chunk that is not one chunk of audio is that session's error; the others go on in the
+    same batch from their own caches (nothing reset, no retry)."""
+    from daemon.errors import EngineError
+
+    first, second = _chunks(speech[0])[:2]
+    reqs = [StreamChunk(first, {}), StreamChunk(first, {})]
+    tiny_funasr_pool.stream_requests(reqs)
+    lone: dict = {}
+    tiny_funasr_pool.stream_requests([StreamChunk(first, lone)])
+    expected = tiny_funasr_pool.stream_requests([StreamChunk(second, lone)])[0]
+    bad = StreamChunk(second[:100], {})
+    answers = tiny_funasr_pool.stream_requests([StreamChunk(second, reqs[0].cache), bad,
+                                                StreamChunk(second, reqs[1].cache)])
+    assert isinstance(answers[1], EngineError) and "9600" in str(answers[1])
+    assert bad.cache == {}
+    assert answers[0] == answers[2] == expected
+    # Two chunks' positions: the good sessions' caches were carried on, not started afresh.
+    assert reqs[0].cache["encoder"]["start_idx"] == lone["encoder"]["start_idx"] > 0
+    assert reqs[0].cache["encoder"]["start_idx"] == reqs[1].cache["encoder"]["start_idx"]
+
+
+def test_a_failed_batch_starts_each_session_afresh_alone(tiny_funasr_pool, speech, monkeypatch):
+    """If the batched forward itself fails, every session's cache is spent: each is run alone
+    from a fresh cache, and a session whose lone run fails too gets its own error."""
+    first, second = _chunks(speech[0])[:2]
+    caches = [{}, {}]
+    tiny_funasr_pool.stream_requests([StreamChunk(first, c) for c in caches])
+    fresh = tiny_funasr_pool.stream_requests([StreamChunk(second, {})])[0]
+    calls = []
+    real = BatchedStreaming.run
+
+    def failing_when_batched(self, chunks, caches_, options):
+        calls.append(len(chunks))
+        if len(chunks) > 1:
+            raise RuntimeError("fake: the batched forward failed")
+        return real(self, chunks, caches_, options)
+
+    monkeypatch.setattr(BatchedStreaming, "run", failing_when_batched)
+    answers = tiny_funasr_pool.stream_requests([StreamChunk(second, c) for c in caches])
+    assert calls == [2, 1, 1]
+    assert answers == [fresh, fresh]
