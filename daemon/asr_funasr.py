@@ -259,8 +259,8 @@ class FunASRPool(PoolBase):
         except Exception:  # noqa: BLE001 - logged by _guarded; retried one by one below
             for r in reqs:
                 r.cache.clear()
-            if len(reqs) == 1:
-                raise
+        # Each alone from a fresh cache; what still fails is that session's answer, never a
+        # raise (that would fail every other request of the round too).
         return super().stream_requests(reqs)
 
     def sentence_end_request(self, req: SentenceEnd) -> bool:

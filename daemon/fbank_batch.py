@@ -57,9 +57,16 @@ class FbankBatch:
     # -- before the sessions' frontend calls ----------------------------------------------
 
     def prepare(self, items: Sequence[Tuple[Dict[str, Any], Any]]) -> None:
-        """items: (a session's frontend cache, the 1-D float samples its next call gets)."""
+        """items: (a session's frontend cache, the 1-D float samples its next call gets). Only
+        ever a speed-up: if the batched pass fails, each session's call computes its own."""
         if not self.usable or len(items) < 2:
             return
+        try:
+            self._prepare(items)
+        except Exception:  # noqa: BLE001 - logged; funasr's own fbank per session instead
+            logger.exception("fbank: batched pass for %d sessions failed; each computes its own", len(items))
+
+    def _prepare(self, items: Sequence[Tuple[Dict[str, Any], Any]]) -> None:
         torch = self._torch
         waves: List[Tuple[int, Any]] = []
         for cache, samples in items:

@@ -54,9 +54,14 @@ class BatchedStreaming:
         self.forwards = 0  # batched encoder forwards run (tests, describe)
         self.fbank = FbankBatch(self.frontend)
         decoder = self.model.decoder
-        layers = list(decoder.decoders) + list(getattr(decoder, "decoders2", None) or [])
-        self._causal = all(int(layer.self_attn.pad_fn.padding[1]) == 0 for layer in layers
-                           if getattr(layer, "self_attn", None) is not None)
+        # The decoder layers with FSMN caches, in funasr's cache order; how much of each cache
+        # the next chunk reads (funasr drops its first entry and keeps kernel_size - 1, so
+        # kernel_size entries carry all of it); and whether trailing padding can reach a real
+        # token (only through an FSMN that looks ahead).
+        fsmn = [getattr(layer, "self_attn", None)
+                for layer in list(decoder.decoders) + list(getattr(decoder, "decoders2", None) or [])]
+        self._fsmn_keep = [int(a.kernel_size) if a is not None else 0 for a in fsmn]
+        self._causal = all(int(a.pad_fn.padding[1]) == 0 for a in fsmn if a is not None)
 
     # -- one call -----------------------------------------------------------------------
 
@@ -215,7 +220,7 @@ class BatchedStreaming:
             # A row's FSMN cache grows with its last chunk's tokens; only its last
             # kernel_size entries are read, so all rows are cut to that to stack them.
             stacked["decode_fsmn"] = [None if caches[0]["decode_fsmn"][n] is None else
-                                      torch.cat([c["decode_fsmn"][n][:, :, -_fsmn_keep(decoder, n):]
+                                      torch.cat([c["decode_fsmn"][n][:, :, -self._fsmn_keep[n]:]
                                                  for c in caches])
                                       for n in range(len(caches[0]["decode_fsmn"]))]
             if caches[0]["opt"] is not None:
@@ -314,13 +319,6 @@ def _keep(old: Optional[Dict[str, Any]], key: str, stride: Any, look_back: int, 
 
     kept = stride if old is None else torch.cat((old[key], stride), dim=2)
     return kept if look_back == -1 else kept[:, :, -(look_back * chunk_size[1]):, :]
-
-
-def _fsmn_keep(decoder: Any, n: int) -> int:
-    """How much of decoder layer n's FSMN cache its next chunk reads: funasr drops the first
-    entry and keeps kernel_size - 1, so kernel_size entries carry all of it."""
-    layers = list(decoder.decoders) + list(getattr(decoder, "decoders2", None) or [])
-    return int(layers[n].self_attn.kernel_size)
 
 
 def _groups(items: Sequence[Any], key: Any) -> List[List[Any]]:

@@ -87,7 +87,7 @@ class BatchedFsmn:
                 except Exception as e:  # noqa: BLE001 - this session's own failure
                     results[i] = e
             live = [i for i, x in enumerate(samples) if x is not None]
-            self._prepare_fbank([blocks[i] for i in live], [samples[i] for i in live])
+            self.fbank.prepare([(blocks[i].cache["frontend"], samples[i]) for i in live])
             for i in live:
                 try:
                     speech, waveform = self._features(samples[i], blocks[i].cache)
@@ -114,12 +114,6 @@ class BatchedFsmn:
         if not cache:
             self.model.init_cache(cache, max_end_silence_time=self.max_end_silence_ms)
         return torch.cat((cache["prev_samples"], torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))))
-
-    def _prepare_fbank(self, blocks: Sequence[VADBlock], samples: List[Any]) -> None:
-        try:
-            self.fbank.prepare([(b.cache["frontend"], s) for b, s in zip(blocks, samples)])
-        except Exception:  # noqa: BLE001 - each session's frontend then computes its own
-            logger.exception("vad: batched fbank failed for %d sessions; one by one", len(blocks))
 
     def _features(self, sample: Any, cache: Dict[str, Any]) -> Tuple[Any, Any]:
         """funasr's streaming inference up to the encoder, for one block in one chunk."""

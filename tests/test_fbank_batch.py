@@ -77,6 +77,26 @@ def test_unprepared_or_mismatched_calls_are_funasrs_own(models_dir, speech):
     feats, _ = _feed(frontend, shorter, a)  # prepared for 6400 samples, called with 3200
     expected, _ = _feed(frontend, shorter, ref)
     assert torch.equal(feats, expected)
+    # Discarded rows are never used: the same length of other audio gets its own features.
     batch.discard([b])
-    feats_b, _ = _feed(frontend, x, b)
-    assert feats_b.shape[1] > 0
+    other = torch.from_numpy(np.ascontiguousarray(speech[1][:6400], dtype=np.float32))
+    feats_b, _ = _feed(frontend, other, b)
+    expected_b, _ = _feed(frontend, other, {})
+    assert torch.equal(feats_b, expected_b)
+
+
+def test_a_failed_batched_pass_leaves_each_session_its_own(models_dir, speech, monkeypatch, caplog):
+    """The batched pass is only a speed-up: if it fails it is logged and every session's
+    frontend computes its own features, as if nothing had been prepared."""
+    frontend = _frontend(models_dir, "fsmn-vad")
+    batch = FbankBatch(frontend)
+
+    def broken(frames):
+        raise RuntimeError("fake: the batched fbank failed")
+
+    monkeypatch.setattr(batch, "_fbank", broken)
+    x = torch.from_numpy(np.ascontiguousarray(speech[0][:6400], dtype=np.float32))
+    a, ref = {}, {}
+    batch.prepare([(a, x), ({}, x)])
+    assert "batched pass for 2 sessions failed" in caplog.text
+    assert torch.equal(_feed(frontend, x, a)[0], _feed(frontend, x, ref)[0])

@@ -234,3 +234,16 @@ def test_a_failed_batch_starts_each_session_afresh_alone(tiny_funasr_pool, speec
     answers = tiny_funasr_pool.stream_requests([StreamChunk(second, c) for c in caches])
     assert calls == [2, 1, 1]
     assert answers == [fresh, fresh]
+
+
+def test_a_lone_chunk_whose_forward_fails_is_answered_not_raised(tiny_funasr_pool, speech, monkeypatch):
+    """A round's only streaming chunk failing is that session's error as an answer: a raise
+    would fail every other session's request in the same round (decodes, VAD) too."""
+    from daemon.errors import EngineError
+
+    def failing(self, chunks, caches_, options):
+        raise RuntimeError("fake: the streaming forward failed")
+
+    monkeypatch.setattr(BatchedStreaming, "run", failing)
+    answers = tiny_funasr_pool.stream_requests([StreamChunk(_chunks(speech[0])[0], {})])
+    assert len(answers) == 1 and isinstance(answers[0], EngineError)
