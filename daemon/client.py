@@ -258,11 +258,12 @@ class ASRClient(Client):
 class TTSClient(Client):
     def synthesize(self, text: str, language: Optional[str] = None, speed: Optional[float] = None,
                    stream: bool = True, request_id: Optional[str] = None,
-                   timeout: Optional[float] = None) -> Iterator[P.SynthAudio]:
+                   timeout: Optional[float] = None, owner: str = "") -> Iterator[P.SynthAudio]:
         """Yield audio chunks until `done`; raises DaemonError on an error reply or a timeout
-        between chunks."""
+        between chunks. owner: who it is for (the daemon is fair across owners of one peer)."""
         rid = request_id or new_id()
-        self.send(P.Synthesize(request_id=rid, text=text, language=language, speed=speed, stream=stream))
+        self.send(P.Synthesize(request_id=rid, text=text, language=language, speed=speed, stream=stream,
+                               owner=owner))
         timeout = self.timeout if timeout is None else timeout
         finished = False
         try:

@@ -252,15 +252,17 @@ class AsyncASRClient(AsyncClient):
 class AsyncTTSClient(AsyncClient):
     async def synthesize(self, text: str, language: Optional[str] = None, speed: Optional[float] = None,
                          stream: bool = True, request_id: Optional[str] = None,
-                         timeout: Optional[float] = None) -> AsyncIterator[P.SynthAudio]:
+                         timeout: Optional[float] = None, owner: str = "") -> AsyncIterator[P.SynthAudio]:
         """Async iterator of audio chunks until `done`/`cancelled`; DaemonError on error/timeout.
-        Breaking out of the loop early cancels the request in the daemon."""
+        Breaking out of the loop early cancels the request in the daemon. owner: who it is for
+        (the daemon is fair across owners of one peer)."""
         rid = request_id or new_id()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = q
         finished = False
         try:
-            await self.send(P.Synthesize(request_id=rid, text=text, language=language, speed=speed, stream=stream))
+            await self.send(P.Synthesize(request_id=rid, text=text, language=language, speed=speed, stream=stream,
+                                         owner=owner))
             while True:
                 try:
                     m = await asyncio.wait_for(q.get(), self.timeout if timeout is None else timeout)

@@ -28,6 +28,9 @@ from daemon.protocol_fields import ProtocolError, _check, _fail
 PROTOCOL_VERSION = 1
 # Largest header accepted (bytes of JSON); audio is never in the header.
 MAX_HEADER_BYTES = 64 * 1024
+# `synthesize.owner`: who the request is for, inside one peer (the bridge: its connection id).
+# The daemon's TTS queue is fair across (peer, owner); "" = the peer itself.
+MAX_OWNER_CHARS = 64
 ASR_SAMPLE_RATE = 16000
 
 Frames = List[bytes]
@@ -112,7 +115,12 @@ class Message:
             kwargs["pcm"] = bytes(binary[0])
         elif binary:
             raise _fail(f"{cls.TYPE.value}: unexpected binary frame(s)", hdr)
-        return cls(**kwargs)
+        msg = cls(**kwargs)
+        msg.check(hdr)
+        return msg
+
+    def check(self, hdr: Mapping[str, Any]) -> None:
+        """Checks beyond the field types (a subclass's); raise `_fail(...)`."""
 
     @classmethod
     def decode(cls, frames: Sequence[bytes]) -> "Message":
@@ -181,7 +189,9 @@ class Close(Message):
 
 @dataclass(frozen=True)
 class Synthesize(Message):
-    """TTS request. language/speed None = the daemon's configured defaults."""
+    """TTS request. language/speed None = the daemon's configured defaults. owner: who it is
+    for inside the peer (at most MAX_OWNER_CHARS; a bridge sends its connection id): the
+    daemon serves waiting requests round-robin across (peer, owner)."""
 
     TYPE: ClassVar[MsgType] = MsgType.SYNTHESIZE
     REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id", "text")
@@ -190,6 +200,11 @@ class Synthesize(Message):
     language: Optional[str] = None
     speed: Optional[float] = None
     stream: bool = True
+    owner: str = ""
+
+    def check(self, hdr: Mapping[str, Any]) -> None:
+        if len(self.owner) > MAX_OWNER_CHARS:
+            raise _fail(f"field 'owner' is longer than {MAX_OWNER_CHARS} characters", hdr)
 
 
 @dataclass(frozen=True)
