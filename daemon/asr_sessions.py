@@ -28,7 +28,7 @@ from daemon.asr_capacity import Backlog, Capacity
 from daemon.config import Config
 from daemon.engines import ASRPool, ASRSession, EngineInfo
 from daemon.errors import AudioError, ErrorCode, S2SError
-from daemon.rules import MAX_ID_CHARS, check_language
+from daemon.rules import MAX_ID_CHARS, check_language, clean_hotwords
 from daemon.transport import Transport, short
 from daemon.workers import Worker
 
@@ -139,8 +139,10 @@ class ASRSessions:
             check_language(msg.language)
         if not 8000 <= msg.sample_rate <= 48000:
             raise AudioError(f"sample_rate {msg.sample_rate} outside 8000-48000")
+        # Here, not on the worker: the rule bounds its own cost before it looks at a word.
+        hotwords = None if msg.hotwords is None else tuple(clean_hotwords(msg.hotwords))
         self.capacity.admit_open(len(self.sessions), (s.backlog for s in self.sessions.values()), msg.session_id)
-        s = Session(msg.session_id, ident, msg.sample_rate, msg.language, msg.hotwords, msg.partials, msg.request_id,
+        s = Session(msg.session_id, ident, msg.sample_rate, msg.language, hotwords, msg.partials, msg.request_id,
                     Backlog(msg.session_id, msg.sample_rate, opened=self.clock()))
         if msg.sample_rate != P.ASR_SAMPLE_RATE:
             import soxr

@@ -7,7 +7,7 @@ the rules here are fixed by the protocol and the models."""
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from daemon.errors import ErrorCode, S2SError
 
@@ -16,6 +16,10 @@ LANGUAGES = ("zh", "en", "auto")
 # Hotwords: at most this many words, each at most this many characters (SeACo biases on short terms).
 MAX_HOTWORDS = 100
 MAX_HOTWORD_CHARS = 32
+# What a client may send before any word is looked at (a hotword list costs the reader only
+# this much): at most MAX_HOTWORDS entries, and as many characters in all as MAX_HOTWORDS words
+# of the longest length with a separator each.
+MAX_HOTWORD_TOTAL_CHARS = MAX_HOTWORDS * (MAX_HOTWORD_CHARS + 1)
 # TTS speed factor.
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 # Client-chosen ids (session ids, request ids).
@@ -30,15 +34,29 @@ def check_language(lang: Any) -> str:
 
 def clean_hotwords(hotwords: Optional[Sequence[str]]) -> List[str]:
     """Validate a hotword list: strings, no URLs or file names (funasr would fetch or read
-    those), bounded count and length. Whitespace inside an entry splits it into words."""
+    those), bounded count and length. Whitespace inside an entry splits it into words;
+    repeated words are kept once.
+
+    The cost is bounded before any word is looked at: more than MAX_HOTWORDS entries, or more
+    than MAX_HOTWORD_TOTAL_CHARS characters in all, is refused (bad_request) from the sizes
+    alone, so a list of any size costs at most O(MAX_HOTWORD_TOTAL_CHARS) here (safe on an
+    event loop or a shared worker)."""
     if hotwords is None:
         return []
     if isinstance(hotwords, str):
         hotwords = [hotwords]
-    out: List[str] = []
+    if len(hotwords) > MAX_HOTWORDS:
+        raise S2SError(f"{len(hotwords)} hotword entries; at most {MAX_HOTWORDS}", ErrorCode.BAD_REQUEST)
+    total = 0
     for hw in hotwords:
         if not isinstance(hw, str):
             raise S2SError(f"hotwords must be strings, got {type(hw).__name__}", ErrorCode.BAD_REQUEST)
+        total += len(hw)
+    if total > MAX_HOTWORD_TOTAL_CHARS:
+        raise S2SError(f"hotwords of {total} characters in all; at most {MAX_HOTWORD_TOTAL_CHARS}",
+                       ErrorCode.BAD_REQUEST)
+    out: Dict[str, None] = {}  # insertion-ordered set: linear de-duplication
+    for hw in hotwords:
         for word in hw.split():
             low = word.lower()
             if low.startswith(("http:", "https:", "ftp:")) or low.endswith(".txt") or "/" in word:
@@ -46,11 +64,10 @@ def clean_hotwords(hotwords: Optional[Sequence[str]]) -> List[str]:
             if len(word) > MAX_HOTWORD_CHARS:
                 raise S2SError(f"hotword {word[:40]!r} is longer than {MAX_HOTWORD_CHARS} characters",
                                ErrorCode.BAD_REQUEST)
-            if word not in out:
-                out.append(word)
+            out[word] = None
     if len(out) > MAX_HOTWORDS:
         raise S2SError(f"{len(out)} hotwords; at most {MAX_HOTWORDS}", ErrorCode.BAD_REQUEST)
-    return out
+    return list(out)
 
 
 def check_speed(speed: Any) -> float:

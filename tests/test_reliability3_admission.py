@@ -1,0 +1,211 @@
+"""Reliability, round 3 (issue 23): what one client can cost everyone else.
+
+- Item 1: a `start` (bridge) or `open` (daemon) with a huge hotword list is refused from its
+  sizes alone (daemon/rules.py `clean_hotwords`), never de-duplicated quadratically on the
+  bridge's event loop or the daemon's ASR worker.
+- Item 8: sessions are shared fairly between ZeroMQ peers while one of them is waiting, and
+  empty audio does not keep a session from idling out (daemon/asr_sessions.py).
+- Item 12: a daemon that has seen only light load admits what it can serve (daemon/asr_load.py).
+
+Real processes throughout (`python -m daemon`, `python -m bridge`, ZeroMQ and websocket
+clients); liveness is judged by a full round trip. The daemon runs the tiny FunASR models where
+the cost is the engine's (the hotwords' de-duplication ran on its worker), the FAKE engines
+(tests/fake_engines.py) where the test is about the daemon's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+from bridge_procs import start_bridge, start_daemon, write_config
+from daemon import protocol as P
+from daemon.audio import float_to_pcm16, read_wav
+from daemon.client import ASRClient, DaemonError
+from daemon.errors import ErrorCode, S2SError
+from daemon.rules import MAX_HOTWORDS, clean_hotwords
+from daemon_harness import DaemonProcess
+from helpers.ws import WSClient, http_get
+
+
+def run(coro: Any, timeout: float = 120.0) -> Any:
+    async def guarded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(guarded())
+
+
+def distinct_words(n: int) -> List[str]:
+    """n distinct two-character Chinese words (what the issue's 300 KB `start` carried)."""
+    base = 0x4E00
+    return [chr(base + i // 200) + chr(base + 200 + i % 200) for i in range(n)]
+
+
+def fixture_pcm(fixtures_dir: Path, name: str) -> bytes:
+    x, sr = read_wav(str(fixtures_dir / name))
+    assert sr == 16000
+    return float_to_pcm16(x)
+
+
+# --- item 1: the hotword rule bounds its own cost ------------------------------------------------
+
+
+def test_clean_hotwords_refuses_by_size_before_looking_at_words():
+    from daemon.rules import MAX_HOTWORD_TOTAL_CHARS
+
+    # Past the entry count or the total size: refused from the sizes, whatever the words are.
+    huge = distinct_words(43_000)
+    t0 = time.perf_counter()
+    with pytest.raises(S2SError) as e:
+        clean_hotwords(huge)
+    assert time.perf_counter() - t0 < 0.05
+    assert e.value.code == ErrorCode.BAD_REQUEST and f"at most {MAX_HOTWORDS}" in str(e.value)
+    with pytest.raises(S2SError) as e:
+        clean_hotwords([" ".join(distinct_words(20_000))])  # one entry of 60 K characters
+    assert e.value.code == ErrorCode.BAD_REQUEST and str(MAX_HOTWORD_TOTAL_CHARS) in str(e.value)
+    with pytest.raises(S2SError):
+        clean_hotwords([1] * (MAX_HOTWORDS + 1))  # type: ignore[list-item]
+    # Within the bounds: words split, de-duplicated in order, limits as before.
+    assert clean_hotwords(["阿里 巴巴", "阿里", "达摩院"]) == ["阿里", "巴巴", "达摩院"]
+    assert clean_hotwords(["w"] * MAX_HOTWORDS) == ["w"]
+    full = distinct_words(MAX_HOTWORDS)
+    assert clean_hotwords(full) == full
+    assert clean_hotwords([" ".join(full)]) == full
+    with pytest.raises(S2SError):
+        clean_hotwords([" ".join(distinct_words(MAX_HOTWORDS + 1))])
+    with pytest.raises(S2SError):
+        clean_hotwords(["x" * 33])
+    with pytest.raises(S2SError):
+        clean_hotwords(["http://evil"])
+    assert clean_hotwords(None) == [] and clean_hotwords(()) == []
+
+
+@pytest.fixture(scope="module")
+def fake_stack(tmp_path_factory, models_dir):
+    """FAKE-engine daemon + bridge (echo agent), the bridge's default message size (1 MiB)."""
+    d = tmp_path_factory.mktemp("rel3-stack")
+    cfg = write_config(d / "s2s.yaml", models_dir, d / "run",
+                       bridge={"max_connections": 64, "max_connections_per_ip": 64, "max_turns_per_minute": 100000},
+                       agent={"kind": "echo"})
+    daemon = start_daemon(cfg, d / "daemon.log", fake_engines=True, timeout=60)
+    bridge = start_bridge(cfg, d / "bridge.log")
+    yield {"dir": d, "daemon": daemon, "bridge": bridge}
+    assert bridge.stop() == 0, bridge.text()[-3000:]
+    assert daemon.stop() == 0, daemon.text()[-3000:]
+
+
+def _timed_healthz(port: int) -> float:
+    t0 = time.monotonic()
+    status, _, body = http_get(port, "/healthz")
+    assert status == 200, body[:200]
+    return time.monotonic() - t0
+
+
+def test_a_huge_start_does_not_freeze_the_bridge(fake_stack):
+    """Issue 23 item 1: a 300 KB `start` with ~43,000 distinct words froze every connection and
+    /healthz for 20 s (quadratic de-duplication on the event loop). Now it is refused at once
+    (bad_message) and the other session's typed turn and /healthz answer within a second."""
+    bridge = fake_stack["bridge"]
+
+    async def go() -> None:
+        live = await WSClient.open(bridge.ws)
+        await live.wait_event("hello")
+        await live.send_json({"type": "start", "language": "zh"})
+        await live.wait_event("ready")
+        await live.send_json({"type": "text", "text": "你好"})
+        await live.wait_event("agent_done", 1, 10)  # warm: the first turn's round trip
+
+        abusers = []
+        for _ in range(3):
+            a = await WSClient.open(bridge.ws)
+            await a.wait_event("hello")
+            abusers.append(a)
+        text = json.dumps({"type": "start", "language": "zh", "hotwords": distinct_words(43_000)}, ensure_ascii=False)
+        assert 250_000 < len(text.encode()) < 1 << 20
+        t_sent = time.monotonic()
+        for a in abusers:
+            await a.ws.send(text)
+        await asyncio.sleep(0.2)  # the bridge has them now
+
+        # The other session: a full typed turn, and /healthz, each within a second.
+        t0 = time.monotonic()
+        await live.send_json({"type": "text", "text": "还在吗"})
+        await live.wait_event("agent_done", 2, 30)
+        turn = time.monotonic() - t0
+        hz = await asyncio.get_running_loop().run_in_executor(None, _timed_healthz, bridge.port)
+        for a in abusers:
+            err = await a.wait_event("error", 1, 30)
+            assert err["code"] == "bad_message" and "hotword" in err["message"], err
+        answered = time.monotonic() - t_sent
+        assert turn < 1.0 and hz < 1.0, f"typed turn {turn:.2f} s, /healthz {hz:.2f} s while huge starts were read"
+        assert answered < 2.0, f"the huge starts were answered after {answered:.1f} s"
+        # The abusers' connections live on: a start within the bounds works.
+        await abusers[0].send_json({"type": "start", "language": "zh", "hotwords": distinct_words(MAX_HOTWORDS)})
+        await abusers[0].wait_event("ready")
+        for c in abusers + [live]:
+            await c.close()
+
+    run(go())
+
+
+def _tiny_funasr_config(models_dir: Path, limits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    recorded = json.loads((models_dir / "s2s-models.json").read_text())["components"]
+    need = ["tiny/paraformer", "fsmn-vad", "piper"]
+    if not all(any(r.startswith(n) for r in recorded) for n in need):
+        pytest.skip(f"tiny models not built ({need} in s2s-models.json)")
+    return {"models_root": str(models_dir),
+            "asr": {"engine": "funasr", "device": "cpu", "ncpu": 1, "fallback_engine": "none",
+                    "funasr": {"paraformer": "tiny/paraformer", "vad": "fsmn-vad", "punc": "", "streaming": ""}},
+            "tts": {"engine": "piper", "device": "cpu", "fallback_engine": "none",
+                    "piper": {"voice": "piper/en_US-joe-medium.onnx"}},
+            "limits": {"idle_timeout": 120.0, **(limits or {})}}
+
+
+def _transcribe(endpoint: str, pcm: bytes) -> "tuple[float, List[P.Message]]":
+    """One file sent as fast as it goes, finalized: (seconds to the last final, events)."""
+    with ASRClient(endpoint, timeout=120) as c:
+        t0 = time.monotonic()
+        st = c.open(language="zh", partials=False)
+        evs: List[P.Message] = []
+        for off in range(0, len(pcm), 32000):
+            st.send(pcm[off:off + 32000])
+        evs += st.finalize(timeout=120)
+        return time.monotonic() - t0, evs
+
+
+def test_big_hotword_opens_do_not_hold_the_asr_worker(tmp_path, models_dir, fixtures_dir):
+    """Issue 23 item 1 (daemon): 20 `open`s with 64 KB of hotwords each took 1-6 s of ASR worker
+    time apiece and made a 0.44 s transcription take 20 s. Now each is refused (bad_request) on
+    the loop from its size, and the other session's transcription takes what it takes alone."""
+    p = DaemonProcess(tmp_path, _tiny_funasr_config(models_dir), fake=False, watchdog_usec=30_000_000)
+    try:
+        p.wait_ready(300)
+        pcm = fixture_pcm(fixtures_dir, "zh/01.wav")
+        _transcribe(p.asr, pcm)  # warm-up
+        alone = min(_transcribe(p.asr, pcm)[0] for _ in range(2))
+
+        words = distinct_words(7000)
+        hw = tuple(words)
+        assert 50_000 < len(P.Open(session_id="x", hotwords=hw).encode()[0]) <= P.MAX_HEADER_BYTES
+        with ASRClient(p.asr, timeout=60) as spam:
+            for i in range(20):
+                spam.send(P.Open(session_id=f"big-{i}", request_id=f"r{i}", hotwords=hw))
+            took, evs = _transcribe(p.asr, pcm)
+            answers: Dict[str, P.Message] = {}
+            deadline = time.monotonic() + 60
+            while len(answers) < 20 and time.monotonic() < deadline:
+                m = spam.recv(1.0)
+                if m is not None and getattr(m, "request_id", ""):
+                    answers[m.request_id] = m
+        assert [f for f in evs if isinstance(f, P.Final) and f.text], evs
+        assert len(answers) == 20
+        assert all(isinstance(m, P.Error) and m.code == "bad_request" and "hotword" in m.message
+                   for m in answers.values()), list(answers.values())[:2]
+        assert took < alone + 1.0, f"transcription took {took:.2f} s beside 20 big-hotword opens (alone {alone:.2f} s)"
+    finally:
+        p.stop()
