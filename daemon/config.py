@@ -181,6 +181,30 @@ class BridgeConfig:
 
 
 @dataclass(frozen=True)
+class WyomingConfig:
+    """s2s-wyoming (bridge/wyoming): Home Assistant's Wyoming protocol in front of the daemon."""
+
+    host: str = "127.0.0.1"
+    # wyoming-faster-whisper's and wyoming-piper's ports; the same number serves both on one port.
+    asr_port: int = 10300
+    tts_port: int = 10200
+    max_connections: int = 16
+
+
+@dataclass(frozen=True)
+class OpenAIAPIConfig:
+    """s2s-openai (bridge/openai_api): the OpenAI audio API in front of the daemon."""
+
+    host: str = "127.0.0.1"
+    port: int = 8766
+    # Optional bearer key (Authorization: Bearer KEY); required off loopback.
+    api_key: str = ""
+    # Largest upload to /v1/audio/transcriptions, bytes (OpenAI's own limit is 25 MB).
+    max_upload_bytes: int = 25 << 20
+    max_concurrent_requests: int = 16
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     kind: str = "langgraph"
     url: str = "http://127.0.0.1:8000"
@@ -245,6 +269,8 @@ class Config:
     asr: ASRConfig = field(default_factory=ASRConfig)
     tts: TTSConfig = field(default_factory=TTSConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    wyoming: WyomingConfig = field(default_factory=WyomingConfig)
+    openai_api: OpenAIAPIConfig = field(default_factory=OpenAIAPIConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     turn: TurnConfig = field(default_factory=TurnConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -282,6 +308,7 @@ POSITIVE = (
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
     "limits.max_text_chars", "limits.max_tts_queue", "limits.max_chunk_seconds",
     "limits.max_asr_lag", "limits.max_session_lag", "limits.asr_stream_cost",
+    "wyoming.max_connections", "openai_api.max_upload_bytes", "openai_api.max_concurrent_requests",
     "asr.whisper.beam_size", "tts.kokoro.speed",
 )
 
@@ -368,6 +395,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("daemon.socket_mode", f"{cfg.daemon.socket_mode!r} is not an octal mode such as \"0660\"", src)
     if not 0 < cfg.bridge.port < 65536 and cfg.bridge.port != 0:
         raise ConfigError("bridge.port", "must be a TCP port", src)
+    for key in ("wyoming.asr_port", "wyoming.tts_port", "openai_api.port"):
+        if not 0 <= _get(cfg, key) < 65536:
+            raise ConfigError(key, "must be a TCP port (0: any free port)", src)
     if bool(cfg.bridge.tls_cert) != bool(cfg.bridge.tls_key):
         raise ConfigError("bridge.tls_key" if cfg.bridge.tls_cert else "bridge.tls_cert",
                           "tls_cert and tls_key go together (both set, or neither)", src)
@@ -471,5 +501,7 @@ def as_dict(cfg: Config, redact: bool = True) -> dict:
             d["bridge"]["token"] = "***"
         if d["agent"]["api_key"]:
             d["agent"]["api_key"] = "***"
+        if d["openai_api"]["api_key"]:
+            d["openai_api"]["api_key"] = "***"
     return d
 
