@@ -31,7 +31,7 @@ from daemon.config import Config
 from daemon.engines import ASRPool, Fallback, TTSEngine
 from daemon.health import Health, engine_info
 from daemon.notify import Notifier
-from daemon.transport import Transport, short
+from daemon.transport import BindError, Transport, short
 from daemon.tts_jobs import TTSJobs
 from daemon.workers import Worker
 
@@ -156,8 +156,9 @@ class Daemon:
         try:
             self.transport.bind("asr", self.cfg.daemon.endpoint("asr"))
             self.transport.bind("tts", self.cfg.daemon.endpoint("tts"))
-        except Exception as e:  # zmq.ZMQError, OSError, S2SError (socket in use)
-            logger.error("cannot bind: %s", e)
+        except BindError as e:  # one line naming the endpoint and why; exit 1 at once
+            logger.error("%s", e.message)
+            self.notifier.status(f"failed: {e.message}")
             self.transport.close()
             return 1
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")

@@ -44,7 +44,18 @@ MAX_PEERS = 4096
 # How long `send_wait` keeps retrying a peer at its high-water mark by default, seconds.
 SEND_WAIT_SECONDS = 10.0
 
+# Longest unix socket path (sockaddr_un.sun_path less its NUL).
+IPC_PATH_MAX = int(getattr(zmq, "IPC_PATH_MAX_LEN", 0) or 107)
+
 Handler = Callable[[bytes, P.Message], Optional[Awaitable[None]]]
+
+
+class BindError(S2SError):
+    """An endpoint the daemon cannot listen on; the message names it and says why."""
+
+    def __init__(self, endpoint: str, why: str):
+        super().__init__(f"cannot bind {endpoint}: {why}", ErrorCode.UNAVAILABLE)
+        self.endpoint = endpoint
 
 
 def short(ident: bytes) -> str:
@@ -101,6 +112,9 @@ def prepare_ipc(endpoint: str) -> Optional[Path]:
             logger.warning("endpoint %s is not loopback: anyone who can reach it can use the daemon", endpoint)
         return None
     path = Path(endpoint[len("ipc://"):])
+    if len(os.fsencode(path)) > IPC_PATH_MAX:
+        raise BindError(endpoint, f"path too long for a unix socket ({len(os.fsencode(path))} bytes; "
+                                  f"at most {IPC_PATH_MAX}): use a shorter daemon.runtime_dir")
     parent = path.parent
     if not parent.exists():
         # Only the daemon and its group (the bridge) may look inside a directory we create.
@@ -114,7 +128,7 @@ def prepare_ipc(endpoint: str) -> Optional[Path]:
         except OSError:
             path.unlink()
         else:
-            raise S2SError(f"{path} is in use by another running daemon", ErrorCode.UNAVAILABLE)
+            raise BindError(endpoint, "the socket is in use by another running daemon")
         finally:
             probe.close()
     return path
@@ -139,16 +153,27 @@ class Transport:
             counters.setdefault(k, 0)
 
     def bind(self, which: str, endpoint: str) -> None:
-        path = prepare_ipc(endpoint)
+        """Listen on `endpoint`; BindError naming it and why otherwise. A socket that failed
+        to bind is closed here: one left open would hang the context's termination."""
+        try:
+            path = prepare_ipc(endpoint)
+        except OSError as e:
+            raise BindError(endpoint, e.strerror or str(e)) from None
         s = self.ctx.socket(zmq.ROUTER)
-        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        s.setsockopt(zmq.SNDHWM, self.hwm)
-        s.setsockopt(zmq.RCVHWM, self.hwm)
-        s.setsockopt(zmq.LINGER, LINGER_MS)
-        s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        s.bind(endpoint)
-        if path is not None:
-            os.chmod(path, self.socket_mode)
+        try:
+            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            s.setsockopt(zmq.SNDHWM, self.hwm)
+            s.setsockopt(zmq.RCVHWM, self.hwm)
+            s.setsockopt(zmq.LINGER, LINGER_MS)
+            s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            s.bind(endpoint)
+            if path is not None:
+                os.chmod(path, self.socket_mode)
+        except (zmq.ZMQError, OSError) as e:
+            s.close(linger=0)
+            if isinstance(e, zmq.ZMQError) and e.errno == errno.EADDRINUSE:
+                raise BindError(endpoint, "address in use (another process listens there)") from None
+            raise BindError(endpoint, str(e)) from None
         self.socks[which] = s
         self._sync[which] = zmq.Socket.shadow(s.underlying)
         self.endpoints[which] = endpoint

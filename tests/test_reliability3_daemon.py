@@ -1,0 +1,155 @@
+"""Issue 23 "Reliability, round 3", the daemon's items, each on a real daemon process
+(`python -m daemon`, tests/daemon_harness.py) and judged by a full round trip afterwards (a
+transcription AND a synthesis answered), not by the process being alive.
+
+- 3: a short synthesis request that normalisation and `speed` blow up (the real Piper and
+  Kokoro engines): every engine call is bounded, memory comes back, the watchdog keeps pinging.
+- 4: a message of millions of empty frames: refused by its frame count while it is received,
+  logged once, counted; pings on both sockets and the watchdog go on.
+- 6: a bind failure (unix socket path too long, TCP port taken) exits 1 at once with one line.
+- 9: seven owners flooding one peer's TTS queue with long texts cannot delay an eighth owner's
+  short request (round-robin across (peer, owner)), and one owner's queue is bounded.
+
+The acceptance for the attacks: under the attack no ping or request waits more than 1 s, the
+daemon's memory stays under twice its idle size, and no WATCHDOG=1 gap is longer than the ping
+interval plus half of it (the interval is half of WATCHDOG_USEC).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import zmq
+
+from daemon import protocol as P
+from daemon.client import ASRClient, DaemonError, TTSClient
+from daemon.errors import ErrorCode
+from daemon_harness import ROOT, DaemonProcess
+from helpers.zmq_raw import gaps, header, ping, raw, recv_reply, send_json
+from procstats import stats
+
+
+def round_trip(p: DaemonProcess, text: str = "Hello.", language: str = "en") -> None:
+    """Liveness: a transcription and a synthesis, both answered."""
+    with ASRClient(p.asr, timeout=30) as a:
+        s = a.open()
+        t = np.arange(16000) / 16000.0
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes()
+        s.send(tone + bytes(16000))
+        finals = s.finalize(timeout=30)
+        assert finals is not None
+    with TTSClient(p.tts, timeout=60) as c:
+        pcm, _rate = c.speak(text, language=language)
+        assert len(pcm) > 0
+
+
+def watchdog_gap_limit(watchdog_usec: int) -> float:
+    interval = watchdog_usec / 2e6
+    return interval * 1.5
+
+
+# 6 --------------------------------------------------------------------------------------------
+
+
+def _exits_at_once(tmp_path: Path, models_dir: Path, daemon_cfg: dict) -> str:
+    p = DaemonProcess(tmp_path, {"models_root": str(models_dir), "daemon": daemon_cfg}, watchdog_usec=10_000_000)
+    try:
+        rc = p.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        log = p.log()
+        p.stop()
+        raise AssertionError(f"the daemon hangs after a bind failure; log:\n{log[-3000:]}") from None
+    log = p.log()
+    p.stop()
+    assert rc == 1, (rc, log[-3000:])
+    lines = [l for l in log.splitlines() if "cannot bind" in l]
+    assert len(lines) == 1, log[-3000:]
+    return lines[0]
+
+
+def test_a_unix_socket_path_too_long_exits_1_at_once(tmp_path, models_dir):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    line = _exits_at_once(tmp_path, models_dir, {"runtime_dir": str(deep)})
+    assert f"ipc://{deep}/asr.sock" in line and "too long" in line, line
+
+
+def test_a_tcp_port_in_use_exits_1_at_once(tmp_path, models_dir):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        ep = f"tcp://127.0.0.1:{port}"
+        line = _exits_at_once(tmp_path, models_dir, {"tts_endpoint": ep})
+        assert ep in line and "in use" in line, line
+    finally:
+        taken.close()
+
+
+# 4 --------------------------------------------------------------------------------------------
+
+
+def test_a_message_of_millions_of_empty_frames_is_refused_while_received(tmp_path, models_dir):
+    usec = 1_000_000
+    p = DaemonProcess(tmp_path, {"models_root": str(models_dir)}, watchdog_usec=usec)
+    p.wait_ready(30)
+    try:
+        ctx = zmq.Context()
+        attacker = raw(ctx, p.tts)
+        attacker.setsockopt(zmq.SNDHWM, 0)
+        n = 3_000_000
+        frames: List[bytes] = [b"", header(type="ping", request_id="frames").encode()] + [b""] * n
+        slowest = [0.0]
+        stop = threading.Event()
+
+        def pinger(endpoint: str) -> None:
+            with TTSClient(endpoint, timeout=5) as c:
+                while not stop.is_set():
+                    slowest[0] = max(slowest[0], c.ping())
+                    time.sleep(0.05)
+
+        pingers = [threading.Thread(target=pinger, args=(ep,)) for ep in (p.asr, p.tts)]
+        idle = stats(p.proc.pid)["rss_kb"]
+        peak = [idle]
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], stats(p.proc.pid)["rss_kb"])
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        for th in pingers + [sampler]:
+            th.start()
+        t0 = time.monotonic()
+        try:
+            time.sleep(0.3)
+            attacker.send_multipart(frames, copy=False)
+            m = recv_reply(attacker, 60.0)
+            assert isinstance(m, P.Error) and m.code == ErrorCode.BAD_REQUEST.value, m
+            assert "frames" in m.message and m.request_id == "frames", m
+            ping(attacker)  # the same peer is served again
+        finally:
+            stop.set()
+            for th in pingers + [sampler]:
+                th.join()
+        t1 = time.monotonic()
+        attacker.close()
+        ctx.term()
+        assert slowest[0] < 1.0, f"a ping waited {slowest[0]:.2f} s during the attack"
+        assert gaps(p.notify.times("WATCHDOG=1"), t0, t1) < watchdog_gap_limit(usec)
+        assert peak[0] < 2 * idle, (idle, peak[0])
+        lines = [l for l in p.log().splitlines() if "frames" in l]
+        assert len(lines) == 1, lines
+        with TTSClient(p.tts, timeout=5) as c:
+            assert c.describe()["counters"]["too_many_frames"] == 1
+        round_trip(p)
+    finally:
+        p.stop()
