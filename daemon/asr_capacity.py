@@ -15,6 +15,12 @@ than real time is not "behind".
   worker past `limits.max_asr_load` (daemon/asr_load.py: the load measured now plus the cost
   per stream fitted to what the worker did), so the stream one too many is told to retry
   before the others fall behind; `limits.max_asr_load: 0` turns this off.
+- Sessions are shared between ZeroMQ peers (`FairShare`), work-conserving: a peer may hold
+  any number of sessions while nobody else wants one, but while another peer is waiting (it
+  was refused `busy` in the last `WAITING_SECONDS` past its retry hint, and has not been
+  admitted since), a peer holding `limits.max_sessions / active peers` or more has its new
+  opens refused (`busy`), so the slots its sessions free go to the one waiting. (A bridge is one
+  peer for all its browsers: alone it may use every slot.)
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Iterable, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from daemon.asr_load import LOAD_WINDOW_SECONDS, LoadModel, streams_throughout
 from daemon.config import LimitsConfig
@@ -40,6 +46,10 @@ MAX_QUEUED_COMMANDS = 4096
 STREAMING_GAP_SECONDS = 1.0
 # A session this far behind real time means the worker is catching up, not at its steady state.
 CATCHING_UP_SECONDS = 0.5
+
+
+# A peer refused an `open` counts as waiting for this long past the retry hint it was given.
+WAITING_SECONDS = 3.0
 
 
 def retry_after(seconds: float) -> float:
@@ -68,9 +78,10 @@ class Backlog:
         return max(0.0, now - self.pending[0][0]) if self.pending else 0.0
 
     def accept(self, samples: int, now: float) -> None:
-        if self.first_audio is None:
-            self.first_audio = now
-        self.last_audio = now
+        if samples:  # an empty message is no audio: it does not make the session a stream
+            if self.first_audio is None:
+                self.first_audio = now
+            self.last_audio = now
         due = max(now, self.clock)
         self.clock = due + samples / self.sample_rate
         self.pending.append((due, samples))
@@ -215,3 +226,45 @@ class Capacity:
             raise S2SError(f"speech recognition is {lag:.1f} s behind real time for session {b.session_id} "
                            f"(limits.max_session_lag={lim.max_session_lag:g}); audio dropped",
                            ErrorCode.BUSY, retry_after=retry_after(lag - lim.max_asr_lag))
+
+
+class FairShare:
+    """Sessions per peer while another peer waits (see the module docstring). Pure: the peers'
+    session counts are passed in, the clock is injected."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.waiting: Dict[bytes, float] = {}  # peer -> until when it counts as waiting
+        self.refused = 0
+
+    def check(self, peer: bytes, held: Mapping[bytes, int], capacity: int, label: str = "") -> None:
+        """Refuse (`busy`) an open from `peer` holding its share or more while another peer
+        waits. `held`: sessions per peer now; `capacity`: limits.max_sessions."""
+        now = self.clock()
+        for p in [p for p, until in self.waiting.items() if until < now]:
+            del self.waiting[p]
+        others = [p for p in self.waiting if p != peer]
+        if not others:
+            return
+        active = {p for p, n in held.items() if n > 0} | set(self.waiting) | {peer}
+        share = max(1, capacity // len(active))
+        mine = held.get(peer, 0)
+        if mine >= share:
+            self.refused += 1
+            logger.info("open %s refused: its client holds %d sessions, its share while %d other client(s) wait "
+                        "is %d (%d clients, limits.max_sessions=%d)", label, mine, len(others), share, len(active),
+                        capacity)
+            raise S2SError(f"this client holds {mine} speech sessions and {len(others)} other client(s) are waiting "
+                           f"for one: {share} each while they wait ({capacity} sessions, {len(active)} clients); "
+                           f"retry later", ErrorCode.BUSY, retry_after=retry_after(2.0))
+
+    def refused_open(self, peer: bytes, hint: Optional[float]) -> None:
+        """An open from `peer` was refused `busy`: it waits (counts as active) for a while."""
+        self.waiting[peer] = self.clock() + (hint or 0.0) + WAITING_SECONDS
+
+    def admitted(self, peer: bytes) -> None:
+        self.waiting.pop(peer, None)
+
+    def forget(self, peer: bytes) -> None:
+        """The peer is gone."""
+        self.waiting.pop(peer, None)

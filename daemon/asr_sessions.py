@@ -24,7 +24,7 @@ import numpy as np
 
 from daemon import protocol as P
 from daemon.asr_batch import FeedBatcher
-from daemon.asr_capacity import Backlog, Capacity
+from daemon.asr_capacity import Backlog, Capacity, FairShare
 from daemon.config import Config
 from daemon.engines import ASRPool, ASRSession, EngineInfo
 from daemon.errors import AudioError, ErrorCode, S2SError
@@ -90,26 +90,30 @@ class ASRSessions:
         self.info = info
         self.clock = clock
         self.capacity = Capacity(lambda: cfg().limits, clock, lambda: worker.busy_s)
+        self.fair = FairShare(clock)
         self.batcher = FeedBatcher(worker, pool, counters)
         self.sessions: Dict[str, Session] = {}
         self.stopping = False
-        for k in ("idle_closed", "asr_audio_messages", "asr_feeds", "peer_gone"):
+        for k in ("idle_closed", "asr_audio_messages", "asr_feeds", "peer_gone", "busy_open_share"):
             counters.setdefault(k, 0)
 
     # --- requests (on the event loop; never blocking) ----------------------------------------
 
-    def _owned(self, ident: bytes, session_id: str) -> Session:
+    def _owned(self, ident: bytes, session_id: str, active: bool = True) -> Session:
+        """The client's open session; `active`: the message counts as activity (idle timer)."""
         s = self.sessions.get(session_id)
         if s is None or s.closing:
             raise S2SError(f"session {session_id!r} is not open", ErrorCode.NO_SESSION)
         if s.owner != ident:
             raise S2SError(f"session {session_id!r} belongs to another client", ErrorCode.NOT_OWNER)
-        s.last_active = self.clock()
+        if active:
+            s.last_active = self.clock()
         return s
 
     def handle(self, ident: bytes, msg: P.Message) -> None:
         if isinstance(msg, P.Audio):
-            s = self._owned(ident, msg.session_id)
+            # Empty audio is no activity: it must not keep a session from idling out.
+            s = self._owned(ident, msg.session_id, active=len(msg.pcm) >= 2)
             self.capacity.admit_audio(s.backlog, len(msg.pcm), s.queued)
             self.counters["asr_audio_messages"] += 1
             s.put(("audio", msg))
@@ -141,7 +145,7 @@ class ASRSessions:
             raise AudioError(f"sample_rate {msg.sample_rate} outside 8000-48000")
         # Here, not on the worker: the rule bounds its own cost before it looks at a word.
         hotwords = None if msg.hotwords is None else tuple(clean_hotwords(msg.hotwords))
-        self.capacity.admit_open(len(self.sessions), (s.backlog for s in self.sessions.values()), msg.session_id)
+        self._admit(ident, msg.session_id)
         s = Session(msg.session_id, ident, msg.sample_rate, msg.language, hotwords, msg.partials, msg.request_id,
                     Backlog(msg.session_id, msg.sample_rate, opened=self.clock()))
         if msg.sample_rate != P.ASR_SAMPLE_RATE:
@@ -153,6 +157,25 @@ class ASRSessions:
         s.task = asyncio.get_running_loop().create_task(self._run(s), name=f"asr-{s.session_id}")
         logger.info("session %s: open from %s (lang=%s, rate=%d, partials=%s)", s.session_id, short(ident),
                     msg.language, msg.sample_rate, msg.partials)
+
+    def _admit(self, ident: bytes, session_id: str) -> None:
+        """The fair share between peers, then the capacity rules; a peer refused `busy` is
+        remembered as waiting (daemon/asr_capacity.py)."""
+        held: Dict[bytes, int] = {}
+        for s in self.sessions.values():
+            held[s.owner] = held.get(s.owner, 0) + 1
+        try:
+            try:
+                self.fair.check(ident, held, self.cfg().limits.max_sessions, session_id)
+            except S2SError:
+                self.counters["busy_open_share"] += 1
+                raise
+            self.capacity.admit_open(len(self.sessions), (s.backlog for s in self.sessions.values()), session_id)
+        except S2SError as e:
+            if e.code == ErrorCode.BUSY:
+                self.fair.refused_open(ident, e.extra.get("retry_after"))
+            raise
+        self.fair.admitted(ident)
 
     def close(self, s: Session, reason: str, request_id: str = "", notify: bool = True) -> None:
         """Drop queued audio and end the session after the command on the worker (if any)."""
@@ -169,6 +192,7 @@ class ASRSessions:
                                                              reason=reason))
 
     def peer_gone(self, ident: bytes) -> int:
+        self.fair.forget(ident)
         owned = [s for s in self.sessions.values() if s.owner == ident and not s.closing]
         for s in owned:
             self.close(s, "peer_gone", notify=False)

@@ -209,3 +209,109 @@ def test_big_hotword_opens_do_not_hold_the_asr_worker(tmp_path, models_dir, fixt
         assert took < alone + 1.0, f"transcription took {took:.2f} s beside 20 big-hotword opens (alone {alone:.2f} s)"
     finally:
         p.stop()
+
+
+# --- item 8: a fair share of sessions between peers; empty audio is no activity -------------------
+
+FAIR_SESSIONS = 6
+FAIR_IDLE = 2.0
+
+
+@pytest.fixture(scope="module")
+def fair_daemon(tmp_path_factory, models_dir):
+    p = DaemonProcess(tmp_path_factory.mktemp("rel3-fair"), {
+        "models_root": str(models_dir),
+        "limits": {"max_sessions": FAIR_SESSIONS, "idle_timeout": FAIR_IDLE, "max_asr_load": 0},
+    })
+    p.wait_ready(30)
+    yield p
+    p.stop()
+
+
+def _round_trip(st: Any, pcm: bytes) -> List[P.Message]:
+    """Audio in, finalize, the final and `closed` back: the session really works."""
+    for off in range(0, len(pcm), 3200):
+        st.send(pcm[off:off + 3200])
+    evs = st.finalize(timeout=20)
+    assert isinstance(evs[-1], P.Closed) and evs[-1].reason == "finalized", evs
+    assert [m for m in evs if isinstance(m, P.Final) and m.text], evs
+    return evs
+
+
+def test_one_client_cannot_keep_every_session_from_a_waiting_one(fair_daemon, fixtures_dir):
+    """Issue 23 item 8: one client could take every ASR session and keep it (it reopened each
+    slot as it freed up; the others only ever got `busy`). Work-conserving: alone, a client may
+    hold every slot; while another client waits, one holding its share or more has its new opens
+    refused, so the freed slot goes to the one waiting."""
+    pcm = fixture_pcm(fixtures_dir, "zh/01.wav")
+    with ASRClient(fair_daemon.asr, timeout=20) as hog, ASRClient(fair_daemon.asr, timeout=20) as other:
+        held = [hog.open(partials=False) for _ in range(FAIR_SESSIONS)]  # nobody else wants one: all of them
+        try:
+            with pytest.raises(DaemonError) as e:
+                other.open(partials=False)
+            assert e.value.code == ErrorCode.BUSY
+            # The hog frees one slot and asks for it back at once: the waiting client's turn.
+            held.pop().close()
+            with pytest.raises(DaemonError) as e:
+                hog.open(partials=False)
+            assert e.value.code == ErrorCode.BUSY and "waiting" in str(e.value), e.value
+            assert e.value.retry_after and e.value.retry_after > 0
+            mine = other.open(partials=False)  # the other client's retry gets the slot
+            _round_trip(mine, pcm)
+            # Admitted: it waits no longer, so the hog may take the free slot again (work-conserving).
+            held.append(hog.open(partials=False))
+            _round_trip(held[-1], pcm)
+            held.pop()
+            counters = hog.describe()["counters"]
+            assert counters["busy_open_share"] >= 1
+        finally:
+            for st in held:
+                st.close()
+
+
+def test_empty_audio_does_not_keep_a_session_alive(fair_daemon):
+    """Issue 23 item 8: zero-length audio every 0.2 s kept a session from idling out forever."""
+    with ASRClient(fair_daemon.asr, timeout=20) as c:
+        empty = c.open(session_id="empty-keepalive", partials=False)
+        quiet = c.open(session_id="real-silence", partials=False)
+        t0 = time.monotonic()
+        closed: Dict[str, float] = {}
+        while time.monotonic() - t0 < FAIR_IDLE + 3 and "empty-keepalive" not in closed:
+            c.send(P.Audio(session_id="empty-keepalive", seq=0, pcm=b""))
+            quiet.send(b"\0\0" * 3200)  # 0.2 s of real (silent) audio: activity
+            for st in (empty, quiet):
+                for m in st.poll(0.2):
+                    if isinstance(m, P.Closed):
+                        closed[st.session_id] = time.monotonic() - t0
+        assert "empty-keepalive" in closed, "a session sent only empty audio was never closed as idle"
+        assert FAIR_IDLE <= closed["empty-keepalive"] < FAIR_IDLE + 2.5
+        assert "real-silence" not in closed
+        evs = quiet.finalize(timeout=20)  # the active session answers still
+        assert isinstance(evs[-1], P.Closed) and evs[-1].reason == "finalized", evs
+
+
+def test_fair_share_rule_with_a_fake_clock():
+    """The rule alone (daemon/asr_capacity.FairShare): nobody waiting, any count; someone
+    waiting, the share is max_sessions / active peers; waiting ends on admission or after the
+    retry hint plus WAITING_SECONDS."""
+    from daemon.asr_capacity import WAITING_SECONDS, FairShare
+
+    t = [0.0]
+    f = FairShare(lambda: t[0])
+    f.check(b"a", {b"a": 31}, 32)  # alone: any count
+    f.refused_open(b"b", 1.0)
+    with pytest.raises(S2SError) as e:
+        f.check(b"a", {b"a": 16}, 32)  # 32 / 2 peers: 16 is its share already
+    assert e.value.code == ErrorCode.BUSY and e.value.extra["retry_after"] >= 1
+    f.check(b"a", {b"a": 15}, 32)  # below its share
+    f.check(b"b", {b"a": 31}, 32)  # the waiting peer itself is never held back by the rule
+    f.refused_open(b"c", 1.0)  # three peers: 10 each
+    with pytest.raises(S2SError):
+        f.check(b"a", {b"a": 10, b"b": 1}, 32)
+    f.admitted(b"b")
+    f.admitted(b"c")
+    f.check(b"a", {b"a": 30, b"b": 1}, 32)
+    f.refused_open(b"b", 2.0)
+    t[0] += 2.0 + WAITING_SECONDS + 0.1  # b never came back
+    f.check(b"a", {b"a": 31}, 32)
+    assert f.refused == 2
