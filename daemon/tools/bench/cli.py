@@ -192,6 +192,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["voices"]:  # in-process, no stack: its own arguments (daemon/tools/bench/voices.py)
+        from daemon.tools.bench import voices
+
+        return voices.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
