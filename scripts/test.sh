@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite: installs the venvs if needed (scripts/install.sh, scripts/langgraph-venv.sh),
+# Run the test suite: installs the venvs if needed (scripts/install.sh --test, scripts/langgraph-venv.sh),
 # builds the bundled and tiny models once (cached under .models/), then runs pytest. Extra
 # arguments go to pytest.
 #   scripts/test.sh                 the whole suite
@@ -7,7 +7,7 @@
 #   S2S_SLOW=1 scripts/test.sh      include the long soak/load tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install.sh
+scripts/install.sh --test
 # The real LangGraph server for tests/test_langgraph_real.py, in a venv of its own. If it cannot
 # be installed, those tests fail and say why; the rest of the suite still runs.
 scripts/langgraph-venv.sh || echo "[test] scripts/langgraph-venv.sh failed: tests/test_langgraph_real.py will fail" >&2

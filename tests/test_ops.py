@@ -83,11 +83,31 @@ def test_p100_install_rejects_unknown_option():
     assert r.returncode == 2 and "unknown option" in r.stderr
 
 
+def _pins(name):
+    return [line.split("#", 1)[0].strip() for line in (ROOT / name).read_text().splitlines()
+            if line.split("#", 1)[0].strip()]
+
+
 def test_requirements_pins_are_exact():
-    for line in (ROOT / "requirements-speech.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            assert "==" in line, f"unpinned requirement: {line}"
+    for name in ("requirements-speech.txt", "requirements-test.txt"):
+        for line in _pins(name):
+            assert "==" in line, f"{name}: unpinned requirement: {line}"
+
+
+def test_runtime_requirements_carry_no_test_tools():
+    """A host (start-s2s.sh, the P100 script, a systemd install) gets the runtime only: no browser
+    automation, test runner or type checker."""
+    runtime = {p.split("==")[0].split("[")[0].lower() for p in _pins("requirements-speech.txt")}
+    tests = {p.split("==")[0].lower() for p in _pins("requirements-test.txt")}
+    assert {"pytest", "hypothesis", "mypy", "playwright", "axe-playwright-python", "jiwer"} <= tests
+    assert not runtime & {"pytest", "pytest-timeout", "hypothesis", "mypy", "playwright", "axe-playwright-python",
+                          "jiwer"}
+    assert not runtime & tests, runtime & tests
+    # Only the test command installs the test pins.
+    assert "scripts/install.sh --test" in (ROOT / "scripts" / "test.sh").read_text()
+    for script in ("start-s2s.sh", "install-speech-p100.sh"):
+        text = (ROOT / "scripts" / script).read_text()
+        assert "--test" not in text and "requirements-test" not in text, script
 
 
 def _tool(name):
