@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the whole stack without systemd: speech daemon, wait until it answers, bridge, print the
 # page URL. On a fresh clone it installs (scripts/install.sh) and assembles the bundled models
-# first. Ctrl-C (or SIGTERM) stops both.
+# first. Ctrl-C (or SIGTERM) stops both: the services run in sessions of their own (setsid), so
+# the terminal's Ctrl-C reaches this script alone, which stops them in order and says so.
 #
 # Every setting comes from the config (S2S_CONFIG, default etc/s2s.yaml); the seed's env vars
 # ASR_ENGINE, TTS_ENGINE, ASR_DEVICE, TTS_DEVICE override it there (daemon/config.py), not here.
@@ -58,7 +59,7 @@ daemon_log="$RUNTIME_DIRECTORY/s2s-speechd.log"
 # The daemon logs to this terminal and to $daemon_log (shown again if startup fails).
 # tee ignores SIGINT so that Ctrl-C (sent to the whole terminal group) still shows the daemon's
 # shutdown lines; it ends when the daemon closes its output.
-s2s-speechd > >(trap '' INT; exec tee -a "$daemon_log") 2>&1 &
+setsid s2s-speechd > >(trap '' INT; exec tee -a "$daemon_log") 2>&1 &
 daemon_pid=$!
 pids+=("$daemon_pid")
 say "waiting for the speech daemon to load its models (pid $daemon_pid)"
@@ -90,9 +91,10 @@ if ! s2s-bridge --probe-agent; then
     agent_args=(--agent echo)
   fi
 fi
-s2s-bridge "${agent_args[@]}" &
+setsid s2s-bridge "${agent_args[@]}" &
 pids+=($!)
 say "open http://$(python -c 'from daemon.config import load_config; b = load_config().bridge; print(f"{b.host}:{b.port}")')/  (Ctrl-C stops)"
+say "this daemon from another terminal: RUNTIME_DIRECTORY=$RUNTIME_DIRECTORY S2S_CONFIG=$S2S_CONFIG $VENV/bin/s2s-ctl health"
 # Returns when either process exits (or a signal arrives); the traps stop the other.
 st=0
 wait -n "${pids[@]}" || st=$?

@@ -227,6 +227,19 @@ def test_s2s_ctl_health_exits_0_and_prints_every_fallback(first_start):
         assert line in r.stdout, r.stdout
 
 
+def test_the_printed_s2s_ctl_line_reaches_this_daemon(first_start):
+    """The start script says how to reach its daemon from another terminal (its runtime directory
+    is not /run/s2s); the line works as printed, in a shell with nothing else set."""
+    lines = [l for l in first_start["term"].text().splitlines() if "this daemon from another terminal:" in l]
+    assert lines, first_start["term"].text()[-3000:]
+    command = lines[-1].split("this daemon from another terminal:", 1)[1].strip()
+    env = newcomer_env()
+    env["PYTHONPATH"] = f"{first_start['dir']}{os.pathsep}{env['PYTHONPATH']}"
+    env.pop("RUNTIME_DIRECTORY", None)
+    r = subprocess.run(["bash", "-c", command], cwd="/", env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "engine=kokoro+piper" in r.stdout, (command, r.stdout + r.stderr)
+
+
 def test_one_spoken_round_trip_in_mandarin(first_start, fixtures_dir):
     """A Mandarin sentence in, its transcript, and the reply spoken back (the bundled Mandarin voice)."""
     from websockets.sync.client import connect
