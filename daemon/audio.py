@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Union
+import logging
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
 from daemon.errors import AudioError
+
+logger = logging.getLogger(__name__)
 
 PCMInput = Union[bytes, bytearray, memoryview, np.ndarray]
 
@@ -80,3 +83,69 @@ def write_wav(path: str, pcm16: bytes, sample_rate: int) -> None:
         w.setsampwidth(2)
         w.setframerate(sample_rate)
         w.writeframes(pcm16)
+
+
+# Container formats an uploaded file may be in, told by its first bytes. Naming the demuxer
+# ourselves keeps FFmpeg's probe away from playlist formats (HLS, concat) that open other URLs.
+_MAGIC = (
+    (b"RIFF", 0, "wav"), (b"RF64", 0, "wav"), (b"fLaC", 0, "flac"), (b"OggS", 0, "ogg"),
+    (b"ID3", 0, "mp3"), (b"\x1a\x45\xdf\xa3", 0, "matroska"), (b"ftyp", 4, "mp4"),
+    (b"FORM", 0, "aiff"), (b"#!AMR", 0, "amr"), (b"caff", 0, "caf"),
+)
+AUDIO_FILE_FORMATS = "WAV, FLAC, MP3, Ogg (Opus, Vorbis), M4A/MP4, WebM/Matroska, AIFF, AAC, AMR, CAF"
+
+
+def audio_file_format(head: bytes) -> Optional[str]:
+    """The FFmpeg demuxer for a file starting with `head`, or None when it is none we read."""
+    for magic, at, fmt in _MAGIC:
+        if head[at:at + len(magic)] == magic:
+            return fmt
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        return "aac" if head[1] & 0x06 == 0 else "mp3"  # ADTS (layer 0) or an MPEG audio frame
+    return None
+
+
+def iter_audio_file(data: bytes, sample_rate: int = 16000, block_seconds: float = 1.0) -> Iterator[bytes]:
+    """Decode an audio file held in memory (any of AUDIO_FILE_FORMATS) with PyAV (FFmpeg) to
+    PCM16 mono at `sample_rate`, in blocks of about `block_seconds`, as it decodes.
+
+    AudioError (bad_audio) when the bytes are not such a file or hold no audio stream; a file
+    cut short yields what could be decoded (an error after some audio only ends it). Blocking:
+    run it off the event loop."""
+    import io
+
+    import av
+
+    fmt = audio_file_format(data[:16])
+    if fmt is None:
+        raise AudioError(f"not an audio file this server reads ({AUDIO_FILE_FORMATS})")
+    block = max(1, int(sample_rate * block_seconds)) * 2
+    buf = bytearray()
+    produced = False
+    try:
+        with av.open(io.BytesIO(data), mode="r", format=fmt) as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioError(f"the {fmt} file holds no audio stream")
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+            frames: Iterator[Any] = container.decode(stream)
+            while True:
+                try:
+                    frame = next(frames, None)
+                except av.FFmpegError:
+                    if not produced and not buf:
+                        raise
+                    logger.info("audio file: decoding stopped early (a truncated or damaged %s file)", fmt)
+                    frame = None
+                for out in resampler.resample(frame):
+                    buf += out.to_ndarray().tobytes()
+                while len(buf) >= block:
+                    produced = True
+                    yield bytes(buf[:block])
+                    del buf[:block]
+                if frame is None:
+                    break
+    except av.FFmpegError as e:
+        raise AudioError(f"cannot decode the {fmt} file: {e.strerror or type(e).__name__}") from None
+    if buf:
+        yield bytes(buf)

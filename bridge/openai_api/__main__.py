@@ -1,0 +1,95 @@
+"""s2s-openai: the OpenAI audio API in front of the speech daemon.
+
+    s2s-openai [--config FILE] [-v]
+
+Serves `openai_api.host`:`openai_api.port` and logs `serving http://HOST:PORT/v1` (the base URL
+clients are given). Connects to the daemon's sockets like the bridge; the daemon may start
+later or restart: requests meanwhile get 503. Refuses to listen beyond loopback without
+`openai_api.api_key`. READY for systemd once listening; SIGTERM/SIGINT stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import List, Optional
+
+from daemon.config import Config, ConfigError, load_config
+
+logger = logging.getLogger("bridge.openai_api")
+
+STOP_TIMEOUT = 5.0
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="s2s-openai", description="OpenAI audio API (/v1/audio/...) for s2s")
+    p.add_argument("--config", help="YAML config (default: $S2S_CONFIG, /etc/s2s/s2s.yaml, repo etc/s2s.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+async def serve(cfg: Config, stop: asyncio.Event) -> int:
+    from aiohttp import web
+
+    from bridge.daemon_link import DaemonLink
+    from bridge.openai_api.handler import Api
+    from daemon.notify import Notifier
+
+    link = DaemonLink(cfg)
+    await link.start()
+    api = Api(cfg, link)
+    await api.info.refresh(timeout=2.0, force=True)
+    runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=STOP_TIMEOUT)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.openai_api.host, cfg.openai_api.port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else cfg.openai_api.port
+        logger.info("serving http://%s:%d/v1", cfg.openai_api.host, port)
+        Notifier().ready(f"serving http://{cfg.openai_api.host}:{port}/v1")
+        await stop.wait()
+        logger.info("stopping: %d request(s) in progress", api.active)
+    finally:
+        await runner.cleanup()
+        await link.close()
+        Notifier().stopping()
+    return 0
+
+
+async def _main(cfg: Config) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await serve(cfg, stop)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"s2s-openai: config error: {e}", file=sys.stderr)
+        return 2
+    from bridge.auth import open_to_network_without_token
+
+    if open_to_network_without_token(cfg.openai_api.host, cfg.openai_api.api_key):
+        print(f"s2s-openai: config error: {cfg.source}: openai_api.api_key: must be set when openai_api.host "
+              f"({cfg.openai_api.host}) is not a loopback address: anyone who can reach it would use the daemon",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, cfg.logging.level),
+                        format=cfg.logging.format)
+    try:
+        return asyncio.run(_main(cfg))
+    except OSError as e:
+        logger.error("s2s-openai: cannot serve on %s:%d: %s", cfg.openai_api.host, cfg.openai_api.port, e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
