@@ -177,9 +177,10 @@ class Capacity:
             predicted, fit = self.load.predict(len(live) + 1)
             if predicted > lim.max_asr_load:
                 self.busy_open_load += 1
-                logger.info("open %s refused: %d streams predicted to load the ASR worker %.0f %% (%.3f per stream "
-                            "+ %.2f; measured %.0f %%; limits.max_asr_load=%g)", session_id, len(live) + 1,
-                            100 * predicted, fit.per_stream, fit.fixed, 100 * self.load.load, lim.max_asr_load)
+                logger.info("open %s refused: %d streams predicted to load the ASR worker %.0f %% (%.3f x N ^ %.2f; "
+                            "saturated at %s; measured %.0f %%; limits.max_asr_load=%g)", session_id, len(live) + 1,
+                            100 * predicted, fit.scale, fit.exponent, self.load.saturated_at, 100 * self.load.load,
+                            lim.max_asr_load)
                 raise S2SError(f"speech recognition is at capacity ({len(live)} real-time streams; one more is "
                                f"predicted to load it {predicted:.0%}, limits.max_asr_load={lim.max_asr_load:g}); "
                                f"retry later",

@@ -5,18 +5,24 @@ Pure code with an injected clock and busy-time source (tested with fake numbers)
 The worker's *load* is the fraction of wall time it spent running calls over the last window
 (`LOAD_WINDOW_SECONDS`), from `Worker.busy_s`. Each window also counts the streams that were
 sending audio through all of it, and the pair (streams, load) is one observation of the cost
-curve. With batching across sessions (daemon/asr_batch.py) that curve is not a line through the
-origin: a lone stream pays every per-call overhead alone, 24 streams share it, so the average
-cost per stream falls as streams are added. The model is a line `load = fixed + per_stream x N`
-fitted to recent observations (weighted least squares, each window's weight decaying by
-`DECAY`). With observations at one N only, the slope cannot be measured: the per-stream cost
-is then the smaller of the average and `limits.asr_stream_cost` (the configured marginal cost),
-and the rest of the measured load is the fixed part. Windows where the worker was saturated say
-only "at least this much": they are left out of the fit, but the fewest streams that saturated
-it while the streams fell behind real time are remembered, and no more streams than that are
-predicted to fit (until a window with as many streams is measured unsaturated, or for
-`SATURATION_MEMORY_SECONDS`); a saturated window with nobody behind (one long decode) is a
-burst, not a capacity.
+curve. With batching across sessions (daemon/asr_batch.py) that curve is concave: a lone stream
+pays every per-call overhead alone, 24 streams share it, so each added stream costs less than
+the one before. A straight line fitted at light load and extrapolated (what this module did
+first) refused half of what the worker could serve: after 1 and then 8 streams it admitted 17 of
+32 that a fresh daemon held at final p95 0.45 s. The model is now a power law
+`load = scale x N ** exponent`, fitted by weighted least squares in log-log to recent
+observations (each window's weight decaying by `DECAY`), with the exponent held between
+`MIN_EXPONENT` (strongly shared cost: the tiny FunASR engines measure about 0.5 from 1 to 48
+streams) and 1 (no sharing: a cost proportional to the streams, as Whisper's or a fake's). Where
+the observations span a single N the exponent cannot be measured and is taken at
+`MIN_EXPONENT`: the headroom the worker measured is spent at the rate a batching worker shows,
+and real saturation, not an extrapolation, says where it ends:
+
+Windows where the worker was saturated say only "at least this much": they are left out of the
+fit, but the fewest streams that saturated it while the streams fell behind real time are
+remembered, and no more streams than that are predicted to fit (until a window with as many
+streams is measured unsaturated, or for `SATURATION_MEMORY_SECONDS`); a saturated window with
+nobody behind (one long decode) is a burst, not a capacity.
 
 Only real-time streams are counted: a session sending faster than real time (a file being
 transcribed) takes whatever the worker has left, so a window in which one was sending is not
@@ -25,12 +31,13 @@ behind real time (the worker was catching up: its load belonged to earlier, busi
 
 Admission (`Capacity.admit_open`) asks `predict(streams after the new one)`, counting the
 streams opened but not measured yet too, so a burst of opens at one instant cannot all be
-admitted into a worker that then falls behind. Before anything has been measured the
-per-stream cost is `limits.asr_stream_cost`.
+admitted into a worker that then falls behind. Before anything has been measured each stream
+costs `limits.asr_stream_cost` (a straight line: what a fresh daemon admits at once).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -38,26 +45,40 @@ LOAD_WINDOW_SECONDS = 2.0
 DECAY = 0.85                 # weight kept by an observation per newer window
 SATURATED = 0.95             # a window this busy measured a floor, not the demand
 SATURATION_MEMORY_SECONDS = 30.0  # how long "N streams saturated it" holds as a ceiling
-MIN_SPREAD = 0.05            # variance of N below which the observations are "one N"
+MIN_SPREAD = 0.02            # variance of ln N below which the observations are "one N"
+MIN_EXPONENT = 0.5           # the most concave cost curve believed (and the one assumed at one N)
+MIN_LOAD = 1e-3              # a window's load is taken as at least this (logarithms)
 
 
 @dataclass
 class Fit:
-    fixed: float
-    per_stream: float
+    """load = scale x streams ** exponent."""
+
+    scale: float
+    exponent: float = 1.0
+
+    @property
+    def per_stream(self) -> float:
+        """What one stream alone costs (describe's `asr_stream_cost`)."""
+        return self.scale
+
+    @property
+    def fixed(self) -> float:
+        """No load without streams (describe's `asr_fixed_load`): the sharing is in the exponent."""
+        return 0.0
 
     def load(self, streams: int) -> float:
-        return self.fixed + self.per_stream * max(streams, 0)
+        return self.scale * max(streams, 0) ** self.exponent
 
     def capacity(self, max_load: float) -> int:
         """Real-time streams that fit under max_load by this fit (0: none, or no limit set)."""
-        if max_load <= 0 or self.per_stream <= 0:
+        if max_load <= 0 or self.scale <= 0:
             return 0
-        return max(0, int((max_load - self.fixed) / self.per_stream + 1e-9))
+        return max(0, int((max_load / self.scale) ** (1.0 / self.exponent) + 1e-9))
 
 
 class LoadModel:
-    """Measured worker load, and a fitted cost per real-time stream."""
+    """Measured worker load, and a fitted cost curve of real-time streams."""
 
     def __init__(self, busy: Callable[[], float], clock: Callable[[], float], prior: Callable[[], float]):
         self.busy = busy
@@ -66,7 +87,7 @@ class LoadModel:
         self.load = 0.0              # busy fraction over the last complete window
         self.window_start = clock()  # start of the window being measured now
         self._busy0 = busy()
-        self._sums = [0.0] * 5       # decayed sums: w, w*n, w*l, w*n*n, w*n*l
+        self._sums = [0.0] * 5       # decayed sums: w, w*x, w*y, w*x*x, w*x*y (x = ln N, y = ln load)
         self.observations = 0
         self.saturated_at: Optional[int] = None  # fewest streams seen saturating the worker
         self._saturated_seen = 0.0                # ... when last seen
@@ -100,31 +121,23 @@ class LoadModel:
 
     def observe(self, streams: int, load: float) -> None:
         s = [v * DECAY for v in self._sums]
-        n, ld = float(streams), float(load)
-        for i, v in enumerate((1.0, n, ld, n * n, n * ld)):
+        x, y = math.log(max(streams, 1)), math.log(max(load, MIN_LOAD))
+        for i, v in enumerate((1.0, x, y, x * x, x * y)):
             s[i] += v
         self._sums = s
         self.observations += 1
 
     def fit(self) -> Fit:
-        w, sn, sl, snn, snl = self._sums
-        prior = max(self.prior(), 1e-4)
+        w, sx, sy, sxx, sxy = self._sums
         if w <= 0:
-            return Fit(0.0, prior)
-        mn, ml = sn / w, sl / w
-        var = snn / w - mn * mn
-        if mn <= 0:
-            return Fit(0.0, prior)
-        if var < MIN_SPREAD:  # one N: the configured marginal cost, at most the average
-            per = min(ml / mn, prior)
-            return Fit(max(ml - per * mn, 0.0), max(per, 1e-4))
-        per = (snl / w - mn * ml) / var
-        if per <= 0:  # noise (or a cost that does not grow): charge the average
-            return Fit(0.0, max(ml / mn, 1e-4))
-        fixed = ml - per * mn
-        if fixed < 0:  # a line through the origin fits at least as well
-            return Fit(0.0, max(ml / mn, 1e-4))
-        return Fit(fixed, per)
+            return Fit(max(self.prior(), 1e-4), 1.0)
+        mx, my = sx / w, sy / w
+        var = sxx / w - mx * mx
+        if var < MIN_SPREAD:  # one N: the exponent cannot be measured
+            p = MIN_EXPONENT
+        else:
+            p = min(1.0, max(MIN_EXPONENT, (sxy / w - mx * my) / var))
+        return Fit(max(math.exp(my - p * mx), 1e-4), p)
 
     def predict(self, streams: int) -> Tuple[float, Fit]:
         """Predicted load with `streams` real-time streams, and the fit it came from."""

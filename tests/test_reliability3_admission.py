@@ -315,3 +315,26 @@ def test_fair_share_rule_with_a_fake_clock():
     t[0] += 2.0 + WAITING_SECONDS + 0.1  # b never came back
     f.check(b"a", {b"a": 31}, 32)
     assert f.refused == 2
+
+
+# --- item 12: s2s-bench capacity --warmup -------------------------------------------------------
+
+
+def test_bench_capacity_warmup_option():
+    import argparse as ap
+
+    from daemon.tools.bench import capacity as cap
+    from daemon.tools.bench.cli import parse_args
+
+    assert cap.parse_warmup("1,8") == [1, 8] and cap.parse_warmup("8, 1") == [8, 1]  # in order
+    for bad in ("", "0", "a"):
+        with pytest.raises(ap.ArgumentTypeError):
+            cap.parse_warmup(bad)
+    args = parse_args(["capacity", "--warmup", "1,8", "--streams", "32"])
+    assert args.warmup == [1, 8] and args.streams == [32]
+    assert parse_args(["capacity"]).warmup == []
+    point = cap.summarize(32, [], None, None, 1.0)
+    out = cap.print_capacity({"frame_ms": 60, "p95_limit_s": 1.0, "recordings": [{"id": "a", "seconds": 14.0}],
+                              "warmup": [dict(point, streams=1), dict(point, streams=8)], "points": [point],
+                              "holds_up_to": None})
+    assert "after a warm-up of 1 then 8 stream(s)" in out

@@ -4,6 +4,10 @@ One sweep point = N streams, each its own AsyncASRClient (its own DEALER), opene
 asyncio loop, sending a 11-19 s Mandarin recording in 60 ms frames on an absolute real-time
 schedule, then `finalize`. Per point: admitted / refused (`busy`), final latency after the end of
 the stream, partial cadence, daemon CPU seconds per audio second, errors by code.
+
+`--warmup 1,8` first serves those stream counts, in that order, the same way (reported under
+`warmup`, not part of the sweep): admission then runs on what it learned from light load, as a
+daemon in service would, not on a fresh daemon's prior (issue 23 item 12).
 """
 
 from __future__ import annotations
@@ -110,6 +114,17 @@ def parse_streams(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a comma list of stream counts: {text!r}") from None
     if not out or out[0] < 1:
         raise argparse.ArgumentTypeError(f"stream counts must be >= 1: {text!r}")
+    return out
+
+
+def parse_warmup(text: str) -> list[int]:
+    """`--warmup 1,8`: positive stream counts in the order given (argparse type)."""
+    try:
+        out = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of stream counts: {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"warm-up stream counts must be >= 1: {text!r}")
     return out
 
 
@@ -351,6 +366,13 @@ async def _warm_up(st: Stack, utt: Recording) -> None:
 async def _capacity(st: Stack, args: argparse.Namespace) -> dict[str, Any]:
     recs = cap_recordings(build_recordings(load_manifest(Path(args.manifest))), args.seconds)
     await _warm_up(st, recs[0])
+    warmup = []
+    for n in getattr(args, "warmup", None) or []:
+        await _wait_idle(st)
+        logger.info("capacity: warm-up N=%d", n)
+        w = await _point(st, n, recs, args.drain_timeout)
+        logger.info("capacity: warm-up N=%d -> %s", n, w)
+        warmup.append(w)
     points = []
     for n in args.streams:
         left = await _wait_idle(st)
@@ -363,7 +385,7 @@ async def _capacity(st: Stack, args: argparse.Namespace) -> dict[str, Any]:
         points.append(p)
     return {"frame_ms": round(FRAME_S * 1000), "p95_limit_s": CAPACITY_P95_S,
             "recordings": [{"id": r.id, "seconds": round(r.seconds, 2)} for r in recs],
-            "points": points, "holds_up_to": largest_holding(points)}
+            "warmup": warmup, "points": points, "holds_up_to": largest_holding(points)}
 
 
 def run_capacity(st: Stack, args: argparse.Namespace) -> dict[str, Any]:
@@ -380,8 +402,10 @@ def print_capacity(r: dict[str, Any]) -> str:
                      fmt(p["client_cpu_percent"]), fmt(p["daemon_max_lag_s"], digits=1), p["late_frames"],
                      _problems(p)])
     secs = ", ".join(f"{x['seconds']:g}" for x in r["recordings"])
+    warm = [w["streams"] for w in r.get("warmup") or []]
+    after = f"; after a warm-up of {' then '.join(map(str, warm))} stream(s)" if warm else ""
     t = table(f"Capacity: real-time ASR streams straight at the daemon ({r['frame_ms']} ms frames; recordings "
-              f"{secs} s)",
+              f"{secs} s{after})",
               ["N", "admitted", "busy", "final p50 s", "final p95 s", "partial gap p50 s", "p95 s",
                "CPU-s/audio-s", "daemon CPU %", "client CPU %", "max lag s", "late frames", "errors"], rows)
     n = r["holds_up_to"]

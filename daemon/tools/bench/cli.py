@@ -18,7 +18,7 @@ from daemon.tools.bench.stack import Stack, default_models, open_stack, stack_la
 from daemon.tools.bench.asr import _engine_transcribe, print_asr, print_ipc, run_asr, run_ipc
 from daemon.tools.bench.e2e import print_e2e, print_tts, run_e2e, run_tts
 from daemon.tools.bench.load import print_load, print_soak, run_load, run_soak
-from daemon.tools.bench.capacity import DEFAULT_STREAMS, parse_streams, print_capacity, run_capacity, stack_sessions
+from daemon.tools.bench.capacity import DEFAULT_STREAMS, parse_streams, parse_warmup, print_capacity, run_capacity, stack_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="load, capacity: seconds to wait, after a session stops, for its last final")
     s.add_argument("--streams", type=parse_streams, default=DEFAULT_STREAMS,
                    help=f"capacity: the sweep's concurrent stream counts (default {DEFAULT_STREAMS})")
+    s.add_argument("--warmup", type=parse_warmup, default=[],
+                   help="capacity: stream counts served first, in order and not measured (e.g. 1,8: the "
+                        "daemon has seen light load before the sweep)")
     s.add_argument("--speech-every", type=int, default=25,
                    help="soak: every Nth session speaks an utterance and waits for the reply (others send 0.5 s of "
                         "quiet audio)")
@@ -202,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run, show, bridge = RUNNERS[args.mode]
     t0 = time.monotonic()
-    sessions = {"load": args.sessions, "capacity": stack_sessions(args.streams)}.get(args.mode, 32)
+    sessions = {"load": args.sessions, "capacity": stack_sessions(args.streams + args.warmup)}.get(args.mode, 32)
     with open_stack(args, need_bridge=bridge, sessions=sessions) as st:
         print(f"s2s-bench {args.mode}: {st.label()}", flush=True)
         if st.info.get("fallbacks"):
