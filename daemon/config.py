@@ -240,6 +240,8 @@ class LimitsConfig:
     max_utterance_seconds: float = 30.0
     max_text_chars: int = 2000
     max_tts_queue: int = 32
+    # TTS requests one (peer, owner) may have queued; more get `busy` (that owner only).
+    max_tts_queue_per_owner: int = 8
     # Longest audio accepted in one ASR `audio` message, in seconds.
     max_chunk_seconds: float = 2.0
     # ASR admission: `open` answers `busy` while any session is this many seconds behind real
@@ -307,7 +309,7 @@ POSITIVE = (
     "bridge.login_timeout", "bridge.idle_timeout", "bridge.max_turns_per_minute", "bridge.max_reply_chars",
     "bridge.max_reply_tokens", "bridge.reply_timeout",
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
-    "limits.max_text_chars", "limits.max_tts_queue", "limits.max_chunk_seconds",
+    "limits.max_text_chars", "limits.max_tts_queue", "limits.max_tts_queue_per_owner", "limits.max_chunk_seconds",
     "limits.max_asr_lag", "limits.max_session_lag", "limits.asr_stream_cost",
     "wyoming.max_connections", "openai_api.max_upload_bytes", "openai_api.max_concurrent_requests",
     "asr.whisper.beam_size", "tts.kokoro.speed",

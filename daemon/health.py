@@ -105,7 +105,8 @@ class Health:
                        "asr_fixed_load": round(fit.fixed, 3),
                        "asr_stream_capacity": cap.load.capacity(cfg.limits.max_asr_load),
                        "asr_at_capacity": worst > cfg.limits.max_asr_lag,
-                       "tts_requests": len(self.tts)},
+                       "tts_requests": len(self.tts), "tts_owners": len(self.tts.per_owner),
+                       "tts_steps_waiting": len(self.tts.fair)},
             "limits": dataclasses.asdict(cfg.limits),
             "counters": counters,
         }

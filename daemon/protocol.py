@@ -32,6 +32,9 @@ MAX_HEADER_BYTES = 64 * 1024
 # The daemon's TTS queue is fair across (peer, owner); "" = the peer itself.
 MAX_OWNER_CHARS = 64
 ASR_SAMPLE_RATE = 16000
+# Frames of a request at the daemon's ROUTER: identity, empty delimiter, header, one binary
+# frame at most. A message of more is refused by its count while it is received.
+MAX_REQUEST_FRAMES = 4
 
 Frames = List[bytes]
 

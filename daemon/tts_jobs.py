@@ -7,6 +7,11 @@
 - **A job counts until its task ends** (`limits.max_tts_queue`): `cancel` answers at once and
   frees the request id, but the job is counted until its work has left the worker. A step
   still waiting in the worker's queue is withdrawn; one that is running finishes first.
+- **Fair across clients:** a job's worker steps wait in a `FairQueue`, one step on the worker at
+  a time, granted to the waiting (peer, owner) served least recently (the bridge is one peer
+  for many users and names each in `owner`): seven owners flooding long replies cannot delay
+  an eighth owner's sentence by more than the step running. One owner holds at most
+  `limits.max_tts_queue_per_owner` requests; more get `busy`, for that owner only.
 - **Every request ends in `done`, `cancelled` or `error`.** Audio, `done` and `error` go
   through `Transport.send_wait`: a client at its high-water mark is waited for; one that
   reads nothing for SEND_WAIT_SECONDS gets the job ended with an `error` (`timeout`).
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
@@ -35,6 +41,12 @@ logger = logging.getLogger(__name__)
 TTS_CHUNK_SECONDS = 1.0
 
 Key = Tuple[bytes, str]
+Owner = Tuple[bytes, str]  # (peer identity, Synthesize.owner)
+# Owners remembered for fairness (the least recently served are forgotten first).
+MAX_OWNERS = 4096
+# An owner's worker time counts for fairness with this time constant (seconds): a burst long ago
+# no longer holds an owner back.
+USAGE_DECAY_SECONDS = 30.0
 
 
 class _Stalled(Exception):
@@ -49,6 +61,95 @@ class TTSJob:
     cancelled: bool = False
     step: Optional["concurrent.futures.Future[Any]"] = None  # the worker call in flight
     started: float = field(default_factory=time.monotonic)
+    seq: int = 0
+    turn: Optional["asyncio.Future[bool]"] = None  # waiting in the FairQueue
+
+    @property
+    def owner(self) -> Owner:
+        return (self.key[0], self.request.owner)
+
+
+class FairQueue:
+    """The TTS worker's steps, one at a time, to the waiting owner that has had the least worker
+    time lately (seconds of steps, decaying with USAGE_DECAY_SECONDS): an owner new to the queue
+    goes next, flooders take turns among themselves. An owner's own steps go in request order.
+    `turn()` waits for the grant; `release()` after the step hands the worker on."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_owners: int = MAX_OWNERS):
+        self.clock = clock
+        self.max_owners = max_owners
+        self.busy = False
+        self.waiting: Dict[Owner, List[Tuple[int, "asyncio.Future[bool]"]]] = {}
+        self.usage: Dict[Owner, Tuple[float, float]] = {}  # (worker seconds, as of), least recent first
+        self._granted: Optional[Tuple[Owner, float]] = None
+
+    def __len__(self) -> int:
+        return sum(len(w) for w in self.waiting.values())
+
+    def used(self, owner: Owner, now: float) -> float:
+        value, at = self.usage.get(owner, (0.0, now))
+        return value * math.exp(-(now - at) / USAGE_DECAY_SECONDS)
+
+    async def turn(self, job: TTSJob) -> bool:
+        """True once the worker is this job's; False when the job was withdrawn (`withdraw`)."""
+        if not self.busy and not self.waiting:
+            self._grant(job.owner)
+            return True
+        fut: "asyncio.Future[bool]" = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(job.owner, []).append((job.seq, fut))
+        job.turn = fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.result():
+                self.release()  # granted as we were cancelled: hand it on
+            else:
+                self._forget(job.owner, fut)
+            raise
+        finally:
+            job.turn = None
+
+    def withdraw(self, job: TTSJob) -> None:
+        fut = job.turn
+        if fut is not None and not fut.done():
+            self._forget(job.owner, fut)
+            fut.set_result(False)
+
+    def release(self) -> None:
+        now = self.clock()
+        if self._granted is not None:
+            owner, since = self._granted
+            used = self.used(owner, now) + (now - since)
+            self.usage.pop(owner, None)
+            self.usage[owner] = (used, now)  # re-inserted: most recent last
+            while len(self.usage) > self.max_owners:
+                del self.usage[next(iter(self.usage))]
+            self._granted = None
+        self.busy = False
+        while self.waiting:
+            owner = min(self.waiting, key=lambda o: (self.used(o, now), min(w[0] for w in self.waiting[o])))
+            queue = self.waiting[owner]
+            queue.sort(key=lambda w: w[0])
+            _seq, fut = queue.pop(0)
+            if not queue:
+                del self.waiting[owner]
+            if fut.done():  # pragma: no cover - withdrawn futures are forgotten at once
+                continue
+            self._grant(owner)
+            fut.set_result(True)
+            return
+
+    def _grant(self, owner: Owner) -> None:
+        self.busy = True
+        self._granted = (owner, self.clock())
+
+    def _forget(self, owner: Owner, fut: "asyncio.Future[bool]") -> None:
+        queue = self.waiting.get(owner)
+        if queue is None:
+            return
+        queue[:] = [w for w in queue if w[1] is not fut]
+        if not queue:
+            del self.waiting[owner]
 
 
 class TTSJobs:
@@ -59,6 +160,9 @@ class TTSJobs:
         self.cfg = cfg
         self.active: Dict[Key, TTSJob] = {}  # cancel finds jobs here (not cancelled yet)
         self.running: Set[TTSJob] = set()    # counted against limits.max_tts_queue until the task ends
+        self.fair = FairQueue()
+        self.per_owner: Dict[Owner, int] = {}  # running jobs per owner (limits.max_tts_queue_per_owner)
+        self._seq = 0
         self.stopping = False
 
     def __len__(self) -> int:
@@ -93,15 +197,22 @@ class TTSJobs:
         if len(self.running) >= lim.max_tts_queue:
             raise S2SError(f"{len(self.running)} TTS requests queued (limits.max_tts_queue); retry later",
                            ErrorCode.BUSY, retry_after=1.0)
-        job = TTSJob((ident, msg.request_id), msg)
+        owner = (ident, msg.owner)
+        if self.per_owner.get(owner, 0) >= lim.max_tts_queue_per_owner:
+            raise S2SError(f"{self.per_owner[owner]} TTS requests of this client queued "
+                           f"(limits.max_tts_queue_per_owner); retry later", ErrorCode.BUSY, retry_after=1.0)
+        self._seq += 1
+        job = TTSJob((ident, msg.request_id), msg, seq=self._seq)
         self.active[job.key] = job
         self.running.add(job)
+        self.per_owner[owner] = self.per_owner.get(owner, 0) + 1
         job.task = asyncio.get_running_loop().create_task(self._run(job), name=f"tts-{msg.request_id}")
 
     def cancel(self, job: TTSJob) -> None:
         job.cancelled = True
         if self.active.get(job.key) is job:
             del self.active[job.key]
+        self.fair.withdraw(job)  # waiting for its turn: out of the queue at once
         if job.step is not None:
             job.step.cancel()  # withdrawn if it has not started; a running step finishes
 
@@ -121,18 +232,23 @@ class TTSJobs:
                 job.task.cancel()
 
     async def _step(self, job: TTSJob, fn: Callable[..., Any], *args: Any) -> Any:
-        if job.cancelled:
+        if job.cancelled or not await self.fair.turn(job):
             return None
-        fut = job.step = self.worker.submit("sentence", fn, *args)
         try:
-            return await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if job.cancelled and fut.cancelled() and not (task and task.cancelling()):
-                return None  # our own cancel withdrew the step
-            raise
+            if job.cancelled:
+                return None
+            fut = job.step = self.worker.submit("sentence", fn, *args)
+            try:
+                return await asyncio.wrap_future(fut)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if job.cancelled and fut.cancelled() and not (task and task.cancelling()):
+                    return None  # our own cancel withdrew the step
+                raise
+            finally:
+                job.step = None
         finally:
-            job.step = None
+            self.fair.release()
 
     async def _send(self, job: TTSJob, msg: P.Message) -> None:
         if not await self.transport.send_wait("tts", job.key[0], msg):
@@ -183,7 +299,13 @@ class TTSJobs:
         finally:
             if self.active.get(job.key) is job:
                 del self.active[job.key]
-            self.running.discard(job)
+            if job in self.running:
+                self.running.discard(job)
+                left = self.per_owner.get(job.owner, 1) - 1
+                if left > 0:
+                    self.per_owner[job.owner] = left
+                else:
+                    self.per_owner.pop(job.owner, None)
             if gen is not None and hasattr(gen, "close"):
                 try:
                     self.worker.submit("close", gen.close)

@@ -107,16 +107,20 @@ def test_a_message_of_millions_of_empty_frames_is_refused_while_received(tmp_pat
         attacker.setsockopt(zmq.SNDHWM, 0)
         n = 3_000_000
         frames: List[bytes] = [b"", header(type="ping", request_id="frames").encode()] + [b""] * n
-        slowest = [0.0]
+        slowest = {"asr": 0.0, "tts": 0.0}
         stop = threading.Event()
 
-        def pinger(endpoint: str) -> None:
-            with TTSClient(endpoint, timeout=5) as c:
+        def pinger(which: str, endpoint: str) -> None:
+            with TTSClient(endpoint, timeout=20) as c:
                 while not stop.is_set():
-                    slowest[0] = max(slowest[0], c.ping())
+                    try:
+                        slowest[which] = max(slowest[which], c.ping())
+                    except DaemonError:
+                        slowest[which] = float("inf")
+                        return
                     time.sleep(0.05)
 
-        pingers = [threading.Thread(target=pinger, args=(ep,)) for ep in (p.asr, p.tts)]
+        pingers = [threading.Thread(target=pinger, args=a) for a in (("asr", p.asr), ("tts", p.tts))]
         idle = stats(p.proc.pid)["rss_kb"]
         peak = [idle]
 
@@ -131,10 +135,8 @@ def test_a_message_of_millions_of_empty_frames_is_refused_while_received(tmp_pat
         t0 = time.monotonic()
         try:
             time.sleep(0.3)
-            attacker.send_multipart(frames, copy=False)
+            attacker.send_multipart(frames)
             m = recv_reply(attacker, 60.0)
-            assert isinstance(m, P.Error) and m.code == ErrorCode.BAD_REQUEST.value, m
-            assert "frames" in m.message and m.request_id == "frames", m
             ping(attacker)  # the same peer is served again
         finally:
             stop.set()
@@ -143,13 +145,88 @@ def test_a_message_of_millions_of_empty_frames_is_refused_while_received(tmp_pat
         t1 = time.monotonic()
         attacker.close()
         ctx.term()
-        assert slowest[0] < 1.0, f"a ping waited {slowest[0]:.2f} s during the attack"
+        print(f"frames attack: slowest ping {slowest}, watchdog gap "
+              f"{gaps(p.notify.times('WATCHDOG=1'), t0, t1):.3f} s, rss {idle} -> {peak[0]} kB, {t1 - t0:.1f} s")
+        assert slowest["asr"] < 1.0, f"a ping waited {slowest['asr']:.2f} s during the attack"
+        # On the attacked socket a multipart message is read whole before the next one (libzmq):
+        # other peers wait for the drain, about 1 us a frame, not for the frames to be built.
+        assert slowest["tts"] < n * 3e-6, f"a ping on the attacked socket waited {slowest['tts']:.2f} s"
         assert gaps(p.notify.times("WATCHDOG=1"), t0, t1) < watchdog_gap_limit(usec)
-        assert peak[0] < 2 * idle, (idle, peak[0])
+        # libzmq holds a multipart message whole before the first frame can be read (a msg_t of
+        # 64 bytes a frame, ~190 MB for 3 million): the daemon keeps none of it on top.
+        assert (peak[0] - idle) * 1024 < 100 * n, (idle, peak[0])
+        # One error back, naming the frame count.
+        assert isinstance(m, P.Error) and m.code == ErrorCode.BAD_REQUEST.value, m
+        assert "frames" in m.message and m.request_id == "frames", m
         lines = [l for l in p.log().splitlines() if "frames" in l]
         assert len(lines) == 1, lines
         with TTSClient(p.tts, timeout=5) as c:
             assert c.describe()["counters"]["too_many_frames"] == 1
+        round_trip(p)
+    finally:
+        p.stop()
+
+
+# 9 --------------------------------------------------------------------------------------------
+
+
+def test_flooding_owners_of_one_peer_never_delay_another_owners_sentence(tmp_path, models_dir):
+    """The bridge is one peer for many users: seven of its users (owners) with long replies and
+    an eighth user's short sentence. FIFO made the eighth wait behind a step of every queued
+    request; the fair queue serves the owner served least recently first."""
+    usec = 1_000_000
+    per_owner = 3
+    p = DaemonProcess(tmp_path, {"models_root": str(models_dir),
+                                 "limits": {"max_tts_queue_per_owner": per_owner}}, watchdog_usec=usec)
+    p.wait_ready(30)
+    try:
+        ctx = zmq.Context()
+        bridge = raw(ctx, p.tts)  # one peer, many owners
+        long_text = " ".join(f"[slow] sentence {i}." for i in range(12))  # 12 x 0.3 s of worker time
+        for o in range(7):
+            for r in range(per_owner):
+                bridge.send_multipart([b""] + P.Synthesize(request_id=f"flood{o}-{r}", text=long_text,
+                                                           owner=f"c{o}").encode())
+        # One request more for an owner at its bound: busy, for that owner only.
+        bridge.send_multipart([b""] + P.Synthesize(request_id="over", text="x.", owner="c0").encode())
+        time.sleep(5.0)  # the flood is on the worker: each flooding owner has been served twice
+        t0 = time.monotonic()
+        bridge.send_multipart([b""] + P.Synthesize(request_id="typed", text="[slow] Hi there.",
+                                                   owner="c7").encode())
+        first_audio = done = None
+        busy = None
+        slowest = 0.0
+        with TTSClient(p.tts, timeout=5) as pinger:
+            deadline = time.monotonic() + 30
+            while done is None and time.monotonic() < deadline:
+                if not bridge.poll(50):
+                    slowest = max(slowest, pinger.ping())
+                    continue
+                m = P.decode_reply(P.split_dealer(bridge.recv_multipart()))
+                rid = getattr(m, "request_id", "")
+                if rid == "over" and isinstance(m, P.Error):
+                    busy = m
+                elif rid == "typed":
+                    assert not isinstance(m, P.Error), m
+                    if isinstance(m, P.SynthAudio) and first_audio is None:
+                        first_audio = time.monotonic() - t0
+                    if isinstance(m, P.Done):
+                        done = time.monotonic() - t0
+            slowest = max(slowest, pinger.ping())
+        t1 = time.monotonic()
+        print(f"fairness: the eighth owner's first audio after {first_audio:.2f} s, done after {done:.2f} s; "
+              f"slowest ping {slowest:.3f} s")
+        assert busy is not None and busy.code == ErrorCode.BUSY.value and "per_owner" in busy.message, busy
+        # Its step waits for at most the step running (0.3 s), then runs its own (0.3 s).
+        assert first_audio is not None and first_audio < 1.0, first_audio
+        assert done is not None and done < 1.5, done
+        assert slowest < 1.0
+        assert gaps(p.notify.times("WATCHDOG=1"), t0, t1) < watchdog_gap_limit(usec)
+        for o in range(7):  # the flooders are served too (cancelled here to end the test)
+            for r in range(per_owner):
+                bridge.send_multipart([b""] + P.Cancel(request_id=f"flood{o}-{r}").encode())
+        bridge.close()
+        ctx.term()
         round_trip(p)
     finally:
         p.stop()
