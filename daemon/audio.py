@@ -1,4 +1,6 @@
-"""PCM helpers shared by engines, daemon and bridge: validation, conversion, resampling."""
+"""PCM helpers shared by engines, daemon and bridge: validation, conversion, resampling, and
+reading audio files of any common format (`read_audio`: PCM16 WAV with the stdlib, the rest
+with PyAV, installed with faster-whisper)."""
 
 from __future__ import annotations
 
@@ -73,6 +75,62 @@ def read_wav(path: str) -> "tuple[np.ndarray, int]":
     if ch > 1:
         x = x.reshape(-1, ch).mean(axis=1)
     return x, sr
+
+
+def read_audio(path: str, rate: int) -> np.ndarray:
+    """Any common audio file (WAV, MP3, OGG, FLAC, Opus, M4A, ...) as float32 mono at `rate`.
+
+    Raises AudioError whose message names the file and the problem in one line: a directory, a
+    missing or unreadable file, a file that is not audio or is damaged, no audio in it."""
+    import wave
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    if not p.exists():
+        raise AudioError(f"{path}: no such file")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise AudioError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        x, sr = read_wav(path)
+    except (wave.Error, EOFError, AudioError, ValueError):
+        x, sr = _decode(path, rate), rate  # not PCM16 WAV: let FFmpeg read it
+    if x.size == 0:
+        raise AudioError(f"{path}: no audio in the file")
+    return resample(x, sr, rate)
+
+
+def _decode(path: str, rate: int) -> np.ndarray:
+    """PyAV (FFmpeg): the first audio stream, resampled to float mono at `rate`."""
+    try:
+        import av
+    except ImportError:
+        raise AudioError(f"{path}: not a PCM16 WAV file, and PyAV (pip install av) is not installed to read "
+                         f"other formats") from None
+    chunks: "list[np.ndarray]" = []
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise AudioError(f"{path}: no audio stream in the file ({container.format.name})")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in container.decode(container.streams.audio[0]):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except av.error.FFmpegError as e:
+        done = sum(len(c) for c in chunks) / rate
+        where = f" after {done:.1f} s" if chunks else ""
+        why = getattr(e, "strerror", None) or str(e)
+        raise AudioError(f"{path}: not a readable audio file{where} ({why})") from None
+    x = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
+    if x.size and not np.isfinite(x).all():
+        raise AudioError(f"{path}: the decoded audio has NaN or infinite samples")
+    return x
 
 
 def write_wav(path: str, pcm16: bytes, sample_rate: int) -> None:

@@ -1,7 +1,7 @@
 """s2s-ctl: talk to a running speech daemon.
 
     s2s-ctl [--config FILE | --asr EP --tts EP] health [--json] [--strict]
-    s2s-ctl transcribe FILE.wav [--lang zh] [--stream] [--json]
+    s2s-ctl transcribe FILE [--lang zh] [--stream] [--json]   (WAV, MP3, OGG, FLAC, ...: any PyAV reads)
     s2s-ctl speak TEXT -o out.wav [--lang zh] [--speed 1.0]
     s2s-ctl sessions
 """
@@ -139,10 +139,16 @@ def _fmt(m: P.Message) -> Optional[str]:
 
 
 def cmd_transcribe(args: argparse.Namespace, eps: Dict[str, str]) -> int:
-    from daemon.audio import float_to_pcm16, read_wav
+    from daemon.audio import float_to_pcm16, read_audio
+    from daemon.errors import AudioError
 
-    x, sr = read_wav(args.file)
-    pcm = float_to_pcm16(x) if x.size else b""
+    sr = P.ASR_SAMPLE_RATE
+    try:
+        x = read_audio(args.file, sr)
+    except AudioError as e:  # one line: the file and the problem
+        print(f"s2s-ctl: transcribe: {e}", file=sys.stderr)
+        return 2
+    pcm = float_to_pcm16(x)
     step = int(sr * CHUNK_SECONDS) * 2
     events: List[P.Message] = []
 
@@ -239,7 +245,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     h = sub.add_parser("health", help="ping both sockets and print the daemon's info")
     h.add_argument("--json", action="store_true")
     h.add_argument("--strict", action="store_true", help="exit 1 when the daemon runs on any fallback")
-    t = sub.add_parser("transcribe", help="transcribe a WAV file (PCM16; any rate, resampled by the daemon)")
+    t = sub.add_parser("transcribe", help="transcribe an audio file (WAV, MP3, OGG, FLAC, Opus, M4A, ...: "
+                                          "decoded by PyAV, sent as 16 kHz mono); exit 2 if it cannot be read")
     t.add_argument("file")
     t.add_argument("--lang", choices=("zh", "en", "auto"), default=None)
     t.add_argument("--stream", action="store_true", help="send in real time and show partials")
