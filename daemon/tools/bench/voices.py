@@ -47,6 +47,11 @@ MIXED_SENTENCES = (
 LATIN = re.compile(r"[A-Za-z]+")
 
 
+def _letters(text: str) -> str:
+    """Latin letters only, lower case: "Wi-Fi" is heard as "WiFi"."""
+    return "".join(LATIN.findall(text)).lower()
+
+
 def _listener(models: Path) -> Any:
     from faster_whisper import WhisperModel
 
@@ -75,6 +80,7 @@ def run_voices(models: Path, voices: Sequence[str], threads: int = 0) -> Dict[st
             engine.shutdown()
             continue
         edits = total = 0
+        by_kind = {"zh": [0, 0], "mixed": [0, 0]}
         not_zh: List[str] = []
         english_kept = english_total = 0
         synth_s = audio_s = 0.0
@@ -87,14 +93,19 @@ def run_voices(models: Path, voices: Sequence[str], threads: int = 0) -> Dict[st
             heard = _hear(listener, pcm)
             e, n = cer_counts(text, heard["text"])
             edits, total = edits + e, total + n
+            kind = by_kind["mixed" if LATIN.search(text) else "zh"]
+            kind[0], kind[1] = kind[0] + e, kind[1] + n
             if heard["language"] != "zh":
                 not_zh.append(text)
+            letters = _letters(heard["text"])
             for word in LATIN.findall(text):
                 english_total += 1
-                english_kept += word.lower() in heard["text"].lower()
+                english_kept += _letters(word) in letters
             per.append({"text": text, "heard": heard["text"], "language": heard["language"], "cer": e / n if n else 0})
         engine.shutdown()
         rows[voice] = {"cer": edits / total if total else None, "not_chinese": not_zh,
+                       "cer_zh": by_kind["zh"][0] / max(1, by_kind["zh"][1]),
+                       "cer_mixed": by_kind["mixed"][0] / max(1, by_kind["mixed"][1]),
                        "english_words_kept": english_kept, "english_words": english_total,
                        "synth_s_per_audio_s": synth_s / audio_s if audio_s else None, "sentences": per}
     ranked = sorted((v for v in rows if not rows[v].get("missing")), key=lambda v: rows[v]["cer"])
@@ -105,12 +116,14 @@ def print_voices(r: Dict[str, Any]) -> str:
     out = []
     for v in r["ranked"]:
         row = r["voices"][v]
-        out.append([v, fmt(row["cer"] * 100, " %"), f"{r['sentences'] - len(row['not_chinese'])}/{r['sentences']}",
+        out.append([v, fmt(row["cer"] * 100, " %"), fmt(row["cer_zh"] * 100, " %"), fmt(row["cer_mixed"] * 100, " %"),
+                    f"{r['sentences'] - len(row['not_chinese'])}/{r['sentences']}",
                     f"{row['english_words_kept']}/{row['english_words']}", fmt(row["synth_s_per_audio_s"], "", 2)])
     missing = [v for v, row in r["voices"].items() if row.get("missing")]
     note = f"\n  not bundled (spoken by {r['voices'][missing[0]]['spoken_by']}): {', '.join(missing)}" if missing else ""
     return table("Kokoro voices heard back by Whisper base (held-out sentences, language detected)",
-                 ["voice", "CER", "detected zh", "English words kept", "synth s / audio s"], out) + note
+                 ["voice", "CER", "CER Mandarin", "CER mixed", "detected zh", "English words kept", "synth s / audio s"],
+                 out) + note
 
 
 def main(argv: Optional[List[str]] = None) -> int:
