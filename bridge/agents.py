@@ -22,7 +22,8 @@ Every failure is an `AgentError` with a stable code (``timeout``, ``unavailable`
 ``agent_error``, ``bad_reply``, ``empty_reply``) and a one-line message safe to show a user.
 `agent.timeout` bounds the wait for the first token and between tokens, `stream_reply`'s
 `total` (bridge.reply_timeout) the whole reply. An answer that is not an event stream (a
-plain JSON body, an HTML error page) is ``bad_reply``, never an empty reply. Cancelling the
+plain JSON body, an HTML error page) is ``bad_reply``, never an empty reply; so is an SSE
+line or event longer than MAX_SSE_LINE (the line buffer is bounded). Cancelling the
 consumer (barge-in, the reply cap) closes the HTTP stream, so the agent server sees the
 disconnect (a LangGraph run is asked with ``on_disconnect: cancel``: the server stops it).
 `Conversation.discard()` forgets the last reply when it was speculative and never shown (a
@@ -67,21 +68,60 @@ class AgentError(Exception):
 # --- SSE ----------------------------------------------------------------------------------
 
 
-async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[Tuple[str, str]]:
+# Longest SSE line, and longest data of one event, taken from an agent (characters). Past it the
+# reply is `bad_reply` at once: a line is buffered until its end, so an agent that never ends
+# one would otherwise grow the bridge without bound.
+MAX_SSE_LINE = 1 << 20
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _too_long(what: str, limit: int) -> AgentError:
+    return AgentError("bad_reply", f"the agent sent an event stream {what} longer than {limit} characters")
+
+
+async def sse_lines(chunks: AsyncIterator[str], limit: int = MAX_SSE_LINE) -> AsyncIterator[str]:
+    """Lines (without their ends: CRLF, LF or CR) from text chunks, like httpx's aiter_lines,
+    but a line longer than `limit` is an AgentError (bad_reply) as soon as it is."""
+    parts: List[str] = []
+    size = 0
+    after_cr = False
+    async for chunk in chunks:
+        if after_cr and chunk.startswith("\n"):
+            chunk = chunk[1:]  # the LF of a CRLF split across two chunks
+        after_cr = chunk.endswith("\r")
+        pieces = _LINE_END.split(chunk)
+        for piece in pieces[:-1]:
+            if size + len(piece) > limit:
+                raise _too_long("line", limit)
+            parts.append(piece)
+            yield "".join(parts)
+            parts, size = [], 0
+        size += len(pieces[-1])
+        if size > limit:
+            raise _too_long("line", limit)
+        if pieces[-1]:
+            parts.append(pieces[-1])
+    if parts:
+        yield "".join(parts)
+
+
+async def iter_sse(lines: AsyncIterator[str], limit: int = MAX_SSE_LINE) -> AsyncIterator[Tuple[str, str]]:
     """(event, data) per Server-Sent Event from an iterator of lines (without newlines).
 
     Follows the HTML spec's parsing: ``field: value`` with one optional space, several
     ``data`` lines joined by newlines, comments (``:``) ignored, the event dispatched at a
-    blank line; the default event name is ``message``.
+    blank line; the default event name is ``message``. An event whose data is longer than
+    `limit` is an AgentError (bad_reply).
     """
     event = ""
     data: List[str] = []
+    size = 0
     async for line in lines:
         line = line.rstrip("\r")
         if not line:
             if data or event:
                 yield (event or "message", "\n".join(data))
-            event, data = "", []
+            event, data, size = "", [], 0
             continue
         if line.startswith(":"):
             continue
@@ -91,6 +131,9 @@ async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[Tuple[str, str]]:
         if name == "event":
             event = value
         elif name == "data":
+            size += len(value) + 1
+            if size > limit:
+                raise _too_long("event", limit)
             data.append(value)
         # id / retry: not needed (no resume)
     if data:
@@ -428,7 +471,7 @@ class LangGraphConversation(Conversation):
                 _check_event_stream(r)
                 parser = LangGraphStreamParser()
                 self.run_id, self.run_ended = _run_id(r.headers.get("content-location", "")), False
-                async for event, data in iter_sse(r.aiter_lines()):
+                async for event, data in iter_sse(sse_lines(r.aiter_text())):
                     if event == "metadata" and not self.run_id:
                         self.run_id = _metadata_run_id(data)
                     delta = parser.feed(event, data)
@@ -582,7 +625,7 @@ class OpenAIConversation(Conversation):
                     await r.aread()
                     r.raise_for_status()
                 _check_event_stream(r)
-                async for _event, data in iter_sse(r.aiter_lines()):
+                async for _event, data in iter_sse(sse_lines(r.aiter_text())):
                     delta = openai_delta(data)
                     if delta is None:
                         break

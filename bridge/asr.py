@@ -6,6 +6,10 @@ steps (`BATCH_BYTES`), the rest on `stop`, so a session costs the daemon 5 messa
 instead of 25. Arrival times are kept per browser frame, so the speech end -> final latency
 still counts from when the audio reached the bridge.
 
+Each connection's audio is budgeted (`AudioBudget`: bridge.audio_burst_seconds ahead of real
+time, then bridge.max_audio_speed times real time); what runs further ahead is dropped with a
+`busy` error for that connection only, so a flood cannot fill the daemon link all share.
+
 The pump reads the session's events and turns them into page events; `on_activity` (speech
 start, a non-empty partial: barge-in), `on_final` (a turn) and `on_tentative` (a speculative
 turn; the session asks the daemon for `tentative`/`resume` when `turn.speculate` is on) are the
@@ -22,6 +26,7 @@ from typing import Any, Awaitable, Callable, Deque, Dict, Optional, Tuple
 
 from websockets.exceptions import ConnectionClosed
 
+from bridge.auth import AudioBudget
 from bridge.context import Context
 from bridge.wire import ClientTooSlow, Events
 from daemon import protocol as P
@@ -37,6 +42,8 @@ DAEMON_CHUNK_BYTES = INPUT_RATE * 2  # 1 s
 # Audio arrival marks kept for the speech-end -> final latency (40 ms chunks: ~2 minutes).
 MAX_MARKS = 3000
 OPEN_TIMEOUT = 5.0
+# Audio refused for running ahead of real time is said to the page at most this often.
+REFUSAL_EVERY = 5.0
 
 
 class Recognizer:
@@ -59,6 +66,9 @@ class Recognizer:
         self.pending = bytearray()       # audio not forwarded yet (less than one batch)
         self.warned_not_started = False
         self.last_daemon_error = 0.0
+        bc = ctx.cfg.bridge
+        self.budget = AudioBudget(bc.audio_burst_seconds, bc.max_audio_speed)
+        self.last_refusal = 0.0
         self.stats: Dict[str, int] = collections.Counter()
 
     # --- control ----------------------------------------------------------------------
@@ -133,6 +143,9 @@ class Recognizer:
                 self.warned_not_started = True
                 await self.events.error("not_started", "send a start message before audio")
             return
+        if not self.budget.take(len(pcm) / 2 / INPUT_RATE):
+            await self._refuse_fast(len(pcm))
+            return
         if self.stream is None or self.stream.closed:
             # The daemon closed the session (idle timeout, restart): open a new one.
             if not await self._open():
@@ -145,6 +158,18 @@ class Recognizer:
         self.pending += pcm
         if len(self.pending) >= BATCH_BYTES:
             await self._forward()
+
+    async def _refuse_fast(self, nbytes: int) -> None:
+        """Audio beyond the connection's budget: dropped, said at most every REFUSAL_EVERY seconds."""
+        self.stats["audio_refused"] += 1
+        self.stats["audio_bytes_refused"] += nbytes
+        now = time.monotonic()
+        if now - self.last_refusal > REFUSAL_EVERY:
+            self.last_refusal = now
+            b = self.budget
+            await self.events.error("busy", f"audio is arriving faster than real time: more than {b.burst:g} s ahead, "
+                                    f"then more than {b.speed:g}x real time (bridge.audio_burst_seconds, "
+                                    "bridge.max_audio_speed); the excess is dropped", "asr")
 
     async def _forward(self, final: bool = False) -> None:
         """Send the whole batches pending (everything when `final`)."""

@@ -10,8 +10,11 @@
   agree) needs allowed_origins. Requests without an Origin header are not a browser's; a
   local process can send any header it likes, so against those only the token protects: the
   bridge refuses to listen beyond loopback without one (`open_to_network_without_token`).
-- Limits: connections per IP address (`AddressCap`) and agent turns per minute per
-  connection (`TurnRate`).
+- Limits: connections per network (`AddressCap`, keyed by `network_key`: an IPv4 address, an
+  IPv6 /64, all of loopback as one, so 127.0.0.2-17 or the addresses of one /64 are one
+  network), connections waiting to log in (`PendingLogins`, a budget of their own: they never
+  count against bridge.max_connections), agent turns per minute per connection (`TurnRate`)
+  and the audio a connection may send (`AudioBudget`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import hmac
 import ipaddress
 import socket
 import time
-from typing import Callable, Deque, Dict, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, Optional, Sequence
 from urllib.parse import urlsplit
 
 
@@ -97,8 +100,24 @@ def origin_allowed(origin: Optional[str], host: Optional[str], allowed: Sequence
             and own_host(host, bind_host))
 
 
+def network_key(address: str) -> str:
+    """What the per-address caps count: an IPv4 address (a mapped one too), an IPv6 /64 (what
+    one subscriber gets), "loopback" for every loopback address; anything else as given."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
 class AddressCap:
-    """Open connections per remote IP address, at most `limit` each."""
+    """Open connections per network (`network_key`), at most `limit` each."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -118,6 +137,50 @@ class AddressCap:
             self.open.pop(address, None)
 
 
+class PendingLogins:
+    """Connections that have not sent the token yet: at most `limit` in all and `per_network`
+    from one network. One more is always let in; to make room, the longest waiting of its own
+    network goes when that network has its share, else (all taken) the longest waiting of the
+    network with the most. So connections that never log in only push each other out: a login
+    gets a slot and keeps it for as long as the others need to make `per_network` new ones."""
+
+    def __init__(self, limit: int, per_network: int):
+        self.limit = limit
+        self.per_network = max(1, min(per_network, limit))
+        self._by_net: Dict[str, Dict[Any, None]] = {}   # network -> its waiting, oldest first
+        self._net: Dict[Any, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._net)
+
+    def __contains__(self, conn: Any) -> bool:
+        return conn in self._net
+
+    def add(self, network: str, conn: Any) -> Optional[Any]:
+        """Count `conn` as waiting; returns the connection to close to make room, or None."""
+        mine = self._by_net.get(network)
+        victim = None
+        if mine is not None and len(mine) >= self.per_network:
+            victim = next(iter(mine))
+        elif len(self._net) >= self.limit:
+            victim = next(iter(max(self._by_net.values(), key=len)))
+        if victim is not None:
+            self.remove(victim)
+        self._by_net.setdefault(network, {})[conn] = None
+        self._net[conn] = network
+        return victim
+
+    def remove(self, conn: Any) -> bool:
+        network = self._net.pop(conn, None)
+        if network is None:
+            return False
+        mine = self._by_net[network]
+        del mine[conn]
+        if not mine:
+            del self._by_net[network]
+        return True
+
+
 class TurnRate:
     """At most `per_minute` turns in any 60 s window (a sliding log: exact, and tiny at these rates)."""
 
@@ -135,4 +198,27 @@ class TurnRate:
         if len(self._times) >= self.per_minute:
             return False
         self._times.append(now)
+        return True
+
+
+class AudioBudget:
+    """Seconds of audio a connection may send: `burst` ahead of real time, refilled at `speed`
+    times real time (a token bucket). A real-time page never runs out; a flood gets its excess
+    refused instead of filling the daemon link every connection shares."""
+
+    def __init__(self, burst: float, speed: float, clock: Callable[[], float] = time.monotonic):
+        self.burst = burst
+        self.speed = speed
+        self.clock = clock
+        self.left = burst
+        self._at = clock()
+
+    def take(self, seconds: float) -> bool:
+        """Whether `seconds` of audio fit now (taken from the budget if so)."""
+        now = self.clock()
+        self.left = min(self.burst, self.left + (now - self._at) * self.speed)
+        self._at = now
+        if seconds > self.left:
+            return False
+        self.left -= seconds
         return True

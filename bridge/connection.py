@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from websockets.exceptions import ConnectionClosed
 
@@ -43,8 +43,13 @@ class _Events(Events):
 
 
 class Connection:
-    def __init__(self, ws: Any, ctx: Context, conn_id: str):
+    """`on_login` (when a token is configured) is asked when the right token arrives: None lets
+    the connection in, a reason refuses it (closed with 1013, like a refusal at accept)."""
+
+    def __init__(self, ws: Any, ctx: Context, conn_id: str,
+                 on_login: Optional[Callable[[], Optional[str]]] = None):
         self.ws = ws
+        self.on_login = on_login
         self.ctx = ctx
         self.id = conn_id
         bc = ctx.cfg.bridge
@@ -168,6 +173,9 @@ class Connection:
             if kind not in ("start", "text") or not check_token(self.ctx.cfg.bridge.token, token):
                 await self.events.error("unauthorized", "missing or wrong token")
                 raise CloseConnection(1008, "unauthorized")
+            refused = self.on_login() if self.on_login is not None else None
+            if refused:
+                raise CloseConnection(1013, refused)
             self.authed = True
         if kind == "start":
             await self._on_start(msg)

@@ -11,6 +11,11 @@ The daemon ties sessions to the peer's identity: one identity for the whole brid
 bridge closes each browser's ASR session itself (`close` when the browser goes) and a TTS
 request is cancelled when its iterator is left (daemon.client).
 
+A daemon that is down is `unavailable` at once (`check`, before every open and synthesis):
+its socket file is missing, or the client's socket monitor saw the connects refused (a daemon
+killed with -9 leaves its socket file behind). ZeroMQ goes on connecting every 0.1 s, so a
+daemon started again is used as soon as it listens, without a bridge restart.
+
 The asyncio client reconnects its socket after a request times out (to drop what was queued
 for a daemon that went away). Shared, that would fail every other browser's requests in
 flight, so the shared clients are made with `reconnect_on_timeout=False`: ZeroMQ reconnects to
@@ -49,11 +54,17 @@ class DaemonLink:
         await self.tts.close()
 
     def check(self, which: str) -> None:
-        """DaemonError(unavailable) at once when nothing can be listening (a missing ipc socket file)."""
+        """DaemonError(unavailable) at once when nothing can be listening: a missing ipc socket
+        file, or one nobody listens on (a daemon killed with -9 leaves it behind; ZeroMQ would
+        queue requests for it and say nothing): its socket monitor saw the connects refused.
+        A stopped (hung) daemon still accepts connections: its requests time out instead."""
         client = self.asr if which == "asr" else self.tts
         why = missing_endpoint(client.endpoint)
         if why:
             raise DaemonError(why, ErrorCode.UNAVAILABLE)
+        if client.reachable is False:
+            raise DaemonError(f"the speech daemon at {client.endpoint} is not running (its connection is refused; "
+                              "is s2s-speechd running?)", ErrorCode.UNAVAILABLE)
 
     async def ping(self, which: str, timeout: float) -> float:
         self.check(which)

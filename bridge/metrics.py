@@ -1,7 +1,8 @@
 """The bridge's Prometheus metrics (`GET /metrics`), on a registry of its own.
 
 Bridge series (prefix `s2s_bridge_`): connections (total, open), refused connections by
-reason, closed connections by reason, turns by source, speculative turns by outcome, errors by
+reason (full, per_address, pending: closed while waiting to log in to make room, origin,
+token_in_url), closed connections by reason, turns by source, speculative turns by outcome, errors by
 code and source, and two
 latency histograms: speech end -> final and final (or typed text) -> first reply audio.
 The daemon's counters from its `describe` are exported beside them as
@@ -68,7 +69,7 @@ class Metrics:
             self.speculative.labels(outcome)
         self.daemon = _DaemonCollector()
         r.register(self.daemon)  # type: ignore[arg-type]
-        for reason in ("full", "per_address", "origin", "token_in_url"):
+        for reason in ("full", "per_address", "pending", "origin", "token_in_url"):
             self.refused.labels(reason)
 
     def error(self, code: str, source: str) -> None:

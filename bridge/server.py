@@ -15,8 +15,11 @@ Safe defaults:
 - Logs: websockets' DEBUG request lines and headers go through `RedactSecrets`, so a
   `?token=` (and Authorization/Cookie headers) never reach the log.
 - `max_size` = bridge.max_message_bytes (larger messages close the connection with 1009),
-  default keepalive pings, at most bridge.max_connections connections and
-  bridge.max_connections_per_ip from one address (more are closed with 1013).
+  default keepalive pings, at most bridge.max_connections logged-in connections and
+  bridge.max_connections_per_ip from one network (more are closed with 1013); connections that
+  have not sent the token yet have their own budget, bridge.max_pending_logins (bridge/auth.py).
+- A request with a doubled Host, Origin, Upgrade or Authorization header, or a path segment
+  longer than a file name can be, is a 400 (one log line), never a traceback.
 - TLS when bridge.tls_cert / bridge.tls_key are set (https and wss on the same port).
 """
 
@@ -31,7 +34,7 @@ import re
 import ssl
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -40,12 +43,14 @@ from websockets.http11 import Request, Response
 
 from bridge import metrics as M
 from bridge.agents import AgentLimits, build_agent, probe_agent
-from bridge.auth import AddressCap, bearer, check_token, origin_allowed, own_host  # noqa: F401 (own_host: API)
+from bridge.auth import (AddressCap, PendingLogins, bearer, check_token, network_key, origin_allowed,  # noqa: F401
+                         own_host)  # own_host: API
 from bridge.connection import Connection
 from bridge.context import Context
 from bridge.daemon_link import DaemonLink
 from daemon.client import DaemonError
 from daemon.config import Config
+from daemon.transport import LogLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,12 @@ CONTENT_TYPES = {
 CSP = "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; img-src 'self' data:"
 TOKEN_IN_URL = "send the token in the first message, not in the URL (it would be kept in history and logs)"
 HEALTH_CACHE_SECONDS = 5.0
+# Headers the bridge reads: more than one of any is a bad request, not a guess.
+SINGLE_HEADERS = ("Host", "Origin", "Upgrade", "Authorization")
+# Seconds a connection pushed out of the slots for logins in waiting still has to log in.
+PUSH_OUT_GRACE = 1.0
+# The longest file name (NAME_MAX); a longer path segment names nothing.
+MAX_SEGMENT = 255
 DAEMON_PING_TIMEOUT = 1.0
 
 
@@ -97,7 +108,8 @@ def _ws_logger() -> logging.Logger:
 def static_path(url_path: str, root: Path = STATIC_DIR) -> Optional[Path]:
     """The file under `root` that a URL path names, or None.
 
-    The path is percent-decoded once; any segment that is empty, `.`, `..` or hidden, a
+    The path is percent-decoded once; any segment that is empty, `.`, `..`, hidden or longer
+    than a file name can be (MAX_SEGMENT), a
     backslash or NUL, or a result outside `root` (symlinks resolved) is refused, and so is
     any file type not in CONTENT_TYPES. `/` is index.html.
     """
@@ -106,14 +118,14 @@ def static_path(url_path: str, root: Path = STATIC_DIR) -> Optional[Path]:
         return None
     rel = decoded.lstrip("/") or "index.html"
     parts = rel.split("/")
-    if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+    if any(p in ("", ".", "..") or p.startswith(".") or len(p) > MAX_SEGMENT for p in parts):
         return None
     root = root.resolve()
     try:
         candidate = (root / rel).resolve()
+        if not candidate.is_relative_to(root) or not candidate.is_file():
+            return None
     except (OSError, RuntimeError):
-        return None
-    if not candidate.is_relative_to(root) or not candidate.is_file():
         return None
     if candidate.suffix not in CONTENT_TYPES:
         return None
@@ -156,7 +168,13 @@ class Bridge:
         self.daemon = DaemonLink(cfg)
         self.ctx = Context(cfg, self.agent, self.daemon, self.metrics, self.public_agent())
         self.connections: Dict[str, Connection] = {}
-        self.addresses = AddressCap(bc.max_connections_per_ip)
+        self.addresses = AddressCap(bc.max_connections_per_ip)   # logged-in connections per network
+        self.logged_in: Set[str] = set()
+        self.pending = PendingLogins(bc.max_pending_logins, bc.max_connections_per_ip)
+        self._closing: Set[asyncio.Task] = set()
+        self._pushed_out: Dict[Connection, asyncio.TimerHandle] = {}   # in their grace, oldest first
+        # Lines a client can cause at will (bad requests, pushed-out logins): a few, with counts.
+        self.bad_requests = LogLimiter(logger)
         self._ids = itertools.count(1)
         self._health: Optional[Tuple[float, Dict[str, Any]]] = None
         self._health_lock = asyncio.Lock()
@@ -215,7 +233,7 @@ class Bridge:
     def counters(self) -> Dict[str, int]:
         m = self.metrics
         c = {"connections": m.count(m.connections)}
-        for reason in ("full", "per_address", "origin", "token_in_url"):
+        for reason in ("full", "per_address", "pending", "origin", "token_in_url"):
             c[f"refused_{reason}"] = m.count(m.refused, reason)
         c["closed_too_slow"] = m.count(m.closed, "client too slow")
         return c
@@ -260,14 +278,29 @@ class Bridge:
 
     # --- HTTP -------------------------------------------------------------------------
 
+    def _bad_request(self, request: Request) -> Optional[str]:
+        """Why a request is malformed in a way the handlers below must not see, or None."""
+        for name in SINGLE_HEADERS:
+            if len(request.headers.get_all(name)) > 1:
+                return f"more than one {name} header"
+        if any(len(seg) > MAX_SEGMENT for seg in urlsplit(request.path).path.split("/")):
+            return f"a path segment is longer than {MAX_SEGMENT} characters"
+        return None
+
     async def process_request(self, connection: ServerConnection, request: Request) -> Optional[Response]:
+        bad = self._bad_request(request)
+        if bad is not None:
+            self.bad_requests(logging.WARNING, "bad request", "bad request from %s: %s",
+                              connection.remote_address[0] if connection.remote_address else "?", bad)
+            return _text_response(http.HTTPStatus.BAD_REQUEST, bad)
         url = urlsplit(request.path)
         path = url.path
         if path == "/ws":
             origin = request.headers.get("Origin")
             if not self.origin_allowed(origin, request.headers.get("Host")):
                 self.metrics.refused.labels("origin").inc()
-                logger.warning("refused websocket from origin %r (host %r)", origin, request.headers.get("Host"))
+                self.bad_requests(logging.WARNING, "origin", "refused websocket from origin %r (host %r)",
+                                  origin, request.headers.get("Host"))
                 return _text_response(http.HTTPStatus.FORBIDDEN, "origin not allowed")
             if "token" in parse_qs(url.query, keep_blank_values=True):
                 self.metrics.refused.labels("token_in_url").inc()
@@ -298,21 +331,73 @@ class Bridge:
 
     async def _refuse(self, ws: ServerConnection, reason: str, message: str) -> None:
         self.metrics.refused.labels(reason).inc()
-        logger.warning("refusing a connection from %s: %s", ws.remote_address, message)
+        self.bad_requests(logging.WARNING, f"refused {reason}", "refusing a connection from %s: %s",
+                          ws.remote_address, message)
         await ws.close(1013, message)
 
+    def _admit(self, network: str) -> Optional[Tuple[str, str]]:
+        """Count one more logged-in connection from `network`; (reason, message) when it does not fit."""
+        if len(self.logged_in) >= self.cfg.bridge.max_connections:
+            return "full", "too many connections"
+        if not self.addresses.acquire(network):
+            return "per_address", "too many connections from this address"
+        return None
+
+    def _login(self, conn: Connection, network: str) -> Optional[str]:
+        """The right token arrived: from the budget for logins in waiting to the logged-in one."""
+        self.pending.remove(conn)
+        self._forget_pushed_out(conn)  # made it within its grace
+        refused = self._admit(network)
+        if refused is not None:
+            self.metrics.refused.labels(refused[0]).inc()
+            logger.warning("conn %s: refused at login: %s", conn.id, refused[1])
+            return refused[1]
+        self.logged_in.add(conn.id)
+        return None
+
+    def _push_out(self, conn: Connection) -> None:
+        """A connection waiting to log in lost its slot to a newer one: it has PUSH_OUT_GRACE
+        seconds left to log in, then it is closed. (Closed at once, a squatter that reconnects
+        whenever it is closed would push out the next one at once, and that one the next: a
+        login would keep its slot for milliseconds. With the grace they cycle once a second.)
+        At most max_pending_logins wait in their grace; one more closes the oldest at once."""
+        if len(self._pushed_out) >= self.cfg.bridge.max_pending_logins:
+            self._close_pushed_out(next(iter(self._pushed_out)))
+        self._pushed_out[conn] = asyncio.get_running_loop().call_later(PUSH_OUT_GRACE, self._close_pushed_out, conn)
+
+    def _close_pushed_out(self, conn: Connection) -> None:
+        handle = self._pushed_out.pop(conn, None)
+        if handle is not None:
+            handle.cancel()
+        self.metrics.refused.labels("pending").inc()
+        self.bad_requests(logging.WARNING, "pushed out", "conn %s: closed while waiting to log in: more connections "
+                          "wait than bridge.max_pending_logins or its network's share allow", conn.id)
+        task = asyncio.create_task(conn.ws.close(1013, "too many connections waiting to log in"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _forget_pushed_out(self, conn: Connection) -> None:
+        handle = self._pushed_out.pop(conn, None)
+        if handle is not None:
+            handle.cancel()
+
     async def handler(self, ws: ServerConnection) -> None:
-        bc = self.cfg.bridge
-        if len(self.connections) >= bc.max_connections:
-            await self._refuse(ws, "full", "too many connections")
-            return
         address = str(ws.remote_address[0]) if ws.remote_address else ""
-        if not self.addresses.acquire(address):
-            await self._refuse(ws, "per_address", "too many connections from this address")
-            return
+        network = network_key(address)
+        if not self.cfg.bridge.token:  # no token configured: logged in at once
+            refused = self._admit(network)
+            if refused is not None:
+                await self._refuse(ws, *refused)
+                return
         conn_id = f"c{next(self._ids)}"
+        conn = Connection(ws, self.ctx, conn_id, on_login=lambda: self._login(conn, network))
+        if conn.authed:
+            self.logged_in.add(conn_id)
+        else:
+            victim = self.pending.add(network, conn)
+            if victim is not None:
+                self._push_out(victim)
         try:
-            conn = Connection(ws, self.ctx, conn_id)
             self.connections[conn_id] = conn
             self.metrics.connections.inc()
             self.metrics.open.inc()
@@ -324,7 +409,11 @@ class Bridge:
                 self.metrics.open.dec()
                 logger.info("conn %s: closed (code %s)", conn_id, ws.close_code)
         finally:
-            self.addresses.release(address)
+            self.pending.remove(conn)
+            self._forget_pushed_out(conn)
+            if conn_id in self.logged_in:
+                self.logged_in.discard(conn_id)
+                self.addresses.release(network)
 
     def ssl_context(self) -> Optional[ssl.SSLContext]:
         bc = self.cfg.bridge

@@ -1,10 +1,10 @@
 """One browser's reply speech: sentences -> daemon TTS (the shared client) -> reply audio.
 
-Each sentence is its own TTS request (`<connection>-<turn key>-<sentence>`), spoken as soon as
-the agent finished writing it. What a turn sends the page goes through its `Outlet`
-(bridge/turns.py), which holds a speculative turn's audio until it is released. A daemon that is
-down is said once per turn; the text is on the page anyway. `playback_until` estimates when the
-browser will be done playing, for barge-in.
+Each sentence is its own TTS request (`<connection>-<turn key>-<sentence>`, owner `<connection>`),
+spoken as soon as the agent finished writing it; at most MAX_SYNTHESES per connection at once.
+What a turn sends the page goes through its `Outlet` (bridge/turns.py), which holds a speculative
+turn's audio until it is released. A daemon that is down is said once per turn; the text is on
+the page anyway. `playback_until` estimates when the browser will be done playing, for barge-in.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from daemon.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 
+# Synthesis requests one connection may have at the daemon at once: the reply being spoken and a
+# speculative turn's first sentence. Each is the connection's own `owner` there, so the daemon's
+# TTS queue is fair across connections, not first-come first-served.
+MAX_SYNTHESES = 2
+
 
 def ms(t0: float, t1: Optional[float]) -> Optional[float]:
     return None if t1 is None else round((t1 - t0) * 1000.0, 1)
@@ -34,6 +39,7 @@ class Speaker:
         self.out_rate = int(ctx.cfg.tts.sample_rate)
         self.playback_until = 0.0        # loop time when the browser should be done playing
         self.audio_bytes_out = 0
+        self.outstanding = asyncio.Semaphore(MAX_SYNTHESES)
 
     async def speak_all(self, turn: Any, sentences: asyncio.Queue) -> None:
         """Speak every sentence put on the queue until None."""
@@ -59,10 +65,11 @@ class Speaker:
         self.ctx.daemon.check("tts")
         await turn.out.emit({"type": "tts_start", "turn": turn.no, "sentence": idx, "text": text,
                              "sample_rate": self.out_rate})
-        async for chunk in self.ctx.daemon.tts.synthesize(text, request_id=f"{self.id}-{turn.key}-{idx}",
-                                                          timeout=TTS_TIMEOUT):
-            if chunk.pcm:
-                await turn.out.audio(chunk.pcm, chunk.sample_rate or self.out_rate)
+        async with self.outstanding:
+            async for chunk in self.ctx.daemon.tts.synthesize(text, request_id=f"{self.id}-{turn.key}-{idx}",
+                                                              timeout=TTS_TIMEOUT, owner=self.id):
+                if chunk.pcm:
+                    await turn.out.audio(chunk.pcm, chunk.sample_rate or self.out_rate)
         await turn.out.emit({"type": "tts_end", "turn": turn.no, "sentence": idx})
 
     def played(self, pcm: bytes, rate: int) -> None:

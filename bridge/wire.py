@@ -19,6 +19,8 @@ import json
 import logging
 from typing import Any, Deque, Dict, Optional, Tuple, Union
 
+from daemon.transport import LogLimiter
+
 logger = logging.getLogger(__name__)
 
 Item = Union[str, bytes]
@@ -157,13 +159,16 @@ class OutQueue:
 
 
 class Events:
-    """The events of one connection: JSON events, errors (logged, counted) and reply audio."""
+    """The events of one connection: JSON events, errors (counted; logged at most once per
+    LogLimiter interval per code, with how many were held back: a flood of one error is a few
+    lines, not one per message) and reply audio."""
 
     def __init__(self, out: OutQueue, conn_id: str, metrics: Any):
         self.out = out
         self.conn_id = conn_id
         self.metrics = metrics
         self.errors = 0
+        self._log = LogLimiter(logger)
 
     async def emit(self, event: Dict[str, Any]) -> None:
         await self.out.put(dumps(event))
@@ -171,7 +176,7 @@ class Events:
     async def error(self, code: str, message: str, source: str = "bridge", **extra: Any) -> None:
         self.errors += 1
         self.metrics.error(code, source)
-        logger.info("conn %s: error %s/%s: %s", self.conn_id, source, code, message)
+        self._log(logging.INFO, f"{source}/{code}", "conn %s: error %s/%s: %s", self.conn_id, source, code, message)
         await self.emit({"type": "error", "code": code, "source": source, "message": message, **extra})
 
     async def audio(self, pcm: bytes, turn: int) -> None:

@@ -38,6 +38,10 @@ class AsyncClient:
         self._monitor: Optional[zmq.asyncio.Socket] = None
         self._pending: Dict[str, asyncio.Future] = {}
         self._streams: Dict[str, asyncio.Queue] = {}
+        # From the socket monitor: True once connected, False while ZeroMQ's connects fail (a
+        # killed daemon's stale ipc file refuses them), None before either; a stopped daemon stays True.
+        self.reachable: Optional[bool] = None
+        self._closers: set = set()   # tasks closing sessions nobody waits for (late `opened`)
 
     async def connect(self) -> "AsyncClient":
         if self._sock is None:
@@ -46,7 +50,8 @@ class AsyncClient:
             self._sock = sock
             loop = asyncio.get_running_loop()
             self._reader = loop.create_task(self._read(), name="s2s-client-reader")
-            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED
+                                                    | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CLOSED)
             self._watcher = loop.create_task(self._watch(self._monitor), name="s2s-client-monitor")
         return self
 
@@ -67,6 +72,7 @@ class AsyncClient:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        self.reachable = None
         for f in self._pending.values():
             if not f.done():
                 f.set_exception(DaemonError("client closed", ErrorCode.UNAVAILABLE))
@@ -99,7 +105,12 @@ class AsyncClient:
         while True:
             ev = await recv_monitor_message(monitor)
             if ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.reachable = False
                 self._connection_lost()
+            elif ev["event"] == zmq.EVENT_CONNECTED:
+                self.reachable = True
+            elif ev["event"] in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED):
+                self.reachable = False
             elif ev["event"] == zmq.EVENT_MONITOR_STOPPED:
                 return
 
@@ -121,6 +132,12 @@ class AsyncClient:
         if fut is not None and not fut.done() and not isinstance(m, (P.SynthAudio, P.Final, P.Closed)):
             fut.set_result(m)
             return
+        if isinstance(m, P.Opened):  # its open timed out: nobody will use or close the session
+            logger.info("closing session %s: opened after nobody waits for it", m.session_id)
+            task = asyncio.get_running_loop().create_task(self._close_orphan(m.session_id))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+            return
         key = getattr(m, "session_id", "") or rid
         if isinstance(m, (P.SynthAudio, P.Done, P.Cancelled)) or (isinstance(m, P.Error) and not getattr(m, "session_id", "")):
             key = rid
@@ -129,6 +146,12 @@ class AsyncClient:
             q.put_nowait(m)
         else:
             logger.debug("ignoring %s not addressed to us (%r)", m.TYPE.value, key)
+
+    async def _close_orphan(self, session_id: str) -> None:
+        try:
+            await self.send(P.Close(session_id=session_id, request_id=new_id()))
+        except DaemonError:
+            pass
 
     async def send(self, msg: P.Message) -> None:
         await self.connect()

@@ -169,8 +169,11 @@ class BridgeConfig:
     send_queue_bytes: int = 4 << 20
     slow_client_timeout: float = 5.0
     # Edge limits (each is an `error` event the page shows and a /metrics counter).
-    max_connections_per_ip: int = 8
+    max_connections_per_ip: int = 8      # per network: an IPv4 address, an IPv6 /64, loopback as one
     login_timeout: float = 10.0          # seconds to send the token (when one is configured)
+    max_pending_logins: int = 16         # connections not logged in yet (apart from max_connections)
+    audio_burst_seconds: float = 10.0    # audio a connection may send ahead of real time, then at
+    max_audio_speed: float = 2.0         # most this many times real time (the excess: `busy`)
     idle_timeout: float = 300.0          # seconds without a message from the browser
     max_turns_per_minute: int = 20       # agent turns (typed or spoken) per connection
     max_reply_chars: int = 4000          # agent reply cut here (agent_done truncated)
@@ -307,7 +310,8 @@ POSITIVE = (
     "tts.sample_rate", "bridge.max_connections", "bridge.max_message_bytes", "agent.timeout",
     "bridge.send_queue_bytes", "bridge.slow_client_timeout", "bridge.max_connections_per_ip",
     "bridge.login_timeout", "bridge.idle_timeout", "bridge.max_turns_per_minute", "bridge.max_reply_chars",
-    "bridge.max_reply_tokens", "bridge.reply_timeout",
+    "bridge.max_reply_tokens", "bridge.reply_timeout", "bridge.max_pending_logins",
+    "bridge.audio_burst_seconds", "bridge.max_audio_speed",
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
     "limits.max_text_chars", "limits.max_tts_queue", "limits.max_tts_queue_per_owner", "limits.max_chunk_seconds",
     "limits.max_asr_lag", "limits.max_session_lag", "limits.asr_stream_cost",
@@ -401,6 +405,8 @@ def _validate(cfg: Config) -> None:
     for key in ("wyoming.asr_port", "wyoming.tts_port", "openai_api.port"):
         if not 0 <= _get(cfg, key) < 65536:
             raise ConfigError(key, "must be a TCP port (0: any free port)", src)
+    if cfg.bridge.max_audio_speed < 1.0:
+        raise ConfigError("bridge.max_audio_speed", "must be at least 1 (real time)", src)
     if bool(cfg.bridge.tls_cert) != bool(cfg.bridge.tls_key):
         raise ConfigError("bridge.tls_key" if cfg.bridge.tls_cert else "bridge.tls_cert",
                           "tls_cert and tls_key go together (both set, or neither)", src)

@@ -23,7 +23,8 @@ OpenAI subset:
 Failure modes (set `fail_mode` and `fail_after` tokens): "error" (an SSE error event),
 "drop" (close the connection mid-stream), "hang" (stop sending, keep the connection open),
 "http500" (answer 500 at once), "plainjson" / "html" (answer 200 with a JSON body or an HTML page
-instead of an event stream). `runs` records every streamed run: user text, tokens sent
+instead of an event stream), "hugeline" (one `data:` line of `huge_line_bytes` bytes, sent in 1 MiB
+chunks, before the first token). `runs` records every streamed run: user text, tokens sent
 with their send times, and whether the client disconnected before the end.
 """
 
@@ -65,6 +66,7 @@ class RunRecord:
     disconnected_at: Optional[float] = None
     run_id: str = ""
     cancelled: str = ""           # the cancel's action ("interrupt" | "rollback"), when cancelled
+    huge_bytes_sent: int = 0      # fail_mode "hugeline": bytes of the line sent so far
 
     @property
     def last_token_time(self) -> Optional[float]:
@@ -94,6 +96,7 @@ class FakeAgentServer:
         self.first_token_delay = first_token_delay
         self.fail_mode: Optional[str] = None
         self.fail_after = 0
+        self.huge_line_bytes = 100 << 20   # fail_mode "hugeline"
         self.threads: Dict[str, List[str]] = {}
         self.runs: List[RunRecord] = []
         self.requests: List[str] = []   # "METHOD /path" of every request
@@ -138,6 +141,7 @@ class FakeAgentServer:
             self.requests_bodies.clear()
             self.fail_mode = None
             self.fail_after = 0
+            self.huge_line_bytes = 100 << 20
             for k, v in settings.items():
                 if not hasattr(self, k):
                     raise AttributeError(k)
@@ -328,12 +332,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if srv.fail_mode == "hang":
                     self._sleep(rec, 120.0)
                     return False
+                if srv.fail_mode == "hugeline":
+                    self._huge_line(rec, srv.huge_line_bytes)
+                    return False
             if i and srv.token_delay:
                 self._sleep(rec, srv.token_delay)
             send_token(tok)
             rec.tokens_sent.append(tok)
             rec.token_times.append(time.monotonic())
         return True
+
+    def _huge_line(self, rec: RunRecord, size: int) -> None:
+        """One SSE `data:` line of `size` bytes without a newline until the end (1 MiB chunks,
+        so this server never holds it whole)."""
+        piece = b"x" * (1 << 20)
+        self._chunk(b"data: ")
+        sent = 0
+        while sent < size:
+            n = min(len(piece), size - sent)
+            self._chunk(piece[:n])
+            sent += n
+            rec.huge_bytes_sent = sent
+        self._chunk(b"\n\n")
+        self._end_chunks()
 
     def _sleep(self, rec: RunRecord, seconds: float) -> None:
         """Sleep, noticing a client that goes away meanwhile."""

@@ -212,17 +212,20 @@ def test_token(bridge_b):
 
 def test_connection_cap(bridge_b):
     async def go():
+        # The cap counts logged-in connections (those waiting to log in have their own budget,
+        # bridge.max_pending_logins): the fourth login is refused.
         url = bridge_b.ws
         clients = [await WSClient.open(url) for _ in range(3)]
-        for c in clients:
-            await c.wait_event("hello")
-        extra = await WSClient.open(url)
-        await extra.wait(lambda: extra.closed is not None, 5, "close")
-        assert extra.closed.rcvd.code == 1013 and extra.closed.rcvd.reason == "too many connections"
-        assert not extra.of("hello")
-        # the others are unaffected
         for i, c in enumerate(clients):
             await c.send_json({"type": "text", "text": f"n{i}", "token": "s3cret"})
+            await c.wait_event("user_text")  # logged in
+        extra = await WSClient.open(url)
+        await extra.wait_event("hello")
+        await extra.send_json({"type": "text", "text": "extra", "token": "s3cret"})
+        await extra.wait(lambda: extra.closed is not None, 5, "close")
+        assert extra.closed.rcvd.code == 1013 and extra.closed.rcvd.reason == "too many connections"
+        assert not extra.of("agent_done")
+        # the others are unaffected
         for i, c in enumerate(clients):
             assert (await c.wait_event("agent_done"))["text"] == f"You said: n{i}"
             await c.wait(lambda: c.audio(), 10, "audio")
@@ -230,7 +233,8 @@ def test_connection_cap(bridge_b):
         # a slot is free again
         await asyncio.sleep(0.3)
         c = await WSClient.open(url)
-        await c.wait_event("hello")
+        await c.send_json({"type": "text", "text": "again", "token": "s3cret"})
+        await c.wait_event("agent_done")
         await c.close()
 
     run(go())
