@@ -357,6 +357,43 @@ def test_an_audio_flood_is_refused_for_the_flooder_only(shared):
     assert log.count("error asr/busy") + log.count("error bridge/busy") < 40, log[-3000:]
 
 
+def test_long_replies_do_not_hold_up_a_neighbours_typed_turn(shared):
+    """Seven connections with long replies (every sentence a slow synthesis step, 0.3 s in the FAKE
+    TTS) and a typed turn on an eighth: its first reply audio comes within about one step. Each
+    connection's syntheses are its own `owner` at the daemon, whose TTS queue serves the owner with
+    the least worker time lately; without the owner they were one first-come first-served queue
+    and the eighth waited behind a step of each of the seven (~2.1 s here; with real engines, past
+    the 20 s tts timeout)."""
+    b = _bridge(shared, "ttsfair", {"max_turns_per_minute": 1000})
+    text = "".join(f"[slow]第{i}句话。" for i in range(40))
+    try:
+        async def go():
+            hogs = []
+            for _ in range(7):
+                c = await WSClient.open(b.ws)
+                await c.wait_event("hello")
+                await c.send_json({"type": "text", "text": text})
+                hogs.append(c)
+            for c in hogs:
+                await c.wait(lambda c=c: len(c.of("tts_end")) >= 1, 30, "a long reply speaking")
+            me = await WSClient.open(b.ws)
+            await me.wait_event("hello")
+            took = [await typed_turn(me, f"你好{i}。", timeout=25) for i in range(3)]
+            for c in hogs:
+                assert not c.of("error"), c.of("error")
+                await c.close()
+            await me.close()
+            await round_trip(b.ws)
+            return took
+
+        took = run(go(), 120)
+        print("typed turn beside seven long replies: first audio after "
+              + ", ".join(f"{t * 1000:.0f}" for t in took) + " ms")
+        assert max(took) < 1.2, took
+    finally:
+        b.stop()
+
+
 # --- 10. what a client controls ----------------------------------------------------------------
 
 
