@@ -41,6 +41,8 @@ BATCH_BYTES = RATE * 2 // 5
 # Unacknowledged audio at most, seconds (the daemon caps a session's queue at 60 s).
 WINDOW_SECONDS = 8.0
 OPEN_TIMEOUT = 5.0
+# How long a `busy` daemon is asked again before the client is told busy.
+OPEN_RETRY_SECONDS = 30.0
 # Longest wait for an ack, or for the last final after `finalize` (a long utterance decoded
 # behind other sessions' work on a loaded worker).
 FINISH_TIMEOUT = 120.0
@@ -141,10 +143,23 @@ class Transcription:
         self.error: Optional[DaemonError] = None
 
     async def open(self) -> None:
-        """DaemonError (busy, unavailable, bad_request, unsupported...) when the daemon refuses."""
-        self.link.check("asr")
-        self.stream = await self.link.asr.open(session_id=self.session_id, language=self.language,
-                                               hotwords=self.hotwords, partials=True, timeout=OPEN_TIMEOUT)
+        """DaemonError (unavailable, bad_request, unsupported...) when the daemon refuses. `busy`
+        (its admission: the worker is at capacity) is waited out as the daemon's retry_after
+        says, for up to OPEN_RETRY_SECONDS: a whole utterance or file is better late than lost,
+        and the client's audio waits in its socket meanwhile."""
+        deadline = time.monotonic() + OPEN_RETRY_SECONDS
+        while True:
+            self.link.check("asr")
+            try:
+                self.stream = await self.link.asr.open(session_id=self.session_id, language=self.language,
+                                                       hotwords=self.hotwords, partials=True, timeout=OPEN_TIMEOUT)
+                break
+            except DaemonError as e:
+                wait = e.retry_after or 1.0
+                if e.code != ErrorCode.BUSY or time.monotonic() + wait > deadline:
+                    raise
+                logger.info("ASR session %s: daemon busy (%s); asking again in %.1f s", self.session_id, e.message, wait)
+                await asyncio.sleep(wait)
         self._pump = asyncio.get_running_loop().create_task(self._read(self.stream), name=f"asr-{self.session_id}")
 
     @property
@@ -212,7 +227,7 @@ class Transcription:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         stream = self.stream
-        if stream is not None and not stream.closed and not self._closed.is_set():
+        if stream is not None and not stream.closed and not self._closed_reason:  # the daemon has not closed it
             self.link.asr._streams.pop(self.session_id, None)  # noqa: SLF001 - nobody reads it now
             try:
                 await self.link.asr.send(P.Close(session_id=self.session_id, request_id=new_id()))

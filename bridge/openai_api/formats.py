@@ -2,13 +2,16 @@
 `response_format`, and speech encoded in each audio format as it is synthesized.
 
 Encoding (PyAV, the FFmpeg binding faster-whisper already installs) writes each container to a
-sink that is not seekable, so every muxer streams: what it has written after a chunk can be
-sent at once. WAV streams with the sizes left at their maximum (0xFFFFFFFF), as streaming
-servers do; readers take the data to the end of the stream.
+sink that is not seekable, so the muxer streams: what it has written after a chunk can be sent
+at once. WAV streams with the sizes left at their maximum (0xFFFFFFFF), as streaming servers do;
+readers take the data to the end of the stream. FLAC is the exception (`WHOLE`): its header
+holds the sample count, written when the stream ends, and readers such as libsndfile refuse a
+FLAC stream without it; it is sent once synthesis is done.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from typing import Any, Dict, List, Optional
@@ -27,6 +30,8 @@ AUDIO_FORMATS: Dict[str, Optional[tuple]] = {
     "wav": None,
     "pcm": None,
 }
+# Formats sent whole, after the last chunk (see the module docstring).
+WHOLE = ("flac",)
 # Whisper's language names (OpenAI's verbose_json says "chinese", not "zh").
 LANGUAGE_NAMES = {"zh": "chinese", "en": "english"}
 
@@ -107,12 +112,13 @@ class Encoder:
         self._container: Any = None
         self._stream: Any = None
         self._sink = _Sink()
+        self._whole = io.BytesIO() if fmt in WHOLE else None
         spec = AUDIO_FORMATS[fmt]
         if spec is not None:
             import av
 
             muxer, codec, _ = spec
-            self._container = av.open(self._sink, mode="w", format=muxer)
+            self._container = av.open(self._whole if self._whole is not None else self._sink, mode="w", format=muxer)
             self._stream = self._container.add_stream(codec, rate=rate)
             self._stream.layout = "mono"
 
@@ -142,7 +148,7 @@ class Encoder:
             self._container.mux(packet)
         self._container.close()
         self._container = None
-        return head + self._sink.take()
+        return head + (self._whole.getvalue() if self._whole is not None else self._sink.take())
 
     def close(self) -> None:
         if self._container is not None:

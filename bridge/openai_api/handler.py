@@ -85,11 +85,12 @@ class ApiError(Exception):
         return resp
 
     @classmethod
-    def from_daemon(cls, e: DaemonError, param: Optional[str] = None) -> "ApiError":
+    def from_daemon(cls, e: DaemonError) -> "ApiError":
         status = STATUS.get(e.code, 500)
         retry = e.retry_after if getattr(e, "retry_after", None) else (1.0 if status == 503 else None)
+        param = {ErrorCode.BAD_TEXT: "input", ErrorCode.BAD_AUDIO: "file"}.get(e.code)
         return cls(status, e.message if status < 500 or status in (503, 504) else "speech daemon error: " + e.message,
-                   param if status == 400 else None, e.code.value, retry)
+                   param, e.code.value, retry)
 
 
 def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
@@ -252,7 +253,7 @@ class Api:
         try:
             result = await self._transcribe(tr, first, blocks)
         except DaemonError as e:
-            raise ApiError.from_daemon(e, "file") from None
+            raise ApiError.from_daemon(e) from None
         body, ctype = transcript_body(result, fmt, language or self._asr_language())
         logger.info("%s: %.1f s of audio -> %d characters (%s)", rid, result.duration, len(result.text), fmt)
         return web.Response(text=body, content_type=ctype.split(";")[0], charset="utf-8")
@@ -292,7 +293,7 @@ class Api:
             result = await self._transcribe(tr, first, blocks)
         except DaemonError as e:
             if not resp.prepared:  # nothing sent yet: a plain HTTP error
-                raise ApiError.from_daemon(e, "file") from None
+                raise ApiError.from_daemon(e) from None
             try:
                 await send(ApiError.from_daemon(e).body())
                 await resp.write_eof()
@@ -354,7 +355,7 @@ class Api:
         except StopAsyncIteration:
             first = None
         except DaemonError as e:
-            raise ApiError.from_daemon(e, "input") from None
+            raise ApiError.from_daemon(e) from None
         return await self._send_speech(request, rid, chunks, first, fmt, stream_format == "sse", len(text))
 
     async def _send_speech(self, request: web.Request, rid: str, chunks: AsyncIterator[P.SynthAudio],

@@ -239,6 +239,9 @@ class Handler(AsyncEventHandler):
                 except asyncio.TimeoutError:
                     logger.info("conn %s: nothing for %.0f s: closing", self.id, self.cfg.limits.idle_timeout)
                     break
+                except Refused as e:  # an event that cannot be read: the stream cannot be followed further
+                    await self._error(e.code.value, e.message)
+                    break
                 if event is None or not await self._handle(event):
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
