@@ -93,6 +93,28 @@ if ! s2s-bridge --probe-agent; then
 fi
 setsid s2s-bridge "${agent_args[@]}" &
 pids+=($!)
+# The protocol adapters beside the bridge (config sections wyoming: and openai_api:), each when
+# its ports are free (a wyoming-faster-whisper already on 10300 is left alone, and said so).
+port_free() { python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' "$1" "$2" 2>/dev/null; }
+read -r wy_host wy_asr wy_tts oa_host oa_port < <(python -c 'from daemon.config import load_config; c = load_config(); w, o = c.wyoming, c.openai_api; print(w.host, w.asr_port, w.tts_port, o.host, o.port)')
+if port_free "$wy_host" "$wy_asr" && { [ "$wy_tts" = "$wy_asr" ] || port_free "$wy_host" "$wy_tts"; }; then
+  s2s-wyoming &
+  pids+=($!)
+  if [ "$wy_tts" = "$wy_asr" ]; then
+    say "Wyoming (Home Assistant): tcp://$wy_host:$wy_asr (speech recognition and synthesis)"
+  else
+    say "Wyoming (Home Assistant): tcp://$wy_host:$wy_asr (speech recognition), tcp://$wy_host:$wy_tts (speech synthesis)"
+  fi
+else
+  say "Wyoming not started: port $wy_asr or $wy_tts on $wy_host is in use (wyoming: in $S2S_CONFIG)"
+fi
+if port_free "$oa_host" "$oa_port"; then
+  s2s-openai &
+  pids+=($!)
+  say "OpenAI audio API: http://$oa_host:$oa_port/v1"
+else
+  say "OpenAI audio API not started: port $oa_port on $oa_host is in use (openai_api: in $S2S_CONFIG)"
+fi
 say "open http://$(python -c 'from daemon.config import load_config; b = load_config().bridge; print(f"{b.host}:{b.port}")')/  (Ctrl-C stops)"
 say "this daemon from another terminal: RUNTIME_DIRECTORY=$RUNTIME_DIRECTORY S2S_CONFIG=$S2S_CONFIG $VENV/bin/s2s-ctl health"
 # Returns when either process exits (or a signal arrives); the traps stop the other.

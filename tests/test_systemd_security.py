@@ -14,7 +14,8 @@ UNITS = Path(__file__).resolve().parent.parent / "systemd"
 LIMIT = 3.0
 
 
-@pytest.mark.parametrize("unit", ["s2s-bridge.service", "s2s-speechd.service"])
+@pytest.mark.parametrize("unit", ["s2s-bridge.service", "s2s-speechd.service", "s2s-wyoming.service",
+                                  "s2s-openai.service"])
 def test_unit_exposure(unit):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
