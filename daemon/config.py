@@ -186,10 +186,8 @@ class BridgeConfig:
 
 @dataclass(frozen=True)
 class WyomingConfig:
-    """s2s-wyoming (bridge/wyoming): Home Assistant's Wyoming protocol in front of the daemon."""
-
+    # s2s-wyoming (bridge/wyoming); one port number for both serves ASR and TTS on one port.
     host: str = "127.0.0.1"
-    # wyoming-faster-whisper's and wyoming-piper's ports; the same number serves both on one port.
     asr_port: int = 10300
     tts_port: int = 10200
     max_connections: int = 16
@@ -197,14 +195,11 @@ class WyomingConfig:
 
 @dataclass(frozen=True)
 class OpenAIAPIConfig:
-    """s2s-openai (bridge/openai_api): the OpenAI audio API in front of the daemon."""
-
+    # s2s-openai (bridge/openai_api); api_key: an optional bearer key, required off loopback.
     host: str = "127.0.0.1"
     port: int = 8766
-    # Optional bearer key (Authorization: Bearer KEY); required off loopback.
     api_key: str = ""
-    # Largest upload to /v1/audio/transcriptions, bytes (OpenAI's own limit is 25 MB).
-    max_upload_bytes: int = 25 << 20
+    max_upload_bytes: int = 25 << 20  # OpenAI's own limit
     max_concurrent_requests: int = 16
 
 
@@ -510,7 +505,6 @@ def as_dict(cfg: Config, redact: bool = True) -> dict:
             d["bridge"]["token"] = "***"
         if d["agent"]["api_key"]:
             d["agent"]["api_key"] = "***"
-        if d["openai_api"]["api_key"]:
-            d["openai_api"]["api_key"] = "***"
+        d["openai_api"]["api_key"] = "***" if d["openai_api"]["api_key"] else ""
     return d
 
