@@ -82,6 +82,17 @@ const STR = {
     "err.ws_1011": "服务内部错误，连接已关闭", "err.ws_1013": "连接数已满，稍后自动重试", "err.other": "出错了",
     "err.agent.timeout": "助手没有按时回答", "err.agent.unavailable": "助手无法连接",
     "err.rate_limited": "说得太快了，这句没有回答；请稍等再试", "err.empty_reply": "助手没有回答", "err.reply_too_long": "回复太长，后面的部分已省略",
+    "err.mic_denied": "麦克风权限被拒绝。要重新允许：点地址栏左侧的网站信息图标（ⓘ 或锁形）→“麦克风”选“允许”，然后刷新页面。文字输入仍可使用。",
+    "err.mic_missing": "没有找到麦克风。接好麦克风后再点“开始说话”；文字输入仍可使用。",
+    "err.mic_busy": "麦克风打不开（可能被其他程序占用）。关掉占用它的程序后再试；文字输入仍可使用。",
+    "err.mic_insecure": "麦克风只能在 https 页面或本机 localhost 上使用；文字输入仍可使用。",
+    specExplain: "（在你说完之前就开始准备的回复：“用上”是直接播放了，“作废”是你又接着说、只好丢弃）",
+    specLast: "上一轮回复是提前准备的",
+    hintInsecure: "麦克风只能在 https 页面或本机（localhost）上使用，本页是 {origin}。要从其他设备说话：设置 bridge.tls_cert 和 bridge.tls_key（或用反向代理提供 https），再用 https:// 打开。文字输入仍可使用。",
+    hintOrigin: "服务拒绝了连接：本页地址不在允许的来源中（见上方说明）。",
+    accessWhy: "无法连接语音服务：本页地址 {origin} 不在服务允许的来源中（HTTP 403），所以一直连不上。",
+    accessFix: "怎么办：在服务的配置文件（s2s.yaml）里设置 bridge.allowed_origins: [\"{origin}\"]，重启 s2s-bridge 后刷新本页；或在运行服务的电脑上用 http://localhost:{port}/ 打开。",
+    accessMic: "另外，浏览器只在 https 页面（或本机 localhost）上允许使用麦克风：从其他设备访问请设置 bridge.tls_cert 和 bridge.tls_key（或用反向代理提供 https），用 https://{host}/ 打开，并把 \"https://{host}\" 写进 bridge.allowed_origins。",
   },
   en: {
     title: "s2s voice assistant", level: "Microphone level", textLabel: "Type a message", textPlaceholder: "Or type here…",
@@ -139,6 +150,17 @@ const STR = {
     "err.agent.timeout": "The assistant did not answer in time", "err.agent.unavailable": "The assistant cannot be reached",
     "err.rate_limited": "Too many turns: this one got no answer; wait a moment",
     "err.empty_reply": "The assistant gave no answer", "err.reply_too_long": "The reply was too long and was cut",
+    "err.mic_denied": "Microphone access was denied. To allow it again: click the site icon left of the address (ⓘ or the padlock) → Microphone → Allow, then reload the page. Typing still works.",
+    "err.mic_missing": "No microphone was found. Connect one and press “Start talking” again; typing still works.",
+    "err.mic_busy": "The microphone cannot be opened (another program may be using it). Close that program and try again; typing still works.",
+    "err.mic_insecure": "The microphone works only on https pages or on localhost; typing still works.",
+    specExplain: "(replies prepared before you finished speaking: “released” were played as they were, “wasted” were dropped because you went on)",
+    specLast: "the last reply was prepared early",
+    hintInsecure: "The browser gives the microphone only to https pages or localhost; this page is {origin}. To talk from another device set bridge.tls_cert and bridge.tls_key (or use a reverse proxy with https) and open it with https://. Typing still works.",
+    hintOrigin: "The server refused the connection: this page's address is not an allowed origin (see above).",
+    accessWhy: "Cannot connect to the speech service: this page's address {origin} is not an allowed origin (HTTP 403), so every retry fails.",
+    accessFix: "What to do: set bridge.allowed_origins: [\"{origin}\"] in the service's config (s2s.yaml), restart s2s-bridge and reload this page; or open http://localhost:{port}/ on the machine that runs it.",
+    accessMic: "Also, browsers allow the microphone only on https pages (or localhost): for other devices set bridge.tls_cert and bridge.tls_key (or use a reverse proxy with https), open https://{host}/ and put \"https://{host}\" in bridge.allowed_origins.",
   },
 };
 const LANG_NAME = { zh: "中文", en: "English", auto: UI === "zh" ? "自动" : "Auto" };
@@ -173,6 +195,8 @@ let micStream = null, micNode = null, micSource = null;
 let conn = "connecting"; // connecting | open | closed | refused | dormant (closed while unused)
 let onOpen = null;       // what the user asked for while dormant: runs once connected
 let refusedWhy = "";
+let refusedOrigin = null; // {origin, …} from /origin-check: the bridge refuses this page's address
+let lastLoudSent = -Infinity;    // when the page last sent a frame with speech-level sound (performance.now())
 let attempts = 0;        // reconnect attempts since the last open
 let retryAt = 0, retryTimer = null, countdownTimer = null;
 let talking = false;     // the microphone is on and a session was asked for
@@ -239,24 +263,33 @@ function refreshState() {
     el.className = `state ${s}`;
     el.textContent = t(`state.${s}`);
   }
-  $("stopplay").hidden = !(playing.length || (speaking && speaking.turn !== mutedTurn && !turnFinished(turnFor(speaking.turn))));
+  $("stopplay").hidden = !stopShown();
   refreshControls();
+}
+
+// 停止播放 only while a reply's audio plays: from its first chunk until it is finished (the gaps
+// between its sentences included), never while the first sentence is still being synthesised.
+function stopShown() {
+  if (playing.length) return true;
+  const tn = currentReplyTurn();
+  return !!(tn && tn.firstAudioAt && !tn.stopped && tn.no !== mutedTurn && !turnFinished(tn));
 }
 
 function refreshControls() {
   // Dormant: closed by the bridge's login or idle timeout; the next action reconnects.
   const open = conn === "open" || conn === "dormant";
   const talk = $("talk");
-  talk.disabled = !open || (finalizing && !talking);
+  talk.disabled = !open || (finalizing && !talking) || !window.isSecureContext;
   talk.setAttribute("aria-pressed", talking ? "true" : "false");
   talk.textContent = talking ? t("talkStop") : t("talkStart");
   talk.classList.toggle("on", talking);
   $("send").disabled = !open;
   $("textinput").disabled = !open;
   let hint = "";
-  if (conn === "refused") hint = t("hintRefused", { why: refusedWhy });
+  if (conn === "refused") hint = refusedOrigin ? t("hintOrigin") : t("hintRefused", { why: refusedWhy });
   else if (!open) hint = t("hintOffline");
   else if (finalizing && !talking) hint = t("hintFinalizing");
+  else if (!window.isSecureContext) hint = t("hintInsecure", { origin: location.origin });
   if ($("talk-hint").textContent !== hint) $("talk-hint").textContent = hint;
   $("reconnect").hidden = !(conn === "closed" || conn === "connecting") || attempts === 0;
 }
@@ -287,6 +320,8 @@ function scheduleReconnect() {
 // --- the banner: engines, fallbacks, agent notice ------------------------------------------------
 
 let bannerState = { daemon: null, agent: null };
+const BANNER_SEEN = "s2s-banner-seen";  // localStorage: the banner items this browser has been shown
+let bannerKey = "", bannerTouched = false, conversationBegun = false;
 
 function showAgent(agent) {
   if (!agent) return;
@@ -343,17 +378,19 @@ function renderBanner() {
     const [first, second] = fallbackLine(f);
     // /healthz before login carries no reason; with the token it does.
     items.push({ first, second, detail: `${f.component}: ${f.from} → ${f.to} (${f.when})${f.reason ? `: ${f.reason}` : ""}`,
-      cls: "fallback" });
+      cls: "fallback", id: `${f.component}:${f.from}>${f.to}` });
   }
   if (caps.ttsNoChinese && !items.some((i) => i.first.includes(t("ttsLabel")))) {
-    items.push({ first: STR[UI].ttsNoChinese, second: STR[UI === "zh" ? "en" : "zh"].ttsNoChinese, cls: "fallback" });
+    items.push({ first: STR[UI].ttsNoChinese, second: STR[UI === "zh" ? "en" : "zh"].ttsNoChinese, cls: "fallback",
+      id: "tts:no-zh" });
   }
   if (agent && (agent.echo_fallback || agent.notice)) {
     const kind = agent.configured_kind || "?";
     const text = (u) => (agent.echo_fallback ? STR[u].echoNotice.replace("{kind}", kind) : STR[u].agentNotice);
     // The bridge's own notice is English; the echo case has its words above.
     items.push({ first: text(UI), second: text(UI === "zh" ? "en" : "zh"),
-      detail: agent.echo_fallback ? "" : agent.notice || "", cls: "agent" });
+      detail: agent.echo_fallback ? "" : agent.notice || "", cls: "agent",
+      id: agent.echo_fallback ? `agent:${kind}>echo` : "agent:notice" });
   }
   const box = $("banner");
   if (!items.length) { box.hidden = true; return; }
@@ -384,11 +421,36 @@ function renderBanner() {
     }
     list.appendChild(li);
   }
-  if (box.hidden) {
-    box.hidden = false;
-    // Open on wide screens; a one-line summary on phones keeps the conversation in view.
-    box.open = window.matchMedia("(min-width: 641px)").matches;
+  box.hidden = false;
+  // Open on wide screens the first time these fallbacks are shown (on this browser), a one-line
+  // summary after that, on phones, and once the conversation has begun: it is not the page.
+  const key = items.map((i) => i.id).sort().join("|");
+  if (key !== bannerKey) {
+    bannerKey = key;
+    const seen = bannerSeen();
+    const fresh = items.some((i) => !seen.includes(i.id));
+    if (!bannerTouched) box.open = fresh && !conversationBegun && window.matchMedia("(min-width: 641px)").matches;
+    try {
+      localStorage.setItem(BANNER_SEEN, JSON.stringify([...new Set([...seen, ...items.map((i) => i.id)])].slice(-50)));
+    } catch (e) { /* storage off: the banner opens on every visit */ }
   }
+}
+
+function bannerSeen() {
+  try {
+    const v = JSON.parse(localStorage.getItem(BANNER_SEEN) || "[]");
+    return Array.isArray(v) ? v.filter((x) => typeof x === "string") : [];
+  } catch (e) {
+    return [];
+  }
+}
+
+// The user's own open/close wins; the first turn folds the banner away.
+$("banner-summary").addEventListener("click", () => { bannerTouched = true; });
+function beginConversation() {
+  if (conversationBegun) return;
+  conversationBegun = true;
+  if (!bannerTouched) $("banner").open = false;
 }
 
 // --- capabilities: hotwords, languages ------------------------------------------------------------
@@ -458,14 +520,13 @@ function statusError(code, source, message) {
   else errGroup = { key, count: 1 };
   const text = errorText(code, source) + (errGroup.count > 1 ? t("count", { n: errGroup.count }) : "");
   $("error-text").textContent = text;
-  errHistory.push(`[${key}] ${message}`);
+  errHistory.push([errorText(code, source), `[${key}] ${message}`]);
   while (errHistory.length > 8) errHistory.shift();
   const list = $("error-list");
   list.textContent = "";
-  for (const m of errHistory) {
+  for (const [said, raw] of errHistory) {
     const li = document.createElement("li");
-    li.lang = "en";
-    li.textContent = m;
+    detailLine(li, said, raw);
     list.appendChild(li);
   }
   $("errors").hidden = false;
@@ -486,13 +547,19 @@ function onErrorEvent(ev) {
   stats.errors.push({ code: ev.code, message: ev.message, source: ev.source });
   // The bridge closes an unused connection; the page reconnects on the next action, quietly.
   if (ev.code === "login_timeout" || ev.code === "idle_timeout") return;
+  // Audio refused while the microphone heard only silence: nothing said was lost; not an error to show.
+  if (ev.code === "busy" && ev.source === "asr" && talking && sessionReady && !droppedSpeech()) {
+    stats.errors[stats.errors.length - 1].silence = true;
+    return;
+  }
   // A turn's error stays on its bubble: agent and synthesis errors belong to the reply in progress.
   const turn = (ev.source === "agent" || ev.source === "tts") ? currentReplyTurn() : null;
   if (turn) {
     turn.errors.push(ev);
     if (ev.source === "agent") {
       ensureAgentBubble(turn);
-      setBubbleError(turn, t("agentFailed", { msg: errorText(ev.code, "agent") }), `[agent/${ev.code}] ${ev.message}`);
+      setBubbleError(turn, t("agentFailed", { msg: errorText(ev.code, "agent") }),
+        [[errorText(ev.code, "agent"), `[agent/${ev.code}] ${ev.message}`]]);
     }
     // The English voice's refusal of a Chinese sentence: from now on the page knows.
     if (ev.source === "tts" && ev.code === "bad_text" && /nothing speakable/.test(ev.message || "") &&
@@ -505,7 +572,8 @@ function onErrorEvent(ev) {
   if (ev.code === "rate_limited" && waiting.length) {
     const turn = waiting.pop();
     turn.closed = true;
-    setBubbleNote(turn.userLi, "error", "⚠ " + errorText(ev.code, ev.source), `[${ev.source}/${ev.code}] ${ev.message}`);
+    setBubbleNote(turn.userLi, "error", "⚠ " + errorText(ev.code, ev.source),
+      [[errorText(ev.code, ev.source), `[${ev.source}/${ev.code}] ${ev.message}`]]);
     refreshState();
     return;
   }
@@ -574,16 +642,37 @@ function setBubbleNote(li, cls, text, detail) {
   s.className = "note-text";
   s.textContent = text;
   note.appendChild(s);
-  if (detail) {
+  if (detail && detail.length) {
     const d = document.createElement("details");
     const sum = document.createElement("summary");
     sum.textContent = t("details");
-    const p = document.createElement("span");
-    p.lang = "en";
-    p.textContent = detail;
-    d.append(sum, p);
+    d.append(sum);
+    for (const [said, raw] of detail) {
+      const line = document.createElement("span");
+      line.className = "detail-line";
+      detailLine(line, said, raw);
+      d.append(line);
+    }
     note.appendChild(d);
   }
+}
+
+// Behind 详情: what it means in the page's language, beside the raw (English) message.
+function detailLine(el, said, raw) {
+  const a = document.createElement("span");
+  a.className = "said";
+  a.textContent = said;
+  const b = document.createElement("span");
+  b.className = "raw";
+  b.lang = "en";
+  b.textContent = raw;
+  el.append(a, " ", b);
+}
+
+// A synthesis error's meaning: the English voice's refusal of Chinese text says so.
+function ttsSaid(code, message) {
+  if (code === "bad_text" && /nothing speakable/.test(message || "") && CJK.test(message || "")) return t("whyNoChinese");
+  return errorText(code, "tts");
 }
 
 function setBubbleError(turn, text, detail) {
@@ -591,6 +680,7 @@ function setBubbleError(turn, text, detail) {
 }
 
 function newTurn(source, userLi, at) {
+  beginConversation();
   const turn = { no: null, source, userLi, agentLi: null, text: "", at, firstAudioAt: 0,
     agentDone: false, started: new Set(), ended: new Set(), spoken: 0, failed: [], partial: 0,
     interrupted: false, stopped: false, errors: [], closed: false };
@@ -629,9 +719,9 @@ function updateSpeechNote(turn) {
   if (caps.ttsNoChinese || turn.partial) why = t("whyNoChinese");
   else if (codes.includes("bad_text")) why = t("err.bad_text");
   else if (codes.some((c) => c === "unavailable" || c === "timeout" || c === "shutting_down")) why = t("whyTtsDown");
-  const detail = turn.errors.filter((e) => e.source === "tts").map((e) => `[tts/${e.code}] ${e.message}`)
-    .concat(turn.failed.filter((f) => !turn.errors.some((e) => e.source === "tts")).map((f) => `[tts/${f.code}] ${f.text}`))
-    .join("\n");
+  const detail = turn.errors.filter((e) => e.source === "tts").map((e) => [ttsSaid(e.code, e.message), `[tts/${e.code}] ${e.message}`])
+    .concat(turn.failed.filter((f) => !turn.errors.some((e) => e.source === "tts"))
+      .map((f) => [ttsSaid(f.code, f.text), `[tts/${f.code}] ${f.text}`]));
   setBubbleNote(turn.agentLi, "speech", `⚠ ${label}${UI === "zh" ? "：" : ": "}${why}`, detail);
   turn.agentLi.classList.add(none ? "not-spoken" : "part-spoken");
   turn.agentLi.dataset.spoken = none ? "none" : "partly";
@@ -658,9 +748,11 @@ function connect() {
   setConn(attempts ? t("reconnecting", { n: attempts }) : t("connConnecting"), "warn");
   refreshState();
   const sock = ws = new WebSocket(url);
+  let opened = false;
   sock.binaryType = "arraybuffer";
   sock.onopen = () => {
     if (sock !== ws) return;
+    opened = true;
     conn = "open";
     attempts = 0;
     stats.connected = true;
@@ -693,6 +785,16 @@ function connect() {
       conn = "refused";
       refusedWhy = e.reason || String(e.code);
       setConn(t("refused"), "bad");
+    } else if (!opened) {
+      // Refused at the handshake or unreachable: a browser cannot read a refused upgrade's
+      // status, so ask the bridge whether it refuses this page's origin (then retrying is pointless).
+      conn = "closed";
+      originRefusal().then((why) => {
+        if (sock !== ws) return;
+        if (why) showOriginRefused(why);
+        else scheduleReconnect();
+        refreshState();
+      });
     } else {
       conn = "closed";
       scheduleReconnect();
@@ -704,6 +806,40 @@ function connect() {
     if (typeof e.data === "string") onEvent(JSON.parse(e.data));
     else onAudio(e.data);
   };
+}
+
+// /origin-check answers whether the bridge lets this page's origin open /ws (null: it does, or
+// the bridge cannot be reached or is too old to say: keep retrying).
+async function originRefusal() {
+  try {
+    const r = await fetch(`origin-check?origin=${encodeURIComponent(location.origin)}`, { cache: "no-store" });
+    if (!r.ok) return null;
+    const j = await r.json();
+    return j && j.allowed === false ? j : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+function isLoopback(host) {
+  return host === "localhost" || host.endsWith(".localhost") || host === "[::1]" || /^127\./.test(host);
+}
+
+function showOriginRefused(why) {
+  conn = "refused";
+  refusedOrigin = why;
+  refusedWhy = "origin not allowed";
+  clearInterval(countdownTimer);
+  clearTimeout(retryTimer);
+  setConn(t("refused"), "bad");
+  const origin = location.origin;
+  $("access-why").textContent = t("accessWhy", { origin });
+  $("access-fix").textContent = t("accessFix", { origin, port: location.port || (location.protocol === "https:" ? 443 : 80) });
+  const micNeedsHttps = location.protocol !== "https:" && !isLoopback(location.hostname);
+  $("access-mic").textContent = micNeedsHttps ? t("accessMic", { host: location.host }) : "";
+  $("access-mic").hidden = !micNeedsHttps;
+  $("access").hidden = false;
+  stats.originRefused = why;
 }
 
 function send(obj) {
@@ -866,8 +1002,12 @@ function onAudio(buf) {
       addMeta(ensureAgentBubble(turn), "lat", t("latTypedLabel", { ms }));
     } else {
       stats.latencies.push(ms);
-      $("lat-tts").textContent = `${ms} ms`;
-      addMeta(ensureAgentBubble(turn), "lat", t("latFirstAudio", { ms }));
+      // The bridge's speech end -> first audio is the turn's one figure (showFirstAudio); only
+      // a bridge that sends none leaves the page's own count on the bubble.
+      if (!turn.e2eShown) {
+        $("lat-tts").textContent = `${ms} ms`;
+        addMeta(ensureAgentBubble(turn), "lat", t("latFirstAudio", { ms }));
+      }
     }
   }
   if (pcm.length === 0 || (speaking && speaking.turn === mutedTurn)) return;
@@ -899,9 +1039,18 @@ function showFirstAudio(ev) {
   const speculative = ev.speculative === true;
   stats.speechEndLatencies.push({ ms: ev.speech_end_ms, speculative });
   const s = (Math.max(0, ev.speech_end_ms) / 1000).toFixed(2);
-  $("lat-e2e").textContent = t("seconds", { s }) + (speculative ? ` · ${t("specMark")}` : "");
+  // One figure per turn: the bubble and the line below say the same thing, in the same words.
+  $("lat-e2e").textContent = t("seconds", { s });
+  if (typeof ev.latency_ms === "number" && Number.isFinite(ev.latency_ms)) {
+    $("lat-tts").textContent = `${Math.round(Math.max(0, ev.latency_ms))} ms`;  // final -> first audio, same clock
+  }
+  $("spec-last").textContent = speculative ? t("specLast") : "";
   const turn = turnFor(ev.turn);
-  if (turn && turn.agentLi) turn.agentLi.dataset.speculative = speculative ? "true" : "false";
+  if (!turn) return;
+  turn.e2eShown = true;
+  const li = ensureAgentBubble(turn);
+  li.dataset.speculative = speculative ? "true" : "false";
+  addMeta(li, "lat", `${t("latE2E")} ${t("seconds", { s })}`);
 }
 
 // The bridge counts per connection; the page adds up its connections (a reconnect starts at 0).
@@ -922,6 +1071,7 @@ function renderSpeculation() {
   if (c.turns) text += t("specPerTurn", { p: (c.cancelled / c.turns).toFixed(2) });
   $("spec").textContent = text;
   $("spec-row").hidden = false;
+  $("stats-more").hidden = false;
 }
 
 function stopPlayback() {
@@ -938,6 +1088,10 @@ $("stopplay").addEventListener("click", () => {
     turn.stopped = true;
     if (turn.agentLi) addMeta(turn.agentLi, "flag", t("playbackStopped"));
   }
+  // The bridge stops synthesising the rest of the reply too (its text still comes).
+  const msg = { type: "stop_playback" };
+  if (turn && turn.no != null) msg.turn = turn.no;
+  send(msg);
   stopPlayback();
   refreshState();
   $("talk").disabled ? $("textinput").focus() : $("talk").focus();
@@ -968,10 +1122,11 @@ async function startMic() {
     let peak = 0;
     for (let i = 0; i < pcm.length; i += 8) peak = Math.max(peak, Math.abs(pcm[i]));
     $("level").value = Math.min(1, (peak / 32768) * 2);
+    if (peak > LOUD) lastLoudSent = performance.now();
     // The engine says when speech starts; the page sees when it goes quiet (recognising).
     if (utter) {
       const now = performance.now();
-      if (peak > 1000) utter.lastLoud = now;
+      if (peak > LOUD) utter.lastLoud = now;
       const quiet = now - utter.lastLoud > 600;
       if (quiet !== utter.quiet) { utter.quiet = quiet; refreshState(); }
     }
@@ -986,6 +1141,16 @@ async function startMic() {
   micNode.connect(mute).connect(c.destination);
 }
 
+// What getUserMedia's refusal means for the user (the status line says what to do about it).
+function micErrorCode(e) {
+  const name = (e && e.name) || "";
+  if (!window.isSecureContext || !navigator.mediaDevices) return "mic_insecure";
+  if (name === "NotAllowedError" || name === "SecurityError" || name === "PermissionDeniedError") return "mic_denied";
+  if (name === "NotFoundError" || name === "OverconstrainedError" || name === "DevicesNotFoundError") return "mic_missing";
+  if (name === "NotReadableError" || name === "AbortError" || name === "TrackStartError") return "mic_busy";
+  return "microphone";
+}
+
 function stopMic() {
   talking = false;
   sessionReady = false;
@@ -996,6 +1161,17 @@ function stopMic() {
   micSource = micNode = micStream = null;
   $("level").value = 0;
   refreshState();
+}
+
+// A frame whose peak passes this (of 32768, about -30 dBFS) has sound in it, not silence.
+const LOUD = 1000;
+// Audio refused `busy` is what was sent within this window before the refusal came back.
+const DROPPED_WINDOW_MS = 2000;
+
+// Whether audio the daemon (or the bridge) refused as `busy` can have held speech: an utterance
+// in progress, or sound sent just before. Dropped silence loses nothing the user said.
+function droppedSpeech() {
+  return !!utter || performance.now() - lastLoudSent < DROPPED_WINDOW_MS;
 }
 
 function endFinalizing() {
@@ -1018,7 +1194,7 @@ $("talk").addEventListener("click", async () => {
     try {
       await startMic();
     } catch (e) {
-      addError("microphone", String(e.message || e));
+      addError(micErrorCode(e), `${e && e.name ? e.name + ": " : ""}${String((e && e.message) || e)}`);
       send({ type: "stop" });
       stopMic();
     }
