@@ -52,15 +52,17 @@ MIN_LOAD = 1e-3              # a window's load is taken as at least this (logari
 
 @dataclass
 class Fit:
-    """load = scale x streams ** exponent."""
+    """load = scale x streams ** exponent; `ref`: the stream count the observations centre on."""
 
     scale: float
     exponent: float = 1.0
+    ref: float = 1.0
 
     @property
     def per_stream(self) -> float:
-        """What one stream alone costs (describe's `asr_stream_cost`)."""
-        return self.scale
+        """What a stream costs on average where the worker was measured (describe's
+        `asr_stream_cost`): load(ref) / ref."""
+        return self.scale * self.ref ** (self.exponent - 1.0)
 
     @property
     def fixed(self) -> float:
@@ -137,7 +139,7 @@ class LoadModel:
             p = MIN_EXPONENT
         else:
             p = min(1.0, max(MIN_EXPONENT, (sxy / w - mx * my) / var))
-        return Fit(max(math.exp(my - p * mx), 1e-4), p)
+        return Fit(max(math.exp(my - p * mx), 1e-4), p, math.exp(mx))
 
     def predict(self, streams: int) -> Tuple[float, Fit]:
         """Predicted load with `streams` real-time streams, and the fit it came from."""

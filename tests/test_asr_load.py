@@ -46,7 +46,7 @@ def test_a_window_measures_the_worker_and_the_streams():
     # one N seen: the exponent is unknown; the most concave believed, through the measured point
     f = m.fit()
     assert f.exponent == MIN_EXPONENT == 0.5 and f.load(4) == pytest.approx(0.4)
-    assert f.per_stream == pytest.approx(0.2) and f.fixed == 0.0  # describe: one stream alone
+    assert f.per_stream == pytest.approx(0.1) and f.fixed == 0.0  # describe: the average where measured
     assert f.capacity(0.9) == 20  # 0.4 x (20 / 4) ** 0.5 = 0.894
     assert not m.tick(lambda t0: 4)  # the next window is not due yet
 
