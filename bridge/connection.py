@@ -181,6 +181,8 @@ class Connection:
             await self._on_start(msg)
         elif kind == "stop":
             await self.asr.stop()
+        elif kind == "stop_playback":  # the page's 停止播放: no more speech for that reply
+            await self.turns.stop_speech(msg.get("turn"))
         elif kind == "text":
             await self._on_text(msg)
         else:

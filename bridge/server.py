@@ -202,6 +202,15 @@ class Bridge:
     def origin_allowed(self, origin: Optional[str], host: Optional[str]) -> bool:
         return origin_allowed(origin, host, self.cfg.bridge.allowed_origins, self.cfg.bridge.host)
 
+    def origin_check(self, query: str, host: Optional[str]) -> Dict[str, Any]:
+        """GET /origin-check?origin=<the page's origin>: would the page's websocket be let in? A
+        browser cannot read why an upgrade failed (the 403 reaches the page as a bare close), so
+        the page asks here and says what to set instead of reconnecting for ever."""
+        origin = (parse_qs(query).get("origin") or [""])[0]
+        allowed = 0 < len(origin) <= MAX_SEGMENT and self.origin_allowed(origin, host)
+        return {"origin": origin[:MAX_SEGMENT], "allowed": allowed, "setting": "bridge.allowed_origins",
+                "tls": bool(self.cfg.bridge.tls_cert)}
+
     # --- health -----------------------------------------------------------------------
 
     async def _ping(self, which: str) -> Dict[str, Any]:
@@ -308,6 +317,8 @@ class Bridge:
             return None  # go on with the websocket handshake
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return _text_response(http.HTTPStatus.NOT_FOUND, "the websocket endpoint is /ws")
+        if path == "/origin-check":
+            return _json_response(http.HTTPStatus.OK, self.origin_check(url.query, request.headers.get("Host")))
         if path == "/healthz":
             h = await self.health()
             given = bearer(request.headers.get("Authorization"))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from bridge.context import Context
 from bridge.daemon_link import TTS_TIMEOUT
 from bridge.wire import Events
+from daemon import protocol as P
 from daemon.client import DaemonError
 from daemon.errors import ErrorCode
 
@@ -40,6 +41,7 @@ class Speaker:
         self.playback_until = 0.0        # loop time when the browser should be done playing
         self.audio_bytes_out = 0
         self.outstanding = asyncio.Semaphore(MAX_SYNTHESES)
+        self.live: Dict[str, str] = {}   # turn key -> its TTS request at the daemon now (for stop())
 
     async def speak_all(self, turn: Any, sentences: asyncio.Queue) -> None:
         """Speak every sentence put on the queue until None."""
@@ -49,7 +51,7 @@ class Speaker:
             text = await sentences.get()
             if text is None:
                 return
-            if tts_down:
+            if tts_down or getattr(turn, "silenced", False):
                 continue  # the text is on the page; the error was said once
             if idx and not turn.out.released.is_set():
                 await turn.out.released.wait()  # speculative: only the first sentence before the final
@@ -66,11 +68,33 @@ class Speaker:
         await turn.out.emit({"type": "tts_start", "turn": turn.no, "sentence": idx, "text": text,
                              "sample_rate": self.out_rate})
         async with self.outstanding:
-            async for chunk in self.ctx.daemon.tts.synthesize(text, request_id=f"{self.id}-{turn.key}-{idx}",
-                                                              timeout=TTS_TIMEOUT, owner=self.id):
-                if chunk.pcm:
-                    await turn.out.audio(chunk.pcm, chunk.sample_rate or self.out_rate)
+            rid = f"{self.id}-{turn.key}-{idx}"
+            self.live[turn.key] = rid
+            try:
+                if not getattr(turn, "silenced", False):  # 停止播放 while it waited here: never asked for
+                    await self._stream(turn, rid, text)
+            finally:
+                self.live.pop(turn.key, None)
         await turn.out.emit({"type": "tts_end", "turn": turn.no, "sentence": idx})
+
+    async def _stream(self, turn: Any, rid: str, text: str) -> None:
+        async for chunk in self.ctx.daemon.tts.synthesize(text, request_id=rid, timeout=TTS_TIMEOUT, owner=self.id):
+            if getattr(turn, "silenced", False):
+                break  # 停止播放: leaving the stream cancels the request at the daemon
+            if chunk.pcm:
+                await turn.out.audio(chunk.pcm, chunk.sample_rate or self.out_rate)
+
+    async def stop(self, turn: Any) -> None:
+        """The page's 停止播放: cancel `turn`'s synthesis in flight at the daemon (its stream ends;
+        speak_all skips the turn's later sentences)."""
+        rid = self.live.get(turn.key)
+        if rid is None:
+            return
+        try:
+            # Not waited for (the reader must go on): the daemon's `cancelled` ends the stream.
+            await self.ctx.daemon.tts.send(P.Cancel(request_id=rid))
+        except DaemonError:
+            pass  # the daemon is gone: nothing more is synthesised either way
 
     def played(self, pcm: bytes, rate: int) -> None:
         """Reply audio sent to the page: when the browser will be done playing it."""

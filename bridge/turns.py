@@ -77,6 +77,7 @@ class Turn:
     speech_end: Optional[float] = None  # a spoken turn: when the user's speech ended (its audio arrived)
     out: Any = None                # its Outlet
     asked: bool = False            # its agent request has started (only then is there a reply to discard)
+    silenced: bool = False         # the page pressed 停止播放: nothing more of it is synthesised
 
 
 class Outlet:
@@ -272,6 +273,22 @@ class Turns:
             logger.warning("conn %s: could not discard speculative turn %s at the agent", self.id, turn.key,
                            exc_info=True)
         logger.info("conn %s: speculative turn %s cancelled (%s)", self.id, turn.key, reason)
+        return True
+
+    async def stop_speech(self, no: Any = None) -> bool:
+        """The page's 停止播放 (`stop_playback` {`turn`?}): the reply being spoken says nothing more.
+        Its synthesis in flight is cancelled at the daemon, its sentences not yet synthesised are
+        skipped and its queued audio dropped; its text still comes. A `turn` that is not the
+        current one (the page was behind) changes nothing."""
+        turn = self.current
+        if turn is None or turn.silenced or (isinstance(no, int) and no != turn.no):
+            return False
+        turn.silenced = True
+        dropped = self.events.out.purge_audio()
+        self.speaker.playback_until = 0.0
+        await self.speaker.stop(turn)
+        logger.info("conn %s: turn %d: playback stopped by the page (%d bytes of audio dropped)", self.id, turn.no,
+                    dropped)
         return True
 
     def active(self) -> bool:
