@@ -60,17 +60,21 @@ class Fit:
 
     @property
     def per_stream(self) -> float:
-        """What a stream costs on average where the worker was measured (describe's
-        `asr_stream_cost`): load(ref) / ref."""
-        return self.scale * self.ref ** (self.exponent - 1.0)
+        """What one more stream costs where the worker was measured (describe's
+        `asr_stream_cost`): the curve's slope at `ref`."""
+        return self.exponent * self.scale * self.ref ** (self.exponent - 1.0)
 
     @property
     def fixed(self) -> float:
-        """No load without streams (describe's `asr_fixed_load`): the sharing is in the exponent."""
-        return 0.0
+        """The shared part of the load there (describe's `asr_fixed_load`): where the curve's
+        tangent at `ref` meets zero streams."""
+        return self.load_at(self.ref) * (1.0 - self.exponent)
+
+    def load_at(self, streams: float) -> float:
+        return self.scale * max(streams, 0.0) ** self.exponent
 
     def load(self, streams: int) -> float:
-        return self.scale * max(streams, 0) ** self.exponent
+        return self.load_at(float(streams))
 
     def capacity(self, max_load: float) -> int:
         """Real-time streams that fit under max_load by this fit (0: none, or no limit set)."""
