@@ -16,7 +16,7 @@ observations (each window's weight decaying by `DECAY`), with the exponent held 
 streams) and 1 (no sharing: a cost proportional to the streams, as Whisper's or a fake's). Where
 the observations span a single N the exponent cannot be measured and is taken at
 `MIN_EXPONENT`: the headroom the worker measured is spent at the rate a batching worker shows,
-and real saturation, not an extrapolation, says where it ends:
+and real saturation, not an extrapolation, says where it ends.
 
 Windows where the worker was saturated say only "at least this much": they are left out of the
 fit, but the fewest streams that saturated it while the streams fell behind real time are

@@ -112,8 +112,8 @@ def test_light_load_then_a_burst_is_admitted():
             break
         burst.append(Backlog(f"b{i}", 16000, opened=c.t))
     assert refused is not None and refused >= 32, f"refused the {refused}th stream of a burst the worker can serve"
-    assert refused <= 48  # 0.14 x N ** 0.5 passes 0.9 at 41: a burst still stops
-    assert cap.load.predict(32)[0] == pytest.approx(0.78, abs=0.03)  # measured at 32: ~0.75
+    assert refused <= 48  # ~0.14 x N ** 0.5 passes 0.9 at 43: a burst still stops
+    assert cap.load.predict(32)[0] == pytest.approx(0.77, abs=0.03)  # measured at 32: ~0.75
 
 
 def test_saturation_is_remembered_as_a_ceiling_not_learned_as_a_cost():
