@@ -1,17 +1,27 @@
 """`SentenceTTS`: what every TTS engine (MeloTTS, Piper, Kokoro) shares: text validation and
 sentence splitting, one device worker thread, sentence-by-sentence streaming, the CUDA ->
 fallback_device retry, silence trim, resampling to the output rate, and engine info.
-Subclasses implement `_load_model(device)` and `_synth_float(sentence, language, speed)`.
+Subclasses implement `_load_model(device)`, `_calls(sentence, language, speed)` and
+`_synth_float(call, language, speed)`.
+
+**What one engine call is given is bounded**, after normalisation: a sentence's limit is counted
+in characters before number spelling (777777 is 70 phonemes) and `speed` stretches the audio up
+to 4x, so each engine cuts a sentence's normalised text (or phonemes) into calls of at most
+`call_budget(speed)` units: MAX_CALL_AUDIO_SECONDS of predicted audio (units / UNITS_PER_SECOND
+/ speed) and at most MAX_CALL_UNITS. A 56-character request had been one 50 s, 8 GB call (at
+speed 0.25 it took the daemon to 22 GB). After a call of more than LARGE_CALL_AUDIO_SECONDS the
+memory it took is handed back (`release_memory`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import logging
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -21,6 +31,54 @@ from daemon.rules import LANGUAGES, check_speed
 from daemon.errors import EngineError, ErrorCode, ModelMissingError, S2SError, TextError, UnsupportedError
 
 logger = logging.getLogger(__name__)
+
+# Predicted audio of one engine call at most (seconds, speed included): the worker's "sentence"
+# budget is 3 watchdog periods (45 s with WatchdogSec=30) and an engine's memory grows with it.
+MAX_CALL_AUDIO_SECONDS = 20.0
+# After a call of more audio than this the memory it took is handed back.
+LARGE_CALL_AUDIO_SECONDS = 8.0
+# No call budget below this many units (a long word is cut, never a phoneme).
+MIN_CALL_UNITS = 16
+
+_libc: Optional[ctypes.CDLL] = None
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: glibc's malloc_trim(0) (the heap keeps what a large
+    call freed otherwise); a no-op without glibc. No gc.collect(): the audio arrays are freed by
+    reference counting, and a full collection of the daemon's ~360,000 objects holds the GIL,
+    so the event loop, for 0.4-0.6 s. ctypes releases the GIL for the trim."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def pack(pieces: List[str], cost: Callable[[str], int], budget: int, sep: str = " ") -> List[str]:
+    """Join pieces (words) greedily into calls of at most `budget` cost; a piece over the budget
+    alone is halved until it fits (or is one character)."""
+    out: List[str] = []
+    cur, cur_cost = "", 0
+    stack = list(reversed(pieces))
+    while stack:
+        piece = stack.pop()
+        c = cost(piece)
+        if c > budget and len(piece) > 1:
+            half = len(piece) // 2
+            stack += [piece[half:], piece[:half]]
+            continue
+        if cur and cur_cost + c > budget:
+            out.append(cur)
+            cur, cur_cost = "", 0
+        cur = f"{cur}{sep}{piece}" if cur else piece
+        cur_cost += c
+    if cur:
+        out.append(cur)
+    return out
+
 
 # Silence kept at each end of a sentence's audio.
 MAX_EDGE_SILENCE_S = 0.1
@@ -52,10 +110,15 @@ def _normalise_language(language: Optional[str]) -> str:
 
 class SentenceTTS:
     """Shared engine machinery. Subclasses implement `_load_model(device)` and
-    `_synth_float(sentence, language, speed) -> (float32 audio, sample_rate)`, and may
-    override `_prepare(text, language)` and `_speakable(text)`."""
+    `_synth_float(call, language, speed) -> (float32 audio, sample_rate)` for one item of
+    `_calls(sentence, language, speed)` (default: the normalised text, cut to the call budget),
+    and may override `_prepare(text, language)` and `_speakable(text)`."""
 
     name = "base"
+    # Units (phonemes, tokens or characters, the engine's `_calls` says) per second of audio at
+    # speed 1: a low estimate, so that the predicted audio is never short of the real one.
+    UNITS_PER_SECOND = 15.0
+    MAX_CALL_UNITS = 400
 
     def __init__(self, sample_rate: int, speed: float, max_text_chars: int, max_sentence_chars: int,
                  device: str, fallback_device: str):
@@ -161,6 +224,21 @@ class SentenceTTS:
     def _check_speed(self, speed: Optional[float]) -> float:
         return check_speed(self.speed if speed is None else speed)
 
+    def call_budget(self, speed: float) -> int:
+        """Units one engine call may be given at `speed` (MAX_CALL_AUDIO_SECONDS of audio)."""
+        predicted = int(MAX_CALL_AUDIO_SECONDS * self.UNITS_PER_SECOND * speed)
+        return max(MIN_CALL_UNITS, min(self.MAX_CALL_UNITS, predicted))
+
+    def _calls(self, sentence: str, language: str, speed: float) -> List[Any]:
+        """One sentence as the engine calls that speak it, each within `call_budget(speed)`.
+        The default: normalised text, cut at commas, spaces or between CJK characters."""
+        text = self._prepare(sentence, language)
+        budget = self.call_budget(speed)
+        if len(text) <= budget:
+            return [text]
+        return [p for p in textsplit.split_sentences(text, max(budget, textsplit.MIN_CLAUSE_CHARS * 2))
+                if self._speakable(p)]
+
     # --- synthesis -------------------------------------------------------------------
 
     def synthesize_stream(self, text: str, language: str = "zh",
@@ -172,7 +250,10 @@ class SentenceTTS:
         lang = _normalise_language(language)
         spd = self._check_speed(speed)
         for i, sentence in enumerate(self.sentences(text, lang)):
-            yield i, sentence, self._on_worker(self._synth_pcm, sentence, lang, spd)
+            # A sentence the engine cannot take in one call is several chunks, each its own call
+            # (the daemon makes each `next` one worker step): same index, same sentence text.
+            for call in self._on_worker(self._calls, sentence, lang, spd):
+                yield i, sentence, self._on_worker(self._synth_pcm, call, lang, spd)
 
     def synthesize(self, text: str, language: str = "zh", speed: Optional[float] = None) -> bytes:
         """The whole text as one PCM16 buffer (the concatenation of the stream's chunks)."""
@@ -181,10 +262,11 @@ class SentenceTTS:
     async def synthesize_async(self, text: str, language: str = "zh", speed: Optional[float] = None) -> bytes:
         return await asyncio.wrap_future(self.submit(self.synthesize, text, language, speed))
 
-    def _synth_pcm(self, sentence: str, language: str, speed: float) -> bytes:
-        """On the worker: one sentence -> trimmed, resampled, peak-safe PCM16."""
+    def _synth_pcm(self, call: Any, language: str, speed: float) -> bytes:
+        """On the worker: one call (from `_calls`) -> trimmed, resampled, peak-safe PCM16."""
+        sentence = str(call)
         try:
-            x, sr = self._synth_float(sentence, language, speed)
+            x, sr = self._synth_float(call, language, speed)
         except (S2SError, MemoryError):
             raise
         except Exception as e:
@@ -196,19 +278,24 @@ class SentenceTTS:
             self._record_fallback(self.device, self.fallback_device, str(e), "synthesis")
             self._move_to(self.fallback_device)
             self.device = self.fallback_device
-            x, sr = self._synth_float(sentence, language, speed)
+            x, sr = self._synth_float(call, language, speed)
         x = np.nan_to_num(np.asarray(x, dtype=np.float32).reshape(-1))
+        large = x.size > LARGE_CALL_AUDIO_SECONDS * sr
         x = trim_silence(x, sr)
         x = audio.resample(x, sr, self.sample_rate)
         self.sentences_synthesized += 1
-        return audio.float_to_pcm16(x)
+        pcm = audio.float_to_pcm16(x)
+        if large:
+            del x
+            release_memory()
+        return pcm
 
     # --- subclass hooks ----------------------------------------------------------------
 
     def _load_model(self, device: str) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _synth_float(self, sentence: str, language: str, speed: float) -> Tuple[np.ndarray, int]:  # pragma: no cover
+    def _synth_float(self, call: Any, language: str, speed: float) -> Tuple[np.ndarray, int]:  # pragma: no cover
         raise NotImplementedError
 
     def _move_to(self, device: str) -> None:

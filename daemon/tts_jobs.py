@@ -271,7 +271,7 @@ class TTSJobs:
                 item = await self._step(job, next, gen, None)
                 if item is None or job.cancelled:
                     break
-                sentences += 1
+                sentences = max(sentences, int(item[0]) + 1)  # a long sentence may come in several chunks
                 if not req.stream:
                     whole.append(item[2])
                     continue

@@ -94,6 +94,79 @@ def test_a_tcp_port_in_use_exits_1_at_once(tmp_path, models_dir):
         taken.close()
 
 
+# 3 --------------------------------------------------------------------------------------------
+
+# The request: 56 characters, each 777777 spelt out (~70 phonemes), at a quarter speed.
+# In one Piper call it took the daemon to 22.7 GB; at speed 1 it was one 50.6 s call.
+NUMBERS_EN = "777777 777777 777777 777777 777777 777777 777777 777777 "
+NUMBERS_ZH = "9999999999999，一二三四五六七八九十。"  # digit by digit, to Kokoro
+
+
+def test_a_short_request_that_normalisation_and_speed_blow_up_is_cut_into_bounded_calls(tmp_path, models_dir):
+    usec = 20_000_000  # pings every 10 s; an engine call may run 3 periods (30 s)
+    p = DaemonProcess(tmp_path, {"models_root": str(models_dir), "asr": {"device": "cpu"},
+                                 "tts": {"device": "cpu"}}, fake=False, watchdog_usec=usec)
+    p.wait_ready(300)
+    try:
+        with TTSClient(p.tts, timeout=60) as c:
+            assert c.describe()["tts"]["engine"] == "kokoro+piper"
+            c.speak("Warm up.", language="en")
+            c.speak("你好。", language="zh")
+        time.sleep(1.0)
+        idle = stats(p.proc.pid)["rss_kb"]
+        peak = [idle]
+        slowest = {"asr": 0.0, "tts": 0.0}
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], stats(p.proc.pid)["rss_kb"])
+                time.sleep(0.05)
+
+        def pinger(which: str, endpoint: str) -> None:
+            with TTSClient(endpoint, timeout=20) as c:
+                while not stop.is_set():
+                    try:
+                        slowest[which] = max(slowest[which], c.ping())
+                    except DaemonError:
+                        slowest[which] = float("inf")
+                        return
+                    time.sleep(0.2)
+
+        threads = [threading.Thread(target=sample)] + [
+            threading.Thread(target=pinger, args=a) for a in (("asr", p.asr), ("tts", p.tts))]
+        for th in threads:
+            th.start()
+        t0 = time.monotonic()
+        got = {}
+        try:
+            with TTSClient(p.tts, timeout=120) as c:
+                for lang, text in (("en", NUMBERS_EN), ("zh", NUMBERS_ZH)):
+                    chunks = list(c.synthesize(text, language=lang, speed=0.25))
+                    got[lang] = sum(len(m.pcm) for m in chunks) / 2 / chunks[0].sample_rate
+        finally:
+            stop.set()
+            for th in threads:
+                th.join()
+        t1 = time.monotonic()
+        time.sleep(1.0)
+        after = stats(p.proc.pid)["rss_kb"]
+        wd = gaps(p.notify.times("WATCHDOG=1"), t0, t1)
+        print(f"numbers at speed 0.25: {got['en']:.1f} s (en) + {got['zh']:.1f} s (zh) of audio in {t1 - t0:.1f} s; "
+              f"rss idle {idle // 1024} MB, peak {peak[0] // 1024} MB, after {after // 1024} MB; "
+              f"slowest ping {slowest}; longest watchdog gap {wd:.1f} s")
+        assert got["en"] > 60 and got["zh"] > 10, got  # all of it spoken, nothing refused
+        assert max(slowest.values()) < 1.0, slowest
+        assert wd < watchdog_gap_limit(usec), wd
+        assert peak[0] < 2 * idle, (idle, peak[0])
+        assert after < idle * 1.25, (idle, after)  # what the long calls took was handed back
+        with TTSClient(p.tts, timeout=5) as c:
+            assert c.describe()["daemon"]["healthy"] is True
+        round_trip(p)
+    finally:
+        p.stop()
+
+
 # 4 --------------------------------------------------------------------------------------------
 
 
@@ -230,3 +303,96 @@ def test_flooding_owners_of_one_peer_never_delay_another_owners_sentence(tmp_pat
         round_trip(p)
     finally:
         p.stop()
+
+
+# --- the pure parts: call budgets, the fair queue, the owner field ----------------------------------
+
+
+def test_owner_is_a_short_optional_string():
+    m = P.decode_request(P.Synthesize(request_id="r", text="hi", owner="c17").encode())
+    assert isinstance(m, P.Synthesize) and m.owner == "c17"
+    assert P.decode_request(P.Synthesize(request_id="r", text="hi").encode()).owner == ""
+    for bad in ('"' + "o" * (P.MAX_OWNER_CHARS + 1) + '"', "3", "null"):
+        with pytest.raises(P.ProtocolError) as ei:
+            P.decode_request([('{"v":1,"type":"synthesize","request_id":"r","text":"x","owner":%s}' % bad).encode()])
+        assert ei.value.code == ErrorCode.BAD_REQUEST and ei.value.request_id == "r"
+
+
+def test_pack_keeps_every_word_within_the_budget():
+    from daemon.tts_base import pack
+
+    words = ["seven", "hundred", "x" * 40, "a"]
+    calls = pack(words, len, 12)
+    assert all(len(c.replace(" ", "")) <= 12 for c in calls), calls
+    assert "".join(calls).replace(" ", "") == "".join(words)
+
+
+def test_melo_cuts_a_normalised_sentence_into_calls_within_its_budget(tmp_path):
+    from daemon.tts_melo import MeloConfig, MeloTTSEngine
+
+    e = MeloTTSEngine(MeloConfig(model_dir=tmp_path, hf_home=tmp_path, nltk_data=tmp_path))
+    sentence = "777777 777777 777777 777777 777777 777777 777777 777777"
+    for speed in (0.25, 1.0, 4.0):
+        calls = e._calls(sentence, "zh", speed)
+        budget = e.call_budget(speed)
+        assert all(len(c) <= budget for c in calls), (speed, budget, calls)
+        assert "".join(calls).replace(" ", "") == e._prepare(sentence, "zh").replace(" ", "")
+    assert len(e._calls(sentence, "zh", 0.25)) > 4  # 88 characters spoken, at most 20 a call
+
+
+def test_kokoro_chunks_cut_and_never_drop_phonemes(tmp_path):
+    from daemon.tts_kokoro import KokoroConfig, KokoroEngine
+
+    e = KokoroEngine(KokoroConfig(model_dir=tmp_path))
+    ph = "ʨjou↓" * 100 + " " + "a, b. " * 30
+    chunks = e._chunks(ph, 55)
+    assert all(len(c) <= 55 for c in chunks)
+    assert "".join(chunks).replace(" ", "") == ph.replace(" ", "")
+
+
+def test_fair_queue_serves_the_owner_with_the_least_worker_time_first():
+    import asyncio
+
+    from daemon.tts_jobs import FairQueue, TTSJob
+
+    now = [0.0]
+    order: List[str] = []
+
+    async def main() -> None:
+        q = FairQueue(clock=lambda: now[0])
+
+        hold = asyncio.Event()
+
+        async def step(job: TTSJob, cost: float) -> None:
+            assert await q.turn(job)
+            order.append(job.request.owner)
+            now[0] += cost
+            await hold.wait()  # the step runs until the test lets it end
+            q.release()
+
+        def job(owner: str, seq: int) -> TTSJob:
+            return TTSJob((b"bridge", f"{owner}-{seq}"), P.Synthesize(request_id=f"{owner}-{seq}", text="x",
+                                                                       owner=owner), seq=seq)
+
+        flood = [job(f"f{i}", i) for i in range(3)]
+        # Each flooder has had 2 s of the worker; the newcomer none.
+        hold.set()
+        tasks = [asyncio.ensure_future(step(j, 2.0)) for j in flood]
+        await asyncio.gather(*tasks)
+        order.clear()
+        hold.clear()
+        tasks = [asyncio.ensure_future(step(j, 2.0)) for j in flood]
+        await asyncio.sleep(0)
+        new = job("new", 10)
+        tasks.append(asyncio.ensure_future(step(new, 0.1)))
+        withdrawn = job("gone", 11)
+        waiting = asyncio.ensure_future(q.turn(withdrawn))
+        await asyncio.sleep(0)
+        q.withdraw(withdrawn)
+        assert await waiting is False
+        hold.set()
+        await asyncio.gather(*tasks)
+        assert order[:2] == ["f0", "new"], order  # the step running, then the newcomer
+        assert len(q) == 0 and not q.busy
+
+    asyncio.run(main())
