@@ -20,6 +20,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import yaml
 
+from daemon.config_frontends import AgentConfig, BridgeConfig, OpenAIAPIConfig, WyomingConfig
+
 DEFAULT_CONFIG_PATHS = ("/etc/s2s/s2s.yaml",)
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "s2s.yaml"
 
@@ -152,69 +154,6 @@ class TTSConfig:
     kokoro: KokoroModels = field(default_factory=KokoroModels)
     # kokoro+piper: Kokoro speaks Chinese and mixed text, Piper English-only text (per request).
     fallback_engine: str = "kokoro+piper"
-
-
-@dataclass(frozen=True)
-class BridgeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    # Origins allowed to open the websocket; empty = same host as the page only.
-    allowed_origins: Tuple[str, ...] = ()
-    # Optional bearer token (query ?token= or the `start` message). Empty = no auth.
-    token: str = ""
-    max_connections: int = 16
-    max_message_bytes: int = 1 << 20
-    # Outgoing data queued per connection (bytes); a browser that leaves it full for
-    # slow_client_timeout seconds is closed with 1008 "client too slow".
-    send_queue_bytes: int = 4 << 20
-    slow_client_timeout: float = 5.0
-    # Edge limits (each is an `error` event the page shows and a /metrics counter).
-    max_connections_per_ip: int = 8      # per network: an IPv4 address, an IPv6 /64, loopback as one
-    login_timeout: float = 10.0          # seconds to send the token (when one is configured)
-    max_pending_logins: int = 16         # connections not logged in yet (apart from max_connections)
-    audio_burst_seconds: float = 10.0    # audio a connection may send ahead of real time, then at
-    max_audio_speed: float = 2.0         # most this many times real time (the excess: `busy`)
-    idle_timeout: float = 300.0          # seconds without a message from the browser
-    max_turns_per_minute: int = 20       # agent turns (typed or spoken) per connection
-    max_reply_chars: int = 4000          # agent reply cut here (agent_done truncated)
-    max_reply_tokens: int = 1024         # `max_tokens` sent to an OpenAI-compatible agent
-    reply_timeout: float = 120.0         # longest whole agent reply, seconds
-    # https/wss when both are set (browsers give the microphone only to a secure context).
-    tls_cert: str = ""
-    tls_key: str = ""
-
-
-@dataclass(frozen=True)
-class WyomingConfig:
-    # s2s-wyoming (bridge/wyoming); one port number for both serves ASR and TTS on one port.
-    host: str = "127.0.0.1"
-    asr_port: int = 10300
-    tts_port: int = 10200
-    max_connections: int = 16
-
-
-@dataclass(frozen=True)
-class OpenAIAPIConfig:
-    # s2s-openai (bridge/openai_api); api_key: an optional bearer key, required off loopback.
-    host: str = "127.0.0.1"
-    port: int = 8766
-    api_key: str = ""
-    max_upload_bytes: int = 25 << 20  # OpenAI's own limit
-    max_concurrent_requests: int = 16
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    kind: str = "langgraph"
-    url: str = "http://127.0.0.1:8000"
-    assistant_id: str = "agent"
-    # OpenAI-compatible only.
-    model: str = ""
-    api_key: str = ""
-    timeout: float = 30.0
-    # Used by scripts/start-s2s.sh: fall back to the built-in echo agent when the
-    # configured one does not answer.
-    fallback_echo: bool = True
 
 
 @dataclass(frozen=True)
