@@ -10,6 +10,11 @@ the empty delimiter) and ``decode``; ``decode_request()`` / ``decode_reply()`` p
 from the header. ``audio`` from a client is ASR input (session_id, seq, PCM16 16 kHz);
 ``audio`` from the daemon is TTS output (request_id, seq, sentence, PCM16).
 
+Streamed text (an LLM's reply): ``synthesize`` with ``stream_text: true`` opens a request whose
+text arrives in ``text_chunk`` messages (``final: true`` on the last); the daemon cuts sentences
+as the text arrives and synthesises each as soon as it is complete. The same audio, ``done``,
+``cancel`` and ``error`` as any request; a refused chunk ends its request with an ``error``.
+
 Bad input raises ``ProtocolError`` carrying a stable ``ErrorCode``, plus whatever request and
 session id could be read (and can be sent back), so the daemon can answer with ``error``.
 """
@@ -48,6 +53,7 @@ class MsgType(str, enum.Enum):
     CLOSE = "close"
     # client -> daemon, TTS
     SYNTHESIZE = "synthesize"
+    TEXT_CHUNK = "text_chunk"  # more text for a synthesize with stream_text
     CANCEL = "cancel"
     # client -> daemon, both sockets
     DESCRIBE = "describe"
@@ -194,20 +200,47 @@ class Close(Message):
 class Synthesize(Message):
     """TTS request. language/speed None = the daemon's configured defaults. owner: who it is
     for inside the peer (at most MAX_OWNER_CHARS; a bridge sends its connection id): the
-    daemon serves waiting requests round-robin across (peer, owner)."""
+    daemon serves waiting requests round-robin across (peer, owner).
+
+    stream_text: the text arrives in `text_chunk` messages (`text` here is the first chunk and
+    may be empty or left out); the daemon cuts sentences as it arrives. hold (stream_text only):
+    after the first sentence, nothing more is synthesised until a chunk with `release` (a reply
+    prepared speculatively, before the user's turn is final)."""
 
     TYPE: ClassVar[MsgType] = MsgType.SYNTHESIZE
-    REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id", "text")
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id",)
     request_id: str = ""
     text: str = ""
     language: Optional[str] = None
     speed: Optional[float] = None
     stream: bool = True
     owner: str = ""
+    stream_text: bool = False
+    hold: bool = False
 
     def check(self, hdr: Mapping[str, Any]) -> None:
+        if "text" not in hdr and not self.stream_text:
+            raise _fail("synthesize: missing field 'text'", hdr)
         if len(self.owner) > MAX_OWNER_CHARS:
             raise _fail(f"field 'owner' is longer than {MAX_OWNER_CHARS} characters", hdr)
+        if self.hold and not self.stream_text:
+            raise _fail("field 'hold' needs stream_text", hdr)
+
+
+@dataclass(frozen=True)
+class TextChunk(Message):
+    """More text for a `synthesize` with stream_text. final: the request's last text (what is
+    left is spoken, then `done`). release: a held request goes on past its first sentence.
+    drop_partial: the text after the last complete sentence is dropped before `text` is added
+    (a reply that broke off mid-sentence, followed by an apology)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.TEXT_CHUNK
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id",)
+    request_id: str = ""
+    text: str = ""
+    final: bool = False
+    release: bool = False
+    drop_partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -398,12 +431,12 @@ class Error(Message):
 
 
 REQUESTS: Dict[str, Type[Message]] = {c.TYPE.value: c for c in (
-    Open, Audio, Finalize, Reset, Close, Synthesize, Cancel, Describe, Ping)}
+    Open, Audio, Finalize, Reset, Close, Synthesize, TextChunk, Cancel, Describe, Ping)}
 REPLIES: Dict[str, Type[Message]] = {c.TYPE.value: c for c in (
     Opened, SpeechStart, Partial, Final, Tentative, Resume, Closed, Ack, SynthAudio, Done, Cancelled, Info, Pong, Error)}
 # Requests each socket serves.
 ASR_REQUESTS = frozenset({"open", "audio", "finalize", "reset", "close", "describe", "ping"})
-TTS_REQUESTS = frozenset({"synthesize", "cancel", "describe", "ping"})
+TTS_REQUESTS = frozenset({"synthesize", "text_chunk", "cancel", "describe", "ping"})
 
 
 

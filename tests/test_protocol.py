@@ -20,6 +20,8 @@ REQUESTS = [
     P.Reset(session_id="s1", request_id="r3"),
     P.Close(session_id="s1", request_id="r4"),
     P.Synthesize(request_id="t1", text="你好。Hello.", language="zh", speed=1.25, stream=False),
+    P.Synthesize(request_id="t2", text="你好，", owner="c1", stream_text=True, hold=True),
+    P.TextChunk(request_id="t2", text="今天。", final=True, release=True, drop_partial=True),
     P.Cancel(request_id="t1"),
     P.Describe(request_id="d"),
     P.Ping(request_id="p"),
