@@ -31,14 +31,16 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, 
 import zmq
 
 from daemon import protocol as P
-from daemon.client_async import AsyncASRClient, AsyncASRStream, AsyncClient, AsyncTTSClient
+from daemon.client_async import AsyncASRClient, AsyncASRStream, AsyncClient, AsyncSynthStream, AsyncTTSClient
 from daemon.client_base import DEFAULT_TIMEOUT, HWM, DaemonError, _decode, _socket, missing_endpoint, new_id
 from daemon.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ASRClient", "ASRStream", "AsyncASRClient", "AsyncASRStream", "AsyncClient", "AsyncTTSClient",
-           "Client", "DEFAULT_TIMEOUT", "DaemonError", "HWM", "TTSClient", "missing_endpoint", "new_id"]
+__all__ = ["ASRClient", "ASRStream", "AsyncASRClient", "AsyncASRStream", "AsyncClient", "AsyncSynthStream",
+           "AsyncTTSClient",
+           "Client", "DEFAULT_TIMEOUT", "DaemonError", "HWM", "SynthStream", "TTSClient", "missing_endpoint",
+           "new_id"]
 
 
 _C = TypeVar("_C", bound="Client")
@@ -292,6 +294,16 @@ class TTSClient(Client):
                 except DaemonError:
                     pass
 
+    def synthesize_stream(self, request_id: Optional[str] = None, text: str = "", language: Optional[str] = None,
+                          speed: Optional[float] = None, stream: bool = True, owner: str = "",
+                          hold: bool = False, timeout: Optional[float] = None) -> "SynthStream":
+        """Open a streamed-text request: `send` text as it comes, `end` it, iterate its audio (see
+        AsyncSynthStream for the rules both clients follow)."""
+        rid = request_id or new_id()
+        self.send(P.Synthesize(request_id=rid, text=text, language=language, speed=speed, stream=stream,
+                               owner=owner, stream_text=True, hold=hold))
+        return SynthStream(self, rid, self.timeout if timeout is None else timeout)
+
     def speak(self, text: str, **kw: Any) -> Tuple[bytes, int]:
         """Whole utterance: (PCM16 bytes, sample rate)."""
         pcm, rate = [], 24000
@@ -303,4 +315,73 @@ class TTSClient(Client):
     def cancel(self, request_id: str, timeout: Optional[float] = None) -> None:
         self.request(P.Cancel(request_id=request_id), (P.Cancelled,), timeout)
 
+
+class SynthStream:
+    """A streamed-text request on a blocking TTSClient: `send`/`end`/`release`/`cancel`; `poll()`
+    returns the audio received so far, iterating reads it until `done` (DaemonError on an error;
+    `timeout` between chunks once the text has ended, none before: the daemon ends an idle one)."""
+
+    def __init__(self, client: TTSClient, request_id: str, timeout: float):
+        self.client = client
+        self.request_id = request_id
+        self.timeout = timeout
+        self.ended = False
+        self.finished = False
+
+    def send(self, text: str, final: bool = False, release: bool = False, drop_partial: bool = False) -> None:
+        if self.ended:
+            raise DaemonError("the text has ended", ErrorCode.BAD_REQUEST, self.request_id)
+        self.ended = self.ended or final
+        self.client.send(P.TextChunk(request_id=self.request_id, text=text, final=final, release=release,
+                                     drop_partial=drop_partial))
+
+    def end(self, text: str = "", release: bool = False, drop_partial: bool = False) -> None:
+        self.send(text, final=True, release=release, drop_partial=drop_partial)
+
+    def release(self) -> None:
+        if not self.ended:
+            self.send("", release=True)
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.client.send(P.Cancel(request_id=self.request_id))
+
+    def _one(self, timeout: Optional[float]) -> Optional[P.Message]:
+        """Our next message within timeout (None: none came); others' are dropped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            m = self.client.recv(left)
+            if m is None:
+                return None
+            if getattr(m, "request_id", None) != self.request_id:
+                continue
+            if isinstance(m, P.Error):
+                self.finished = True
+                raise DaemonError.from_reply(m)
+            if isinstance(m, (P.Done, P.Cancelled)):
+                self.finished = True
+            return m
+
+    def poll(self, timeout: float = 0.0) -> List[P.SynthAudio]:
+        """Audio chunks that arrived so far (waiting up to timeout for the first)."""
+        out: List[P.SynthAudio] = []
+        wait: Optional[float] = timeout
+        while not self.finished:
+            m = self._one(wait)
+            if m is None:
+                break
+            if isinstance(m, P.SynthAudio):
+                out.append(m)
+            wait = 0.0
+        return out
+
+    def __iter__(self) -> Iterator[P.SynthAudio]:
+        while not self.finished:
+            m = self._one(self.timeout if self.ended else None)
+            if m is None:
+                self.finished = True
+                raise DaemonError(f"no audio within {self.timeout:g} s", ErrorCode.TIMEOUT, self.request_id)
+            if isinstance(m, P.SynthAudio):
+                yield m
 

@@ -272,7 +272,93 @@ class AsyncASRClient(AsyncClient):
         return AsyncASRStream(self, sid, dict(opened.capabilities), q)  # type: ignore[attr-defined]
 
 
+class AsyncSynthStream:
+    """One streamed-text synthesis request (`AsyncTTSClient.synthesize_stream`): `send` text as it
+    comes, `end` it; `async for chunk in stream` yields its audio until `done` (DaemonError on an
+    error). Until `end` the wait for audio has no client-side timeout (the text may pause; the
+    daemon ends an idle request after limits.text_idle_timeout); after it, `timeout` between
+    chunks. Leaving the loop early, or `cancel()`, cancels the request at the daemon."""
+
+    def __init__(self, client: "AsyncTTSClient", request_id: str, queue: asyncio.Queue, timeout: float):
+        self.client = client
+        self.request_id = request_id
+        self.queue = queue
+        self.timeout = timeout
+        self.ended = False
+        self.finished = False  # done, cancelled or error seen
+
+    async def send(self, text: str, final: bool = False, release: bool = False, drop_partial: bool = False) -> None:
+        """More text (final: the last; release: a held request goes on; drop_partial: the text
+        after the last complete sentence is dropped first)."""
+        if self.ended:
+            raise DaemonError("the text has ended", ErrorCode.BAD_REQUEST, self.request_id)
+        self.ended = self.ended or final
+        await self.client.send(P.TextChunk(request_id=self.request_id, text=text, final=final, release=release,
+                                           drop_partial=drop_partial))
+
+    async def end(self, text: str = "", release: bool = False, drop_partial: bool = False) -> None:
+        await self.send(text, final=True, release=release, drop_partial=drop_partial)
+
+    async def release(self) -> None:
+        """A held request (hold=True) goes on past its first sentence."""
+        if not self.ended:
+            await self.send("", release=True)
+
+    async def cancel(self) -> None:
+        """Stop it at the daemon, not waiting for the answer (the iterator ends at `cancelled`)."""
+        if not self.finished:
+            try:
+                await self.client.send(P.Cancel(request_id=self.request_id))
+            except DaemonError:
+                pass
+
+    def __aiter__(self) -> AsyncIterator[P.SynthAudio]:
+        return self.audio()
+
+    async def audio(self) -> AsyncIterator[P.SynthAudio]:
+        try:
+            while not self.finished:
+                try:
+                    m = await asyncio.wait_for(self.queue.get(), self.timeout if self.ended else None)
+                except asyncio.TimeoutError:
+                    raise DaemonError("no audio in time", ErrorCode.TIMEOUT, self.request_id) from None
+                if isinstance(m, P.Error):
+                    self.finished = True
+                    raise DaemonError.from_reply(m)
+                if isinstance(m, (P.Done, P.Cancelled)):
+                    self.finished = True
+                    return
+                if isinstance(m, P.SynthAudio):
+                    yield m
+        finally:
+            self.client._streams.pop(self.request_id, None)
+            if not self.finished:
+                self.finished = True
+                if self.client._sock is not None:
+                    try:
+                        await self.client.send(P.Cancel(request_id=self.request_id))
+                    except DaemonError:
+                        pass
+
+
 class AsyncTTSClient(AsyncClient):
+    async def synthesize_stream(self, request_id: Optional[str] = None, text: str = "",
+                                language: Optional[str] = None, speed: Optional[float] = None, stream: bool = True,
+                                owner: str = "", hold: bool = False,
+                                timeout: Optional[float] = None) -> AsyncSynthStream:
+        """Open a streamed-text request (the daemon cuts sentences as the text arrives and speaks
+        each at once); `text` is its first chunk. hold: only the first sentence until `release()`."""
+        rid = request_id or new_id()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = q
+        try:
+            await self.send(P.Synthesize(request_id=rid, text=text, language=language, speed=speed, stream=stream,
+                                         owner=owner, stream_text=True, hold=hold))
+        except BaseException:
+            self._streams.pop(rid, None)
+            raise
+        return AsyncSynthStream(self, rid, q, self.timeout if timeout is None else timeout)
+
     async def synthesize(self, text: str, language: Optional[str] = None, speed: Optional[float] = None,
                          stream: bool = True, request_id: Optional[str] = None,
                          timeout: Optional[float] = None, owner: str = "") -> AsyncIterator[P.SynthAudio]:

@@ -179,6 +179,11 @@ class LimitsConfig:
     max_tts_queue: int = 32
     # TTS requests one (peer, owner) may have queued; more get `busy` (that owner only).
     max_tts_queue_per_owner: int = 8
+    # Streamed text (synthesize stream_text): chunks one request may take, chunks a second (its
+    # burst is one second's worth), seconds without a chunk or audio before it is ended (timeout).
+    max_text_chunks: int = 4096
+    max_text_chunks_per_second: float = 100.0
+    text_idle_timeout: float = 60.0
     # Longest audio accepted in one ASR `audio` message, in seconds.
     max_chunk_seconds: float = 2.0
     # ASR admission: `open` answers `busy` while any session is this many seconds behind real
@@ -248,6 +253,7 @@ POSITIVE = (
     "bridge.audio_burst_seconds", "bridge.max_audio_speed",
     "limits.max_sessions", "limits.idle_timeout", "limits.max_utterance_seconds",
     "limits.max_text_chars", "limits.max_tts_queue", "limits.max_tts_queue_per_owner", "limits.max_chunk_seconds",
+    "limits.max_text_chunks", "limits.max_text_chunks_per_second", "limits.text_idle_timeout",
     "limits.max_asr_lag", "limits.max_session_lag", "limits.asr_stream_cost",
     "wyoming.max_connections", "openai_api.max_upload_bytes", "openai_api.max_concurrent_requests",
     "asr.whisper.beam_size", "tts.kokoro.speed",

@@ -9,6 +9,11 @@ end (not decimals like 3.14, not abbreviations like "Mr."); newlines. A clause l
 `max_chars` is cut at the last comma (，,、：) before the limit, and with no comma at a
 space or between CJK characters, never inside an English word.
 
+The first clause: a streamed reply's first sentence is cut at its first clause mark (，、：)
+once the clause before it holds FIRST_CLAUSE_MIN_CJK Chinese characters (`first_clause`), so
+the first audio leaves after one clause; shorter openers (你好，) stay with their sentence, and
+English is never cut there (the daemon's TTS jobs ask for it; see daemon/tts_jobs.py).
+
 `normalize_text()` turns numbers, dates, percentages, times and phone numbers into words
 (cn2an for Chinese) before MeloTTS sees them; melo's own ZH normaliser only converts bare
 digits (it reads 10:30 as 十三十 and 2024年 as 两千零二十四年), and after ours it finds no
@@ -27,6 +32,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_CHARS = 60
 # A comma cut never leaves a piece shorter than this (a 2-character clause sounds clipped).
 MIN_CLAUSE_CHARS = 4
+
+# The first clause of a reply is cut off at a clause mark once it holds this many CJK
+# characters: Kokoro speaks 6 as a whole phrase, at the pace of the same words inside their
+# sentence (measured, tests/test_stream_synth.py); 你好，(2) or 好的，(2) would sound clipped.
+FIRST_CLAUSE_MIN_CJK = 6
+_CLAUSE_MARKS = "，、："
 
 _CJK_TERMINATORS = "。！？；…"
 _ASCII_TERMINATORS = "!?;"
@@ -125,9 +136,42 @@ def _clause_cut(text: str, max_chars: int) -> int:
     return limit
 
 
-def _take(text: str, max_chars: int, final: bool) -> Tuple[Optional[str], str]:
-    """Split one sentence off the front of text: (sentence or None, rest)."""
+def _first_clause_end(text: str, min_cjk: int, limit: int) -> Optional[int]:
+    """End (exclusive) of the first clause in text[:limit] that holds at least min_cjk CJK
+    characters and ends at a clause mark (，、：), or None."""
+    cjk = 0
+    for i in range(min(limit, len(text))):
+        ch = text[i]
+        if _is_cjk(ch):
+            cjk += 1
+        elif ch in _CLAUSE_MARKS and cjk >= min_cjk:
+            end = i + 1
+            while end < len(text) and text[end] in _CLOSERS:
+                end += 1
+            return end
+    return None
+
+
+def first_clause(text: str, min_cjk: int = FIRST_CLAUSE_MIN_CJK,
+                 max_chars: int = DEFAULT_MAX_CHARS) -> Tuple[str, str]:
+    """A whole text's first clause and the rest, (clause, rest), when its first sentence has a
+    clause mark after at least min_cjk CJK characters; else ("", text)."""
+    stripped = _drop_leading_strays(text)
+    end, _ = _boundary(stripped, True)
+    cut = _first_clause_end(stripped, min_cjk, min(end if end is not None else len(stripped), max_chars))
+    if cut is None or not is_speakable(stripped[cut:]):
+        return "", text
+    return stripped[:cut], stripped[cut:]
+
+
+def _take(text: str, max_chars: int, final: bool, clause: int = 0) -> Tuple[Optional[str], str]:
+    """Split one sentence off the front of text: (sentence or None, rest). clause > 0: a first
+    clause of at least that many CJK characters ends the piece (`first_clause`)."""
     end, waiting = _boundary(text, final)
+    if clause:
+        cut = _first_clause_end(text, clause, min(end if end is not None else len(text), max_chars))
+        if cut is not None and (final is False or is_speakable(text[cut:])):
+            return text[:cut], text[cut:]
     if end is not None and end <= max_chars:
         return text[:end], text[end:]
     if len(text) > max_chars:
@@ -154,11 +198,12 @@ def _clean(piece: str) -> str:
     return re.sub(r"\s+", " ", piece).strip()
 
 
-def split_sentences(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> List[str]:
+def split_sentences(text: str, max_chars: int = DEFAULT_MAX_CHARS, first_clause_cjk: int = 0) -> List[str]:
     """Split text into sentences for synthesis (see module docstring).
 
     Pieces with nothing speakable (only punctuation or emoji) are attached to the sentence
-    before them, or dropped when they come first. Whitespace is collapsed.
+    before them, or dropped when they come first. Whitespace is collapsed. first_clause_cjk > 0:
+    the first sentence's first clause of at least that many CJK characters is a piece of its own.
     """
     if max_chars < MIN_CLAUSE_CHARS * 2:
         raise ValueError(f"max_chars must be at least {MIN_CLAUSE_CHARS * 2}")
@@ -167,7 +212,7 @@ def split_sentences(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> List[str]:
     # cutting, so a long first clause is cut at the same place whether it streams in or not.
     rest = _drop_leading_strays(text)
     while rest:
-        piece, rest = _take(rest, max_chars, final=True)
+        piece, rest = _take(rest, max_chars, final=True, clause=0 if out else first_clause_cjk)
         if piece is None:  # pragma: no cover - final=True always takes something
             break
         # Strays right after a sentence belong to it (SentenceBuffer, having sent the sentence,
@@ -200,12 +245,19 @@ class SentenceBuffer:
     []
     """
 
-    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS):
+    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, first_clause_cjk: int = 0):
         if max_chars < MIN_CLAUSE_CHARS * 2:
             raise ValueError(f"max_chars must be at least {MIN_CLAUSE_CHARS * 2}")
         self.max_chars = max_chars
+        # > 0: the first piece may be the first sentence's first clause (`first_clause`).
+        self.first_clause_cjk = first_clause_cjk
         self._buf = ""
         self.emitted = 0
+
+    def drop_partial(self) -> str:
+        """Drop the text after the last complete sentence (a reply that broke off); returns it."""
+        dropped, self._buf = self._buf, ""
+        return dropped
 
     @property
     def pending(self) -> str:
@@ -220,7 +272,9 @@ class SentenceBuffer:
             # A leading piece with nothing speakable (a stray closing quote or "！" that
             # arrived after its sentence was sent) cannot be spoken on its own: drop it.
             self._buf = _drop_leading_strays(self._buf)
-            piece, rest = _take(self._buf, self.max_chars, final=False)
+            first = not out and not self.emitted
+            piece, rest = _take(self._buf, self.max_chars, final=False,
+                                clause=self.first_clause_cjk if first else 0)
             if piece is None:
                 break
             self._buf = rest
@@ -231,7 +285,7 @@ class SentenceBuffer:
     def flush(self) -> List[str]:
         """End of stream: return whatever is left, split into sentences."""
         rest, self._buf = self._buf, ""
-        out = split_sentences(rest, self.max_chars)
+        out = split_sentences(rest, self.max_chars, 0 if self.emitted else self.first_clause_cjk)
         self.emitted += len(out)
         return out
 

@@ -12,6 +12,18 @@
   for many users and names each in `owner`): seven owners flooding long replies cannot delay
   an eighth owner's sentence by more than the step running. One owner holds at most
   `limits.max_tts_queue_per_owner` requests; more get `busy`, for that owner only.
+- **Streamed text** (`synthesize` with stream_text, then `text_chunk`s): the one place text
+  becomes sentences for a streamed request. Chunks are cut as they arrive
+  (`textsplit.SentenceBuffer`, the first sentence's first clause on its own so the first audio
+  leaves sooner), and each complete sentence goes to the engine at once through one generator
+  per request (`_chain`): one worker step per engine call, however many sentences. What the
+  client chooses is bounded when a chunk arrives, before it costs anything: text in all
+  (`limits.max_text_chars`), chunks (`limits.max_text_chunks`), chunks a second
+  (`limits.max_text_chunks_per_second`) and time without one (`limits.text_idle_timeout`); a
+  refused chunk ends its request with an `error` (the audio already sent stays). `hold` keeps
+  all but the first sentence until a chunk with `release` (a speculative reply).
+- **A whole text's first clause** (stream=True) is synthesised on its own too, the rest after
+  it as before (`textsplit.first_clause`).
 - **Every request ends in `done`, `cancelled` or `error`.** Audio, `done` and `error` go
   through `Transport.send_wait`: a client at its high-water mark is waited for; one that
   reads nothing for SEND_WAIT_SECONDS gets the job ended with an `error` (`timeout`).
@@ -20,17 +32,19 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from daemon import protocol as P
-from daemon.config import Config
+from daemon import textsplit
+from daemon.config import Config, LimitsConfig
 from daemon.engines import TTSEngine
-from daemon.errors import ErrorCode, S2SError
+from daemon.errors import ErrorCode, S2SError, TextError
 from daemon.rules import MAX_ID_CHARS, check_language, check_speed
 from daemon.transport import Transport
 from daemon.workers import Worker
@@ -53,6 +67,64 @@ class _Stalled(Exception):
     pass
 
 
+Item = Tuple[int, str, bytes]  # (sentence index, sentence, PCM16)
+
+
+class TextFeed:
+    """A streamed request's text: cut into sentences as chunks arrive, handed to its `_chain`
+    (on the worker) through `ready`; all but the first wait in `held` while the request holds.
+    Its counts bound what the client chooses (see `TTSJobs._chunk`)."""
+
+    def __init__(self, first_clause: bool, hold: bool, clock: Callable[[], float] = time.monotonic):
+        self.buf = textsplit.SentenceBuffer(first_clause_cjk=textsplit.FIRST_CLAUSE_MIN_CJK if first_clause else 0)
+        self.ready: Deque[str] = collections.deque()  # popped by _chain on the worker thread
+        self.held: List[str] = []
+        self.hold = hold
+        self.given = 0          # sentences handed to the chain
+        self.chars = 0
+        self.chunks = 0
+        self.parts: List[str] = []  # the text as it came (bounded by limits.max_text_chars)
+        self.ended = False
+        self.busy = False       # the chain may have more audio of the sentence it is on
+        self.clock = clock
+        self.last = clock()     # last chunk (or the last time the request went idle)
+        self.tokens = 0.0       # chunks-per-second bucket
+        self.refilled = self.last
+        self.spoken = 0         # sentences that produced audio (the chain's)
+        self.skipped = 0        # sentences with nothing the voice can say
+        self.wake = asyncio.Event()
+
+    def add(self, sentences: List[str]) -> None:
+        self.held.extend(sentences)
+        while self.held and not (self.hold and self.given):
+            self.ready.append(self.held.pop(0))
+            self.given += 1
+        self.wake.set()
+
+    @property
+    def finished(self) -> bool:
+        return self.ended and not self.held and not self.ready and not self.busy
+
+
+def _chain(engine: TTSEngine, feed: TextFeed, language: str, speed: float) -> Iterator[Optional[Item]]:
+    """On the worker: the streamed request's sentences, in order, each through the engine as it
+    comes; None when no sentence is ready (the job waits for text, then asks again). A sentence
+    with nothing the voice can say is skipped (the request fails only if none is spoken)."""
+    while True:
+        if not feed.ready:
+            yield None
+            continue
+        sentence = feed.ready.popleft()
+        index = feed.spoken
+        try:
+            for i, text, pcm in engine.synthesize_stream(sentence, language, speed):
+                feed.spoken = max(feed.spoken, index + int(i) + 1)
+                yield index + int(i), text, pcm
+        except TextError as e:
+            feed.skipped += 1
+            logger.info("tts: skipped a sentence with nothing to say (%s)", e.message)
+
+
 @dataclass(eq=False)
 class TTSJob:
     key: Key
@@ -63,6 +135,8 @@ class TTSJob:
     started: float = field(default_factory=time.monotonic)
     seq: int = 0
     turn: Optional["asyncio.Future[bool]"] = None  # waiting in the FairQueue
+    feed: Optional[TextFeed] = None  # a streamed-text request's text
+    failure: Optional[S2SError] = None  # why the daemon ended it (sent by its task)
 
     @property
     def owner(self) -> Owner:
@@ -176,6 +250,9 @@ class TTSJobs:
             self.cancel(job)
             self.transport.send("tts", ident, P.Cancelled(request_id=msg.request_id))
             return
+        if isinstance(msg, P.TextChunk):
+            self._chunk(ident, msg)
+            return
         if not isinstance(msg, P.Synthesize):
             raise P.ProtocolError(f"unexpected {msg.TYPE.value}", ErrorCode.UNKNOWN_TYPE)
         lim = self.cfg().limits
@@ -185,7 +262,7 @@ class TTSJobs:
             raise S2SError(f"synthesize needs a request_id of 1-{MAX_ID_CHARS} characters", ErrorCode.BAD_REQUEST)
         if (ident, msg.request_id) in self.active:
             raise S2SError(f"request {msg.request_id!r} is already running", ErrorCode.BAD_REQUEST)
-        if not msg.text.strip():
+        if not msg.stream_text and not msg.text.strip():
             raise S2SError("text is empty", ErrorCode.BAD_TEXT)
         if len(msg.text) > lim.max_text_chars:
             raise S2SError(f"text of {len(msg.text)} characters exceeds limits.max_text_chars={lim.max_text_chars}",
@@ -203,10 +280,75 @@ class TTSJobs:
                            f"(limits.max_tts_queue_per_owner); retry later", ErrorCode.BUSY, retry_after=1.0)
         self._seq += 1
         job = TTSJob((ident, msg.request_id), msg, seq=self._seq)
+        if msg.stream_text:
+            job.feed = TextFeed(first_clause=msg.stream, hold=msg.hold)
+            job.feed.tokens = float(lim.max_text_chunks_per_second)
+            job.feed.chars = len(msg.text)
+            job.feed.parts.append(msg.text)
+            job.feed.add(job.feed.buf.push(msg.text))
         self.active[job.key] = job
         self.running.add(job)
         self.per_owner[owner] = self.per_owner.get(owner, 0) + 1
-        job.task = asyncio.get_running_loop().create_task(self._run(job), name=f"tts-{msg.request_id}")
+        run = self._run_streamed(job) if job.feed is not None else self._run(job)
+        job.task = asyncio.get_running_loop().create_task(run, name=f"tts-{msg.request_id}")
+
+    def _chunk(self, ident: bytes, msg: P.TextChunk) -> None:
+        """More text for a streamed request: bounded first (a refused chunk ends the request with
+        an error), then cut into sentences, which its task synthesises in order."""
+        job = self.active.get((ident, msg.request_id))
+        if job is None:
+            raise S2SError(f"no active request {msg.request_id!r}", ErrorCode.BAD_REQUEST)
+        feed = job.feed
+        if feed is None:
+            raise S2SError(f"request {msg.request_id!r} is not streamed (synthesize without stream_text)",
+                           ErrorCode.BAD_REQUEST)
+        lim = self.cfg().limits
+        why = self._refuse(feed, msg, lim)
+        if why is not None:
+            logger.warning("tts %s: streamed text refused: %s", msg.request_id, why.message)
+            self.fail(job, why)
+            return
+        feed.chunks += 1
+        feed.chars += len(msg.text)
+        feed.parts.append(msg.text)
+        feed.last = feed.clock()
+        if msg.drop_partial:
+            feed.buf.drop_partial()
+        sentences = feed.buf.push(msg.text)
+        if msg.final:
+            sentences += feed.buf.flush()
+            feed.ended = True
+        if msg.release:
+            feed.hold = False
+        feed.add(sentences)
+
+    @staticmethod
+    def _refuse(feed: TextFeed, msg: P.TextChunk, lim: LimitsConfig) -> Optional[S2SError]:
+        """Why a chunk cannot be taken (None: it can): each bound is checked from the sizes alone."""
+        if feed.ended:
+            return S2SError("text_chunk after the final one", ErrorCode.BAD_REQUEST)
+        now = feed.clock()
+        rate = float(lim.max_text_chunks_per_second)
+        feed.tokens = min(rate, feed.tokens + (now - feed.refilled) * rate)
+        feed.refilled = now
+        if feed.tokens < 1.0:
+            return S2SError(f"text chunks faster than limits.max_text_chunks_per_second={rate:g}; request ended",
+                            ErrorCode.BAD_REQUEST)
+        feed.tokens -= 1.0
+        if feed.chunks + 1 > lim.max_text_chunks:
+            return S2SError(f"more than limits.max_text_chunks={lim.max_text_chunks} chunks; request ended",
+                            ErrorCode.BAD_REQUEST)
+        if feed.chars + len(msg.text) > lim.max_text_chars:
+            return TextError(f"text of {feed.chars + len(msg.text)} characters exceeds limits.max_text_chars="
+                             f"{lim.max_text_chars}; request ended", limit=lim.max_text_chars)
+        return None
+
+    def fail(self, job: TTSJob, why: S2SError) -> None:
+        """End a job with an error, sent at once: before the answers to any chunk sent after it."""
+        if job.failure is None and not job.cancelled:
+            job.failure = why
+            self.transport.send("tts", job.key[0], P.Error.from_exception(why, job.key[1]))
+        self.cancel(job)
 
     def cancel(self, job: TTSJob) -> None:
         job.cancelled = True
@@ -215,6 +357,8 @@ class TTSJobs:
         self.fair.withdraw(job)  # waiting for its turn: out of the queue at once
         if job.step is not None:
             job.step.cancel()  # withdrawn if it has not started; a running step finishes
+        if job.feed is not None:
+            job.feed.wake.set()  # waiting for text: ends now
 
     def peer_gone(self, ident: bytes) -> int:
         jobs = [j for j in self.active.values() if j.key[0] == ident]
@@ -255,6 +399,106 @@ class TTSJobs:
             raise _Stalled()
 
     async def _run(self, job: TTSJob) -> None:
+        """A whole text's request: the engine cuts it into sentences (a stream's first clause
+        apart, `textsplit.first_clause`), one worker step per engine call."""
+
+        async def body(lang: str, speed: float, rate: int, max_bytes: int) -> Tuple[int, int, int]:
+            req = job.request
+            seq = sentences = samples = 0
+            whole: List[bytes] = []
+            head, rest = textsplit.first_clause(req.text) if req.stream else ("", req.text)
+            unspeakable: Optional[TextError] = None
+            for text in (head, rest):
+                if not text or job.cancelled:
+                    continue
+                base = sentences
+                gen = await self._step(job, self.engine.synthesize_stream, text, lang, speed)
+                try:
+                    while gen is not None and not job.cancelled:
+                        item = await self._step(job, next, gen, None)
+                        if item is None or job.cancelled:
+                            break
+                        # a long sentence may come in several chunks
+                        sentences = max(sentences, base + int(item[0]) + 1)
+                        if not req.stream:
+                            whole.append(item[2])
+                            continue
+                        seq, samples = await self._send_audio(job, (base + int(item[0]), item[1], item[2]), seq,
+                                                              samples, max_bytes, rate)
+                except TextError as e:
+                    if not head:
+                        raise
+                    unspeakable = e  # the clause or the rest alone: the other may still speak
+                finally:
+                    self._close(gen)
+            if unspeakable is not None and not sentences and not job.cancelled:
+                raise unspeakable
+            if not req.stream and not job.cancelled:
+                seq, samples = await self._send_audio(job, (0, req.text, b"".join(whole)), seq, samples, max_bytes,
+                                                      rate)
+            return seq, sentences, samples
+
+        await self._serve(job, body)
+
+    async def _run_streamed(self, job: TTSJob) -> None:
+        """A streamed-text request: its sentences through one `_chain`, each as soon as the text
+        has it; waits for more text (at most limits.text_idle_timeout) when none is ready."""
+        feed = job.feed
+        assert feed is not None
+
+        async def body(lang: str, speed: float, rate: int, max_bytes: int) -> Tuple[int, int, int]:
+            req = job.request
+            seq = samples = 0
+            whole: List[bytes] = []
+            gen = _chain(self.engine, feed, lang, speed)  # a generator: nothing runs until `next`
+            try:
+                while not job.cancelled:
+                    if feed.ready or feed.busy:
+                        item = await self._step(job, next, gen, None)
+                        feed.busy = item is not None
+                        if item is None or job.cancelled:
+                            continue
+                        if not req.stream:
+                            whole.append(item[2])
+                        else:
+                            seq, samples = await self._send_audio(job, item, seq, samples, max_bytes, rate)
+                        feed.last = max(feed.last, feed.clock())  # idle counts from the last audio too
+                        continue
+                    if feed.finished:
+                        break
+                    feed.wake.clear()
+                    idle = float(self.cfg().limits.text_idle_timeout)
+                    left = feed.last + idle - feed.clock()
+                    if left <= 0:
+                        self.fail(job, S2SError(f"no text for {idle:g} s (limits.text_idle_timeout); request ended",
+                                                ErrorCode.TIMEOUT))
+                        break
+                    try:
+                        await asyncio.wait_for(feed.wake.wait(), left)
+                    except asyncio.TimeoutError:
+                        pass
+            finally:
+                self._close(gen)
+            if not job.cancelled and not feed.spoken:
+                raise TextError("nothing speakable in the text: only punctuation, symbols or characters this "
+                                "voice cannot pronounce" if feed.chars else "text is empty")
+            if not req.stream and not job.cancelled:
+                seq, samples = await self._send_audio(job, (0, "".join(feed.parts), b"".join(whole)), seq, samples,
+                                                      max_bytes, rate)
+            return seq, feed.spoken, samples
+
+        await self._serve(job, body)
+
+    def _close(self, gen: Any) -> None:
+        """Close an engine generator on the worker (its cleanup may touch the model)."""
+        if gen is not None and hasattr(gen, "close"):
+            try:
+                self.worker.submit("close", gen.close)
+            except S2SError:
+                pass
+
+    async def _serve(self, job: TTSJob, body: Callable[[str, float, int, int], Any]) -> None:
+        """Run a job's body, then `done`, or the `error` that ended it; always leaves the counts."""
         ident, rid = job.key
         req = job.request
         cfg = self.cfg()
@@ -262,27 +506,12 @@ class TTSJobs:
         speed = req.speed if req.speed is not None else cfg.tts.speed
         rate = int(getattr(self.engine, "sample_rate", cfg.tts.sample_rate))
         max_bytes = int(rate * TTS_CHUNK_SECONDS) * 2
-        seq = sentences = samples = 0
-        gen: Optional[Iterator[Tuple[int, str, bytes]]] = None
         try:
-            gen = await self._step(job, self.engine.synthesize_stream, req.text, lang, speed)
-            whole: List[bytes] = []
-            while gen is not None and not job.cancelled:
-                item = await self._step(job, next, gen, None)
-                if item is None or job.cancelled:
-                    break
-                sentences = max(sentences, int(item[0]) + 1)  # a long sentence may come in several chunks
-                if not req.stream:
-                    whole.append(item[2])
-                    continue
-                seq, samples = await self._send_audio(job, item, seq, samples, max_bytes, rate)
-            if not req.stream and not job.cancelled:
-                seq, samples = await self._send_audio(job, (0, req.text, b"".join(whole)), seq, samples, max_bytes,
-                                                      rate)
+            seq, sentences, samples = await body(lang, speed, rate, max_bytes)
             if not job.cancelled:
                 await self._send(job, P.Done(request_id=rid, chunks=seq, sentences=sentences, duration=samples / rate))
-                logger.info("tts %s: %d sentences, %.2f s audio in %.2f s", rid, sentences, samples / rate,
-                            time.monotonic() - job.started)
+                logger.info("tts %s: %d sentences, %.2f s audio in %.2f s%s", rid, sentences, samples / rate,
+                            time.monotonic() - job.started, " (streamed text)" if job.feed is not None else "")
         except asyncio.CancelledError:
             raise
         except _Stalled:
@@ -306,11 +535,6 @@ class TTSJobs:
                     self.per_owner[job.owner] = left
                 else:
                     self.per_owner.pop(job.owner, None)
-            if gen is not None and hasattr(gen, "close"):
-                try:
-                    self.worker.submit("close", gen.close)
-                except S2SError:
-                    pass
 
     async def _send_audio(self, job: TTSJob, item: Tuple[int, str, bytes], seq: int, samples: int, max_bytes: int,
                           rate: int) -> Tuple[int, int]:
