@@ -95,10 +95,13 @@ class TextDeltas:
         self._last_partial = ""
         if text.strip():
             self.text = join_text(self.text, text)
-        delta = self._advance(self.text)
-        if not self.sent.startswith(self.text) and not self.text.startswith(self.sent):
-            logger.debug("a final revised text already streamed; the final transcript has it right")
-        return delta
+        if not self.text.startswith(self.sent):
+            # A final revised text a partial had sent: what is sent cannot be taken back (the final
+            # transcript has it right); go on from the final so later utterances still stream.
+            logger.debug("a final revised streamed text: %r -> %r", self.sent[-40:], self.text[-40:])
+            self.sent = self.text
+            return ""
+        return self._advance(self.text)
 
 
 @dataclass

@@ -292,7 +292,7 @@ def test_connections_past_the_cap_are_told_busy(stack):
     served(stack)
 
 
-def test_one_port_serves_both(tmp_path, models_dir):
+def test_one_port_serves_both():
     """asr_port == tts_port: one listener whose info lists both (one Home Assistant entry)."""
     from bridge.wyoming.__main__ import port_services
     from daemon.config import parse_config
@@ -301,3 +301,22 @@ def test_one_port_serves_both(tmp_path, models_dir):
     assert port_services(cfg) == {10300: frozenset({"asr", "tts"})}
     cfg = parse_config({}, env={})
     assert port_services(cfg) == {10300: frozenset({"asr"}), 10200: frozenset({"tts"})}
+
+
+def test_transcript_deltas_only_append():
+    """transcript-chunk / transcript.text.delta: finals add what they add, partials what two in a
+    row agree on (whole Latin words), and a final that revises sent text resyncs."""
+    from bridge.speech import TextDeltas, join_text
+
+    d = TextDeltas()
+    got = [d.partial("hel"), d.partial("hello wor"), d.partial("hello world"), d.final("hello world."),
+           d.partial("how"), d.partial("how are"), d.final("how are you?")]
+    assert got == ["", "", "hello", " world.", "", " how", " are you?"]
+    assert "".join(got) == d.text == "hello world. how are you?"
+    d = TextDeltas()
+    got = [d.partial("提醒我"), d.partial("提醒我晚上"), d.final("提醒我晚上八点。"), d.final("好的")]
+    assert got == ["", "提醒我", "晚上八点。", "好的"] and d.text == "提醒我晚上八点。好的"
+    d = TextDeltas()
+    assert [d.partial("abc def"), d.partial("abc def"), d.final("abd xyz"), d.final("next")] == ["", "abc def", "", " next"]
+    assert d.text == "abd xyz next"
+    assert join_text("你好。", "Hello") == "你好。Hello" and join_text("Hi.", "there") == "Hi. there"

@@ -39,7 +39,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from bridge import __version__
 from bridge.daemon_link import DaemonLink
 from bridge.speech import RATE, DaemonInfo, Transcription, Voice, find_voice, speech_languages
-from daemon.audio import resample
+from daemon.audio import float_to_pcm16, resample, to_float32
 from daemon.client_base import DaemonError
 from daemon.config import Config
 from daemon.errors import ErrorCode, S2SError
@@ -459,8 +459,6 @@ class Handler(AsyncEventHandler):
                 await self.write_event(AudioStart(rate=rate, width=2, channels=1).event())
             pcm = chunk.pcm
             if chunk.sample_rate and chunk.sample_rate != rate:
-                from daemon.audio import float_to_pcm16, to_float32
-
                 pcm = float_to_pcm16(resample(to_float32(pcm), chunk.sample_rate, rate))
             await self.write_event(AudioChunk(rate=rate, width=2, channels=1, audio=pcm).event())
         if not rate:

@@ -302,13 +302,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             servers.append(("wyoming-faster-whisper", port))
         for name, port in servers:
             asyncio.run(ha_transcribe("127.0.0.1", port, utts[0].pcm, "zh"))  # warm-up (wfw loads its model here)
-            rows = []
-            for n in levels:
+            results["servers"][name] = []
+        # Each count on each server in turn: a machine whose load drifts (others' work) treats both alike.
+        for n in levels:
+            for name, port in servers:
                 r = asyncio.run(run_level(port, utts, n, tail))
-                rows.append(r)
+                r["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+                results["servers"][name].append(r)
                 print(f"{name:24s} clients={n:2d}  p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  "
-                      f"CER {r['cer'] * 100:.1f} %  ({r['utterances']} utterances, {r['failed']} failed)", flush=True)
-            results["servers"][name] = rows
+                      f"CER {r['cer'] * 100:.1f} %  ({r['utterances']} utterances, {r['failed']} failed; "
+                      f"load {r['loadavg_1min_after']})", flush=True)
         results["machine"]["loadavg_after"] = os.getloadavg()
         print(f"load average before {results['machine']['loadavg_before']}, after {results['machine']['loadavg_after']}")
         if args.json:
