@@ -42,6 +42,8 @@ class FeedBatcher:
         self.pool = pool
         self._pending: List[Tuple[Any, Any, "asyncio.Future[Any]"]] = []
         self._running = False
+        if hasattr(pool, "feeds_waiting"):  # an engine skips optional work (partials) while feeds wait
+            pool.feeds_waiting = lambda: len(self._pending)
         # describe's counters: worker calls made, session feeds they carried, most in one call
         self.counters = counters if counters is not None else {}
         for k in ("asr_feed_batches", "asr_batched_feeds", "asr_largest_batch"):

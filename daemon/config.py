@@ -91,6 +91,7 @@ class WhisperModels:
     model: str = "whisper-base"
     compute_type: str = "int8"
     beam_size: int = 5  # measured best on s2s's Mandarin and English sets (BENCHMARKS.md)
+    partial_interval: float = 1.0  # seconds of new speech between partial decodes; 0: none
     # fsmn-vad directory used for endpointing (same VAD as FunASR).
     vad: str = "fsmn-vad"
 
@@ -358,6 +359,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("tts.sample_rate", "must be between 8000 and 48000", src)
     if not 0 <= cfg.turn.early_silence < 0.8:
         raise ConfigError("turn.early_silence", "must be at least 0 and under the VAD's 0.8 s end silence", src)
+    if cfg.asr.whisper.partial_interval < 0:
+        raise ConfigError("asr.whisper.partial_interval", "must be 0 (no partials) or more seconds", src)
     if cfg.asr.ncpu < 0:
         raise ConfigError("asr.ncpu", "must be 0 (auto) or a number of threads", src)
     if not 0.0 <= cfg.limits.max_asr_load <= 1.0:
