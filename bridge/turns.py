@@ -2,7 +2,8 @@
 
 A turn starts with a final (spoken) or a `text` message (typed), at most
 `bridge.max_turns_per_minute` per connection (more get `rate_limited`). Its agent reply
-streams through `SentenceBuffer`; each complete sentence goes to the `Speaker` at once. The
+streams to the `Speaker` as it comes: one daemon TTS request per reply, the daemon cutting and
+speaking each sentence as soon as it is complete. The
 reply is cut at `bridge.max_reply_chars` (`reply_too_long`, agent_done `truncated`), the
 whole reply must arrive within `bridge.reply_timeout`, and a reply with no text is an
 `empty_reply` error: never silence without a reason. On any agent failure the user gets an
@@ -17,7 +18,9 @@ text before the utterance is final. It runs like any turn (agent, sentences, syn
 `Outlet` holds everything it would send the page. `confirm()` on the final releases it at once
 when the final says the same (normalised), else drops it; `drop_speculation()` (the user went
 on, typed, or a new utterance began) drops it: its agent run is cancelled and forgotten
-(`Conversation.discard`), its TTS requests cancelled, and nothing it produced reaches the page.
+(`Conversation.discard`), its TTS request cancelled, and nothing it produced reaches the page.
+Its TTS request is opened with `hold`: the daemon synthesises only its first sentence (or first
+clause) until the turn is released.
 A speculative turn gets its turn number only when released, so the page never sees a gap.
 
 What the page learns about timing: a spoken turn's `first_audio` carries `speech_end_ms` (the
@@ -45,7 +48,6 @@ from bridge.auth import TurnRate
 from bridge.context import Context
 from bridge.tts import Speaker, ms
 from bridge.wire import ClientTooSlow, Events
-from daemon.textsplit import SentenceBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -334,10 +336,10 @@ class Turns:
                 await asyncio.wait(prev)
             if not turn.out.held:
                 self.current = turn
-            sentences: asyncio.Queue = asyncio.Queue()
+            texts: asyncio.Queue = asyncio.Queue()
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._agent(turn, sentences))
-                tg.create_task(self.speaker.speak_all(turn, sentences))
+                tg.create_task(self._agent(turn, texts))
+                tg.create_task(self.speaker.speak_all(turn, texts))
         except* (ClientTooSlow, ConnectionClosed):
             pass  # the connection is going away; it cleans up
         except* Exception as eg:
@@ -345,8 +347,9 @@ class Turns:
 
     # --- the agent ----------------------------------------------------------------------
 
-    async def _agent(self, turn: Turn, sentences: asyncio.Queue) -> None:
-        buf = SentenceBuffer()
+    async def _agent(self, turn: Turn, texts: asyncio.Queue) -> None:
+        """The agent's reply, each delta to the page and to the Speaker's queue as (text,
+        drop_partial) pieces, then None."""
         parts: List[str] = []
         size = 0
         truncated = False
@@ -365,14 +368,11 @@ class Turns:
                         size += len(delta)
                         parts.append(delta)
                         await turn.out.emit({"type": "agent_delta", "turn": turn.no, "text": delta})
-                        for s in buf.push(delta):
-                            sentences.put_nowait(s)
+                        texts.put_nowait((delta, False))
                     if truncated:
                         break
             if not parts:
                 raise AgentError("empty_reply", "the agent's reply was empty")
-            for s in buf.flush():
-                sentences.put_nowait(s)
             turn.agent_done = True
             done = {"type": "agent_done", "turn": turn.no, "text": "".join(parts),
                     "first_token_ms": ms(turn.started, turn.first_delta_at)}
@@ -386,9 +386,10 @@ class Turns:
             await turn.out.error(e.code, f"agent: {e.message}", "agent")
             turn.agent_done = True
             await turn.out.emit({"type": "agent_done", "turn": turn.no, "text": "".join(parts), "error": e.code})
-            sentences.put_nowait(self._apology(turn.text))
+            # The unfinished sentence it broke off in is not spoken; the apology is.
+            texts.put_nowait(("\n" + self._apology(turn.text), True))
         finally:
-            sentences.put_nowait(None)
+            texts.put_nowait(None)
 
     def _apology(self, user_text: str) -> str:
         lang = self.language if self.language in ("zh", "en") else ("en" if user_text.isascii() else "zh")

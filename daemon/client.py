@@ -326,12 +326,14 @@ class SynthStream:
         self.request_id = request_id
         self.timeout = timeout
         self.ended = False
+        self.released = False
         self.finished = False
 
     def send(self, text: str, final: bool = False, release: bool = False, drop_partial: bool = False) -> None:
         if self.ended:
             raise DaemonError("the text has ended", ErrorCode.BAD_REQUEST, self.request_id)
         self.ended = self.ended or final
+        self.released = self.released or release
         self.client.send(P.TextChunk(request_id=self.request_id, text=text, final=final, release=release,
                                      drop_partial=drop_partial))
 
@@ -339,8 +341,10 @@ class SynthStream:
         self.send(text, final=True, release=release, drop_partial=drop_partial)
 
     def release(self) -> None:
-        if not self.ended:
-            self.send("", release=True)
+        """A held request goes on past its first sentence (also after `end`)."""
+        if not self.released and not self.finished:
+            self.released = True
+            self.client.send(P.TextChunk(request_id=self.request_id, release=True))
 
     def cancel(self) -> None:
         if not self.finished:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, AsyncGenerator, AsyncIterator, Dict, List, Optional, Sequence, Tuple, cast
 
 import zmq
 import zmq.asyncio
@@ -285,6 +285,7 @@ class AsyncSynthStream:
         self.queue = queue
         self.timeout = timeout
         self.ended = False
+        self.released = False
         self.finished = False  # done, cancelled or error seen
 
     async def send(self, text: str, final: bool = False, release: bool = False, drop_partial: bool = False) -> None:
@@ -293,6 +294,7 @@ class AsyncSynthStream:
         if self.ended:
             raise DaemonError("the text has ended", ErrorCode.BAD_REQUEST, self.request_id)
         self.ended = self.ended or final
+        self.released = self.released or release
         await self.client.send(P.TextChunk(request_id=self.request_id, text=text, final=final, release=release,
                                            drop_partial=drop_partial))
 
@@ -300,9 +302,10 @@ class AsyncSynthStream:
         await self.send(text, final=True, release=release, drop_partial=drop_partial)
 
     async def release(self) -> None:
-        """A held request (hold=True) goes on past its first sentence."""
-        if not self.ended:
-            await self.send("", release=True)
+        """A held request (hold=True) goes on past its first sentence (also after `end`)."""
+        if not self.released and not self.finished:
+            self.released = True
+            await self.client.send(P.TextChunk(request_id=self.request_id, release=True))
 
     async def cancel(self) -> None:
         """Stop it at the daemon, not waiting for the answer (the iterator ends at `cancelled`)."""
@@ -315,7 +318,7 @@ class AsyncSynthStream:
     def __aiter__(self) -> AsyncIterator[P.SynthAudio]:
         return self.audio()
 
-    async def audio(self) -> AsyncIterator[P.SynthAudio]:
+    async def audio(self) -> AsyncGenerator[P.SynthAudio, None]:
         try:
             while not self.finished:
                 try:

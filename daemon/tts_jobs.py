@@ -314,7 +314,7 @@ class TTSJobs:
         feed.last = feed.clock()
         if msg.drop_partial:
             feed.buf.drop_partial()
-        sentences = feed.buf.push(msg.text)
+        sentences = feed.buf.push(msg.text) if not feed.ended else []
         if msg.final:
             sentences += feed.buf.flush()
             feed.ended = True
@@ -325,8 +325,9 @@ class TTSJobs:
     @staticmethod
     def _refuse(feed: TextFeed, msg: P.TextChunk, lim: LimitsConfig) -> Optional[S2SError]:
         """Why a chunk cannot be taken (None: it can): each bound is checked from the sizes alone."""
-        if feed.ended:
-            return S2SError("text_chunk after the final one", ErrorCode.BAD_REQUEST)
+        if feed.ended and (msg.text or msg.final or msg.drop_partial or not msg.release):
+            return S2SError("text_chunk after the final one (only a bare release may follow it)",
+                            ErrorCode.BAD_REQUEST)
         now = feed.clock()
         rate = float(lim.max_text_chunks_per_second)
         feed.tokens = min(rate, feed.tokens + (now - feed.refilled) * rate)

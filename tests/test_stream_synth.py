@@ -150,7 +150,10 @@ def test_hold_speaks_only_the_first_sentence_until_release(d):
         time.sleep(0.5)
         got += s.poll(0.0)
         assert _sentences(got) == ["第一句。"]
-        s.end("第四句。", release=True)
+        s.end("第四句。")  # ended, still held
+        time.sleep(0.3)
+        assert s.poll(0.0) == []
+        s.release()  # a bare release may follow the end
         assert _sentences(got + _rest(s)) == ["第一句。", "第二句。", "第三句。", "第四句。"]
 
 
@@ -251,3 +254,83 @@ def test_async_client_stream(d):
 
     chunks = asyncio.run(go())
     assert _sentences(chunks) == ["你好。", "今天天气好。", "Bye."]
+
+
+# --- the bridge: one reply, one daemon request ---------------------------------------------------
+
+from bridge_procs import start_bridge, start_daemon, write_config  # noqa: E402
+from fake_langgraph import FakeAgentServer  # noqa: E402
+from helpers.ws import WSClient  # noqa: E402
+
+REPLY = "今天北京天气很好，气温二十五度。明天下雨。Take an umbrella. 记得带伞"
+BRIDGE_MAX_TEXT = 60
+
+
+@pytest.fixture(scope="module")
+def agent_srv():
+    with FakeAgentServer(script=[REPLY]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def bridge_stack(tmp_path_factory, models_dir, agent_srv):
+    """FAKE engines (the test is about requests, not speech), a bridge on the fake agent; a reply
+    longer than limits.max_text_chars (60 here) spans two requests."""
+    d = tmp_path_factory.mktemp("stream-bridge")
+    cfg = write_config(d / "s2s.yaml", models_dir, d / "run", limits={"max_text_chars": BRIDGE_MAX_TEXT},
+                       agent={"kind": "langgraph", "url": agent_srv.url, "timeout": 5.0})
+    daemon = start_daemon(cfg, d / "daemon.log", fake_engines=True, timeout=60)
+    bridge = start_bridge(cfg, d / "bridge.log")
+    yield daemon, bridge
+    bridge.stop()
+    daemon.stop()
+
+
+def _requests(daemon) -> List[str]:
+    """The daemon's finished TTS requests, from its log: 'tts <request id>: N sentences ...'."""
+    return re.findall(r"tts (\S+): (\d+) sentences.*\(streamed text\)", daemon.text())
+
+
+def _typed_turn(bridge, text: str, sentences: int):
+    async def go():
+        c = await WSClient.open(bridge.ws)
+        await c.wait_event("hello")
+        await c.send_json({"type": "text", "text": text})
+        await c.wait(lambda: len(c.of("tts_end")) >= sentences, 30, "the reply spoken")
+        await c.wait_event("agent_done")
+        await asyncio.sleep(0.3)
+        await c.close()
+        return c
+
+    return asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_a_reply_is_one_daemon_request(bridge_stack, agent_srv):
+    daemon, bridge = bridge_stack
+    agent_srv.reset(script=[REPLY], token_delay=0.08)
+    before = len(_requests(daemon))
+    c = _typed_turn(bridge, "明天天气怎么样", 5)
+    starts, ends = c.of("tts_start"), c.of("tts_end")
+    # the page's events per sentence, as before; the first clause is a piece of its own
+    assert [(s["sentence"], s["text"]) for s in starts] == list(enumerate(
+        ["今天北京天气很好，", "气温二十五度。", "明天下雨。", "Take an umbrella.", "记得带伞"]))
+    assert [e["sentence"] for e in ends] == [0, 1, 2, 3, 4] and not any(e.get("error") for e in ends)
+    # ... from one request at the daemon: the connection's turn 1
+    assert _requests(daemon)[before:] == [(f"{c.of('hello')[0]['connection']}-1", "5")]
+    # the first sentence was heard before the agent finished writing
+    run = agent_srv.runs[-1]
+    first_audio = next(t for t, e in c.events if isinstance(e, bytes))
+    assert first_audio < run.token_times[-1], (first_audio - run.started, run.token_times[-1] - run.started)
+
+
+def test_a_reply_past_one_requests_text_goes_on_in_a_second(bridge_stack, agent_srv):
+    daemon, bridge = bridge_stack
+    long = "这是第一句比较长的话。" * 4 + "这是后面的话。" * 4  # 44 + 28 = 72 > 60 characters
+    agent_srv.reset(script=[long], token_delay=0.0)
+    before = len(_requests(daemon))
+    c = _typed_turn(bridge, "说长一点", 9)
+    starts = c.of("tts_start")
+    assert [s["sentence"] for s in starts] == list(range(len(starts)))  # numbered on across requests
+    assert "".join(s["text"] for s in starts) == long
+    conn = c.of("hello")[0]["connection"]
+    assert _requests(daemon)[before:] == [(f"{conn}-1", "7"), (f"{conn}-1-1", "2")]
