@@ -28,10 +28,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping,
 
 from bridge.daemon_link import TTS_TIMEOUT, DaemonLink
 from daemon import protocol as P
-from daemon.client_async import AsyncASRStream
+from daemon.client_async import AsyncASRStream, AsyncSynthStream
 from daemon.client_base import DaemonError, new_id
 from daemon.errors import ErrorCode
-from daemon.textsplit import SentenceBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ BATCH_BYTES = RATE * 2 // 5
 # Unacknowledged audio at most, seconds (the daemon caps a session's queue at 60 s).
 WINDOW_SECONDS = 8.0
 OPEN_TIMEOUT = 5.0
-# How long a `busy` daemon is asked again before the client is told busy.
+# How long a `busy` (or slow) daemon is asked again before the client is told.
 OPEN_RETRY_SECONDS = 30.0
 # Longest wait for an ack, or for the last final after `finalize` (a long utterance decoded
 # behind other sessions' work on a loaded worker).
@@ -149,8 +148,11 @@ class Transcription:
         """DaemonError (unavailable, bad_request, unsupported...) when the daemon refuses. `busy`
         (its admission: the worker is at capacity) is waited out as the daemon's retry_after
         says, for up to OPEN_RETRY_SECONDS: a whole utterance or file is better late than lost,
-        and the client's audio waits in its socket meanwhile."""
+        and the client's audio waits in its socket meanwhile. So is an `open` not answered in
+        time (a daemon slow on starved CPUs); the client library closes the session if it was
+        opened after all, and the next try has a new id."""
         deadline = time.monotonic() + OPEN_RETRY_SECONDS
+        tag = self.session_id
         while True:
             self.link.check("asr")
             try:
@@ -158,11 +160,13 @@ class Transcription:
                                                        hotwords=self.hotwords, partials=True, timeout=OPEN_TIMEOUT)
                 break
             except DaemonError as e:
-                wait = e.retry_after or 1.0
-                if e.code != ErrorCode.BUSY or time.monotonic() + wait > deadline:
+                wait = (e.retry_after or 1.0) if e.code == ErrorCode.BUSY else 0.0
+                if e.code not in (ErrorCode.BUSY, ErrorCode.TIMEOUT) or time.monotonic() + wait > deadline:
                     raise
-                logger.info("ASR session %s: daemon busy (%s); asking again in %.1f s", self.session_id, e.message, wait)
+                logger.info("ASR session %s: %s (%s); asking again in %.1f s", self.session_id, e.code.value,
+                            e.message, wait)
                 await asyncio.sleep(wait)
+                self.session_id = f"{tag.rsplit('-', 1)[0]}-{new_id()[:8]}"
         self._pump = asyncio.get_running_loop().create_task(self._read(self.stream), name=f"asr-{self.session_id}")
 
     @property
@@ -353,24 +357,57 @@ async def speak_text_stream(link: DaemonLink, pieces: AsyncIterator[str], langua
                             owner: str = "") -> AsyncIterator[P.SynthAudio]:
     """Text arriving in pieces (an LLM's reply) -> audio chunks, in order.
 
-    For now each complete sentence (the daemon's own splitter, daemon/textsplit.SentenceBuffer)
-    is one synthesize request, sent once the one before has been spoken. The one place to swap
-    for a single streamed-text request when the daemon takes one."""
-    buf = SentenceBuffer()
-    n = 0
+    One streamed-text request at the daemon (the bridge's replies take the same path): the
+    pieces go there as they come, and the daemon cuts the sentences and speaks each as soon as
+    it is complete. Text past what one request takes (limits.max_text_chars) goes on in a next
+    request (`<tag>-<n>`), whose audio follows."""
+    streams: "asyncio.Queue[Optional[AsyncSynthStream]]" = asyncio.Queue()
 
-    async def say(sentence: str) -> AsyncIterator[P.SynthAudio]:
-        nonlocal n
-        n += 1
+    async def open_next(n: int) -> AsyncSynthStream:
         link.check("tts")
-        async for chunk in link.tts.synthesize(sentence, language=language, request_id=f"{tag}-{n}",
-                                               timeout=TTS_TIMEOUT, owner=owner):
-            yield chunk
+        s = await link.tts.synthesize_stream(request_id=tag if not n else f"{tag}-{n}", language=language,
+                                             owner=owner, timeout=TTS_TIMEOUT)
+        streams.put_nowait(s)
+        return s
 
-    async for piece in pieces:
-        for sentence in buf.push(piece):
-            async for chunk in say(sentence):
+    async def feed() -> None:
+        limit = int(link.cfg.limits.max_text_chars)
+        n, room = 0, limit
+        stream: Optional[AsyncSynthStream] = None
+        try:
+            async for piece in pieces:
+                while piece:
+                    if stream is None:
+                        stream = await open_next(n)
+                    if stream.finished:
+                        return  # the reader raises why
+                    head, piece = piece[:room], piece[room:]
+                    if piece:  # past this request's text: end it here, the rest in the next
+                        await stream.end(head)
+                        stream, n, room = None, n + 1, limit
+                    else:
+                        await stream.send(head)
+                        room -= len(head)
+            if stream is not None and not stream.finished:
+                await stream.end()
+        finally:
+            streams.put_nowait(None)
+
+    feeder = asyncio.get_running_loop().create_task(feed(), name=f"{tag}-text")
+    left: List[AsyncSynthStream] = []
+    try:
+        while True:
+            s = await streams.get()
+            if s is None:
+                break
+            left = [s]
+            async for chunk in s:
                 yield chunk
-    for sentence in buf.flush():
-        async for chunk in say(sentence):
-            yield chunk
+        await feeder  # what stopped the text, if anything
+    finally:
+        feeder.cancel()
+        while not streams.empty():
+            left.append(streams.get_nowait())  # type: ignore[arg-type]
+        for s in left:
+            if s is not None:
+                await s.cancel()  # left early: stop it at the daemon (a no-op once done)

@@ -171,7 +171,7 @@ def test_eight_clients_at_once(stack):
     results = run(all_at_once())
     scores = [cer(m[i]["text"], r.text or "") for i, r in zip(ids, results)]
     print("8 clients: latency", [round(r.latency, 2) for r in results], "CER", [round(s, 2) for s in scores])
-    assert all(r.text for r in results), results
+    assert all(r.text for r in results), [r.error for r in results]
     assert sum(scores) / len(scores) < 0.25, scores
 
 

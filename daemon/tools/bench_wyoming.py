@@ -81,8 +81,9 @@ async def ha_transcribe(host: str, port: int, pcm: bytes, language: Optional[str
     res = SttResult(None)
     try:
         await _transcribe(host, port, pcm, language, realtime, rate, width, channels, res)
-    except OSError:  # the server closed the connection (after an error event): HA's SpeechResultState.ERROR
-        pass
+    except OSError as e:  # the server closed the connection (after an error event): HA's SpeechResultState.ERROR
+        if res.error is None:
+            res.error = Error(text=f"connection lost: {e}", code="connection_lost")
     return res
 
 
@@ -90,15 +91,22 @@ async def _transcribe(host: str, port: int, pcm: bytes, language: Optional[str],
                       width: int, channels: int, res: SttResult) -> None:
     step = CHUNK_SAMPLES * width * channels
     async with AsyncTcpClient(host, port) as client:
-        await client.write_event(Transcribe(language=language).event())
-        await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
-        t0 = time.monotonic()
-        for i, off in enumerate(range(0, len(pcm), step)):
-            await client.write_event(AudioChunk(rate=rate, width=width, channels=channels,
-                                                audio=pcm[off:off + step]).event())
-            if realtime:  # the microphone's pace
-                await asyncio.sleep(max(0.0, t0 + (i + 1) * CHUNK_SAMPLES / rate - time.monotonic()))
-        await client.write_event(AudioStop().event())
+        try:
+            await client.write_event(Transcribe(language=language).event())
+            await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+            t0 = time.monotonic()
+            for i, off in enumerate(range(0, len(pcm), step)):
+                await client.write_event(AudioChunk(rate=rate, width=width, channels=channels,
+                                                    audio=pcm[off:off + step]).event())
+                if realtime:  # the microphone's pace
+                    await asyncio.sleep(max(0.0, t0 + (i + 1) * CHUNK_SAMPLES / rate - time.monotonic()))
+            await client.write_event(AudioStop().event())
+        except OSError:  # refused mid-stream: what did the server say (HA would only see the failure)?
+            while (event := await client.read_event()) is not None:
+                res.events.append(event)
+                if Error.is_type(event.type):
+                    res.error = Error.from_event(event)
+            raise
         t_stop = time.monotonic()
         while True:
             event = await client.read_event()
