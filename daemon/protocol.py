@@ -9,11 +9,8 @@ Each message type is one frozen dataclass with ``encode() -> list[bytes]`` (the 
 the empty delimiter) and ``decode``; ``decode_request()`` / ``decode_reply()`` pick the class
 from the header. ``audio`` from a client is ASR input (session_id, seq, PCM16 16 kHz);
 ``audio`` from the daemon is TTS output (request_id, seq, sentence, PCM16).
-
-Streamed text (an LLM's reply): ``synthesize`` with ``stream_text: true`` opens a request whose
-text arrives in ``text_chunk`` messages (``final: true`` on the last); the daemon cuts sentences
-as the text arrives and synthesises each as soon as it is complete. The same audio, ``done``,
-``cancel`` and ``error`` as any request; a refused chunk ends its request with an ``error``.
+Streamed text: ``synthesize`` with ``stream_text``, then ``text_chunk``s (``final`` on the last);
+the daemon speaks each sentence once complete (daemon/tts_jobs.py).
 
 Bad input raises ``ProtocolError`` carrying a stable ``ErrorCode``, plus whatever request and
 session id could be read (and can be sent back), so the daemon can answer with ``error``.
@@ -202,10 +199,8 @@ class Synthesize(Message):
     for inside the peer (at most MAX_OWNER_CHARS; a bridge sends its connection id): the
     daemon serves waiting requests round-robin across (peer, owner).
 
-    stream_text: the text arrives in `text_chunk` messages (`text` here is the first chunk and
-    may be empty or left out); the daemon cuts sentences as it arrives. hold (stream_text only):
-    after the first sentence, nothing more is synthesised until a chunk with `release` (a reply
-    prepared speculatively, before the user's turn is final)."""
+    stream_text: the text comes in `text_chunk`s (`text` is the first, may be left out). hold
+    (stream_text only): nothing past the first sentence until a chunk with `release`."""
 
     TYPE: ClassVar[MsgType] = MsgType.SYNTHESIZE
     REQUIRED: ClassVar[Tuple[str, ...]] = ("request_id",)
