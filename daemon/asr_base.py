@@ -23,6 +23,7 @@ from daemon.engines import Capabilities, Fallback
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
 from daemon.rules import check_language, clean_hotwords
 from daemon.steps import run_steps
+from daemon.turn_judge import PRE_SPEECH, WINDOW, TurnCheck, decide
 from daemon.vad import SAMPLE_RATE, VADBlock, VADEvent
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class StreamingEngine:
         self._utt = 0
         self._tentative: Optional[Tuple[int, str]] = None  # (utterance, text) of the open pause
         self.sentence_end = False  # a pause after a whole sentence ends the utterance there
+        # The paused utterance the turn judge has yet to weigh: (utterance, text, text signal).
+        self._judge_due: Optional[Tuple[int, str, Optional[bool]]] = None
         self.last_active = time.monotonic()
         if hotwords:
             self.set_hotwords(hotwords)
@@ -142,8 +145,11 @@ class StreamingEngine:
         if x.size == 0:
             return []
         events: List[Dict[str, Any]] = []
+        judge_now = self._judge_due is not None  # a pause of an earlier feed: its tentative is out
         for ev in (yield from self._seg.push_steps(x)):
             events += yield from self._on_vad(ev)
+        if judge_now and self._judge_due is not None:
+            events += yield from self._judge_turn()
         if self.partials and self._seg.in_speech:
             events += yield from self._partial_steps()
         return events
@@ -175,6 +181,7 @@ class StreamingEngine:
         self._queue.clear()
         self._utt = 0
         self._tentative = None
+        self._judge_due = None
         self._partial_reset()
         self.last_active = time.monotonic()
 
@@ -250,7 +257,12 @@ class StreamingEngine:
         text = (yield from self._decode_steps(audio)) if audio.size else ""
         if not text.strip():
             return []  # nothing to speculate on; the final decides
-        if self.sentence_end and (yield SentenceEnd(text)):
+        judge = getattr(self.pool, "judge", None)
+        if self.sentence_end and judge is not None and judge.usable:
+            # The turn judge weighs it on the next feed: the tentative goes out first, so a
+            # speculative reply starts while the judge runs.
+            self._judge_due = (self._utt, text, bool((yield SentenceEnd(text))))
+        elif self.sentence_end and (yield SentenceEnd(text)):
             self._tentative = None
             return [self._final(self._seg.close_at_pause(), text)]
         self._tentative = (self._utt, text)
@@ -258,6 +270,28 @@ class StreamingEngine:
                      self._t(ev.end), text)
         return [{"type": "tentative", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
                  "utterance": self._utt}]
+
+    def _judge_turn(self) -> Steps:
+        """The turn judge's verdict on the paused utterance (daemon/turn_judge.py): complete ->
+        the final now (reason `turn`); unfinished -> the VAD's end waits up to turn.max_silence;
+        unsure, or the judge failed -> the VAD's end silence (with the text rule of sentence_end)."""
+        (utt, text, text_end), self._judge_due = self._judge_due or (0, "", None), None
+        judge = getattr(self.pool, "judge", None)
+        start = self._seg.utterance_start
+        if judge is None or utt != self._utt or not self._seg.paused or start is None:
+            return []  # speech went on, or the VAD already ended it
+        now = self._seg.total
+        p = yield TurnCheck(self._seg.audio(max(start - PRE_SPEECH, now - WINDOW), now))
+        verdict = decide(p if isinstance(p, float) else None, text_end, text, judge.settings.thresholds)
+        judge.count(verdict)
+        logger.debug("asr %s: turn %d judged %s (p %s, text end %s) %r", self.session_id, utt, verdict, p,
+                     text_end, text)
+        if verdict == "complete":
+            self._tentative = None
+            return [self._final(self._seg.close_at_pause("turn" if p is not None else "sentence"), text)]
+        if verdict == "unfinished" and p is not None:
+            self._seg.hold(judge.settings.max_silence)
+        return []
 
     def _decode_steps(self, audio: np.ndarray) -> Generator[Any, Any, str]:
         """The utterance's text: one `Decode` request (engines may read more from the answer)."""
@@ -291,6 +325,7 @@ class PoolBase:
         # used without the daemon serves as many sessions as it is asked for.
         self.idle_timeout = idle_timeout
         self.vad: Any = None
+        self.judge: Any = None  # daemon.turn_judge.TurnJudge when turn.judge is on
         self.fallbacks: List[Fallback] = []
         self._sessions: Dict[str, StreamingEngine] = {}
         self._lock = threading.Lock()
@@ -376,6 +411,11 @@ class PoolBase:
             yield from zip(chunks, self.stream_requests([reqs[i] for i in chunks]), strict=True)
         for i in by_kind.pop(SentenceEnd, []):
             yield i, _answer(self.sentence_end_request, reqs[i])
+        turns = by_kind.pop(TurnCheck, [])
+        if turns:
+            judge = getattr(self, "judge", None)
+            answers = judge.run_requests([reqs[i] for i in turns]) if judge is not None else [None] * len(turns)
+            yield from zip(turns, answers, strict=True)
         dec = by_kind.pop(Decode, [])
         keyed: Dict[Tuple[Tuple[str, ...], str], List[int]] = {}
         for i in dec:

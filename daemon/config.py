@@ -169,6 +169,15 @@ class TurnConfig:
     # judges a whole sentence gets its final at once; speech that stops mid-phrase waits for
     # the VAD's full end silence (for sessions that ask for tentatives, i.e. the bridge's).
     sentence_end: bool = True
+    # The turn judge at that early silence (daemon/turn_judge.py): Smart Turn's P(complete), the
+    # engine's text signal and the words; complete -> final at once, unfinished -> wait up to
+    # max_silence seconds, else the VAD's 0.8 s. Off (or the model missing): the VAD decides.
+    judge: bool = False
+    smart_turn: str = "smart-turn/smart-turn-v3.2-cpu.onnx"
+    max_silence: float = 2.0
+    judge_complete: float = 0.99
+    judge_with_text: float = 0.5
+    judge_unfinished: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -359,6 +368,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("tts.sample_rate", "must be between 8000 and 48000", src)
     if not 0 <= cfg.turn.early_silence < 0.8:
         raise ConfigError("turn.early_silence", "must be at least 0 and under the VAD's 0.8 s end silence", src)
+    if not 0.8 <= cfg.turn.max_silence <= 10.0:
+        raise ConfigError("turn.max_silence", "must be between the VAD's 0.8 s end silence and 10 s", src)
+    t = cfg.turn
+    if not 0.0 <= t.judge_unfinished <= t.judge_with_text <= t.judge_complete <= 1.0:
+        raise ConfigError("turn.judge_complete", "need 0 <= judge_unfinished <= judge_with_text <= "
+                          "judge_complete <= 1", src)
     if cfg.asr.whisper.partial_interval < 0:
         raise ConfigError("asr.whisper.partial_interval", "must be 0 (no partials) or more seconds", src)
     if cfg.asr.ncpu < 0:

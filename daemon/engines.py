@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Seque
 # --- records every engine reports (one schema, shown whole by describe / s2s-ctl / the bridge) ---
 
 # Where a fallback happened: which part of which engine moved.
-FALLBACK_COMPONENTS = ("asr.engine", "asr.device", "tts.engine", "tts.device", "tts.voice")
+FALLBACK_COMPONENTS = ("asr.engine", "asr.device", "tts.engine", "tts.device", "tts.voice", "turn.judge")
 # When: choosing engines at startup, loading a model, or recovering during inference.
 FALLBACK_WHEN = ("startup", "load", "recognition", "synthesis")
 FALLBACK_REASON_CHARS = 300

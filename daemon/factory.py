@@ -197,7 +197,11 @@ def _build(kind: str, cfg: Config, strict: bool, selected: str, fallback: str,
 
 def build_asr(cfg: Config, strict: bool = False) -> Tuple[Any, List[Fallback]]:
     """Construct and load the ASR pool; returns (pool, fallbacks taken). Raises StartupError."""
-    return _build("asr", cfg, strict, cfg.asr.engine, cfg.asr.fallback_engine, ASR_CLASSES)
+    pool, fallbacks = _build("asr", cfg, strict, cfg.asr.engine, cfg.asr.fallback_engine, ASR_CLASSES)
+    from daemon.turn_judge import attach
+
+    attach(pool, cfg)  # the turn judge (turn.judge); its fallback, if any, is the pool's own
+    return pool, fallbacks
 
 
 def build_tts(cfg: Config, strict: bool = False) -> Tuple[Any, List[Fallback]]:

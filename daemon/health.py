@@ -22,6 +22,7 @@ from daemon.asr_capacity import Capacity
 from daemon.asr_sessions import ASRSessions
 from daemon.config import Config
 from daemon.engines import Capabilities, EngineInfo, Fallback, merge_fallbacks
+from daemon import turn_judge
 from daemon.notify import Notifier
 from daemon.tts_jobs import TTSJobs
 from daemon.workers import Worker
@@ -83,6 +84,7 @@ class Health:
         cap = self.asr.capacity
         counters = dict(self.counters, busy_open_lag=cap.busy_open_lag, busy_open_load=cap.busy_open_load,
                         audio_shed=cap.audio_shed)
+        counters.update(turn_judge.counters(self.asr_engine))
         live = cap.streaming(s.backlog for s in sessions)
         fit = cap.load.fit()
         return {
@@ -107,6 +109,7 @@ class Health:
                        "asr_at_capacity": worst > cfg.limits.max_asr_lag,
                        "tts_requests": len(self.tts), "tts_owners": len(self.tts.per_owner),
                        "tts_steps_waiting": len(self.tts.fair)},
+            "turn_judge": turn_judge.describe(self.asr_engine),
             "limits": dataclasses.asdict(cfg.limits),
             "counters": counters,
         }

@@ -204,6 +204,10 @@ class VADSegmenter:
         self.history = int(self.HISTORY_SECONDS * SAMPLE_RATE)
         # Silence inside an utterance that makes a "pause" event (0: none; per session).
         self.early_silence_ms = 0
+        # The turn judge called the paused speech unfinished (`hold`): the VAD's end of its
+        # segment is ignored for this much silence after the speech (samples; 0: no hold).
+        self._hold = 0
+        self._held_end: Optional[int] = None  # the VAD's end held back (absolute samples)
         self.reset()
 
     def reset(self) -> None:
@@ -218,6 +222,7 @@ class VADSegmenter:
         # The utterance was closed at its pause (a whole sentence, `close_at_pause`) while the
         # VAD is still inside its segment: the VAD's last speech frame then; None otherwise.
         self._closed_frame: Optional[int] = None
+        self._hold, self._held_end = 0, None
 
     # -- state ------------------------------------------------------------------------
 
@@ -233,6 +238,11 @@ class VADSegmenter:
     @property
     def utterance_start(self) -> Optional[int]:
         return self._utt_start
+
+    @property
+    def paused(self) -> bool:
+        """The open utterance is in a pause ("pause" event given, no speech since)."""
+        return self._utt_start is not None and self._pause_end is not None
 
     @property
     def buffered_samples(self) -> int:
@@ -268,6 +278,8 @@ class VADSegmenter:
         tail = self._ring.slice(self._vad_fed, self._ring.end)
         end_of_audio = self._ring.end
         events: List[VADEvent] = []
+        if self._held_end is not None:  # held past the VAD's end, and the stream ends: it ends there
+            events.append(self._close(self._held_end, "finalize"))
         if tail.size or self._utt_start is not None:
             # funasr returns nothing for an empty final block, so pad with 50 ms of silence;
             # times past the real end are clamped.
@@ -293,13 +305,18 @@ class VADSegmenter:
         limit = clamp if clamp is not None else self._vad_fed
         events: List[VADEvent] = []
         for start_ms, end_ms in pairs:
-            if start_ms >= 0 and self._utt_start is None:
+            if start_ms >= 0 and self._held_end is not None:
+                self._hold, self._held_end = 0, None  # speech again inside the hold: the same utterance
+            elif start_ms >= 0 and self._utt_start is None:
                 s = max(self._vad_origin + int(start_ms) * 16, self._ring.start, self._last_speech_end)
                 self._utt_start = min(s, limit)
                 events.append(VADEvent("start", self._utt_start))
             if end_ms >= 0 and self._utt_start is not None:
-                e = min(self._vad_origin + int(end_ms) * 16, limit)
-                events.append(self._close(max(e, self._utt_start), "vad"))
+                e = max(min(self._vad_origin + int(end_ms) * 16, limit), self._utt_start)
+                if self._hold and not final:
+                    self._held_end = e
+                else:
+                    events.append(self._close(e, "vad"))
             elif end_ms >= 0:
                 self._closed_frame = None  # the VAD's end of a segment already closed at its pause
         if self._utt_start is not None and self._vad_fed - self._utt_start >= self.max_utterance:
@@ -308,6 +325,8 @@ class VADSegmenter:
             events.append(self._close(cut, "max_length"))
             self._utt_start = cut
             events.append(VADEvent("start", cut))
+        if self._held_end is not None and self._vad_fed - self._held_end >= self._hold:
+            events.append(self._close(self._held_end, "vad"))  # turn.max_silence reached
         if self._closed_frame is not None and not final:
             events += self._resume_after_close()
         elif self._utt_start is not None and self.early_silence_ms > 0 and not final:
@@ -341,7 +360,13 @@ class VADSegmenter:
         self._pause_end, self._pause_frame = end, last
         return [VADEvent("pause", self._utt_start, end, self._ring.slice(self._utt_start, end))]
 
-    def close_at_pause(self) -> VADEvent:
+    def hold(self, seconds: float) -> None:
+        """The turn judge called the paused speech unfinished: the VAD's end of this utterance
+        waits until `seconds` of silence after the speech; speech again continues it."""
+        if self.paused:
+            self._hold = int(seconds * SAMPLE_RATE)
+
+    def close_at_pause(self, reason: str = "sentence") -> VADEvent:
         """End the open utterance at its pause now (the engine judged the speech before it a
         whole sentence) instead of at the VAD's end silence. The VAD stays inside its segment:
         its end of it is then ignored, and speech it confirms before that starts a new
@@ -349,7 +374,7 @@ class VADSegmenter:
         if self._utt_start is None or self._pause_end is None:
             raise RuntimeError("close_at_pause: no paused utterance")
         frame = self._pause_frame
-        ev = self._close(self._pause_end, "sentence")
+        ev = self._close(self._pause_end, reason)
         self._closed_frame = frame
         return ev
 
@@ -375,6 +400,7 @@ class VADSegmenter:
         self._utt_start = None
         self._last_speech_end = end
         self._pause_end, self._pause_frame = None, -1
+        self._hold, self._held_end = 0, None
         return ev
 
     def _trim(self) -> None:

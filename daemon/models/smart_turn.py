@@ -127,21 +127,3 @@ def missing_reason(model_path: Path) -> Optional[str]:
         return (Path(model_path).parent / MISSING_FILE).read_text(encoding="utf-8").strip() or "unknown reason"
     except OSError:
         return None
-
-
-def verify(d: Path, root: Path) -> list:
-    """s2s-models verify: the model file in place and intact, or the reason written when it was not."""
-    model = Path(d) / MODEL_NAME
-    if model.is_file():
-        return [] if model.stat().st_size == MODEL_BYTES else [f"{DIR}/{MODEL_NAME}: not {MODEL_BYTES} bytes"]
-    why = missing_reason(model)
-    return [f"{DIR}/{MODEL_NAME}: missing" + (f" ({why})" if why else "")]
-
-
-def bundle(out: Path) -> None:
-    """s2s-models bundled's step: install() and record it either way (the reason in the source)."""
-    from daemon.models.store import record
-
-    missing = install(out, Path(out) / ".cache")
-    record(out, DIR, "smart-turn", f"PyPI {PACKAGE} {MEMBER} (sha256 checked)" if missing is None
-           else f"not bundled: {missing}", "turn.smart_turn")

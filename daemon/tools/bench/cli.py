@@ -200,6 +200,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from daemon.tools.bench import voices
 
         return voices.main(argv[1:])
+    if argv[:1] == ["turns"]:  # in-process: the turn judge's signals (daemon/tools/bench/turns.py)
+        from daemon.tools.bench import turns
+
+        return turns.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
