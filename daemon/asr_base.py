@@ -23,7 +23,7 @@ from daemon.engines import Capabilities, Fallback
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
 from daemon.rules import check_language, clean_hotwords
 from daemon.steps import run_steps
-from daemon.turn_judge import PRE_SPEECH, WINDOW, TurnCheck, decide
+from daemon.turn_judge import PRE_SPEECH, WINDOW, TurnCheck, decide, unfinished_words
 from daemon.vad import SAMPLE_RATE, VADBlock, VADEvent
 
 logger = logging.getLogger(__name__)
@@ -281,15 +281,20 @@ class StreamingEngine:
         if judge is None or utt != self._utt or not self._seg.paused or start is None:
             return []  # speech went on, or the VAD already ended it
         now = self._seg.total
-        p = yield TurnCheck(self._seg.audio(max(start - PRE_SPEECH, now - WINDOW), now))
-        verdict = decide(p if isinstance(p, float) else None, text_end, text, judge.settings.thresholds)
+        p: Any = None
+        if not unfinished_words(text):  # words that go on decide alone: no model call for them
+            p = yield TurnCheck(self._seg.audio(max(start - PRE_SPEECH, now - WINDOW), now))
+        elif not judge.usable:
+            return []
+        p = p if isinstance(p, float) else None
+        verdict = decide(p, text_end, text, judge.settings.thresholds)
         judge.count(verdict)
         logger.debug("asr %s: turn %d judged %s (p %s, text end %s) %r", self.session_id, utt, verdict, p,
                      text_end, text)
         if verdict == "complete":
             self._tentative = None
             return [self._final(self._seg.close_at_pause("turn" if p is not None else "sentence"), text)]
-        if verdict == "unfinished" and p is not None:
+        if verdict == "unfinished" and judge.usable:
             self._seg.hold(judge.settings.max_silence)
         return []
 

@@ -225,6 +225,25 @@ def test_unfinished_with_nothing_after_ends_at_max_silence_never_sooner_than_the
     assert held[0]["at"] <= held[0]["end"] + 2.0 + 0.4 + 1e-6
 
 
+def test_words_that_go_on_hold_the_turn_without_a_model_call(pool, with_judge, monkeypatch):
+    """The decode FAKED to say 提醒我晚上八点给 (a preposition last): held, and the model not asked."""
+    monkeypatch.setattr(pool, "decode_requests", lambda reqs: ["提醒我晚上八点给"] * len(reqs))
+    judge = with_judge(FakeJudge(0.999))
+    x = pcm_f32("01.wav")
+    audio = np.concatenate([x[:len(x) // 2], silence(3.0)])
+    finals = [e for e in run(pool, audio, "j-words") if e["type"] == "final"]
+    assert judge.asked == [] and judge.counts["turn_judge_unfinished"] == 1
+    assert len(finals) == 1 and finals[0]["at"] >= finals[0]["end"] + 2.0 - 1e-6, finals
+
+
+def test_the_judge_is_off_unless_configured(pool):
+    from daemon.config import parse_config
+    from daemon.turn_judge import attach, describe
+
+    assert attach(pool, parse_config({})) is None and pool.judge is None
+    assert describe(pool)["on"] is False
+
+
 def test_unsure_leaves_the_turn_to_the_vad(pool, with_judge):
     with_judge(FakeJudge(0.5))
     x = pcm_f32("01.wav")

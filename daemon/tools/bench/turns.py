@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -268,11 +269,15 @@ def run_e2e(args: argparse.Namespace) -> Dict[str, Any]:
         clips.append((u.id, "whole", u.pcm, e / SR))
         cut = s + int((e - s) * 0.65)
         clips.append((u.id, "cut65", x[:cut].tobytes(), cut / SR))
-    out: Dict[str, Any] = {"engines": args.engines, "agent_ttft_ms": round(args.agent_ttft * 1000), "runs": {}}
+    out: Dict[str, Any] = {"engines": args.engines, "agent_ttft_ms": round(args.agent_ttft * 1000), "runs": {},
+                           "judge_complete": args.judge_complete}
     for judge in ("on", "off"):
         tmp = Path(tempfile.mkdtemp(prefix="s2s-turns-"))
         data = engine_config(args.engines, Path(args.models), tmp / "run")
         data["turn"] = {"judge": judge == "on"}
+        if args.judge_complete is not None:
+            data["turn"].update(judge_complete=args.judge_complete,
+                                judge_with_text=min(args.judge_complete, 0.5), judge_unfinished=0.0)
         path = tmp / "s2s.yaml"
         path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         ns = argparse.Namespace(mode="e2e", asr=None, tts=None, bridge=None, bridge_pid=None, engines="config",
@@ -284,6 +289,7 @@ def run_e2e(args: argparse.Namespace) -> Dict[str, Any]:
             rows = asyncio.run(_e2e_clips(st.bridge, clips, tail_s=args.tail))
             spec1 = _bridge_speculative(st.bridge)
             counters = st.describe().get("counters", {})
+        shutil.rmtree(tmp, ignore_errors=True)
         spec = {o: int(spec1.get(o, 0) - spec0.get(o, 0)) for o in ("released", "cancelled")}
         out["runs"][judge] = {"rows": rows, "speculative": spec,
                               "judge_counters": {k: v for k, v in counters.items() if k.startswith("turn_judge")}}
@@ -324,6 +330,58 @@ def print_e2e(r: Dict[str, Any]) -> str:
                  head, body)
 
 
+# --- cpu: what the judge adds to the ASR worker ----------------------------------------------------
+
+
+def run_cpu(models: Path, engines: str, streams: int, seconds: float) -> Dict[str, Any]:
+    """`streams` sessions (tentatives on, as the bridge's) each fed long.wav (four sentences and
+    their pauses) from a different offset, in 200 ms rounds driven together as the daemon's
+    worker drives them (daemon/steps.py drive + pool.run_requests: one batch per request kind);
+    the worker's CPU seconds with the judge off and on (process time, the same audio)."""
+    from daemon.audio import read_wav
+    from daemon.config import parse_config
+    from daemon.steps import drive
+    from daemon.turn_judge import attach
+
+    x = read_wav(str(FIXTURES / "long.wav"))[0]
+    n = int(seconds * SR)
+    feeds = [np.resize(np.roll(x, -int(i * x.size / max(1, streams))), n) for i in range(streams)]
+    if engines == "tiny":
+        from daemon.asr_funasr import FunASRConfig, FunASRPool
+
+        pool: Any = FunASRPool(FunASRConfig(paraformer_dir=models / "tiny" / "paraformer", vad_dir=models / "fsmn-vad",
+                                            punc_dir=models / "tiny" / "ct-punc", streaming_dir=None, device="cpu",
+                                            ncpu=1))
+    else:
+        from daemon.asr_whisper import WhisperConfig, WhisperPool
+
+        pool = WhisperPool(WhisperConfig(model_dir=models / "whisper-base", vad_dir=models / "fsmn-vad"))
+    pool.load()
+    out: Dict[str, Any] = {"engines": engines, "streams": streams, "audio_s_per_stream": seconds}
+    for judge in ("off", "on"):
+        attach(pool, parse_config({"models_root": str(models), "turn": {"judge": judge == "on"}}))
+        sessions = []
+        for i in range(streams):
+            e = pool.open(f"cpu-{judge}-{i}", partials=False)
+            e.set_early_silence(EARLY_SILENCE)
+            e.set_sentence_end(True)
+            sessions.append(e)
+        c0, t0 = time.process_time(), time.perf_counter()
+        for k in range(0, n, STEP):
+            drive(pool.run_requests, [e.feed_steps(f[k:k + STEP]) for e, f in zip(sessions, feeds)],
+                  lambda i, v, err: None)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        for e in sessions:
+            pool.close(e.session_id)
+        j = pool.judge
+        out[judge] = {"cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
+                      "cpu_s_per_audio_s": round(cpu / (streams * seconds), 4),
+                      "judge": dict(j.counts, model_s=round(j.seconds, 2)) if j is not None else None}
+    out["judge_adds"] = round(out["on"]["cpu_s"] / out["off"]["cpu_s"] - 1, 3) if out["off"]["cpu_s"] else None
+    pool.shutdown()
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import os
 
@@ -342,14 +400,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--agent-ttft", type=float, default=0.2, help="--e2e: the stand-in LLM's first token (s)")
     p.add_argument("--tail", type=float, default=4.0, help="--e2e: seconds of open microphone after the speech")
     p.add_argument("--manifest", default=str(FIXTURES.parent / "manifest.jsonl"))
+    p.add_argument("--judge-complete", type=float, default=None,
+                   help="--e2e: turn.judge_complete for the judged stack (default: the config's)")
+    p.add_argument("--cpu", action="store_true", help="instead: the ASR worker's CPU with the judge off and on")
+    p.add_argument("--streams", type=int, default=16, help="--cpu: sessions")
+    p.add_argument("--seconds", type=float, default=30.0, help="--cpu: seconds of audio per session")
     args = p.parse_args(argv)
     t0 = time.monotonic()
+    if args.cpu:
+        load0 = os.getloadavg()
+        res = run_cpu(Path(args.models), args.engines, args.streams, args.seconds)
+        res["load"] = f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores)"
+        print(json.dumps(res, indent=1))
+        write_result(Path(args.out), f"turns-cpu-{args.engines}", {"mode": "turns-cpu", "result": res})
+        return 0
     if args.e2e:
         load0 = os.getloadavg()
         res = run_e2e(args)
         res["load"] = f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores)"
         print(print_e2e(res) + f"\nload: {res['load']}")
-        path = write_result(Path(args.out), f"turns-e2e-{args.engines}", {"mode": "turns-e2e", "result": res,
+        tag = f"-{args.judge_complete:g}" if args.judge_complete is not None else ""
+        path = write_result(Path(args.out), f"turns-e2e-{args.engines}{tag}", {"mode": "turns-e2e", "result": res,
                                                                           "elapsed_s": round(time.monotonic() - t0, 1)})
         print(f"wrote {path}")
         return 0
