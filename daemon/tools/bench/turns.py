@@ -223,16 +223,23 @@ def print_turns(r: Dict[str, Any]) -> str:
 async def _e2e_clips(bridge: str, clips: List[Tuple[str, str, bytes, float]], tail_s: float) -> List[Dict[str, Any]]:
     """Each (id, kind, pcm, speech end s) spoken in real time on its own connection; the
     microphone stays open (quiet noise) until the reply's first audio or tail_s."""
+    import asyncio
+
     from daemon.tools.bench.common import noise_pcm
     from daemon.tools.bench.e2e import WS, stream_realtime
 
     rows: List[Dict[str, Any]] = []
     tail = noise_pcm(tail_s)
     for cid, kind, pcm, end_s in clips:
-        ws = await WS.open(bridge)
-        try:
-            if not await ws.start("zh"):
+        for attempt in range(4):  # a busy daemon (Whisper on 2 shared cores) may not answer open in time
+            ws = await WS.open(bridge)
+            if await ws.start("zh"):
+                break
+            await ws.close()
+            if attempt == 3:
                 raise SystemExit(f"s2s-bench turns: the bridge did not start a session: {ws.events[-3:]}")
+            await asyncio.sleep(5.0)
+        try:
             t0 = time.monotonic()
             await stream_realtime(ws, pcm, t0)
             await stream_realtime(ws, tail, t0 + len(pcm) / 2 / SR, until=lambda: ws.first_audio_at is not None)
