@@ -256,6 +256,39 @@ def test_async_client_stream(d):
     assert _sentences(chunks) == ["你好。", "今天天气好。", "Bye."]
 
 
+# --- end to end with the bundled voices ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kokoro_daemon(tmp_path_factory, models_dir):
+    p = DaemonProcess(tmp_path_factory.mktemp("streamkokoro"), {
+        "models_root": str(models_dir), "asr": {"device": "cpu"},
+        "tts": {"engine": "kokoro+piper", "device": "cpu", "fallback_engine": "none"},
+    }, fake=False, watchdog_usec=30_000_000)
+    p.wait_ready(300)
+    yield p
+    p.stop()
+
+
+def test_streamed_reply_with_kokoro_and_piper(kokoro_daemon):
+    """An LLM-like stream through the real Kokoro+Piper: the first clause first, every sentence as
+    its own audio (English routed to Piper), the sentence indexes and texts on the chunks."""
+    with TTSClient(kokoro_daemon.tts, timeout=120) as t:
+        before = t.describe()["tts"]["details"]
+        s = t.synthesize_stream(language="zh")
+        for piece in ["根据天气", "预报，明天", "北京会下雨。最高", "气温二十五度。"]:
+            s.send(piece)
+            time.sleep(0.05)
+        s.end("Take an umbrella.")
+        chunks = list(s)
+        after = t.describe()["tts"]["details"]
+    assert _sentences(chunks) == ["根据天气预报，", "明天北京会下雨。", "最高气温二十五度。", "Take an umbrella."]
+    seconds = {i: sum(len(c.pcm) for c in chunks if c.sentence == i) / 2 / 24000 for i in range(4)}
+    assert all(0.6 < seconds[i] < 6.0 for i in range(4)), seconds
+    assert after["requests_en"] == before["requests_en"] + 1  # one sentence to the English voice
+    assert after["requests_zh"] == before["requests_zh"] + 3
+
+
 # --- the bridge: one reply, one daemon request ---------------------------------------------------
 
 from bridge_procs import start_bridge, start_daemon, write_config  # noqa: E402
