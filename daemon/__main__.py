@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from daemon import devices
 from daemon.config import Config, ConfigError, load_config
 from daemon.engines import ASRPool, Fallback, TTSEngine
 from daemon.errors import S2SError
@@ -88,6 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.check_config:
         return check_config(cfg)
+    devices.quiet_thread_pools()  # before any model library loads its OpenMP runtime
     logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, cfg.logging.level),
                         format=cfg.logging.format)
     return run(cfg, strict=args.strict or cfg.daemon.strict)

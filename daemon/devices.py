@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import MutableMapping, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,21 @@ logger = logging.getLogger(__name__)
 # (the same wall time for twice the CPU at one stream, and far worse with the cores shared);
 # CTranslate2's Whisper decodes are large GEMMs that two threads finish 27 % sooner.
 AUTO_THREADS = {"funasr": 1, "whisper": 2}
+
+
+# OpenMP's idle threads sleep instead of spinning (GNU libgomp under torch, Intel's under
+# CTranslate2). The daemon runs its event loop, the ASR and TTS workers and their thread pools
+# on a few cores; spinning threads took whole time slices from the one doing the work: a 3 s
+# Whisper final took 12-16 s in the daemon against 1.8 s alone, 1.5-2.5 s with this
+# (BENCHMARKS.md "OpenMP threads"). Read when the runtimes load, so it is set before any model.
+OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def quiet_thread_pools(env: MutableMapping[str, str] = os.environ) -> None:
+    """Set OPENMP_ENV where the environment has not chosen otherwise (called by the daemon's
+    main before anything loads torch, CTranslate2 or onnxruntime)."""
+    for key, value in OPENMP_ENV.items():
+        env.setdefault(key, value)
 
 
 def cpu_threads(configured: int, engine: str) -> int:

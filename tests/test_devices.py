@@ -110,3 +110,29 @@ def test_cpu_threads_auto_is_each_engines_measured_best_within_the_cores(monkeyp
     assert FunASRConfig.from_config(cfg).ncpu == 1 and WhisperConfig.from_config(cfg).ncpu == 2
     with pytest.raises(ConfigError):
         parse_config({"asr": {"ncpu": -1}})
+
+
+def test_openmp_threads_sleep_unless_the_environment_chose(monkeypatch):
+    """Spinning OpenMP threads starved the thread doing the work (a Whisper final took 12-16 s in
+    the daemon, 1.8 s alone): the daemon asks for passive waiting, unless the operator set it."""
+    from daemon import devices
+
+    env = {}
+    devices.quiet_thread_pools(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    devices.quiet_thread_pools(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_the_daemon_quiets_openmp_before_it_loads_anything(monkeypatch, tmp_path):
+    import daemon.__main__ as m
+    from daemon import devices
+
+    order = []
+    monkeypatch.setattr(devices, "quiet_thread_pools", lambda env=None: order.append("quiet"))
+    monkeypatch.setattr(m, "run", lambda cfg, strict=False: order.append("run") or 0)
+    cfg = tmp_path / "s2s.yaml"
+    cfg.write_text("models_root: /nonexistent\n")
+    assert m.main(["--config", str(cfg)]) == 0
+    assert order == ["quiet", "run"]
