@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from typing import List, Optional
 
+from bridge import entry
 from bridge.agents import KINDS
-from daemon.config import ConfigError, load_config
 
 logger = logging.getLogger("bridge")
 
@@ -33,13 +32,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _serve(bridge) -> int:
+async def _serve(bridge, stop: asyncio.Event) -> int:
     from daemon.notify import Notifier
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     notifier = Notifier()
 
     def ready(b) -> None:
@@ -54,10 +49,8 @@ async def _serve(bridge) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"s2s-bridge: config error: {e}", file=sys.stderr)
+    cfg = entry.load("s2s-bridge", args)
+    if cfg is None:
         return 2
     if args.probe_agent:
         from bridge.agents import probe_agent
@@ -68,12 +61,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from bridge.auth import open_to_network_without_token
 
     if open_to_network_without_token(cfg.bridge.host, cfg.bridge.token):
-        print(f"s2s-bridge: config error: {cfg.source}: bridge.token: must be set when bridge.host "
-              f"({cfg.bridge.host}) is not a loopback address: anyone who can reach it would use the "
-              f"agent and the daemon", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, cfg.logging.level),
-                        format=cfg.logging.format)
+        return entry.refuse("s2s-bridge", cfg, "bridge.token",
+                            f"must be set when bridge.host ({cfg.bridge.host}) is not a loopback address: anyone "
+                            f"who can reach it would use the agent and the daemon")
+    entry.setup_logging(cfg, args.verbose)
     # httpx logs every request at INFO: one per agent turn is noise in the bridge's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from bridge.server import Bridge
@@ -82,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bridge.echo_fallback:
         logger.warning("%s", bridge.notice)
     try:
-        return asyncio.run(_serve(bridge))
+        return entry.run_until_signal(lambda stop: _serve(bridge, stop))
     except OSError as e:
         logger.error("s2s-bridge: cannot serve on %s:%d: %s", cfg.bridge.host, cfg.bridge.port, e)
         return 1

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from typing import List, Optional
 
-from daemon.config import Config, ConfigError, load_config
+from bridge import entry
+from daemon.config import Config
 
 logger = logging.getLogger("bridge.openai_api")
 
@@ -60,32 +60,20 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
     return 0
 
 
-async def _main(cfg: Config) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return await serve(cfg, stop)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"s2s-openai: config error: {e}", file=sys.stderr)
+    cfg = entry.load("s2s-openai", args)
+    if cfg is None:
         return 2
     from bridge.auth import open_to_network_without_token
 
     if open_to_network_without_token(cfg.openai_api.host, cfg.openai_api.api_key):
-        print(f"s2s-openai: config error: {cfg.source}: openai_api.api_key: must be set when openai_api.host "
-              f"({cfg.openai_api.host}) is not a loopback address: anyone who can reach it would use the daemon",
-              file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, cfg.logging.level),
-                        format=cfg.logging.format)
+        return entry.refuse("s2s-openai", cfg, "openai_api.api_key",
+                            f"must be set when openai_api.host ({cfg.openai_api.host}) is not a loopback address: "
+                            f"anyone who can reach it would use the daemon")
+    entry.setup_logging(cfg, args.verbose)
     try:
-        return asyncio.run(_main(cfg))
+        return entry.run_until_signal(lambda stop: serve(cfg, stop))
     except OSError as e:
         logger.error("s2s-openai: cannot serve on %s:%d: %s", cfg.openai_api.host, cfg.openai_api.port, e)
         return 1

@@ -15,12 +15,12 @@ import argparse
 import asyncio
 import itertools
 import logging
-import signal
 import sys
 from functools import partial
 from typing import Dict, FrozenSet, List, Optional, Set
 
-from daemon.config import Config, ConfigError, load_config
+from bridge import entry
+from daemon.config import Config
 
 logger = logging.getLogger("bridge.wyoming")
 
@@ -106,30 +106,19 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
     return 0
 
 
-async def _main(cfg: Config) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return await serve(cfg, stop)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"s2s-wyoming: config error: {e}", file=sys.stderr)
+    cfg = entry.load("s2s-wyoming", args)
+    if cfg is None:
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, cfg.logging.level),
-                        format=cfg.logging.format)
+    entry.setup_logging(cfg, args.verbose)
     from bridge.auth import is_loopback
 
     if not is_loopback(cfg.wyoming.host):
         logger.warning("listening on %s: Wyoming has no authentication, anyone who can reach these ports may use "
                        "the speech daemon (firewall them to the Home Assistant host)", cfg.wyoming.host)
     try:
-        return asyncio.run(_main(cfg))
+        return entry.run_until_signal(lambda stop: serve(cfg, stop))
     except OSError as e:
         logger.error("s2s-wyoming: cannot serve on %s: %s", cfg.wyoming.host, e)
         return 1
