@@ -258,7 +258,12 @@ class StreamingEngine:
         if not text.strip():
             return []  # nothing to speculate on; the final decides
         judge = getattr(self.pool, "judge", None)
-        if self.sentence_end and judge is not None and judge.usable:
+        if self.sentence_end and judge is not None and judge.usable and unfinished_words(text):
+            # Words that go on: held now, before the VAD's end can come (a slow decode may take
+            # the rest of its 0.8 s), and no model call.
+            judge.count("unfinished")
+            self._seg.hold(judge.settings.max_silence)
+        elif self.sentence_end and judge is not None and judge.usable:
             # The turn judge weighs it on the next feed: the tentative goes out first, so a
             # speculative reply starts while the judge runs.
             self._judge_due = (self._utt, text, bool((yield SentenceEnd(text))))
@@ -281,11 +286,7 @@ class StreamingEngine:
         if judge is None or utt != self._utt or not self._seg.paused or start is None:
             return []  # speech went on, or the VAD already ended it
         now = self._seg.total
-        p: Any = None
-        if not unfinished_words(text):  # words that go on decide alone: no model call for them
-            p = yield TurnCheck(self._seg.audio(max(start - PRE_SPEECH, now - WINDOW), now))
-        elif not judge.usable:
-            return []
+        p = yield TurnCheck(self._seg.audio(max(start - PRE_SPEECH, now - WINDOW), now))
         p = p if isinstance(p, float) else None
         verdict = decide(p, text_end, text, judge.settings.thresholds)
         judge.count(verdict)

@@ -236,6 +236,28 @@ def test_words_that_go_on_hold_the_turn_without_a_model_call(pool, with_judge, m
     assert len(finals) == 1 and finals[0]["at"] >= finals[0]["end"] + 2.0 - 1e-6, finals
 
 
+def test_words_hold_even_when_the_vad_end_comes_in_the_next_feed(pool, with_judge, monkeypatch):
+    """A slow engine's feeds are large (the daemon merges queued audio): the pause in one feed,
+    the VAD's end in the next. Words that go on must hold before that next push: one final."""
+    monkeypatch.setattr(pool, "decode_requests", lambda reqs: ["提醒我晚上八点给"] * len(reqs))
+    with_judge(FakeJudge(0.5))
+    x = pcm_f32("01.wav")
+    cut = len(x) // 2
+    audio = np.concatenate([x[:cut], silence(1.2), x[cut:], silence(3.0)])
+    e = pool.open("j-big", partials=False)
+    e.set_early_silence(0.3)
+    e.set_sentence_end(True)
+    events: List[Dict[str, Any]] = []
+    try:
+        for i in range(0, len(audio), SR):  # 1 s feeds
+            events += e.feed(audio[i:i + SR])
+        events += e.finalize_events()
+    finally:
+        pool.close("j-big")
+    finals = [ev for ev in events if ev["type"] == "final" and ev["text"]]
+    assert len(finals) == 1, events
+
+
 def test_the_judge_is_off_unless_configured(pool):
     from daemon.config import parse_config
     from daemon.turn_judge import attach, describe

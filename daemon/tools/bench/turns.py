@@ -278,7 +278,7 @@ def run_e2e(args: argparse.Namespace) -> Dict[str, Any]:
         clips.append((u.id, "cut65", x[:cut].tobytes(), cut / SR))
     out: Dict[str, Any] = {"engines": args.engines, "agent_ttft_ms": round(args.agent_ttft * 1000), "runs": {},
                            "judge_complete": args.judge_complete}
-    for judge in ("on", "off"):
+    for judge in (("off", "on") if args.off_first else ("on", "off")):
         tmp = Path(tempfile.mkdtemp(prefix="s2s-turns-"))
         data = engine_config(args.engines, Path(args.models), tmp / "run")
         data["turn"] = {"judge": judge == "on"}
@@ -407,6 +407,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--agent-ttft", type=float, default=0.2, help="--e2e: the stand-in LLM's first token (s)")
     p.add_argument("--tail", type=float, default=4.0, help="--e2e: seconds of open microphone after the speech")
     p.add_argument("--manifest", default=str(FIXTURES.parent / "manifest.jsonl"))
+    p.add_argument("--off-first", action="store_true", help="--e2e: run the stack without the judge first")
     p.add_argument("--judge-complete", type=float, default=None,
                    help="--e2e: turn.judge_complete for the judged stack (default: the config's)")
     p.add_argument("--cpu", action="store_true", help="instead: the ASR worker's CPU with the judge off and on")
