@@ -122,6 +122,7 @@ class Speaker:
                     break
                 if item is None:
                     end = True
+                    texts.put_nowait(None)  # the reply's end stays queued: for _drain, or a next request
                 else:
                     pending.append(item)
             chunks: List[Piece] = []
@@ -153,6 +154,7 @@ class Speaker:
                 return []
             item = await texts.get()
             if item is None:
+                texts.put_nowait(None)  # as above
                 if not stream.finished:
                     with contextlib.suppress(DaemonError):
                         await stream.end()
@@ -187,6 +189,7 @@ class Speaker:
         """Audio to the page, with tts_start / tts_end around each sentence's (numbered from
         `base`): (sentences, whether the request went well)."""
         current: Optional[int] = None
+        got = 0  # bytes of the current sentence: none = the daemon skipped it (nothing this voice can say)
         ok = True
         try:
             async with contextlib.aclosing(stream.audio()) as chunks:
@@ -196,25 +199,37 @@ class Speaker:
                         break  # 停止播放: leaving the stream cancels the request at the daemon
                     if base + chunk.sentence != current:
                         if current is not None:
-                            await turn.out.emit({"type": "tts_end", "turn": turn.no, "sentence": current})
-                        current = base + chunk.sentence
+                            await self._end(turn, current, got)
+                        current, got = base + chunk.sentence, 0
                         await turn.out.emit({"type": "tts_start", "turn": turn.no, "sentence": current,
                                              "text": chunk.text, "sample_rate": self.out_rate})
+                    got += len(chunk.pcm)
                     if chunk.pcm:
                         await turn.out.audio(chunk.pcm, chunk.sample_rate or self.out_rate)
         except DaemonError as e:
-            if current is not None:
+            if current is not None and got:
                 await turn.out.emit({"type": "tts_end", "turn": turn.no, "sentence": current})
+            elif current is not None:  # the skipped sentence is the one this error is about
+                await self._failed(turn, e, current)
+                return 0, False
             await self._failed(turn, e, base if current is None else current + 1)
             return 0, False
         finally:
             if not stream.finished:
                 await stream.cancel()
         if current is not None:
-            await turn.out.emit({"type": "tts_end", "turn": turn.no, "sentence": current})
+            await self._end(turn, current, got)
         if getattr(turn, "silenced", False):
             ok = False
         return (0 if current is None else current + 1 - base), ok
+
+    @staticmethod
+    async def _end(turn: Any, sentence: int, got: int) -> None:
+        """tts_end of a sentence; one the daemon skipped (no audio) ends with error bad_text."""
+        event: Dict[str, Any] = {"type": "tts_end", "turn": turn.no, "sentence": sentence}
+        if not got:
+            event["error"] = "bad_text"
+        await turn.out.emit(event)
 
     async def _failed(self, turn: Any, e: DaemonError, sentence: int) -> None:
         await turn.out.error(e.code.value, f"speech synthesis: {e.message}", "tts")

@@ -121,7 +121,7 @@ class Outlet:
         if kind == "emit":
             await self.events.emit({**x, "turn": t.no} if "turn" in x else x)
         elif kind == "error":
-            await self.events.error(*x)
+            await self.events.error(*x, turn=t.no)  # the page puts it on that turn's bubble
         else:
             pcm, rate = x
             if t.first_audio_at is None:

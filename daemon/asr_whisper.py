@@ -420,7 +420,7 @@ class WhisperEngine(StreamingEngine):
         """Every interval of new speech, the utterance so far as a partial (when the pool has
         room: a skipped one is asked for again at the next feed)."""
         start = self._seg.utterance_start
-        end = self._seg.total
+        end = self._seg.total - self._seg.trailing_silence()  # speech so far: a pause adds nothing to say
         if start is None or end - max(self._partial_at, start) < self._interval:
             return []
         answer = yield PartialDecode(self._seg.audio(start, end), (), self.language)

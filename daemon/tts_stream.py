@@ -59,17 +59,19 @@ class TextFeed:
 def _chain(engine: TTSEngine, feed: TextFeed, language: str, speed: float) -> Iterator[Optional[Item]]:
     """On the worker: the streamed request's sentences, in order, each through the engine as it
     comes; None when no sentence is ready (the job waits for text, then asks again). A sentence
-    with nothing the voice can say is skipped (the request fails only if none is spoken)."""
+    with nothing the voice can say is skipped, sent as one audio frame with no samples (the request
+    fails only if none is spoken)."""
     while True:
         if not feed.ready:
             yield None
             continue
         sentence = feed.ready.popleft()
-        index = feed.spoken
+        index = feed.spoken + feed.skipped
         try:
             for i, text, pcm in engine.synthesize_stream(sentence, language, speed):
-                feed.spoken = max(feed.spoken, index + int(i) + 1)
+                feed.spoken = max(feed.spoken, index - feed.skipped + int(i) + 1)
                 yield index + int(i), text, pcm
         except TextError as e:
             feed.skipped += 1
             logger.info("tts: skipped a sentence with nothing to say (%s)", e.message)
+            yield index, sentence, b""  # one frame with no audio: the client can say which went unspoken

@@ -337,6 +337,13 @@ class VADSegmenter:
             self._vad_origin = self._vad_fed
         return events
 
+    def trailing_silence(self) -> int:
+        """Samples of silence the VAD has counted at the end of the open utterance (0: speech)."""
+        stats = self._cache.get("stats")
+        if stats is None or self._utt_start is None:
+            return 0
+        return int(getattr(stats, "continous_silence_frame_count", 0)) * self.vad.frame_ms * 16
+
     def _pause_or_resume(self) -> List[VADEvent]:
         """A "pause" once the VAD has counted early_silence_ms of silence in the open utterance;
         a "resume" when it confirms speech again after one (then the next silence may pause)."""

@@ -553,7 +553,8 @@ function onErrorEvent(ev) {
     return;
   }
   // A turn's error stays on its bubble: agent and synthesis errors belong to the reply in progress.
-  const turn = (ev.source === "agent" || ev.source === "tts") ? currentReplyTurn() : null;
+  const turn = (ev.source === "agent" || ev.source === "tts")
+    ? ((ev.turn != null && turnFor(ev.turn)) || currentReplyTurn()) : null;
   if (turn) {
     turn.errors.push(ev);
     if (ev.source === "agent") {
