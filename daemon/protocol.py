@@ -288,7 +288,7 @@ class Partial(Message):
 
 @dataclass(frozen=True)
 class Final(Message):
-    """reason: vad | max_length | finalize. request_id is the finalize's, when it caused it."""
+    """reason: vad | max_length | finalize | sentence | turn; request_id: the finalize's, when it caused it."""
 
     TYPE: ClassVar[MsgType] = MsgType.FINAL
     REQUIRED: ClassVar[Tuple[str, ...]] = ("session_id",)
