@@ -426,7 +426,10 @@ def test_stop_playback_stops_the_synthesis_on_the_server(piper_stack, browser, s
         page.close()
     print(f"stop: {at_click} sentences synthesised at the click, {after} {time.monotonic() - t0:.1f} s later, "
           f"{next_turn} after the next turn")
-    assert after - at_click <= 1, (at_click, after)   # only the one in flight at the click, at most
+    # The daemon speaks a streamed reply's sentences back to back: one may finish between reading
+    # the counter and the click, and the one in flight at the click may finish; nothing after
+    # that (before the fix the counter rose to the reply's 14).
+    assert after - at_click <= 2, (at_click, after)
     assert reply.endswith(SENTENCES[-1]) and SENTENCES[-1] in bubble and "已停止播放" in bubble, (reply, bubble)
     assert next_turn > after, (after, next_turn)
     assert not [e for e in page_errs if e["code"] not in ("busy",)], page_errs
