@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start the whole stack without systemd: speech daemon, wait until it answers, bridge, print the
 # page URL. On a fresh clone it installs (scripts/install.sh) and assembles the bundled models
-# first. Ctrl-C (or SIGTERM) stops both: the services run in sessions of their own (setsid), so
+# first. Ctrl-C (or SIGTERM) stops them all: the services run in sessions of their own (setsid), so
 # the terminal's Ctrl-C reaches this script alone, which stops them in order and says so.
 #
 # Every setting comes from the config (S2S_CONFIG, default etc/s2s.yaml); the seed's env vars
@@ -98,7 +98,7 @@ pids+=($!)
 port_free() { python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' "$1" "$2" 2>/dev/null; }
 read -r wy_host wy_asr wy_tts oa_host oa_port < <(python -c 'from daemon.config import load_config; c = load_config(); w, o = c.wyoming, c.openai_api; print(w.host, w.asr_port, w.tts_port, o.host, o.port)')
 if port_free "$wy_host" "$wy_asr" && { [ "$wy_tts" = "$wy_asr" ] || port_free "$wy_host" "$wy_tts"; }; then
-  s2s-wyoming &
+  setsid s2s-wyoming &
   pids+=($!)
   if [ "$wy_tts" = "$wy_asr" ]; then
     say "Wyoming (Home Assistant): tcp://$wy_host:$wy_asr (speech recognition and synthesis)"
@@ -109,7 +109,7 @@ else
   say "Wyoming not started: port $wy_asr or $wy_tts on $wy_host is in use (wyoming: in $S2S_CONFIG)"
 fi
 if port_free "$oa_host" "$oa_port"; then
-  s2s-openai &
+  setsid s2s-openai &
   pids+=($!)
   say "OpenAI audio API: http://$oa_host:$oa_port/v1"
 else
