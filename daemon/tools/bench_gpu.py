@@ -303,7 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     md_text = markdown(report)
     (a.out / "gpu-check.md").write_text(md_text, encoding="utf-8")
     sys.stdout.write(md_text)
-    print(f"wrote {a.out / 'gpu-check.json'} and {a.out / 'gpu-check.md'}", flush=True)
+    logger.info(f"wrote {a.out / 'gpu-check.json'} and {a.out / 'gpu-check.md'}")
     return 1 if report["errors"] else 0
 
 

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -45,6 +46,8 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 ROOT = Path(__file__).resolve().parent.parent.parent
 RATE, WIDTH, CHANNELS = 16000, 2, 1          # Home Assistant's stt format
 CHUNK_SAMPLES = 1024
+
+logger = logging.getLogger(__name__)
 
 
 # --- Home Assistant's client code paths -------------------------------------------------------
@@ -264,6 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", choices=("s2s", "wfw"), help="run one server only")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the results table goes to the log
     import yaml
 
     from daemon.tools.bench.common import DEFAULT_MANIFEST, load_manifest, noise_pcm
@@ -317,11 +321,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r = asyncio.run(run_level(port, utts, n, tail))
                 r["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
                 results["servers"][name].append(r)
-                print(f"{name:24s} clients={n:2d}  p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  "
+                logger.info(f"{name:24s} clients={n:2d}  p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  "
                       f"CER {r['cer'] * 100:.1f} %  ({r['utterances']} utterances, {r['failed']} failed; "
-                      f"load {r['loadavg_1min_after']})", flush=True)
+                      f"load {r['loadavg_1min_after']})")
         results["machine"]["loadavg_after"] = os.getloadavg()
-        print(f"load average before {results['machine']['loadavg_before']}, after {results['machine']['loadavg_after']}")
+        logger.info(f"load average before {results['machine']['loadavg_before']}, after {results['machine']['loadavg_after']}")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import statistics
 import time
@@ -51,6 +52,8 @@ SENTENCES = (
 VOICES = ("zf_xiaobei", "zm_yunxi", "zf_xiaoni", "zm_yunjian")
 EARLY_SILENCE = 0.3
 STEP = 3200  # 200 ms feeds, as the VAD steps
+
+logger = logging.getLogger(__name__)
 
 
 def speech_bounds(x: np.ndarray, thr: float = 0.02) -> Tuple[int, int]:
@@ -414,23 +417,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--streams", type=int, default=16, help="--cpu: sessions")
     p.add_argument("--seconds", type=float, default=30.0, help="--cpu: seconds of audio per session")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the results go to the log
     t0 = time.monotonic()
     if args.cpu:
         load0 = os.getloadavg()
         res = run_cpu(Path(args.models), args.engines, args.streams, args.seconds)
         res["load"] = f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores)"
-        print(json.dumps(res, indent=1))
+        logger.info(json.dumps(res, indent=1))
         write_result(Path(args.out), f"turns-cpu-{args.engines}", {"mode": "turns-cpu", "result": res})
         return 0
     if args.e2e:
         load0 = os.getloadavg()
         res = run_e2e(args)
         res["load"] = f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores)"
-        print(print_e2e(res) + f"\nload: {res['load']}")
+        logger.info(print_e2e(res) + f"\nload: {res['load']}")
         tag = f"-{args.judge_complete:g}" if args.judge_complete is not None else ""
         path = write_result(Path(args.out), f"turns-e2e-{args.engines}{tag}", {"mode": "turns-e2e", "result": res,
                                                                           "elapsed_s": round(time.monotonic() - t0, 1)})
-        print(f"wrote {path}")
+        logger.info(f"wrote {path}")
         return 0
     models = Path(args.models)
     load0 = os.getloadavg()
@@ -454,10 +458,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {"clips": len(clips) + (long_wav is not None), "table": signal_table(rows, th), "cost": cost(judge),
               "load": f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores)",
               "pauses": [{k: v for k, v in r.items() if k not in ("speech", "judge_audio")} for r in rows]}
-    print(print_turns(result))
+    logger.info(print_turns(result))
     path = write_result(Path(args.out), "turns", {"mode": "turns", "result": result,
                                                  "elapsed_s": round(time.monotonic() - t0, 1)})
-    print(f"wrote {path}")
+    logger.info(f"wrote {path}")
     return 0
 
 
