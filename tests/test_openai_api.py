@@ -355,3 +355,48 @@ def test_too_many_at_once_get_429(stack):
     assert limited and all(o.response.headers.get("retry-after") == "1" for o in limited), out
     assert any(isinstance(o, int) and o > 0 for o in out)
     served(stack)
+
+
+def test_audio_longer_than_one_transcription_takes_is_refused_before_it_is_fed():
+    """A small compressed upload can decode to hours of recognition: the decoded length is counted
+    as it is fed, and what is past MAX_AUDIO_SECONDS never reaches the daemon (a fake
+    Transcription records what it is fed; this is about the bound, not recognition)."""
+    import asyncio
+
+    from bridge.openai_api import handler as H
+    from daemon import protocol as P
+    from daemon.client_base import DaemonError
+    from daemon.errors import ErrorCode
+
+    class FakeTranscription:
+        def __init__(self):
+            self.fed, self.aborted = 0, False
+
+        async def open(self):
+            pass
+
+        async def feed(self, block):
+            self.fed += len(block)
+
+        async def finish(self):
+            return "done"
+
+        async def abort(self):
+            self.aborted = True
+
+    second = b"\0" * (P.ASR_SAMPLE_RATE * 2)
+    limit = H.MAX_AUDIO_SECONDS * len(second)
+
+    def blocks(n):
+        for _ in range(n):
+            yield second
+
+    tr = FakeTranscription()
+    gen = blocks(H.MAX_AUDIO_SECONDS * 4)
+    with pytest.raises(DaemonError) as e:
+        asyncio.run(H.Api._transcribe(None, tr, next(gen), gen))
+    assert e.value.code == ErrorCode.BAD_AUDIO and str(H.MAX_AUDIO_SECONDS) in e.value.message
+    assert tr.fed == limit and tr.aborted
+    tr = FakeTranscription()
+    gen = blocks(H.MAX_AUDIO_SECONDS)
+    assert asyncio.run(H.Api._transcribe(None, tr, next(gen), gen)) == "done" and tr.fed == limit

@@ -52,6 +52,10 @@ MAX_FIELD_BYTES = 64 * 1024
 FORM_OVERHEAD = 1 << 20
 # Audio decoded and fed per step, seconds.
 DECODE_BLOCK_SECONDS = 1.0
+# The longest audio one transcription takes (OpenAI's own limit for its transcription models):
+# a small compressed upload can decode to hours of speech recognition, so the decoded length is
+# counted as it is fed and the request refused (bad_audio, 400) past it.
+MAX_AUDIO_SECONDS = 1500
 STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.BAD_AUDIO: 400, ErrorCode.BAD_TEXT: 400, ErrorCode.UNSUPPORTED: 400,
           ErrorCode.BAD_VERSION: 400, ErrorCode.UNKNOWN_TYPE: 400, ErrorCode.BUSY: 503, ErrorCode.UNAVAILABLE: 503,
           ErrorCode.SHUTTING_DOWN: 503, ErrorCode.TIMEOUT: 504}
@@ -265,8 +269,12 @@ class Api:
     async def _transcribe(self, tr: Transcription, first: Optional[bytes], blocks: Any) -> Any:
         try:
             await tr.open()
-            block = first
+            block, fed = first, 0
             while block is not None:
+                fed += len(block)
+                if fed > MAX_AUDIO_SECONDS * P.ASR_SAMPLE_RATE * 2:
+                    raise DaemonError(f"the audio is longer than {MAX_AUDIO_SECONDS} s, the most one transcription "
+                                      f"takes", ErrorCode.BAD_AUDIO)
                 await tr.feed(block)
                 block = await asyncio.to_thread(next, blocks, None)
             return await tr.finish()
