@@ -26,7 +26,7 @@ import itertools
 import json
 import logging
 import re
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Collection, Dict, List, Optional, Tuple
 
 from aiohttp import BodyPartReader, web
 
@@ -95,6 +95,12 @@ class ApiError(Exception):
         param = {ErrorCode.BAD_TEXT: "input", ErrorCode.BAD_AUDIO: "file"}.get(e.code)
         return cls(status, e.message if status < 500 or status in (503, 504) else "speech daemon error: " + e.message,
                    param, e.code.value, retry)
+
+
+def _one_of(value: Any, allowed: Collection[str], param: str, code: Optional[str] = None) -> None:
+    """400 naming the parameter and what it may be, unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise _bad(f"{param} {str(value)[:40]!r} is not one of {', '.join(allowed)}", param, code)
 
 
 def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
@@ -230,11 +236,10 @@ class Api:
         if data is None:
             raise _bad("`file` is required (the audio to transcribe)", "file")
         model = fields.get("model")
-        if model is not None and model not in TRANSCRIBE_MODELS:
-            raise _bad(f"model {model[:40]!r} is not one of {', '.join(TRANSCRIBE_MODELS)}", "model", "model_not_found")
+        if model is not None:
+            _one_of(model, TRANSCRIBE_MODELS, "model", "model_not_found")
         fmt = fields.get("response_format", "json")
-        if fmt not in TRANSCRIPT_FORMATS:
-            raise _bad(f"response_format {fmt[:40]!r} is not one of {', '.join(TRANSCRIPT_FORMATS)}", "response_format")
+        _one_of(fmt, TRANSCRIPT_FORMATS, "response_format")
         stream = fields.get("stream", "false").strip().lower()
         if stream not in ("true", "false"):
             raise _bad("stream must be true or false", "stream")
@@ -329,11 +334,10 @@ class Api:
         if not isinstance(text, str):
             raise _bad("`input` (the text to speak) is required and must be a string", "input")
         model = body.get("model")
-        if model is not None and model not in SPEECH_MODELS:
-            raise _bad(f"model {str(model)[:40]!r} is not one of {', '.join(SPEECH_MODELS)}", "model", "model_not_found")
+        if model is not None:
+            _one_of(model, SPEECH_MODELS, "model", "model_not_found")
         fmt = body.get("response_format", "mp3")
-        if fmt not in AUDIO_FORMATS:
-            raise _bad(f"response_format {str(fmt)[:40]!r} is not one of {', '.join(AUDIO_FORMATS)}", "response_format")
+        _one_of(fmt, AUDIO_FORMATS, "response_format")
         speed = body.get("speed")
         if speed is not None and (isinstance(speed, bool) or not isinstance(speed, (int, float))):
             raise _bad("speed must be a number", "speed")  # its range is the daemon's rule
