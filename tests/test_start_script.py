@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -167,9 +168,16 @@ def describe(pids: list) -> list:
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory):
+def clone(tmp_path_factory, models_dir):
     dest = tmp_path_factory.mktemp("newcomer") / "s2s"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True, timeout=120)
+    # What `s2s-models bundled` fetches from the registries (npm kokoro-js, PyPI's pipecat-ai wheel)
+    # was fetched and checked by scripts/test.sh's own `bundled`: the clone gets that download cache,
+    # so its first start assembles the same models offline (the offline guard fails any test whose
+    # processes reach past loopback, and this one is about the start, not the registries).
+    cache = models_dir / ".cache"
+    if cache.is_dir():
+        shutil.copytree(cache, dest / ".models" / ".cache", ignore=shutil.ignore_patterns("tmp*"))
     # The clone reuses this venv (S2S_VENV). If its install stamp does not match the clone's pins,
     # install.sh would reinstall into the shared venv and point its editable install at the
     # (temporary) clone: refuse instead. In CI the clone is this checkout's HEAD, so they match.
