@@ -33,7 +33,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 async def _serve(bridge, stop: asyncio.Event) -> int:
-    from daemon.notify import Notifier
+    from daemon.serving.notify import Notifier
 
     notifier = Notifier()
 

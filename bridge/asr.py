@@ -29,8 +29,8 @@ from websockets.exceptions import ConnectionClosed
 from bridge.auth import AudioBudget
 from bridge.context import Context
 from bridge.wire import ClientTooSlow, Events
-from daemon import protocol as P
-from daemon.client import DaemonError, new_id
+from daemon.wire import protocol as P
+from daemon.wire.client import DaemonError, new_id
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Recognizer:
         self.on_activity = on_activity
         self.on_final = on_final
         self.on_tentative = on_tentative
-        self.stream: Any = None          # daemon.client.AsyncASRStream
+        self.stream: Any = None          # daemon.wire.client.AsyncASRStream
         self.pump_task: Optional[asyncio.Task] = None
         self.started = False
         self.language: Optional[str] = None

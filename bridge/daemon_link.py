@@ -9,7 +9,7 @@ descriptor or task of the client: nothing to leak when it hangs up at a bad mome
 
 The daemon ties sessions to the peer's identity: one identity for the whole bridge, so the
 bridge closes each browser's ASR session itself (`close` when the browser goes) and a TTS
-request is cancelled when its iterator is left (daemon.client).
+request is cancelled when its iterator is left (daemon.wire.client).
 
 A daemon that is down is `unavailable` at once (`check`, before every open and synthesis):
 its socket file is missing, or the client's socket monitor saw the connects refused (a daemon
@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
-from daemon.client import AsyncASRClient, AsyncTTSClient, DaemonError, missing_endpoint
+from daemon.wire.client import AsyncASRClient, AsyncTTSClient, DaemonError, missing_endpoint
 from daemon.config import Config
 from daemon.errors import ErrorCode
 

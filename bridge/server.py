@@ -48,9 +48,9 @@ from bridge.auth import (AddressCap, PendingLogins, bearer, check_token, network
 from bridge.connection import Connection
 from bridge.context import Context
 from bridge.daemon_link import DaemonLink
-from daemon.client import DaemonError
+from daemon.wire.client import DaemonError
 from daemon.config import Config
-from daemon.transport import LogLimiter
+from daemon.serving.transport import LogLimiter
 
 logger = logging.getLogger(__name__)
 

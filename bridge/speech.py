@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from bridge.daemon_link import TTS_TIMEOUT, DaemonLink
-from daemon import protocol as P
-from daemon.client_async import AsyncASRStream, AsyncSynthStream
-from daemon.client_base import DaemonError, new_id
+from daemon.wire import protocol as P
+from daemon.wire.client_async import AsyncASRStream, AsyncSynthStream
+from daemon.wire.client_base import DaemonError, new_id
 from daemon.errors import ErrorCode
 
 logger = logging.getLogger(__name__)

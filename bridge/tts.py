@@ -2,7 +2,7 @@
 
 A reply is one streamed-text request at the daemon (`<connection>-<turn key>`, owner
 `<connection>`): its text goes there as the agent writes it, and the daemon cuts the sentences
-(daemon/textsplit.py, the one splitter) and speaks each as soon as it is complete. The page still
+(daemon/tts/textsplit.py, the one splitter) and speaks each as soon as it is complete. The page still
 gets `tts_start` / `tts_end` per sentence, from the sentence index and text on the daemon's audio.
 A speculative turn's request is opened with `hold` (only its first sentence is synthesised) and
 released when the turn is. What a turn sends the page goes through its `Outlet` (bridge/turns.py),
@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from bridge.context import Context
 from bridge.daemon_link import TTS_TIMEOUT
 from bridge.wire import Events
-from daemon.client import DaemonError
-from daemon.client_async import AsyncSynthStream
+from daemon.wire.client import DaemonError
+from daemon.wire.client_async import AsyncSynthStream
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import json
 import logging
 from typing import Any, Deque, Dict, Optional, Tuple, Union
 
-from daemon.transport import LogLimiter
+from daemon.serving.transport import LogLimiter
 
 logger = logging.getLogger(__name__)
 

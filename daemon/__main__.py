@@ -22,7 +22,7 @@ from daemon import devices
 from daemon.config import Config, ConfigError, load_config
 from daemon.engines import ASRPool, Fallback, TTSEngine
 from daemon.errors import S2SError
-from daemon.notify import Notifier
+from daemon.serving.notify import Notifier
 
 logger = logging.getLogger("daemon")
 EXTEND_SECONDS = 60.0
@@ -100,7 +100,7 @@ def load_engines(cfg: Config, strict: bool, notifier: Notifier) -> Tuple[ASRPool
 
     SIGTERM/SIGINT while loading exit at once (0); a SIGHUP is remembered (the last value in
     the tuple) and the config re-read once serving: its default action would kill us."""
-    from daemon.factory import build_asr, build_tts
+    from daemon.serving.factory import build_asr, build_tts
 
     result: Dict[str, Any] = {}
     stage = {"now": "loading ASR engine"}
@@ -166,8 +166,8 @@ def shutdown_engines(engines: List[Any], timeout: float) -> bool:
 
 def run(cfg: Config, strict: bool = False) -> int:
     """Load, serve until SIGTERM/SIGINT (or a fatal failure), drain, exit code."""
-    from daemon.factory import StartupError
-    from daemon.server import Daemon
+    from daemon.serving.factory import StartupError
+    from daemon.serving.server import Daemon
 
     notifier = Notifier()
     notifier.status("starting: loading engines")

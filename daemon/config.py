@@ -169,7 +169,7 @@ class TurnConfig:
     # judges a whole sentence gets its final at once; speech that stops mid-phrase waits for
     # the VAD's full end silence (for sessions that ask for tentatives, i.e. the bridge's).
     sentence_end: bool = True
-    # The turn judge at that early silence (daemon/turn_judge.py): Smart Turn's P(complete), the
+    # The turn judge at that early silence (daemon/asr/turn_judge.py): Smart Turn's P(complete), the
     # engine's text signal and the words; complete -> final at once, unfinished -> wait up to
     # max_silence seconds, else the VAD's 0.8 s. Off (or the model missing): the VAD decides.
     judge: bool = False
@@ -203,7 +203,7 @@ class LimitsConfig:
     # is back within max_asr_lag, instead of queueing ever later finals.
     max_session_lag: float = 6.0
     # ASR admission by predicted cost: `open` answers `busy` when one more real-time stream is
-    # predicted to load the ASR worker past this fraction of its time (daemon/asr_load.py);
+    # predicted to load the ASR worker past this fraction of its time (daemon/asr/load.py);
     # 0 turns the prediction off (the lag rule above still holds).
     max_asr_load: float = 0.9
     # What one real-time stream is taken to cost (worker seconds per second) before the

@@ -1,7 +1,7 @@
 """The contracts every engine keeps, so the daemon can serve any of them.
 
-Nothing heavy is imported here. Concrete engines live in asr_funasr.py, asr_whisper.py,
-tts_melo.py, tts_kokoro.py and tts_piper.py; `build_asr()` / `build_tts()` pick one from the config,
+Nothing heavy is imported here. Concrete engines live in asr/funasr_engine.py, asr/whisper_engine.py,
+tts/melo_engine.py, tts/kokoro_engine.py and tts/piper_engine.py; `build_asr()` / `build_tts()` pick one from the config,
 falling back to the bundled models when the selected engine's weights are absent.
 
 ASR events (plain dicts with a ``type`` key; times are seconds from session start):

@@ -89,7 +89,7 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_funasr_pool(models_dir):
     """The tiny random FunASR models with the real fsmn-vad, loaded once per test module."""
-    from daemon.asr_funasr import FunASRPool
+    from daemon.asr.funasr_engine import FunASRPool
     from helpers.funasr_tiny import make_config
 
     p = FunASRPool(make_config(models_dir))

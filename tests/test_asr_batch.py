@@ -1,4 +1,4 @@
-"""Cross-session batching (daemon/asr_batch.py, daemon/vad_batch.py, PoolBase.run_requests):
+"""Cross-session batching (daemon/asr/batch.py, daemon/asr/vad_batch.py, PoolBase.run_requests):
 many sessions' feeds answered in batches give each session what it would get alone.
 
 Real fsmn-vad and tiny random FunASR models through funasr's own code; the FeedBatcher runs on
@@ -13,13 +13,13 @@ import threading
 import numpy as np
 import pytest
 
-from daemon.asr_base import MAX_DECODE_BATCH, MAX_DECODE_STRETCH, Decode, decode_groups
-from daemon.asr_batch import FeedBatcher, drive
+from daemon.asr.base import MAX_DECODE_BATCH, MAX_DECODE_STRETCH, Decode, decode_groups
+from daemon.asr.batch import FeedBatcher, drive
 from daemon.audio import float_to_pcm16, read_wav
 from daemon.errors import AudioError
 from daemon.tools.metrics import cer
-from daemon.vad import FsmnVAD, VADBlock
-from daemon.workers import Worker
+from daemon.asr.vad import FsmnVAD, VADBlock
+from daemon.serving.workers import Worker
 
 SR = 16000
 FRAME = 1920 * 2  # 120 ms of PCM16
@@ -293,8 +293,8 @@ def test_the_daemon_batches_concurrent_sessions_and_a_vanished_client_costs_the_
     """Eight sessions at once and a ninth whose client vanishes mid-stream: the eight get the same
     segments and the lone session's partials (the streaming Paraformer batched across them), the
     worker ran batches of several feeds, nothing is left open."""
-    from daemon import protocol as P
-    from daemon.client_async import AsyncASRClient
+    from daemon.wire import protocol as P
+    from daemon.wire.client_async import AsyncASRClient
 
     endpoint, proc = tiny_daemon
     pcm = float_to_pcm16(speech[0])
@@ -345,7 +345,7 @@ def test_the_daemon_batches_concurrent_sessions_and_a_vanished_client_costs_the_
 
 def test_a_batch_of_feeds_gets_a_budget_that_grows_with_it(pool, speech):
     """The watchdog judges a batch as one call: with more feeds in it, it may run longer."""
-    from daemon.workers import BATCH_FEED_PERIODS
+    from daemon.serving.workers import BATCH_FEED_PERIODS
 
     budgets = []
     worker = Worker("asr", pool.submit, period=1.0)

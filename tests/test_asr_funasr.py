@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.asr_funasr import FunASRConfig, FunASREngine, FunASRPool
+from daemon.asr.funasr_engine import FunASRConfig, FunASREngine, FunASRPool
 from daemon.audio import float_to_pcm16, read_wav
 from daemon.config import parse_config
 from daemon.engines import ASRPool, ASRSession

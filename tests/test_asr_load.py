@@ -1,12 +1,12 @@
-"""The ASR worker's cost model (daemon/asr_load.py) and admission by predicted cost
-(daemon/asr_capacity.py), with a fake clock and fake busy time: no sleeps."""
+"""The ASR worker's cost model (daemon/asr/load.py) and admission by predicted cost
+(daemon/asr/capacity.py), with a fake clock and fake busy time: no sleeps."""
 
 from __future__ import annotations
 
 import pytest
 
-from daemon.asr_capacity import Backlog, Capacity
-from daemon.asr_load import LOAD_WINDOW_SECONDS, MIN_EXPONENT, LoadModel, streams_throughout
+from daemon.asr.capacity import Backlog, Capacity
+from daemon.asr.load import LOAD_WINDOW_SECONDS, MIN_EXPONENT, LoadModel, streams_throughout
 from daemon.config import LimitsConfig
 from daemon.errors import ErrorCode, S2SError
 
@@ -131,7 +131,7 @@ def test_saturation_is_remembered_as_a_ceiling_not_learned_as_a_cost():
 
 
 def test_the_saturation_ceiling_is_forgotten_when_not_seen_again():
-    from daemon.asr_load import SATURATION_MEMORY_SECONDS
+    from daemon.asr.load import SATURATION_MEMORY_SECONDS
 
     m, c = model()
     run_window(m, c, 10, 1.0, behind=True)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from daemon.tools import metrics
-from daemon.asr_base import Decode
-from daemon.asr_whisper import WhisperConfig, WhisperPool, to_simplified
+from daemon.asr.base import Decode
+from daemon.asr.whisper_engine import WhisperConfig, WhisperPool, to_simplified
 from daemon.audio import read_wav
 from daemon.config import parse_config
 from daemon.engines import ASRPool, ASRSession

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from daemon import protocol as P
+from daemon.wire import protocol as P
 from daemon.tools.bench import capacity as cap
 from daemon.tools.bench.cli import main, parse_args
 from daemon.tools.bench.common import RATE, load_manifest

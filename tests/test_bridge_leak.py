@@ -27,7 +27,7 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 
 from bridge_procs import start_bridge, start_daemon, write_config
-from daemon.client import ASRClient
+from daemon.wire.client import ASRClient
 from procstats import settled
 from helpers.ws import http_get
 

@@ -18,9 +18,9 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from daemon import protocol as P
+from daemon.wire import protocol as P
 from daemon.audio import float_to_pcm16, read_wav
-from daemon.client import ASRClient, DaemonError
+from daemon.wire.client import ASRClient, DaemonError
 from daemon.errors import ErrorCode
 from daemon_harness import DaemonProcess
 from fake_engines import FakeASRPool
@@ -319,9 +319,9 @@ def test_busy_past_capacity_and_sessions_within_capacity_unaffected(slow):
 
 
 def test_vad_block_in_one_forward_gives_the_same_segments(models_dir, fixtures_dir, manifest):
-    """daemon/vad.py hands fsmn-vad a whole block (up to 1 s, what merged audio produces) as one
+    """daemon/asr/vad.py hands fsmn-vad a whole block (up to 1 s, what merged audio produces) as one
     model forward instead of one per 200 ms step: the segments must not change."""
-    from daemon.vad import FsmnVAD
+    from daemon.asr.vad import FsmnVAD
 
     vad = FsmnVAD(models_dir / "fsmn-vad", ncpu=1)
     vad.load()

@@ -1,4 +1,4 @@
-"""The real daemon on real engines, driven through daemon.client and s2s-ctl:
+"""The real daemon on real engines, driven through daemon.wire.client and s2s-ctl:
 bundled Whisper base + fsmn-vad and the Kokoro + Piper voices (reached through the fallback from
 the default funasr/melo config, whose weights are absent here), and the tiny FunASR/Melo models."""
 
@@ -15,9 +15,9 @@ import wave
 
 import pytest
 
-from daemon import protocol as P
+from daemon.wire import protocol as P
 from daemon.audio import float_to_pcm16, read_wav
-from daemon.client import ASRClient, AsyncASRClient, AsyncTTSClient, TTSClient
+from daemon.wire.client import ASRClient, AsyncASRClient, AsyncTTSClient, TTSClient
 from daemon_harness import ROOT, DaemonProcess
 from helpers.describe_schema import check_describe
 

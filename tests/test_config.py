@@ -153,7 +153,7 @@ def test_secrets_redacted():
 def test_reload_changes_split_live_and_restart():
     import dataclasses
 
-    from daemon.reload import changes
+    from daemon.serving.reload import changes
 
     a = C.Config()
     b = dataclasses.replace(a, limits=dataclasses.replace(a.limits, max_sessions=4),
@@ -166,7 +166,7 @@ def test_reload_changes_split_live_and_restart():
 def test_reload_applies_the_turn_timing_to_new_sessions():
     import dataclasses
 
-    from daemon.reload import changes, merge
+    from daemon.serving.reload import changes, merge
 
     a = C.Config()
     b = dataclasses.replace(a, turn=dataclasses.replace(a.turn, early_silence=0.25, sentence_end=False, speculate=False))

@@ -13,11 +13,11 @@ import uuid
 import pytest
 import zmq
 
-from daemon import protocol as P
+from daemon.wire import protocol as P
 from daemon.audio import float_to_pcm16, read_wav
-from daemon.client import ASRClient, DaemonError, TTSClient
+from daemon.wire.client import ASRClient, DaemonError, TTSClient
 from daemon.errors import ErrorCode
-from daemon.factory import StartupError, choose_engine
+from daemon.serving.factory import StartupError, choose_engine
 from daemon_harness import DaemonProcess
 from helpers.describe_schema import check_describe
 from fake_engines import FakeASRPool

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.asr_capacity import MAX_QUEUED_COMMANDS, Backlog, Capacity
+from daemon.asr.capacity import MAX_QUEUED_COMMANDS, Backlog, Capacity
 from daemon.config import Config, LimitsConfig
 from daemon.errors import ErrorCode, S2SError
-from daemon.notify import Notifier
-from daemon.reload import changes
-from daemon.transport import LogLimiter, PeerBudgets
-from daemon.workers import Worker, extend_budget
+from daemon.serving.notify import Notifier
+from daemon.serving.reload import changes
+from daemon.serving.transport import LogLimiter, PeerBudgets
+from daemon.serving.workers import Worker, extend_budget
 from fake_engines import FakeASRPool, FakeTTSEngine
 
 
@@ -223,7 +223,7 @@ def test_reload_report_names_old_and_new_values_and_restart_keys():
 def _daemon(tmp_path: Path):
     import dataclasses
 
-    from daemon.server import Daemon
+    from daemon.serving.server import Daemon
 
     cfg = Config()
     cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, runtime_dir=str(tmp_path / "run"),

@@ -14,9 +14,9 @@ import time
 import pytest
 import zmq
 
-from daemon import protocol as P
-from daemon.asr_capacity import MAX_QUEUED_COMMANDS
-from daemon.client import ASRClient, DaemonError, TTSClient
+from daemon.wire import protocol as P
+from daemon.asr.capacity import MAX_QUEUED_COMMANDS
+from daemon.wire.client import ASRClient, DaemonError, TTSClient
 from daemon.errors import ErrorCode
 from daemon_harness import DaemonProcess
 from helpers.zmq_raw import drain, gaps, header, ping, raw, recv_reply, send_json

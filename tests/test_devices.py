@@ -102,8 +102,8 @@ def test_cpu_threads_auto_is_each_engines_measured_best_within_the_cores(monkeyp
     assert devices.cpu_threads(3, "funasr") == 3  # a configured count is kept
     monkeypatch.setattr(devices.os, "cpu_count", lambda: 1)
     assert devices.cpu_threads(0, "whisper") == 1
-    from daemon.asr_funasr import FunASRConfig
-    from daemon.asr_whisper import WhisperConfig
+    from daemon.asr.funasr_engine import FunASRConfig
+    from daemon.asr.whisper_engine import WhisperConfig
 
     cfg = parse_config({})
     monkeypatch.setattr(devices.os, "cpu_count", lambda: 2)

@@ -1,4 +1,4 @@
-"""Batched kaldi fbank (daemon/fbank_batch.py) against funasr's online frontend computing each
+"""Batched kaldi fbank (daemon/asr/fbank_batch.py) against funasr's online frontend computing each
 session's own, on real speech, for the VAD's frontend and the streaming Paraformer's."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from daemon.audio import read_wav
-from daemon.fbank_batch import FbankBatch
+from daemon.asr.fbank_batch import FbankBatch
 
 
 def _frontend(models_dir, name):
     from funasr import AutoModel
 
-    from daemon.vad import FUNASR_QUIET
+    from daemon.asr.vad import FUNASR_QUIET
 
     m = AutoModel(model=str(models_dir / name), frontend_conf={"dither": 0.0}, device="cpu", ncpu=1, **FUNASR_QUIET)
     return m.kwargs["frontend"]

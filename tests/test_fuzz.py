@@ -1,6 +1,6 @@
 """Protocol fuzzing.
 
-1. Property-based (hypothesis) over daemon.protocol: arbitrary frame lists, and JSON headers
+1. Property-based (hypothesis) over daemon.wire.protocol: arbitrary frame lists, and JSON headers
    built from the real field names and types with arbitrary values, never raise anything but
    ProtocolError; whatever decodes re-encodes to the same frames.
 2. Live: 10,000 random multipart messages to EACH of the real daemon's two ROUTER sockets
@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bridge_procs import start_daemon, write_config
-from daemon import protocol as P
+from daemon.wire import protocol as P
 from daemon.audio import float_to_pcm16, read_wav
-from daemon.client import ASRClient, TTSClient
+from daemon.wire.client import ASRClient, TTSClient
 from daemon.errors import ErrorCode
 from helpers.zmq_raw import ping
 from procstats import settled

@@ -80,7 +80,7 @@ import sys
 from pathlib import Path
 import MeCab, babel, fugashi, unidic_lite
 assert all(getattr(m, "__s2s_stub__", False) for m in (MeCab, babel, fugashi, unidic_lite))
-from daemon.tts_melo import MeloConfig, MeloTTSEngine
+from daemon.tts.melo_engine import MeloConfig, MeloTTSEngine
 t = Path(sys.argv[1]) / "tiny"
 e = MeloTTSEngine(MeloConfig(model_dir=t / "melo-zh", hf_home=t / "hf", nltk_data=t / "nltk_data"))
 e.load()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.asr_funasr import STREAM_KW, STREAM_SAMPLES, FunASRPool
+from daemon.asr.funasr_engine import STREAM_KW, STREAM_SAMPLES, FunASRPool
 from daemon.audio import read_wav
 from helpers.funasr_tiny import make_config
 
@@ -96,8 +96,8 @@ def test_batched_streaming_on_cuda_equals_one_session(models_dir, speech, dtype,
 
     from funasr import AutoModel
 
-    from daemon.paraformer_stream import BatchedStreaming
-    from daemon.vad import FUNASR_QUIET
+    from daemon.asr.paraformer_stream import BatchedStreaming
+    from daemon.asr.vad import FUNASR_QUIET
 
     m = AutoModel(model=str(models_dir / "tiny" / "paraformer-streaming"), frontend_conf={"dither": 0.0},
                   device=DEVICE, ncpu=1, **FUNASR_QUIET)
@@ -128,7 +128,7 @@ def test_batched_streaming_on_cuda_equals_one_session(models_dir, speech, dtype,
 
 
 def _melo(models_dir, **kw):
-    from daemon.tts_melo import MeloConfig, MeloTTSEngine
+    from daemon.tts.melo_engine import MeloConfig, MeloTTSEngine
 
     t = models_dir / "tiny"
     return MeloTTSEngine(MeloConfig(model_dir=t / "melo-zh", hf_home=t / "hf", nltk_data=t / "nltk_data", **kw))

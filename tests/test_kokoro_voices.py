@@ -16,7 +16,7 @@ import pytest
 
 from daemon.config import KokoroModels
 from daemon.models import kokoro_voices as kv
-from daemon.tts_kokoro import KokoroConfig, KokoroEngine
+from daemon.tts.kokoro_engine import KokoroConfig, KokoroEngine
 from daemon_harness import DaemonProcess
 
 
@@ -122,7 +122,7 @@ def test_a_voice_that_is_not_a_known_one_is_still_a_config_error(models_dir):
 def test_daemon_without_npm_voices_speaks_and_says_which_voice(no_npm_models, tmp_path):
     """The default config on a fresh machine without npm: it starts, speaks Mandarin, and
     `describe` (what s2s-ctl health and the page show) names the voice it fell back to."""
-    from daemon.client import TTSClient
+    from daemon.wire.client import TTSClient
 
     root, _ = no_npm_models
     p = DaemonProcess(tmp_path, {"models_root": str(root), "asr": {"device": "cpu"}, "tts": {"device": "cpu"}},

@@ -145,7 +145,7 @@ def test_package_dir_does_not_import(monkeypatch):
 
 def test_fetch_plan_names_every_repository_and_file():
     from daemon.models import fetch
-    from daemon.melo_offline import HUB_MODELS
+    from daemon.tts.melo_offline import HUB_MODELS
 
     items = fetch.plan()
     by_component = {}

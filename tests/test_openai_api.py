@@ -308,7 +308,7 @@ def test_unknown_voice_model_and_format(stack):
 
 
 def test_speech_stream_cut_midway_cancels_the_daemon_request(stack):
-    from daemon.client import TTSClient
+    from daemon.wire.client import TTSClient
 
     text = " ".join(["Sentence %d is here to make this a long reply." % i for i in range(12)])
 
@@ -364,8 +364,8 @@ def test_audio_longer_than_one_transcription_takes_is_refused_before_it_is_fed()
     import asyncio
 
     from bridge.openai_api import handler as H
-    from daemon import protocol as P
-    from daemon.client_base import DaemonError
+    from daemon.wire import protocol as P
+    from daemon.wire.client_base import DaemonError
     from daemon.errors import ErrorCode
 
     class FakeTranscription:

@@ -382,7 +382,7 @@ def piper_stack(tmp_path_factory, models_dir):
 
 
 def _synthesized(cfg) -> int:
-    from daemon.client import TTSClient
+    from daemon.wire.client import TTSClient
     from daemon.config import load_config
 
     with TTSClient(load_config(str(cfg), env={}).daemon.endpoint("tts")) as c:

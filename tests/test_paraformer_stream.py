@@ -1,4 +1,4 @@
-"""The streaming Paraformer batched across sessions (daemon/paraformer_stream.py) against
+"""The streaming Paraformer batched across sessions (daemon/asr/paraformer_stream.py) against
 funasr's own one-session path, on real Mandarin speech through the tiny random
 streaming Paraformer in the real model's layout."""
 
@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.asr_base import StreamChunk
-from daemon.asr_funasr import STREAM_KW, STREAM_SAMPLES
+from daemon.asr.base import StreamChunk
+from daemon.asr.funasr_engine import STREAM_KW, STREAM_SAMPLES
 from daemon.audio import read_wav
-from daemon.paraformer_stream import BatchedStreaming, _cif
+from daemon.asr.paraformer_stream import BatchedStreaming, _cif
 
 
 def _load(model_dir):
     from funasr import AutoModel
 
-    from daemon.vad import FUNASR_QUIET
+    from daemon.asr.vad import FUNASR_QUIET
 
     return AutoModel(model=str(model_dir), frontend_conf={"dither": 0.0}, device="cpu", ncpu=1, **FUNASR_QUIET)
 

@@ -1,4 +1,4 @@
-"""daemon.protocol: every message type round-trips; bad input raises ProtocolError with a code."""
+"""daemon.wire.protocol: every message type round-trips; bad input raises ProtocolError with a code."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from daemon import protocol as P
-from daemon.asr_sessions import event_to_message
+from daemon.wire import protocol as P
+from daemon.asr.sessions import event_to_message
 from daemon.errors import BusyError, ErrorCode
 
 REQUESTS = [

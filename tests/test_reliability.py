@@ -25,8 +25,8 @@ from typing import Any, Dict, List
 import pytest
 
 from bridge_procs import Proc, start_bridge, start_daemon, write_config
-from daemon import protocol as P
-from daemon.client import ASRClient, TTSClient
+from daemon.wire import protocol as P
+from daemon.wire.client import ASRClient, TTSClient
 from procstats import settled, stats
 from helpers.ws import WSClient, http_get, read_pcm, silence
 
@@ -417,7 +417,7 @@ def test_cuda_oom_during_requests(tmp_path, models_dir, fixtures_dir):
     request (engine_error); the daemon lives and the next request succeeds."""
     import yaml
 
-    from daemon.client import DaemonError
+    from daemon.wire.client import DaemonError
 
     cfg = write_config(tmp_path / "s2s.yaml", models_dir, tmp_path / "run", asr="whisper", tts="piper")
     data = yaml.safe_load(cfg.read_text())

@@ -4,8 +4,8 @@
   sizes alone (daemon/rules.py `clean_hotwords`), never de-duplicated quadratically on the
   bridge's event loop or the daemon's ASR worker.
 - Item 8: sessions are shared fairly between ZeroMQ peers while one of them is waiting, and
-  empty audio does not keep a session from idling out (daemon/asr_sessions.py).
-- Item 12: a daemon that has seen only light load admits what it can serve (daemon/asr_load.py).
+  empty audio does not keep a session from idling out (daemon/asr/sessions.py).
+- Item 12: a daemon that has seen only light load admits what it can serve (daemon/asr/load.py).
 
 Real processes throughout (`python -m daemon`, `python -m bridge`, ZeroMQ and websocket
 clients); liveness is judged by a full round trip. The daemon runs the tiny FunASR models where
@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from bridge_procs import start_bridge, start_daemon, write_config
-from daemon import protocol as P
+from daemon.wire import protocol as P
 from daemon.audio import float_to_pcm16, read_wav
-from daemon.client import ASRClient, DaemonError
+from daemon.wire.client import ASRClient, DaemonError
 from daemon.errors import ErrorCode, S2SError
 from daemon.rules import MAX_HOTWORDS, clean_hotwords
 from daemon_harness import DaemonProcess
@@ -294,7 +294,7 @@ def test_fair_share_rule_with_a_fake_clock():
     """The rule alone (daemon/asr_capacity.FairShare): nobody waiting, any count; someone
     waiting, the share is max_sessions / active peers; waiting ends on admission or after the
     retry hint plus WAITING_SECONDS."""
-    from daemon.asr_capacity import WAITING_SECONDS, FairShare
+    from daemon.asr.capacity import WAITING_SECONDS, FairShare
 
     t = [0.0]
     f = FairShare(lambda: t[0])

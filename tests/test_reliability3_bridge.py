@@ -30,7 +30,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from bridge_procs import start_bridge, start_daemon, write_config
-from daemon.client import ASRClient
+from daemon.wire.client import ASRClient
 from fake_langgraph import FakeAgentServer
 from helpers.ws import WSClient, read_pcm, silence
 from procstats import settled, stats

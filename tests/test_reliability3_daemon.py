@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon import protocol as P
-from daemon.client import ASRClient, DaemonError, TTSClient
+from daemon.wire import protocol as P
+from daemon.wire.client import ASRClient, DaemonError, TTSClient
 from daemon.errors import ErrorCode
 from daemon_harness import ROOT, DaemonProcess
 from helpers.zmq_raw import gaps, header, ping, raw, recv_reply, send_json
@@ -319,7 +319,7 @@ def test_owner_is_a_short_optional_string():
 
 
 def test_pack_keeps_every_word_within_the_budget():
-    from daemon.tts_base import pack
+    from daemon.tts.base import pack
 
     words = ["seven", "hundred", "x" * 40, "a"]
     calls = pack(words, len, 12)
@@ -328,7 +328,7 @@ def test_pack_keeps_every_word_within_the_budget():
 
 
 def test_melo_cuts_a_normalised_sentence_into_calls_within_its_budget(tmp_path):
-    from daemon.tts_melo import MeloConfig, MeloTTSEngine
+    from daemon.tts.melo_engine import MeloConfig, MeloTTSEngine
 
     e = MeloTTSEngine(MeloConfig(model_dir=tmp_path, hf_home=tmp_path, nltk_data=tmp_path))
     sentence = "777777 777777 777777 777777 777777 777777 777777 777777"
@@ -341,7 +341,7 @@ def test_melo_cuts_a_normalised_sentence_into_calls_within_its_budget(tmp_path):
 
 
 def test_kokoro_chunks_cut_and_never_drop_phonemes(tmp_path):
-    from daemon.tts_kokoro import KokoroConfig, KokoroEngine
+    from daemon.tts.kokoro_engine import KokoroConfig, KokoroEngine
 
     e = KokoroEngine(KokoroConfig(model_dir=tmp_path))
     ph = "ʨjou↓" * 100 + " " + "a, b. " * 30
@@ -353,7 +353,7 @@ def test_kokoro_chunks_cut_and_never_drop_phonemes(tmp_path):
 def test_fair_queue_serves_the_owner_with_the_least_worker_time_first():
     import asyncio
 
-    from daemon.tts_jobs import FairQueue, TTSJob
+    from daemon.tts.jobs import FairQueue, TTSJob
 
     now = [0.0]
     order: List[str] = []

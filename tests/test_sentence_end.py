@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 import numpy as np
 import pytest
 
-from daemon.asr_base import SENTENCE_END_MARKS, PoolBase, SentenceEnd
+from daemon.asr.base import SENTENCE_END_MARKS, PoolBase, SentenceEnd
 
 SR = 16000
 FIX = Path(__file__).parent / "fixtures" / "zh"

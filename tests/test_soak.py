@@ -20,8 +20,8 @@ from typing import Any, Dict
 import pytest
 
 from bridge_procs import start_bridge, start_daemon, write_config
-from daemon import protocol as P
-from daemon.client import ASRClient, TTSClient
+from daemon.wire import protocol as P
+from daemon.wire.client import ASRClient, TTSClient
 from procstats import growth, settled
 from helpers.ws import WSClient, http_get, read_pcm, silence
 

@@ -63,7 +63,7 @@ def _run_engine(pool: Any, audio: np.ndarray, early: float, name: str) -> List[D
 
 @pytest.fixture(scope="module")
 def funasr_pool(models_dir):
-    from daemon.asr_funasr import FunASRConfig, FunASRPool
+    from daemon.asr.funasr_engine import FunASRConfig, FunASRPool
 
     m = models_dir
     p = FunASRPool(FunASRConfig(paraformer_dir=m / "tiny" / "paraformer", vad_dir=m / "fsmn-vad",
@@ -120,7 +120,7 @@ def test_one_tentative_per_silence_and_the_final_reuses_it(funasr_pool):
 
 
 def test_whisper_engine_speculates_too(models_dir):
-    from daemon.asr_whisper import WhisperConfig, WhisperPool
+    from daemon.asr.whisper_engine import WhisperConfig, WhisperPool
 
     p = WhisperPool(WhisperConfig(model_dir=models_dir / "whisper-base", vad_dir=models_dir / "fsmn-vad",
                                   device="cpu", language="zh", beam_size=1))

@@ -15,9 +15,9 @@ from typing import List
 
 import pytest
 
-from daemon import protocol as P
-from daemon import textsplit
-from daemon.client import AsyncTTSClient, DaemonError, TTSClient
+from daemon.wire import protocol as P
+from daemon.tts import textsplit
+from daemon.wire.client import AsyncTTSClient, DaemonError, TTSClient
 from daemon.errors import ErrorCode
 from daemon_harness import DaemonProcess
 

@@ -36,7 +36,7 @@ def test_a_file_outside_tests_is_never_executed(tmp_path):
 
 
 def test_the_checkout_fakes_still_load(tmp_path):
-    from daemon.factory import TESTS_DIR, test_engines_module
+    from daemon.serving.factory import TESTS_DIR, test_engines_module
 
     assert test_engines_module({}) == ""
     assert test_engines_module({"S2S_TEST_ENGINES": str(ROOT / "tests" / "fake_engines.py")}) == \

@@ -1,4 +1,4 @@
-"""daemon.textsplit: sentence splitting, the incremental SentenceBuffer, text normalisation."""
+"""daemon.tts.textsplit: sentence splitting, the incremental SentenceBuffer, text normalisation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.textsplit import (SentenceBuffer, is_speakable, melo_speakable, normalize_text,
+from daemon.tts.textsplit import (SentenceBuffer, is_speakable, melo_speakable, normalize_text,
                               split_sentences)
 
 

@@ -19,8 +19,8 @@ from daemon.tools import metrics
 from daemon.config import KokoroModels, parse_config
 from daemon.engines import TTSEngine
 from daemon.errors import ErrorCode, ModelMissingError, TextError
-from daemon.factory import choose_engine, missing_models, tts_model_paths
-from daemon.tts_kokoro import KokoroConfig, KokoroEngine, RoutedTTS, language_of
+from daemon.serving.factory import choose_engine, missing_models, tts_model_paths
+from daemon.tts.kokoro_engine import KokoroConfig, KokoroEngine, RoutedTTS, language_of
 from daemon_harness import ROOT, DaemonProcess
 
 SR = 24000
@@ -128,7 +128,7 @@ def test_config_keys_and_fallback_choice(tmp_path):
 
 def test_fallback_without_kokoro_is_piper_alone(models_dir, tmp_path):
     """A models directory assembled before Kokoro was bundled: the daemon still starts, on Piper."""
-    from daemon.factory import build_tts
+    from daemon.serving.factory import build_tts
 
     (tmp_path / "piper").symlink_to(models_dir / "piper")
     cfg = parse_config({"models_root": str(tmp_path), "tts": {"device": "cpu"}}, env={})
@@ -141,7 +141,7 @@ def test_fallback_without_kokoro_is_piper_alone(models_dir, tmp_path):
 
 
 def test_routed_engine_speaks_each_language_with_its_voice(engine, models_dir):
-    from daemon.tts_piper import PiperConfig, PiperEngine
+    from daemon.tts.piper_engine import PiperConfig, PiperEngine
 
     piper = PiperEngine(PiperConfig(voice=models_dir / "piper" / "en_US-joe-medium.onnx"))
     routed = RoutedTTS(engine, piper)
@@ -196,7 +196,7 @@ def _hear_detect(whisper, pcm: bytes, language: Optional[str] = None) -> Tuple[s
 
 
 def _speak(kd, text: str) -> bytes:
-    from daemon.client import TTSClient
+    from daemon.wire.client import TTSClient
 
     with TTSClient(kd.tts, timeout=120) as c:
         chunks = list(c.synthesize(text))
@@ -205,7 +205,7 @@ def _speak(kd, text: str) -> bytes:
 
 
 def test_daemon_describes_the_routing(kd):
-    from daemon.client import TTSClient
+    from daemon.wire.client import TTSClient
 
     with TTSClient(kd.tts, timeout=30) as c:
         info = c.describe()
@@ -255,7 +255,7 @@ def test_english_words_in_mixed_sentences_are_heard(kd, whisper):
 
 def test_english_only_text_goes_to_piper(kd, whisper):
     pcm = _speak(kd, "Set a timer for fifteen minutes.")
-    from daemon.client import TTSClient
+    from daemon.wire.client import TTSClient
 
     with TTSClient(kd.tts, timeout=30) as c:
         details = c.describe()["tts"]["details"]

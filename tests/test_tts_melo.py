@@ -15,12 +15,12 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from daemon import melo_offline
+from daemon.tts import melo_offline
 from daemon.config import parse_config
 from daemon.engines import TTSEngine
 from daemon.errors import ErrorCode, S2SError, TextError
-from daemon.tts_base import trim_silence
-from daemon.tts_melo import MeloConfig, MeloTTSEngine
+from daemon.tts.base import trim_silence
+from daemon.tts.melo_engine import MeloConfig, MeloTTSEngine
 
 SR = 24000
 

@@ -12,7 +12,7 @@ from daemon import audio
 from daemon.config import parse_config
 from daemon.engines import TTSEngine
 from daemon.errors import ErrorCode, TextError
-from daemon.tts_piper import PiperConfig, PiperEngine
+from daemon.tts.piper_engine import PiperConfig, PiperEngine
 
 SR = 24000
 

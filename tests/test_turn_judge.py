@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from daemon.turn_judge import (COMPLETE, UNFINISHED, UNSURE, JudgeSettings, SmartTurn, Thresholds, TurnJudge,
+from daemon.asr.turn_judge import (COMPLETE, UNFINISHED, UNSURE, JudgeSettings, SmartTurn, Thresholds, TurnJudge,
                                decide, features, unfinished_words, window)
 
 SR = 16000
@@ -260,7 +260,7 @@ def test_words_hold_even_when_the_vad_end_comes_in_the_next_feed(pool, with_judg
 
 def test_the_judge_is_off_unless_configured(pool):
     from daemon.config import parse_config
-    from daemon.turn_judge import attach, describe
+    from daemon.asr.turn_judge import attach, describe
 
     assert attach(pool, parse_config({})) is None and pool.judge is None
     assert describe(pool)["on"] is False
@@ -284,7 +284,7 @@ def test_a_failing_model_falls_back_to_the_vad_and_says_so_once(pool, with_judge
     judge.on_fail(said.append)
     x = pcm_f32("01.wav")
     audio = np.concatenate([x, silence(1.5), x, silence(2.0)])
-    with caplog.at_level(logging.ERROR, logger="daemon.turn_judge"):
+    with caplog.at_level(logging.ERROR, logger="daemon.asr.turn_judge"):
         events = run(pool, audio, "j-fail")
     finals = [e for e in events if e["type"] == "final"]
     assert len(finals) == 2 and all(f["reason"] == "vad" for f in finals), events
@@ -295,8 +295,8 @@ def test_a_failing_model_falls_back_to_the_vad_and_says_so_once(pool, with_judge
 
 def test_batched_sessions_share_one_model_call(pool, with_judge, models_dir):
     """Sessions pausing in the same worker round: one TurnCheck batch (the real model)."""
-    from daemon.asr_base import PoolBase
-    from daemon.turn_judge import TurnCheck
+    from daemon.asr.base import PoolBase
+    from daemon.asr.turn_judge import TurnCheck
 
     judge = TurnJudge(JudgeSettings(model=models_dir / SMART_TURN, max_silence=2.0,
                                     thresholds=Thresholds(0.99, 0.5, 0.0)))
@@ -315,14 +315,14 @@ def test_batched_sessions_share_one_model_call(pool, with_judge, models_dir):
 
 def test_missing_model_is_said_once_and_listed_as_a_fallback(pool, caplog, tmp_path):
     from daemon.config import parse_config
-    from daemon.turn_judge import attach, counters, describe
+    from daemon.asr.turn_judge import attach, counters, describe
 
     cfg = parse_config({"models_root": str(tmp_path), "turn": {"judge": True, "smart_turn": "nowhere/smart-turn.onnx"}})
     (tmp_path / "nowhere").mkdir()
     (tmp_path / "nowhere" / "MISSING").write_text("pip download pipecat-ai==1.14.0 failed: offline\n")
     before = list(pool.fallbacks)
     try:
-        with caplog.at_level(logging.ERROR, logger="daemon.turn_judge"):
+        with caplog.at_level(logging.ERROR, logger="daemon.asr.turn_judge"):
             judge = attach(pool, cfg)
         assert judge is not None and not judge.usable
         added = [f for f in pool.fallbacks if f not in before]
@@ -370,7 +370,7 @@ def test_daemon_describe_says_when_the_judge_is_off(tmp_path, models_dir):
     """A real daemon (tiny engines) whose Smart Turn file is missing: serving, the fallback in
     describe once, the judge's entry saying why, its counters at zero."""
     from bridge_procs import start_daemon, write_config
-    from daemon.client import ASRClient
+    from daemon.wire.client import ASRClient
     from daemon.config import load_config
 
     path = write_config(tmp_path / "s2s.yaml", models_dir, tmp_path / "run", asr="funasr", tts="piper")

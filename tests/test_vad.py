@@ -1,4 +1,4 @@
-"""Streaming fsmn-vad segmentation (daemon/vad.py) with the real bundled fsmn-vad model."""
+"""Streaming fsmn-vad segmentation (daemon/asr/vad.py) with the real bundled fsmn-vad model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from daemon.audio import read_wav
 from daemon.errors import ModelMissingError
 from daemon.rules import clean_hotwords
-from daemon.asr_base import join_cjk
-from daemon.vad import FsmnVAD, VADSegmenter
+from daemon.asr.base import join_cjk
+from daemon.asr.vad import FsmnVAD, VADSegmenter
 
 SR = 16000
 # Tolerances from the acceptance criteria: a segment covers its manifest span and reaches at

@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from daemon import protocol as P
+from daemon.wire import protocol as P
 from daemon.audio import float_to_pcm16, read_wav
-from daemon.client import ASRClient
+from daemon.wire.client import ASRClient
 from daemon_harness import DaemonProcess
 
 CHUNK_S = 0.1

@@ -60,7 +60,7 @@ class Stack:
 
     def sessions(self) -> int:
         """ASR sessions open in the daemon (from its describe)."""
-        from daemon.client import ASRClient
+        from daemon.wire.client import ASRClient
 
         with ASRClient(self.asr_endpoint, timeout=5) as c:
             return int(c.describe()["queues"]["asr_sessions"])

@@ -36,7 +36,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
 
     from bridge.daemon_link import DaemonLink
     from bridge.openai_api.handler import Api
-    from daemon.notify import Notifier
+    from daemon.serving.notify import Notifier
 
     link = DaemonLink(cfg)
     await link.start()

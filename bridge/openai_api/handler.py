@@ -34,8 +34,8 @@ from bridge.auth import bearer, check_token
 from bridge.daemon_link import TTS_TIMEOUT, DaemonLink
 from bridge.openai_api.formats import AUDIO_FORMATS, TRANSCRIPT_FORMATS, Encoder, content_type, transcript_body
 from bridge.speech import DEFAULT_VOICE, DaemonInfo, Transcription, find_voice
-from daemon import protocol as P
-from daemon.client_base import DaemonError
+from daemon.wire import protocol as P
+from daemon.wire.client_base import DaemonError
 from daemon.config import Config
 from daemon.errors import AudioError, ErrorCode
 

@@ -4,6 +4,6 @@ Laid out like rhasspy's wyoming-faster-whisper: `__main__.py` reads the config, 
 daemon and serves the ports; `handler.py` serves one connection (describe -> info, transcribe +
 audio -> transcript with transcript-start/-chunk/-stop, synthesize and synthesize-start/-chunk/
 -stop -> audio). Engines, batching, admission and limits are the daemon's; this is a thin client
-of it (daemon/client_async.py through bridge/daemon_link.py), sharing bridge/speech.py with the
+of it (daemon/wire/client_async.py through bridge/daemon_link.py), sharing bridge/speech.py with the
 OpenAI adapter (bridge/openai_api).
 """

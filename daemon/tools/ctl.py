@@ -14,8 +14,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from daemon import protocol as P
-from daemon.client import ASRClient, DaemonError, TTSClient
+from daemon.wire import protocol as P
+from daemon.wire.client import ASRClient, DaemonError, TTSClient
 
 CHUNK_SECONDS = 0.1
 # Without --stream, audio is sent ahead of the daemon by at most this much (ack flow control).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.asr_funasr import FunASRConfig
+from daemon.asr.funasr_engine import FunASRConfig
 
 
 def make_config(models_dir: Any, **kw: Any) -> FunASRConfig:

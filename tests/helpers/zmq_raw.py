@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import zmq
 
-from daemon import protocol as P
+from daemon.wire import protocol as P
 
 
 def raw(ctx: zmq.Context, endpoint: str, rcvhwm: Optional[int] = None) -> zmq.Socket:

@@ -29,7 +29,7 @@ def run_ipc(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
     whose time varies by hundreds of ms) are reported separately for reference.
     TTS: one short sentence, round trip to `done` vs engine.synthesize() in this process.
     """
-    from daemon.client import ASRClient, TTSClient
+    from daemon.wire.client import ASRClient, TTSClient
 
     n = args.chunks
     quiet = noise_pcm(n * CHUNK_BYTES / 2 / RATE)
@@ -119,7 +119,7 @@ def print_ipc(r: Dict[str, Any]) -> str:
 
 
 def _daemon_transcribe(client: Any, u: Utterance) -> Tuple[float, str]:
-    from daemon import protocol as P
+    from daemon.wire import protocol as P
 
     t0 = time.perf_counter()
     s = client.open(language=u.lang)
@@ -203,7 +203,7 @@ def _library(st: Stack, engine: str) -> Optional[Callable[[Utterance], Tuple[flo
 
 def run_asr(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
     from daemon.tools import metrics
-    from daemon.client import ASRClient
+    from daemon.wire.client import ASRClient
 
     utts = load_manifest(Path(args.manifest), args.files)
     engine = st.info.get("asr", {}).get("engine", "?")

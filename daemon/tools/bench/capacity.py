@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import protocol as P
-from daemon.client_async import AsyncASRClient, AsyncASRStream
-from daemon.client_base import DaemonError, new_id
+from daemon.wire import protocol as P
+from daemon.wire.client_async import AsyncASRClient, AsyncASRStream
+from daemon.wire.client_base import DaemonError, new_id
 from daemon.errors import ErrorCode
 from daemon.tools.bench.common import (
     RATE,
@@ -155,7 +155,7 @@ class StreamRecord:
 
 def read_events(rec: StreamRecord, events: Sequence[tuple[float, P.Message]], t_end: float | None,
                 finalize_id: str) -> None:
-    """Fill `rec` from (arrival time, daemon.protocol message) pairs; t_end = when the stream ended."""
+    """Fill `rec` from (arrival time, daemon.wire.protocol message) pairs; t_end = when the stream ended."""
     last_partial: dict[int, float] = {}
     answer: float | None = None
     for t, m in events:

@@ -47,7 +47,7 @@ def gpu_memory(st: Stack) -> Dict[str, Any]:
             out["daemon_nvidia_smi_mib"] = None
     if st.cfg is None:
         return out
-    from daemon.factory import build_asr, build_tts
+    from daemon.serving.factory import build_asr, build_tts
 
     utt = load_manifest(DEFAULT_MANIFEST, 1)[0]
     torch.cuda.reset_peak_memory_stats()

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def run_tts(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
-    from daemon.client import TTSClient, new_id
+    from daemon.wire.client import TTSClient, new_id
 
     lang = stack_language(st)
     texts = list(ZH_REPLIES if lang == "zh" else EN_REPLIES)[: max(1, args.replies)]

@@ -40,7 +40,7 @@ def bridge_released_stats(log_text: str) -> Dict[str, int]:
 
 
 async def _poll_describe(st: Stack, stop: asyncio.Event, out: Dict[str, Any]) -> None:
-    from daemon.client import AsyncASRClient, DaemonError
+    from daemon.wire.client import AsyncASRClient, DaemonError
 
     c = AsyncASRClient(st.asr, timeout=5.0)
     try:

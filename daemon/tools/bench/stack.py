@@ -134,7 +134,7 @@ class Stack:
     startup_s: Dict[str, float] = field(default_factory=dict)
 
     def describe(self, timeout: float = 10.0) -> Dict[str, Any]:
-        from daemon.client import ASRClient
+        from daemon.wire.client import ASRClient
 
         with ASRClient(self.asr, timeout=timeout) as c:
             return c.describe()
@@ -167,7 +167,7 @@ def _env() -> Dict[str, str]:
 def wait_daemon(proc: Proc, endpoints: Sequence[str], timeout: float, error: Any = SystemExit) -> None:
     """Wait until each endpoint answers a ping; `error` (with the daemon's log) if it exits or the
     time runs out. The one readiness wait for a daemon started as a process (s2s-bench, tests)."""
-    from daemon.client import Client, DaemonError
+    from daemon.wire.client import Client, DaemonError
 
     deadline = time.monotonic() + timeout
     for ep in endpoints:
@@ -267,10 +267,10 @@ def stack_language(st: Stack) -> str:
 
 
 def in_process_engines(st: Stack, asr: bool = True, tts: bool = True) -> Tuple[Any, Any]:
-    """The daemon's engines, built the same way (daemon.factory) in this process."""
+    """The daemon's engines, built the same way (daemon.serving.factory) in this process."""
     if st.cfg is None:
         return None, None
-    from daemon.factory import build_asr, build_tts
+    from daemon.serving.factory import build_asr, build_tts
 
     a = build_asr(st.cfg)[0] if asr else None
     t = build_tts(st.cfg)[0] if tts else None

@@ -4,7 +4,7 @@
 
 In process, the daemon's own parts: the real fsmn-vad segmenter finds each pause at
 turn.early_silence (0.3 s) exactly as a session does, the bundled Whisper base (beam 5, the
-daemon's engine) decodes the speech so far, and Smart Turn v3.2 (daemon/turn_judge.py) gets
+daemon's engine) decodes the speech so far, and Smart Turn v3.2 (daemon/asr/turn_judge.py) gets
 the audio up to the pause. Clips: the Mandarin fixtures (tests/fixtures/zh) and N more
 sentences spoken by Kokoro's bundled Mandarin voices (synthetic speech, like the fixtures;
 none of the fixtures' texts), each whole and cut at several points of its speech, 2.5 s of
@@ -76,7 +76,7 @@ def kokoro_clips(models: Path, n: int, cache: Path) -> List[Tuple[str, np.ndarra
             path = cache / f"k{i:02d}-{voice}.wav"
             if not path.is_file():
                 if engine is None:
-                    from daemon.tts_kokoro import KokoroConfig, KokoroEngine
+                    from daemon.tts.kokoro_engine import KokoroConfig, KokoroEngine
 
                     engine = KokoroEngine(KokoroConfig(model_dir=models / "kokoro", voice=voice))
                     engine.load()
@@ -140,8 +140,8 @@ def collect(pool: Any, clips: Sequence[Tuple[str, np.ndarray, str]], cuts: Seque
 
 def score(pool: Any, judge: Any, rows: List[Dict[str, Any]]) -> None:
     """Fill in each pause's signals: text (Whisper), text_end (the engine's), words, p (Smart Turn)."""
-    from daemon.asr_base import Decode, SentenceEnd
-    from daemon.turn_judge import unfinished_words
+    from daemon.asr.base import Decode, SentenceEnd
+    from daemon.asr.turn_judge import unfinished_words
 
     for r in rows:
         ans = pool.decode_request(Decode(r["speech"], (), "zh"))
@@ -165,7 +165,7 @@ def rates(rows: List[Dict[str, Any]], finished: Any) -> Dict[str, Optional[float
 
 
 def signal_table(rows: List[Dict[str, Any]], th: Any) -> List[Dict[str, Any]]:
-    from daemon.turn_judge import COMPLETE, Thresholds, decide
+    from daemon.asr.turn_judge import COMPLETE, Thresholds, decide
 
     table_rows: List[Dict[str, Any]] = []
     for t in (0.5, 0.7, 0.9, 0.95, 0.97, 0.99):
@@ -187,7 +187,7 @@ def signal_table(rows: List[Dict[str, Any]], th: Any) -> List[Dict[str, Any]]:
 
 
 def cost(judge: Any, reps: int = 5) -> Dict[str, Any]:
-    from daemon.turn_judge import features
+    from daemon.asr.turn_judge import features
 
     rng = np.random.default_rng(0)
     clip = (rng.standard_normal(6 * SR) * 0.05).astype(np.float32)
@@ -346,24 +346,24 @@ def print_e2e(r: Dict[str, Any]) -> str:
 def run_cpu(models: Path, engines: str, streams: int, seconds: float) -> Dict[str, Any]:
     """`streams` sessions (tentatives on, as the bridge's) each fed long.wav (four sentences and
     their pauses) from a different offset, in 200 ms rounds driven together as the daemon's
-    worker drives them (daemon/steps.py drive + pool.run_requests: one batch per request kind);
+    worker drives them (daemon/asr/steps.py drive + pool.run_requests: one batch per request kind);
     the worker's CPU seconds with the judge off and on (process time, the same audio)."""
     from daemon.audio import read_wav
     from daemon.config import parse_config
-    from daemon.steps import drive
-    from daemon.turn_judge import attach
+    from daemon.asr.steps import drive
+    from daemon.asr.turn_judge import attach
 
     x = read_wav(str(FIXTURES / "long.wav"))[0]
     n = int(seconds * SR)
     feeds = [np.resize(np.roll(x, -int(i * x.size / max(1, streams))), n) for i in range(streams)]
     if engines == "tiny":
-        from daemon.asr_funasr import FunASRConfig, FunASRPool
+        from daemon.asr.funasr_engine import FunASRConfig, FunASRPool
 
         pool: Any = FunASRPool(FunASRConfig(paraformer_dir=models / "tiny" / "paraformer", vad_dir=models / "fsmn-vad",
                                             punc_dir=models / "tiny" / "ct-punc", streaming_dir=None, device="cpu",
                                             ncpu=1))
     else:
-        from daemon.asr_whisper import WhisperConfig, WhisperPool
+        from daemon.asr.whisper_engine import WhisperConfig, WhisperPool
 
         pool = WhisperPool(WhisperConfig(model_dir=models / "whisper-base", vad_dir=models / "fsmn-vad"))
     pool.load()
@@ -395,9 +395,9 @@ def run_cpu(models: Path, engines: str, streams: int, seconds: float) -> Dict[st
 def main(argv: Optional[List[str]] = None) -> int:
     import os
 
-    from daemon.asr_whisper import WhisperConfig, WhisperPool
+    from daemon.asr.whisper_engine import WhisperConfig, WhisperPool
     from daemon.audio import read_wav
-    from daemon.turn_judge import SmartTurn, Thresholds
+    from daemon.asr.turn_judge import SmartTurn, Thresholds
 
     p = argparse.ArgumentParser(prog="s2s-bench turns", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=str(default_models()))

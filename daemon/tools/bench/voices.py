@@ -3,7 +3,7 @@
     s2s-bench voices [--models DIR] [--voices zm_yunxi,jf_alpha,...] [--out DIR]
 
 Each voice speaks held-out sentences (Mandarin, and Mandarin with English words) through the
-daemon's own Kokoro engine (daemon/tts_kokoro.py, the production path: text frontend, G2P,
+daemon's own Kokoro engine (daemon/tts/kokoro_engine.py, the production path: text frontend, G2P,
 ONNX model); the bundled Whisper base (faster-whisper, beam 5, language detection on, i.e. an
 independent listener that is not told the language) transcribes each sentence. Reported per
 voice: CER over all sentences (daemon/tools/metrics.py normalisation: t2s, numbers as Chinese
@@ -68,7 +68,7 @@ def _hear(model: Any, pcm24k: np.ndarray) -> Dict[str, Any]:
 
 
 def run_voices(models: Path, voices: Sequence[str], threads: int = 0) -> Dict[str, Any]:
-    from daemon.tts_kokoro import KokoroConfig, KokoroEngine
+    from daemon.tts.kokoro_engine import KokoroConfig, KokoroEngine
 
     listener = _listener(models)
     rows: Dict[str, Any] = {}

@@ -1,0 +1,67 @@
+"""Driving step generators: a session's work written as a generator that yields model requests
+and takes their answers (daemon/asr/base.py). `drive` advances many in lock-step, answering each
+round's requests together (daemon/asr/batch.py, the batched worker); `run_steps` is the same
+with one generator alone (an engine's own `feed()`, `finalize_events()`, `VADSegmenter.push`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, TypeVar
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+Done = Callable[[int, Any, Optional[BaseException]], None]
+
+
+def drive(run_requests: Callable[[Sequence[Any]], Any], steps: Sequence[Generator[Any, Any, Any]],
+          done: Done) -> None:
+    """Advance every generator until it returns; `done(i, value, error)` once per generator.
+    `run_requests(reqs)` yields (index into reqs, answer or exception)."""
+    waiting: Dict[int, Any] = {}
+
+    def advance(i: int, value: Any = None, error: Optional[BaseException] = None) -> None:
+        try:
+            req = steps[i].throw(error) if error is not None else steps[i].send(value)
+        except StopIteration as stop:
+            done(i, stop.value, None)
+            return
+        except Exception as e:  # noqa: BLE001 - the session's own failure, reported to it
+            done(i, None, e)
+            return
+        waiting[i] = req
+
+    for i in range(len(steps)):
+        advance(i)
+    while waiting:
+        round_ = list(waiting.items())
+        waiting.clear()
+        answered = set()
+        try:
+            for pos, answer in run_requests([req for _, req in round_]):
+                answered.add(pos)
+                if isinstance(answer, BaseException):
+                    advance(round_[pos][0], error=answer)
+                else:
+                    advance(round_[pos][0], answer)
+        except Exception as e:  # noqa: BLE001 - the batch machinery itself failed: every waiter
+            logger.exception("asr: answering %d requests failed", len(round_))
+            for pos, (i, _) in enumerate(round_):
+                if pos not in answered:
+                    advance(i, error=e)
+
+
+def run_steps(steps: Generator[Any, Any, R], run: Callable[[List[Any]], List[Any]]) -> R:
+    """Drive one step generator alone: `run(requests)` answers a round in order (an answer that
+    is an exception, or one `run` raises, is raised inside the generator)."""
+    out: Dict[str, Any] = {}
+
+    def done(_i: int, value: Any, error: Optional[BaseException]) -> None:
+        out.update(value=value, error=error)
+
+    drive(lambda reqs: enumerate(run(list(reqs))), [steps], done)
+    if out["error"] is not None:
+        raise out["error"]
+    return out["value"]  # type: ignore[no-any-return]

