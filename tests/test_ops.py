@@ -23,12 +23,13 @@ def unit(name):
     return p, text
 
 
-def test_daemon_unit_essentials():
-    u, text = unit("s2s-speechd.service")
+@pytest.mark.parametrize("name,runtime", [("s2s-speechd.service", "s2s"), ("s2s-speechd@.service", "s2s-%i")])
+def test_daemon_unit_essentials(name, runtime):
+    u, text = unit(name)
     s = u["Service"]
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
     assert int(s["WatchdogSec"]) > 0 and s["Restart"] == "on-failure"
-    assert s["RuntimeDirectory"] == "s2s" and s["RuntimeDirectoryMode"] == "0750"
+    assert s["RuntimeDirectory"] == runtime and s["RuntimeDirectoryMode"] == "0750"
     assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in text
     for k in ("ProtectSystem", "ProtectHome", "PrivateTmp", "NoNewPrivileges", "ReadWritePaths", "User"):
         assert k in s, k
@@ -40,6 +41,15 @@ def test_units_pin_no_gpu():
     for p in UNITS.glob("*.service"):
         body = "\n".join(l for l in p.read_text().splitlines() if not l.lstrip().startswith("#"))
         assert "cuda:" not in body and "CUDA_VISIBLE_DEVICES" not in body, p.name
+
+
+def test_daemon_instance_unit_reads_its_own_config():
+    """s2s-speechd@NAME: /etc/s2s/speechd-NAME.yaml, sockets in /run/s2s-NAME, its own env file."""
+    u, text = unit("s2s-speechd@.service")
+    s = u["Service"]
+    assert "S2S_CONFIG=/etc/s2s/speechd-%i.yaml" in text and s["ExecStart"].endswith("--config ${S2S_CONFIG}")
+    assert "EnvironmentFile=-/etc/default/s2s-speechd-%i" in text
+    assert "%i" in u["Unit"]["Description"] and u["Install"]["WantedBy"] == "s2s.target"
 
 
 def test_bridge_unit_requires_daemon():

@@ -15,7 +15,7 @@ LIMIT = 3.0
 
 
 @pytest.mark.parametrize("unit", ["s2s-bridge.service", "s2s-speechd.service", "s2s-wyoming.service",
-                                  "s2s-openai.service"])
+                                  "s2s-openai.service", "s2s-speechd@.service"])
 def test_unit_exposure(unit):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -39,3 +39,20 @@ def test_daemon_unit_keeps_gpu_access_and_no_network():
                 "ProtectHostname=yes", "RestrictNamespaces=yes", "ProtectProc=invisible"):
         assert key in text, key
         assert key in (UNITS / "s2s-bridge.service").read_text(), key
+
+
+def test_daemon_instance_unit_keeps_gpu_access_and_loopback_ip_only():
+    """The templated daemon (one per GPU or host) may listen on tcp:// (CURVE, for bridges on
+    other hosts) but IP reaches it from loopback only until a drop-in allows more."""
+    text = (UNITS / "s2s-speechd@.service").read_text()
+    single = (UNITS / "s2s-speechd.service").read_text()
+    assert "DeviceAllow=/dev/nvidiactl rw" in text and "DeviceAllow=char-nvidia-uvm rw" in text
+    assert "PrivateDevices=yes" not in text
+    assert "IPAddressDeny=any" in text and "IPAddressAllow=localhost" in text
+    assert "ReadOnlyPaths=/var/lib/s2s/models" in text
+    # every other hardening line of the single daemon's unit is in the template too
+    skip = ("PrivateNetwork=", "RestrictAddressFamilies=", "RuntimeDirectory=", "Environment=S2S_CONFIG",
+            "Description=")
+    for line in single.splitlines():
+        if line and not line.startswith(("#", "[")) and not line.startswith(skip):
+            assert line in text.splitlines(), line
