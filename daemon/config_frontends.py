@@ -1,10 +1,12 @@
 """The front ends' sections of the one config file: `bridge` (the browser bridge), `wyoming`
-(s2s-wyoming), `openai_api` (s2s-openai) and `agent` (the LLM the bridge asks). Plain frozen
+(s2s-wyoming), `openai_api` (s2s-openai), `agent` (the LLM the bridge asks) and `cluster`
+(several daemons, CURVE over tcp://). Plain frozen
 dataclasses; daemon/config.py builds and validates them with the rest of the file, and
 etc/s2s.yaml documents every key."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -70,3 +72,35 @@ class AgentConfig:
     # Used by scripts/start-s2s.sh: fall back to the built-in echo agent when the
     # configured one does not answer.
     fallback_echo: bool = True
+
+
+@dataclass(frozen=True)
+class DaemonEndpoints:
+    # One speech daemon the front ends may place sessions on (a `cluster.daemons` entry).
+    asr: str = ""
+    tts: str = ""
+    # Its CURVE public key file when it is not cluster.curve_dir's server.key (another host's).
+    server_key: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # The daemons the front ends place sessions on; empty: daemon.asr_endpoint/tts_endpoint alone.
+    daemons: Tuple[DaemonEndpoints, ...] = ()
+    # Directory of CURVE keys made by `s2s-ctl keys` (daemon/wire/curve.py); empty: no CURVE.
+    curve_dir: str = ""
+    # The front ends' keypair in curve_dir (NAME.key, NAME.key_secret).
+    curve_client: str = "client"
+    # tcp:// on a non-loopback address without CURVE: refused unless true.
+    allow_plain_tcp: bool = False
+
+    def problem(self) -> "Tuple[str, str] | None":
+        """(key, why) for the first invalid value, or None (daemon/config.py raises it)."""
+        for i, d in enumerate(self.daemons):
+            for which in ("asr", "tts"):
+                ep = getattr(d, which)
+                if not re.match(r"^(ipc|tcp)://.+", ep):
+                    return f"cluster.daemons[{i}].{which}", f"{ep!r} is not an ipc:// or tcp:// endpoint"
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.curve_client):
+            return "cluster.curve_client", f"{self.curve_client!r} is not a key name (letters, digits, _ . -)"
+        return None

@@ -49,7 +49,8 @@ class Daemon:
         self.fatal: Optional[str] = None
         self.reload_pending = reload_pending
         self.workers = [Worker("asr", asr.submit), Worker("tts", tts.submit)]
-        self.transport = Transport(cfg.daemon.hwm, cfg.daemon.socket_mode_bits, self.counters, self._peer_gone)
+        self.transport = Transport(cfg.daemon.hwm, cfg.daemon.socket_mode_bits, self.counters, self._peer_gone,
+                                   cfg.cluster)
         config = lambda: self.cfg  # noqa: E731 - the parts read the live config per request
         self.asr = ASRSessions(asr, self.workers[0], self.transport, config, self.counters,
                                lambda: engine_info("asr", asr))

@@ -28,8 +28,11 @@ from typing import Awaitable, Callable, Dict, List, Optional, Tuple
 import zmq
 import zmq.asyncio
 
-from daemon.wire import protocol as P
+from daemon.config_frontends import ClusterConfig
 from daemon.errors import ErrorCode, S2SError
+from daemon.serving.curve import ServerCurve
+from daemon.wire import protocol as P
+from daemon.wire.curve import CurveError
 from daemon.wire.protocol_fields import is_text
 
 logger = logging.getLogger(__name__)
@@ -110,10 +113,8 @@ class PeerBudgets:
 
 def prepare_ipc(endpoint: str) -> Optional[Path]:
     """Create the runtime directory (0750) of an ipc:// endpoint and remove a stale socket
-    file; refuse one a live daemon still owns. Warn about a non-loopback tcp:// endpoint."""
+    file; refuse one a live daemon still owns. (tcp:// is daemon/serving/curve.py's.)"""
     if not endpoint.startswith("ipc://"):
-        if endpoint.startswith("tcp://") and not endpoint.startswith(("tcp://127.", "tcp://localhost", "tcp://[::1]")):
-            logger.warning("endpoint %s is not loopback: anyone who can reach it can use the daemon", endpoint)
         return None
     path = Path(endpoint[len("ipc://"):])
     if len(os.fsencode(path)) > IPC_PATH_MAX:
@@ -142,12 +143,13 @@ class Transport:
     """Both ROUTER sockets ("asr", "tts") of one daemon."""
 
     def __init__(self, hwm: int, socket_mode: int, counters: Dict[str, int],
-                 on_peer_gone: Callable[[bytes], None]):
+                 on_peer_gone: Callable[[bytes], None], cluster: ClusterConfig = ClusterConfig()):
         self.hwm = hwm
         self.socket_mode = socket_mode
         self.counters = counters
         self.on_peer_gone = on_peer_gone
         self.ctx = zmq.asyncio.Context()
+        self.curve = ServerCurve(self.ctx, cluster.curve_dir, cluster.allow_plain_tcp, counters)
         self.socks: Dict[str, zmq.asyncio.Socket] = {}
         self._sync: Dict[str, zmq.Socket] = {}
         self.endpoints: Dict[str, str] = {}
@@ -170,9 +172,15 @@ class Transport:
             s.setsockopt(zmq.RCVHWM, self.hwm)
             s.setsockopt(zmq.LINGER, LINGER_MS)
             s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            curve = self.curve.prepare(s, endpoint)
             s.bind(endpoint)
+            if curve:
+                self.curve.watch(which, s, endpoint)
             if path is not None:
                 os.chmod(path, self.socket_mode)
+        except CurveError as e:
+            s.close(linger=0)
+            raise BindError(endpoint, e.message) from None
         except (zmq.ZMQError, OSError) as e:
             s.close(linger=0)
             if isinstance(e, zmq.ZMQError) and e.errno == errno.EADDRINUSE:
@@ -181,7 +189,7 @@ class Transport:
         self.socks[which] = s
         self._sync[which] = zmq.Socket.shadow(s.underlying)
         self.endpoints[which] = endpoint
-        logger.info("listening on %s", endpoint)
+        logger.info("listening on %s%s", endpoint, " (CURVE)" if curve else "")
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -350,6 +358,7 @@ class Transport:
                              getattr(msg, "request_id", ""), getattr(msg, "session_id", ""))
 
     def close(self) -> None:
+        self.curve.close()
         for which, s in self.socks.items():
             s.close(linger=LINGER_MS)
             ep = self.endpoints[which]

@@ -4,6 +4,7 @@
     s2s-ctl transcribe FILE [--lang zh] [--stream] [--json]   (WAV, MP3, OGG, FLAC, ...: any PyAV reads)
     s2s-ctl speak TEXT -o out.wav [--lang zh] [--speed 1.0]
     s2s-ctl sessions
+    s2s-ctl keys [--dir /etc/s2s/curve] [--client NAME ...] [--force]   (CURVE keys for tcp://)
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from daemon.wire import protocol as P
 from daemon.wire.client import ASRClient, DaemonError, TTSClient
 
+DEFAULT_KEYS_DIR = "/etc/s2s/curve"
 CHUNK_SECONDS = 0.1
 # Without --stream, audio is sent ahead of the daemon by at most this much (ack flow control).
 WINDOW_SECONDS = 10.0
@@ -32,6 +35,12 @@ def _endpoints(args: argparse.Namespace) -> Dict[str, str]:
         except ConfigError as e:
             raise SystemExit(f"s2s-ctl: config error: {e}")
         eps = {"asr": cfg.daemon.endpoint("asr"), "tts": cfg.daemon.endpoint("tts")}
+        from daemon.wire.curve import CurveError, configure_clients
+
+        try:
+            configure_clients(cfg)  # CURVE keys for tcp:// daemons (cluster.curve_dir)
+        except CurveError as e:
+            raise SystemExit(f"s2s-ctl: {e.message}")
     if args.asr:
         eps["asr"] = args.asr
     if args.tts:
@@ -235,6 +244,20 @@ def cmd_sessions(args: argparse.Namespace, eps: Dict[str, str]) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """The CURVE keys of daemon/wire/curve.py: the daemon's keypair (kept when present) and one
+    keypair per client, its public key admitted in DIR/clients/."""
+    from daemon.wire.curve import make_keys
+
+    written = make_keys(Path(args.dir), args.client or ["client"], force=args.force)
+    for f in written:
+        print(f"wrote {f}")
+    print(f"daemon: cluster.curve_dir: {args.dir} (reads server.key_secret, admits clients/*.key; "
+          f"chown the secret to the daemon's user). Front ends: the same directory with server.key and "
+          f"their NAME.key + NAME.key_secret (cluster.curve_client).")
+    return 0
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="s2s-ctl", description="talk to a running s2s speech daemon")
     p.add_argument("--config", help="config file naming the endpoints (default: as s2s-speechd)")
@@ -258,11 +281,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     s.add_argument("--speed", type=float, default=None)
     ss = sub.add_parser("sessions", help="list live ASR sessions")
     ss.add_argument("--json", action="store_true")
+    k = sub.add_parser("keys", help="make CURVE keys for tcp:// daemons (cluster.curve_dir)")
+    k.add_argument("--dir", default=DEFAULT_KEYS_DIR, help=f"keys directory (default {DEFAULT_KEYS_DIR})")
+    k.add_argument("--client", action="append", help="a client keypair to make and admit (default: client); "
+                                                      "repeatable")
+    k.add_argument("--force", action="store_true", help="replace existing keypairs (clients must get the new ones)")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.cmd == "keys":
+        return cmd_keys(args)
     eps = _endpoints(args)
     return {"health": cmd_health, "transcribe": cmd_transcribe, "speak": cmd_speak,
             "sessions": cmd_sessions}[args.cmd](args, eps)
