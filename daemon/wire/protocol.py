@@ -394,7 +394,7 @@ class Pong(Message):
 
 @dataclass(frozen=True)
 class Error(Message):
-    """code: an ErrorCode value; retry_after (seconds) only with busy."""
+    """code: an ErrorCode value; retry_after (seconds) only with busy and shutting_down."""
 
     TYPE: ClassVar[MsgType] = MsgType.ERROR
     REQUIRED: ClassVar[Tuple[str, ...]] = ("code",)
