@@ -45,12 +45,14 @@ def to_float32(pcm: PCMInput) -> np.ndarray:
 
 
 def float_to_pcm16(x: np.ndarray) -> bytes:
-    """float audio -> PCM16 LE bytes; NaN becomes 0 and the peak is kept below full scale."""
+    """float audio -> PCM16 LE bytes, the exact inverse of `to_float32` (x 32768, rounded), so
+    PCM16 read as float and written back is the same bytes. NaN becomes 0; audio that would clip
+    (a peak above full scale, as a synthesiser may produce) is scaled down as a whole instead."""
     x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(np.max(np.abs(x))) if x.size else 0.0
-    if peak > 0.999:
-        x = x * (0.999 / peak)
-    return (x * 32767.0).astype("<i2").tobytes()
+    if peak > 1.0:
+        x = x * (32767.0 / 32768.0 / peak)
+    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:

@@ -32,7 +32,20 @@ def test_empty_and_int16():
 
 def test_float_to_pcm16_is_peak_safe():
     pcm = np.frombuffer(float_to_pcm16(np.array([2.0, -3.0, np.nan, 0.5], dtype=np.float32)), dtype="<i2")
-    assert pcm.max() <= 32767 and pcm.min() >= -32767 and pcm[2] == 0
+    assert pcm.max() <= 32767 and pcm.min() >= -32768 and pcm[2] == 0
+    assert pcm[1] == -32767 and abs(int(pcm[0]) - 32767 * 2 // 3) <= 1  # scaled as a whole, not clipped
+
+
+def test_pcm16_read_as_float_and_written_back_is_the_same_bytes(fixtures_dir):
+    """s2s-ctl transcribe and the benches read a PCM16 WAV as float and send it as PCM16: the
+    bytes must be the file's. Scaling by 32767 (and by 0.999 at a full-scale peak) changed every
+    sample slightly, and Whisper base heard zh/09's 打开Google地图 as 打开丢狗地图 from the
+    altered audio while the file's own bytes give Google."""
+    ours = np.array([-32768, -32767, -1, 0, 1, 12345, 32767], dtype="<i2")
+    assert float_to_pcm16(to_float32(ours.tobytes())) == ours.tobytes()
+    x, _ = read_wav(fixtures_dir / "zh" / "09.wav")
+    raw = (fixtures_dir / "zh" / "09.wav").read_bytes()
+    assert float_to_pcm16(x) in raw
 
 
 def test_resample_is_band_limited():
