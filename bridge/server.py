@@ -213,6 +213,15 @@ class Bridge:
 
     # --- health -----------------------------------------------------------------------
 
+    def _link_up(self) -> bool:
+        """What the daemon link knows now, without asking the daemon (its socket monitor)."""
+        try:
+            self.daemon.check("asr")
+            self.daemon.check("tts")
+            return True
+        except DaemonError:
+            return False
+
     async def _ping(self, which: str) -> Dict[str, Any]:
         try:
             rtt = await self.daemon.ping(which, DAEMON_PING_TIMEOUT)
@@ -251,7 +260,10 @@ class Bridge:
         """The full health report (the detail, behind the token); `public_health` derives the rest."""
         async with self._health_lock:
             now = time.monotonic()
-            if self._health is not None and now - self._health[0] < HEALTH_CACHE_SECONDS:
+            # The cache never hides a daemon the link already knows is gone (a load balancer's
+            # health check must see it at once) nor one that is back.
+            if self._health is not None and now - self._health[0] < HEALTH_CACHE_SECONDS \
+                    and self._health[1]["daemon"]["reachable"] == self._link_up():
                 return self._health[1]
             asr, tts = await asyncio.gather(self._ping("asr"), self._ping("tts"))
             agent = self.agent_detail()
