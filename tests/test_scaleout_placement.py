@@ -1,0 +1,189 @@
+"""Placement over several daemons (issue 29, bridge/placement.py): the rule on FAKE members with
+an injected clock, then two real daemons (`python -m daemon` on the FAKE engines,
+tests/fake_engines.py: this is about placement, not speech) behind the asyncio clients: sessions
+spread by room and kept where they started, a killed daemon out of placement within a second, a
+hung one out after a second without an answer and back when it answers, a stopping one out while
+it drains."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any, Dict, Optional
+
+import pytest
+
+from bridge.placement import ClientMember, Placement, capacities
+from bridge_procs import start_daemon, write_config
+from daemon.errors import ErrorCode, S2SError
+from daemon.wire.client import AsyncASRClient, AsyncTTSClient
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeMember:
+    """FAKE daemon for the placement rule: answers describe with what the test sets."""
+
+    def __init__(self, name: str, max_sessions: int = 32, sessions: int = 0, pid: int = 1):
+        self.name, self.max_sessions, self.sessions, self.pid = name, max_sessions, sessions, pid
+        self.stopping, self.answers, self.link = False, True, True
+
+    async def describe(self, timeout: float) -> Dict[str, Any]:
+        if not self.answers:
+            raise S2SError("timed out", ErrorCode.TIMEOUT)
+        return {"daemon": {"pid": self.pid, "stopping": self.stopping, "healthy": True},
+                "queues": {"asr_sessions": self.sessions, "asr_stream_capacity": 1000, "tts_requests": 0},
+                "limits": {"max_sessions": self.max_sessions, "max_tts_queue": 32}}
+
+    def reachable(self) -> Optional[bool]:
+        return None if self.link else False
+
+
+def test_capacity_is_the_smaller_of_the_session_cap_and_the_predicted_streams():
+    info = {"queues": {"asr_sessions": 3, "asr_stream_capacity": 20, "tts_requests": 2},
+            "limits": {"max_sessions": 32, "max_tts_queue": 16}}
+    assert capacities(info) == {"sessions": {"asr": 3, "tts": 2}, "capacity": {"asr": 20, "tts": 16}}
+    info["queues"]["asr_stream_capacity"] = None  # admission by prediction off
+    assert capacities(info)["capacity"]["asr"] == 32
+
+
+def test_most_room_wins_and_a_burst_is_spread_before_the_next_describe():
+    a, b = FakeMember("a", max_sessions=8), FakeMember("b", max_sessions=24, sessions=8)
+    clock = Clock()
+    p = Placement([a, b], clock=clock)
+    asyncio.run(p.poll())
+    got = [p.place("asr").name for _ in range(12)]
+    # rooms 8 and 16: b takes sessions until its room is a's, then they alternate (ties: fewer sessions)
+    assert got[:8] == ["b"] * 8 and sorted(got[8:]) == ["a", "a", "b", "b"], got
+
+
+def test_a_daemon_out_of_placement_and_back():
+    a, b = FakeMember("a"), FakeMember("b", sessions=5)
+    clock = Clock()
+    p = Placement([a, b], clock=clock)
+    asyncio.run(p.poll())
+    assert p.place("asr") is a
+    a.link = False  # the socket monitor saw it go: out at once, without a poll
+    assert p.place("asr") is b and not p.report()[0]["up"]
+    a.link = True
+    asyncio.run(p.poll())
+    assert p.place("asr") is a
+    a.answers = False  # hung: out once its last answer is down_after old
+    clock.t += 0.5
+    asyncio.run(p.poll())
+    assert p.place("asr") is a
+    clock.t += 0.5
+    assert p.place("asr") is b and "no answer for 1 s" in p.report()[0]["why"]
+    a.answers = True
+    asyncio.run(p.poll())
+    assert p.place("asr") is a
+    p.refused(a, ErrorCode.SHUTTING_DOWN)  # stopping: out until another process answers
+    asyncio.run(p.poll())
+    assert p.place("asr") is b
+    a.pid = 2
+    asyncio.run(p.poll())
+    assert p.place("asr") is a
+    a.stopping, b.stopping = True, True
+    asyncio.run(p.poll())
+    with pytest.raises(S2SError) as e:
+        p.place("tts")
+    assert e.value.code == ErrorCode.UNAVAILABLE and "a: stopping" in e.value.message
+
+
+# --- real daemons --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_daemons(tmp_path, models_dir):
+    procs = []
+    try:
+        for name in ("a", "b"):
+            d = tmp_path / name
+            d.mkdir()
+            cfg = write_config(d / "s2s.yaml", models_dir, d / "run",
+                               limits={"max_sessions": 16, "max_asr_load": 0}, )
+            procs.append(start_daemon(cfg, d / "daemon.log", fake_engines=True, timeout=60))
+        yield [(name, f"ipc://{tmp_path / name}/run/asr.sock", f"ipc://{tmp_path / name}/run/tts.sock", proc)
+               for name, proc in zip("ab", procs)]
+    finally:
+        for p in procs:
+            try:
+                p.p.send_signal(signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            p.stop()
+
+
+async def _members(daemons):
+    members = []
+    for name, asr, tts, _ in daemons:
+        a = AsyncASRClient(asr, timeout=5.0, reconnect_on_timeout=False)
+        t = AsyncTTSClient(tts, timeout=5.0, reconnect_on_timeout=False)
+        await a.connect()
+        await t.connect()
+        members.append(ClientMember(name, a, t))
+    return members
+
+
+async def _out_within(p: Placement, name: str, limit: float) -> float:
+    t0 = time.monotonic()
+    while any(r["name"] == name and r["up"] for r in p.report()):
+        assert time.monotonic() - t0 < limit + 1.0, p.report()
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_real_daemons_spread_keep_and_lose_sessions(two_daemons):
+    async def go():
+        members = await _members(two_daemons)
+        p = Placement(members)
+        await p.start()
+        try:
+            opened = []
+            for i in range(8):
+                m = p.place("asr")
+                opened.append((m, await m.asr.open(session_id=f"s{i}")))
+            await p.poll()
+            rows = {r["name"]: r for r in p.report()}
+            assert rows["a"]["asr_sessions"] == rows["b"]["asr_sessions"] == 4, rows
+            # a session stays where it started: its audio goes to its own daemon
+            for m, s in opened:
+                await s.send(b"\0\0" * 1600)
+            # one synthesis placed and answered
+            t = p.place("tts")
+            pcm, _ = await t.tts.speak("你好。")
+            assert pcm
+            name, _, _, proc = two_daemons[0]
+            proc.p.send_signal(signal.SIGKILL)
+            out = await _out_within(p, "a", 1.0)
+            assert out < 1.0, out
+            assert {p.place("asr").name for _ in range(5)} == {"b"}
+            # hung (SIGSTOP): out after a second without an answer; back when it answers
+            _, _, _, proc_b = two_daemons[1]
+            proc_b.p.send_signal(signal.SIGSTOP)
+            hung = await _out_within(p, "b", 1.0 + 0.5)
+            with pytest.raises(S2SError) as e:
+                p.place("asr")
+            assert e.value.code == ErrorCode.UNAVAILABLE
+            proc_b.p.send_signal(signal.SIGCONT)
+            t0 = time.monotonic()
+            while not any(r["name"] == "b" and r["up"] for r in p.report()):
+                assert time.monotonic() - t0 < 3, p.report()
+                await asyncio.sleep(0.05)
+            assert p.place("asr").name == "b"
+            return out, hung
+        finally:
+            await p.close()
+            for m in members:
+                await m.asr.close()
+                await m.tts.close()
+
+    out, hung = asyncio.run(asyncio.wait_for(go(), 120))
+    print(f"killed daemon out of placement after {out * 1000:.0f} ms; hung daemon after {hung * 1000:.0f} ms")
