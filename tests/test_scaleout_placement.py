@@ -187,3 +187,70 @@ def test_real_daemons_spread_keep_and_lose_sessions(two_daemons):
 
     out, hung = asyncio.run(asyncio.wait_for(go(), 120))
     print(f"killed daemon out of placement after {out * 1000:.0f} ms; hung daemon after {hung * 1000:.0f} ms")
+
+
+def test_a_rolling_restart_of_both_daemons_loses_no_new_session(two_daemons, tmp_path):
+    """DaemonPool (bridge/daemon_pool.py) over both: while each daemon in turn is stopped (SIGTERM:
+    it drains, refusing new sessions with shutting_down) and started again, a new session is
+    opened every 50 ms, fed and closed: every one is opened (on whichever daemon is up)."""
+    from bridge.daemon_pool import DaemonPool
+    from bridge_procs import start_daemon as start
+    from daemon.config_frontends import DaemonEndpoints
+
+    pool = DaemonPool([DaemonEndpoints(asr=a, tts=t) for _, a, t, _ in two_daemons], 5.0, 20.0)
+    procs = {name: proc for name, _, _, proc in two_daemons}
+
+    async def go():
+        await pool.start()
+        stop = asyncio.Event()
+        opened: Dict[str, int] = {}
+        failed = []
+
+        async def sessions():
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    s = await pool.asr.open(session_id=f"roll-{i}")
+                    await s.send(b"\0\0" * 1600)
+                    name = next(m.name for m in pool.members if m.asr is s.client)
+                    opened[name] = opened.get(name, 0) + 1
+                    await s.close(timeout=5)
+                except Exception as e:  # counted: the assertion below names them
+                    failed.append(f"{i}: {type(e).__name__}: {e}")
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(sessions())
+        try:
+            await asyncio.sleep(0.5)
+            for name in ("a", "b"):
+                old = procs[name]
+                # work in flight, so the daemon drains (refusing new sessions) for drain_timeout (1 s)
+                member = next(m for m in pool.members if f"/{name}/run/" in m.name)
+                slow = await member.tts.synthesize_stream(text="[slow]一。" * 10)
+                await slow.end()
+                await asyncio.sleep(0.1)
+                old.p.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(old.p.wait, 15) == 0
+                d = tmp_path / name
+                procs[name] = await asyncio.to_thread(start, d / "s2s.yaml", d / "daemon2.log", True, 60)
+                # back in placement before the next one stops
+                t0 = time.monotonic()
+                while sum(r["up"] for r in pool.report()) < 2:
+                    assert time.monotonic() - t0 < 10, pool.report()
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await task
+            await pool.close()
+        return opened, failed
+
+    try:
+        opened, failed = asyncio.run(asyncio.wait_for(go(), 120))
+    finally:
+        for name, proc in procs.items():
+            proc.stop()
+    print(f"sessions opened during the rolling restart: {opened}")
+    assert not failed, failed
+    assert sum(opened.values()) > 20 and len(opened) == 2, opened

@@ -1,0 +1,141 @@
+"""Several speech daemons behind one front end (issue 29): `DaemonPool` speaks the same surface
+as the one-daemon link (bridge/daemon_link.py: `asr.open`, `asr.send`, `tts.synthesize_stream`,
+`tts.synthesize`, `check`, `ping`, `describe`, `start`, `close`) over one pair of shared
+asyncio clients per daemon (`cluster.daemons`), and bridge/placement.py decides where each new
+ASR session and synthesis goes.
+
+- A session stays on the daemon it was opened on: its stream object holds that daemon's client,
+  and `asr.send(msg)` for a session goes to the client that opened it.
+- An `open` refused with `shutting_down` (a daemon draining for a restart), `unavailable` (its
+  connection lost) or `busy` is tried on the other daemons, most room first, before the caller
+  sees the error (the last one). A refused synthesis is the caller's to retry: its text is
+  streamed and not kept here; placement stops choosing a stopping daemon within INTERVAL.
+- `report()` is each daemon's placement state for /healthz and /metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
+
+from bridge.placement import ClientMember, Member, Placement
+from daemon.errors import ErrorCode
+from daemon.wire import protocol as P
+from daemon.wire.client import AsyncASRClient, AsyncTTSClient, DaemonError
+
+logger = logging.getLogger(__name__)
+
+# Refusals of an `open` after which the next daemon is tried.
+TRY_ELSEWHERE = (ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE, ErrorCode.BUSY)
+
+
+def _unavailable(e: Exception) -> DaemonError:
+    return e if isinstance(e, DaemonError) else DaemonError(str(getattr(e, "message", e)), ErrorCode.UNAVAILABLE)
+
+
+class PlacedASR:
+    def __init__(self, pool: "DaemonPool"):
+        self.pool = pool
+        self._streams: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+
+    async def open(self, **kw: Any) -> Any:
+        tried: List[Member] = []
+        last: Optional[DaemonError] = None
+        while True:
+            try:
+                m: Any = self.pool.placement.place("asr", exclude=tried)
+            except Exception as e:
+                raise (last or _unavailable(e)) from None
+            tried.append(m)
+            try:
+                stream = await m.asr.open(**kw)
+            except DaemonError as e:
+                if e.code not in TRY_ELSEWHERE:
+                    raise
+                self.pool.placement.refused(m, e.code)
+                if e.code == ErrorCode.UNAVAILABLE:
+                    self.pool.placement.lost(m)
+                logger.info("open on daemon %s refused (%s): trying another", m.name, e.code.value)
+                last = e
+                continue
+            self._streams[stream.session_id] = stream
+            return stream
+
+    async def send(self, msg: P.Message) -> None:
+        """A message for an open session (finalize, reset, close): to the daemon it lives on."""
+        stream = self._streams.get(getattr(msg, "session_id", ""))
+        if stream is None:
+            raise DaemonError(f"no open session {getattr(msg, 'session_id', '')!r} on any daemon", ErrorCode.NO_SESSION)
+        await stream.client.send(msg)
+
+
+class PlacedTTS:
+    def __init__(self, pool: "DaemonPool"):
+        self.pool = pool
+
+    async def synthesize_stream(self, **kw: Any) -> Any:
+        m: Any = self.pool.placement.place("tts")
+        return await m.tts.synthesize_stream(**kw)
+
+    async def synthesize(self, text: str, **kw: Any) -> AsyncIterator[P.SynthAudio]:
+        m: Any = self.pool.placement.place("tts")
+        async for chunk in m.tts.synthesize(text, **kw):
+            yield chunk
+
+
+class DaemonPool:
+    def __init__(self, endpoints: Sequence[Any], open_timeout: float, tts_timeout: float):
+        """endpoints: cluster.daemons entries (asr, tts)."""
+        self.members = [ClientMember(f"{i}:{d.asr}",
+                                     AsyncASRClient(d.asr, timeout=open_timeout, reconnect_on_timeout=False),
+                                     AsyncTTSClient(d.tts, timeout=tts_timeout, reconnect_on_timeout=False))
+                        for i, d in enumerate(endpoints)]
+        self.placement = Placement(self.members)
+        self.asr = PlacedASR(self)
+        self.tts = PlacedTTS(self)
+
+    async def start(self) -> None:
+        for m in self.members:
+            await m.asr.connect()
+            await m.tts.connect()
+        await self.placement.start()
+
+    async def close(self) -> None:
+        await self.placement.close()
+        for m in self.members:
+            await m.asr.close()
+            await m.tts.close()
+
+    def check(self, which: str) -> None:
+        """DaemonError(unavailable) at once when no daemon is in placement, naming each one's why."""
+        if not self.placement.live():
+            why = "; ".join(f"{r['name']}: {r['why']}" for r in self.placement.report())
+            raise DaemonError(f"no speech daemon is available ({why})", ErrorCode.UNAVAILABLE)
+
+    async def ping(self, which: str, timeout: float) -> float:
+        """The round trip to the first daemon in placement that answers."""
+        self.check(which)
+        last: Optional[Exception] = None
+        for s in self.placement.live():
+            m: Any = s.member
+            try:
+                rtt: float = await (m.asr if which == "asr" else m.tts).ping(timeout)
+                return rtt
+            except DaemonError as e:
+                last = e
+        raise _unavailable(last or DaemonError("no daemon answered", ErrorCode.UNAVAILABLE))
+
+    async def describe(self, timeout: float) -> Optional[Dict[str, Any]]:
+        """The first daemon in placement's describe (engines, fallbacks), with every daemon's
+        placement state under "placement"."""
+        for s in self.placement.live():
+            try:
+                info: Dict[str, Any] = await s.member.describe(timeout)
+            except DaemonError:
+                continue
+            return {**info, "placement": self.placement.report()}
+        return None
+
+    def report(self) -> List[Dict[str, Any]]:
+        return self.placement.report()
