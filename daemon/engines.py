@@ -1,23 +1,31 @@
-"""The contracts every engine keeps, so the daemon can serve any of them.
+"""The contract between the daemon and its engines: the Protocols it calls, the events an ASR
+session reports, and the records every engine describes itself with. Nothing heavy is imported here.
 
-Nothing heavy is imported here. Concrete engines live in asr/funasr_engine.py, asr/whisper_engine.py,
-tts/melo_engine.py, tts/kokoro_engine.py and tts/piper_engine.py; `build_asr()` / `build_tts()` pick one from the config,
+Concrete engines live in asr/funasr_engine.py, asr/whisper_engine.py, tts/melo_engine.py,
+tts/kokoro_engine.py and tts/piper_engine.py; daemon/serving/factory.py picks one from the config,
 falling back to the bundled models when the selected engine's weights are absent.
 
-ASR events (plain dicts with a ``type`` key; times are seconds from session start):
+ASR: an `ASRPool` holds the loaded models (once per process) and opens an `ASRSession` per client
+session, holding only that session's streaming state; the daemon's serving core
+(daemon/asr/sessions.py) keeps the sessions, the pool keeps none. A session's audio goes in as
+steps (`feed_steps`): a generator that yields model requests and takes their answers, so the
+daemon answers many sessions' requests in one batch through the pool's `run_requests`
+(daemon/asr/batch.py). Everything an engine does runs on the pool's device worker (`submit`);
+the daemon's socket loop never calls an engine directly.
 
-    {"type": "speech_start", "start": 1.23, "utterance": 0}
-    {"type": "partial", "text": "...", "start": 1.23, "end": 2.40, "utterance": 0}
-    {"type": "final", "text": "...", "start": 1.23, "end": 3.10, "utterance": 0,
-     "reason": "vad" | "max_length" | "finalize"}
+ASR events (`ASREvent`, a TypedDict per kind; times are seconds from session start,
+`utterance` counts from 0) are turned into wire messages in one place,
+daemon/asr/sessions.py:event_to_message:
 
-An ASR *pool* holds the loaded models (once per process) and hands out per-session
-*engines* (FunASREngine / WhisperEngine) holding only that session's streaming state.
-Engine methods are synchronous and run on the pool's device worker (`pool.submit`);
-the daemon's socket loop never calls them directly.
+    speech_start  {start, utterance}                     speech began
+    partial       {text, start, end, utterance}          the utterance so far (may be dropped)
+    tentative     {text, start, end, utterance}          at a pause inside the utterance, for a
+                                                         session that asked (set_early_silence)
+    resume        {start, utterance}                     speech went on after a tentative
+    final         {text, start, end, utterance, reason}  reason: one of FINAL_REASONS
 
-A TTS engine synthesises PCM16 mono at `sample_rate` (24000); `synthesize_stream`
-yields one chunk per sentence so the first audio is ready after the first sentence.
+A `TTSEngine` synthesises PCM16 mono at `sample_rate`; `synthesize_stream` yields one chunk per
+sentence so the first audio is ready after the first sentence.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import (Any, Callable, Dict, Generator, Iterable, Iterator, List, Literal, Mapping,
+                    NotRequired, Optional, Protocol, Sequence, Tuple, TypedDict, Union, runtime_checkable)
 
 # --- records every engine reports (one schema, shown whole by describe / s2s-ctl / the bridge) ---
 
@@ -191,36 +200,92 @@ def merge_fallbacks(*groups: Sequence[Fallback]) -> List[Fallback]:
 
 
 
+# --- ASR events: what an engine session reports (see the module docstring) ---
+
+FINAL_REASONS = ("vad", "max_length", "finalize", "sentence", "turn")
+
+
+class SpeechStartEvent(TypedDict):
+    type: Literal["speech_start"]
+    start: float
+    utterance: int
+
+
+class PartialEvent(TypedDict):
+    type: Literal["partial"]
+    text: str
+    start: float
+    end: float
+    utterance: int
+
+
+class TentativeEvent(TypedDict):
+    type: Literal["tentative"]
+    text: str
+    start: float
+    end: float
+    utterance: int
+
+
+class ResumeEvent(TypedDict):
+    type: Literal["resume"]
+    start: float
+    utterance: int
+
+
+class FinalEvent(TypedDict):
+    type: Literal["final"]
+    text: str
+    start: float
+    end: float
+    utterance: int
+    reason: str                   # one of FINAL_REASONS
+    language: NotRequired[str]    # Whisper: the language it heard (not on the wire)
+
+
+ASREvent = Union[SpeechStartEvent, PartialEvent, TentativeEvent, ResumeEvent, FinalEvent]
+
+# A session's work as steps: yields model requests, takes their answers, returns its events.
+Steps = Generator[Any, Any, List[ASREvent]]
+
+
+# --- the Protocols: exactly what the daemon calls ---
+
+
 @runtime_checkable
 class ASRSession(Protocol):
-    session_id: str
+    """One session's streaming state. Every method runs on the pool's worker."""
 
-    def feed(self, pcm: Any) -> List[Dict[str, Any]]:
-        """Feed 16 kHz audio (PCM16 bytes, int16 or float32 array); return all new events."""
+    def feed_steps(self, pcm: Any) -> Steps:
+        """Feed 16 kHz audio (PCM16 bytes, int16 or float32 array) as steps: yields each model
+        request, answered by the pool's `run_requests`; returns every new event."""
 
-    def feed_audio(self, pcm: Any) -> Optional[Dict[str, Any]]:
-        """Seed interface: like feed(), returning one event or None (extra events queue
-        up and are returned by the next calls; nothing is dropped)."""
-
-    def finalize(self) -> Dict[str, Any]:
-        """Flush buffered audio; return the last final event (text may be empty)."""
-
-    def finalize_events(self) -> List[Dict[str, Any]]:
+    def finalize_events(self) -> List[ASREvent]:
         """Flush buffered audio; return every event that produces (ends with a final)."""
 
     def reset(self) -> None:
         """Forget all streaming state; the next audio starts a new session timeline."""
 
-    def set_language(self, lang: str) -> None:
-        """"zh", "en" or "auto"."""
+    def set_early_silence(self, seconds: float) -> None:
+        """Report `tentative` after this much silence inside an utterance (and `resume` when
+        speech goes on); 0: never."""
 
-    def set_hotwords(self, hotwords: Sequence[str]) -> None:
-        """Raise UnsupportedError when the model cannot use hotwords."""
+    def set_sentence_end(self, on: bool) -> None:
+        """At such a pause after a whole sentence, the final comes at once (reason `sentence`
+        or `turn`)."""
 
 
 @runtime_checkable
 class ASRPool(Protocol):
     name: str  # "funasr" | "whisper"
+    fallbacks: List[Fallback]  # taken so far; daemon/asr/turn_judge.py adds the judge's
+    judge: Any  # daemon.asr.turn_judge.TurnJudge or None: set by its attach() (turn.judge)
+    # Set by the daemon (daemon/asr/batch.py): feeds waiting for the worker, so an engine may
+    # skip optional work (partials) under load.
+    feeds_waiting: Callable[[], int]
+    # The worker's cost per stream, measured at load (daemon/asr/calibrate.py; None: not
+    # measured), read by the daemon's admission (daemon/asr/capacity.py).
+    cost_curve: Optional[Tuple[float, float]]
 
     def load(self) -> None: ...
 
@@ -228,40 +293,33 @@ class ASRPool(Protocol):
              hotwords: Optional[Sequence[str]] = None, partials: bool = True, *,
              partial_interval: Optional[float] = None,
              max_utterance_seconds: Optional[float] = None) -> ASRSession:
-        """Raises UnsupportedError for unusable hotwords. No session cap: the daemon admits.
-        partial_interval / max_utterance_seconds: this session's values (None: the pool's
-        configured defaults); the daemon passes its live, reloadable config."""
+        """A new session (the pool keeps no table of them). Raises UnsupportedError for unusable
+        hotwords. partial_interval / max_utterance_seconds: this session's values (None: the
+        pool's configured defaults); the daemon passes its live, reloadable config."""
 
-    def get(self, session_id: str) -> Optional[ASRSession]: ...
-
-    def close(self, session_id: str) -> None: ...
-
-    def gc_idle(self, now: Optional[float] = None) -> List[str]:
-        """Close sessions idle past the timeout; return their ids."""
+    def run_requests(self, reqs: Sequence[Any]) -> Iterable[Tuple[int, Any]]:
+        """Answer many sessions' step requests, batched by kind: (index into reqs, answer or the
+        exception that request raised), in any order."""
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run fn on this pool's device worker thread."""
 
     def info(self) -> EngineInfo:
-        """engine, device, dtype, model paths, capabilities, sessions, fallbacks taken."""
+        """engine, device, dtype, model paths, capabilities, fallbacks taken."""
 
     def shutdown(self) -> None: ...
 
 
 @runtime_checkable
 class TTSEngine(Protocol):
-    name: str  # "melo" | "piper"
+    name: str  # "melo" | "kokoro" | "piper" | "kokoro+piper"
     sample_rate: int
 
     def load(self) -> None: ...
 
-    def synthesize(self, text: str, language: str = "zh", speed: Optional[float] = None) -> bytes: ...
-
     def synthesize_stream(self, text: str, language: str = "zh",
                           speed: Optional[float] = None) -> Iterator[Tuple[int, str, bytes]]:
         """Yield (sentence index, sentence text, PCM16 bytes) per sentence."""
-
-    async def synthesize_async(self, text: str, language: str = "zh", speed: Optional[float] = None) -> bytes: ...
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future: ...
 

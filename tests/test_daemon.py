@@ -194,6 +194,10 @@ def test_eight_concurrent_clients_get_their_own_finals(d, fixtures_dir):
     for i, (name, finals) in results.items():
         assert finals == expected_finals(fixture_pcm(fixtures_dir, name), chunk), name
     assert len(results[7][1]) == 4  # long.wav: four utterances
+    # The fake engines keep the step contract: the daemon fed them through its batched path
+    # (daemon/asr/batch.py), the pool answering their model requests.
+    with ASRClient(d.asr) as c:
+        assert c.describe()["asr"]["details"]["request_rounds"] > 0
 
 
 def test_not_owner(d):

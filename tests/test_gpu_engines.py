@@ -42,10 +42,7 @@ def _run_session(pool: FunASRPool, x: np.ndarray, name: str) -> List[Any]:
     def work() -> List[Any]:
         return eng.feed(x) + eng.finalize_events()
 
-    try:
-        return pool.submit(work).result(timeout=120)
-    finally:
-        pool.close(name)
+    return pool.submit(work).result(timeout=120)
 
 
 def _finals(events: List[Any]) -> str:

@@ -51,12 +51,9 @@ def run(pool, audio: np.ndarray, name: str, early: float = 0.3, sentences: bool 
     e.set_early_silence(early)
     e.set_sentence_end(sentences)
     events: List[Dict[str, Any]] = []
-    try:
-        for i in range(0, len(audio), 3200):
-            events += e.feed(audio[i:i + 3200])
-        events += e.finalize_events()
-    finally:
-        pool.close(name)
+    for i in range(0, len(audio), 3200):
+        events += e.feed(audio[i:i + 3200])
+    events += e.finalize_events()
     return [ev for ev in events if ev["type"] != "final" or ev["text"]]
 
 

@@ -165,13 +165,10 @@ def run(pool, audio: np.ndarray, name: str) -> List[Dict[str, Any]]:
     e.set_early_silence(0.3)
     e.set_sentence_end(True)
     events: List[Dict[str, Any]] = []
-    try:
-        for i in range(0, len(audio), 3200):
-            for ev in e.feed(audio[i:i + 3200]):
-                events.append(dict(ev, at=(i + 3200) / SR))
-        events += [dict(ev, at=len(audio) / SR) for ev in e.finalize_events()]
-    finally:
-        pool.close(name)
+    for i in range(0, len(audio), 3200):
+        for ev in e.feed(audio[i:i + 3200]):
+            events.append(dict(ev, at=(i + 3200) / SR))
+    events += [dict(ev, at=len(audio) / SR) for ev in e.finalize_events()]
     return [ev for ev in events if ev["type"] != "final" or ev["text"]]
 
 
@@ -248,12 +245,9 @@ def test_words_hold_even_when_the_vad_end_comes_in_the_next_feed(pool, with_judg
     e.set_early_silence(0.3)
     e.set_sentence_end(True)
     events: List[Dict[str, Any]] = []
-    try:
-        for i in range(0, len(audio), SR):  # 1 s feeds
-            events += e.feed(audio[i:i + SR])
-        events += e.finalize_events()
-    finally:
-        pool.close("j-big")
+    for i in range(0, len(audio), SR):  # 1 s feeds
+        events += e.feed(audio[i:i + SR])
+    events += e.finalize_events()
     finals = [ev for ev in events if ev["type"] == "final" and ev["text"]]
     assert len(finals) == 1, events
 

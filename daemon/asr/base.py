@@ -1,17 +1,17 @@
 """What the ASR engines share, built on the VAD (daemon/asr/vad.py):
 
-- `StreamingEngine` turns `VADSegmenter` events into the ASR event dicts of daemon/engines.py
-  (speech_start / partial / tentative / resume / final); FunASR and Whisper engines subclass it
-  and only supply the decoding.
-- `PoolBase` is the session table, idle GC and single-thread device worker both pools use.
+- `StreamingEngine` (the `ASRSession` of daemon/engines.py) turns `VADSegmenter` events into the
+  ASR events of daemon/engines.py (speech_start / partial / tentative / resume / final); FunASR
+  and Whisper engines subclass it and only supply the decoding.
+- `PoolBase` (the `ASRPool`) holds the models and the single-thread device worker both pools use,
+  and answers the sessions' model requests (`run_requests`); it keeps no sessions (the daemon's
+  serving core does, daemon/asr/sessions.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
@@ -19,11 +19,12 @@ from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Option
 import numpy as np
 
 from daemon.audio import to_float32
-from daemon.engines import Capabilities, Fallback
+from daemon.engines import (ASREvent, Capabilities, Fallback, FinalEvent, ResumeEvent, SpeechStartEvent, Steps,
+                            TentativeEvent)
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
 from daemon.rules import check_language, clean_hotwords
 from daemon.asr.steps import run_steps
-from daemon.asr.turn_judge import PRE_SPEECH, WINDOW, TurnCheck, decide, unfinished_words
+from daemon.asr.turn_judge import PRE_SPEECH, WINDOW, TurnCheck, TurnJudge, decide, unfinished_words
 from daemon.asr.vad import SAMPLE_RATE, VADBlock, VADEvent
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,6 @@ class StreamChunk:
     cache: Dict[str, Any]
 
 
-# A session's work as steps: yields requests, gets their answers, returns its events.
-Steps = Generator[Any, Any, List[Dict[str, Any]]]
 # Utterances decoded in one batch at most, and how much longer than the shortest in its batch
 # an utterance may be (padding is wasted work; a long one must not hold short ones).
 MAX_DECODE_BATCH = 16
@@ -104,7 +103,7 @@ def _is_cjk(ch: str) -> bool:
 
 
 class StreamingEngine:
-    """One session: VAD endpointing -> speech_start / partial / final event dicts, plus
+    """One session: VAD endpointing -> speech_start / partial / final events, plus
     tentative / resume for a session that asked for them (`set_early_silence`).
 
     Subclasses implement `_decode(audio) -> str` and optionally the partial hooks. All methods
@@ -121,30 +120,25 @@ class StreamingEngine:
         self.hotwords: List[str] = []
         self.partials = bool(partials) and self.supports_partials
         self._seg = pool.vad.segmenter(max_utterance_seconds, session_id)
-        self._queue: Deque[Dict[str, Any]] = deque()
+        self._queue: Deque[ASREvent] = deque()
         self._utt = 0
         self._tentative: Optional[Tuple[int, str]] = None  # (utterance, text) of the open pause
         self.sentence_end = False  # a pause after a whole sentence ends the utterance there
         # The paused utterance the turn judge has yet to weigh: (utterance, text, text signal).
         self._judge_due: Optional[Tuple[int, str, Optional[bool]]] = None
-        self.last_active = time.monotonic()
         if hotwords:
             self.set_hotwords(hotwords)
 
-    # -- the ASRSession protocol --------------------------------------------------------
-
-    def feed(self, pcm: Any) -> List[Dict[str, Any]]:
-        return run_steps(self.feed_steps(pcm), self.pool.run_list)
+    # -- the ASRSession protocol (daemon/engines.py) --------------------------------------
 
     def feed_steps(self, pcm: Any) -> Steps:
         """`feed` as steps: yields each model request (`VADBlock`, `StreamChunk`, `Decode`) and
         takes back its answer, so the daemon runs many sessions' requests in one batch
         (daemon/asr/batch.py, daemon/asr/steps.py). The session's logic is the same code either way."""
         x = to_float32(pcm)
-        self.last_active = time.monotonic()
         if x.size == 0:
             return []
-        events: List[Dict[str, Any]] = []
+        events: List[ASREvent] = []
         judge_now = self._judge_due is not None  # a pause of an earlier feed: its tentative is out
         for ev in (yield from self._seg.push_steps(x)):
             events += yield from self._on_vad(ev)
@@ -154,27 +148,18 @@ class StreamingEngine:
             events += yield from self._partial_steps()
         return events
 
-    def feed_audio(self, pcm: Any) -> Optional[Dict[str, Any]]:
-        self._queue.extend(self.feed(pcm))
-        return self._queue.popleft() if self._queue else None
-
-    def finalize_events(self) -> List[Dict[str, Any]]:
+    def finalize_events(self) -> List[ASREvent]:
         return run_steps(self._finalize_steps(), self.pool.run_list)
 
     def _finalize_steps(self) -> Steps:
-        self.last_active = time.monotonic()
         events = list(self._queue)
         self._queue.clear()
         for ev in self._seg.flush():
             events += yield from self._on_vad(ev)
         if not events or events[-1]["type"] != "final":
             t = self._t(self._seg.total)
-            events.append({"type": "final", "text": "", "start": t, "end": t, "utterance": self._utt,
-                           "reason": "finalize"})
+            events.append(FinalEvent(type="final", text="", start=t, end=t, utterance=self._utt, reason="finalize"))
         return events
-
-    def finalize(self) -> Dict[str, Any]:
-        return self.finalize_events()[-1]
 
     def reset(self) -> None:
         self._seg.reset()
@@ -183,7 +168,22 @@ class StreamingEngine:
         self._tentative = None
         self._judge_due = None
         self._partial_reset()
-        self.last_active = time.monotonic()
+
+    # -- beyond the daemon's contract: standalone use (scripts, tests) -------------------
+
+    def feed(self, pcm: Any) -> List[ASREvent]:
+        """feed_steps driven alone: this session's events for `pcm`."""
+        return run_steps(self.feed_steps(pcm), self.pool.run_list)
+
+    def feed_audio(self, pcm: Any) -> Optional[ASREvent]:
+        """Seed interface: like feed(), returning one event or None (extra events queue
+        up and are returned by the next calls; nothing is dropped)."""
+        self._queue.extend(self.feed(pcm))
+        return self._queue.popleft() if self._queue else None
+
+    def finalize(self) -> ASREvent:
+        """finalize_events()' last event: the final (its text may be empty)."""
+        return self.finalize_events()[-1]
 
     def set_language(self, lang: str) -> None:
         self.language = check_language(lang)
@@ -225,7 +225,7 @@ class StreamingEngine:
         if ev.kind == "start":
             self._partial_reset()
             self._tentative = None
-            return [{"type": "speech_start", "start": self._t(ev.start), "utterance": self._utt}]
+            return [SpeechStartEvent(type="speech_start", start=self._t(ev.start), utterance=self._utt)]
         if ev.kind == "pause":
             return (yield from self._on_pause(ev))
         if ev.kind == "resume":
@@ -233,7 +233,7 @@ class StreamingEngine:
                 return []
             self._tentative = None
             logger.debug("asr %s: resume %d at %.2f", self.session_id, self._utt, self._t(ev.end))
-            return [{"type": "resume", "start": self._t(ev.end), "utterance": self._utt}]
+            return [ResumeEvent(type="resume", start=self._t(ev.end), utterance=self._utt)]
         audio = ev.audio if ev.audio is not None else np.zeros(0, dtype=np.float32)
         tentative, self._tentative = self._tentative, None
         if ev.after_pause and tentative is not None and tentative[0] == self._utt:
@@ -242,10 +242,10 @@ class StreamingEngine:
             text = (yield from self._decode_steps(audio)) if audio.size else ""
         return [self._final(ev, text)]
 
-    def _final(self, ev: VADEvent, text: str) -> Dict[str, Any]:
+    def _final(self, ev: VADEvent, text: str) -> FinalEvent:
         self._partial_reset()
-        final = {"type": "final", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
-                 "utterance": self._utt, "reason": ev.reason}
+        final = FinalEvent(type="final", text=text, start=self._t(ev.start), end=self._t(ev.end), utterance=self._utt,
+                           reason=ev.reason)
         self._final_extras(final)
         logger.debug("asr %s: final %d %.2f-%.2f (%s) %r", self.session_id, self._utt, final["start"],
                      final["end"], ev.reason, text)
@@ -257,7 +257,7 @@ class StreamingEngine:
         text = (yield from self._decode_steps(audio)) if audio.size else ""
         if not text.strip():
             return []  # nothing to speculate on; the final decides
-        judge = getattr(self.pool, "judge", None)
+        judge = self.pool.judge
         if self.sentence_end and judge is not None and judge.usable and unfinished_words(text):
             # Words that go on: held now, before the VAD's end can come (a slow decode may take
             # the rest of its 0.8 s), and no model call.
@@ -273,15 +273,15 @@ class StreamingEngine:
         self._tentative = (self._utt, text)
         logger.debug("asr %s: tentative %d %.2f-%.2f %r", self.session_id, self._utt, self._t(ev.start),
                      self._t(ev.end), text)
-        return [{"type": "tentative", "text": text, "start": self._t(ev.start), "end": self._t(ev.end),
-                 "utterance": self._utt}]
+        return [TentativeEvent(type="tentative", text=text, start=self._t(ev.start), end=self._t(ev.end),
+                               utterance=self._utt)]
 
     def _judge_turn(self) -> Steps:
         """The turn judge's verdict on the paused utterance (daemon/asr/turn_judge.py): complete ->
         the final now (reason `turn`); unfinished -> the VAD's end waits up to turn.max_silence;
         unsure, or the judge failed -> the VAD's end silence (with the text rule of sentence_end)."""
         (utt, text, text_end), self._judge_due = self._judge_due or (0, "", None), None
-        judge = getattr(self.pool, "judge", None)
+        judge = self.pool.judge
         start = self._seg.utterance_start
         if judge is None or utt != self._utt or not self._seg.paused or start is None:
             return []  # speech went on, or the VAD already ended it
@@ -303,7 +303,7 @@ class StreamingEngine:
         """The utterance's text: one `Decode` request (engines may read more from the answer)."""
         return str((yield Decode(audio, tuple(self.hotwords), self.language)))
 
-    def _final_extras(self, final: Dict[str, Any]) -> None:
+    def _final_extras(self, final: FinalEvent) -> None:
         """Engine-specific fields of a final (Whisper: the language it heard)."""
 
     def _partial_reset(self) -> None:
@@ -318,7 +318,7 @@ class StreamingEngine:
 
 
 class PoolBase:
-    """Session table, idle GC and the single-thread device worker.
+    """The models and the single-thread device worker; sessions are the daemon's.
 
     Reloadable values reach a session per call: `open(..., partial_interval=,
     max_utterance_seconds=)`; None means the pool's configured default."""
@@ -326,15 +326,15 @@ class PoolBase:
     name = "asr"
     engine_class: Callable[..., StreamingEngine]
 
-    def __init__(self, idle_timeout: float = 60.0):
-        # No session cap here: the daemon admits (limits.max_sessions, reloadable); a pool
-        # used without the daemon serves as many sessions as it is asked for.
-        self.idle_timeout = idle_timeout
+    def __init__(self) -> None:
+        # No session cap or table here: the daemon admits (limits.max_sessions, reloadable) and
+        # keeps the sessions; a pool used without the daemon opens as many as it is asked for.
         self.vad: Any = None
-        self.judge: Any = None  # daemon.asr.turn_judge.TurnJudge when turn.judge is on
+        self.judge: Optional[TurnJudge] = None  # set by daemon/asr/turn_judge.py:attach (turn.judge)
         self.fallbacks: List[Fallback] = []
-        self._sessions: Dict[str, StreamingEngine] = {}
-        self._lock = threading.Lock()
+        # Feeds of other sessions waiting for the worker (set by daemon/asr/batch.FeedBatcher).
+        self.feeds_waiting: Callable[[], int] = lambda: 0
+        self.cost_curve: Optional[Tuple[float, float]] = None  # FunASR measures it at load
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
         self._loaded = False
 
@@ -357,48 +357,19 @@ class PoolBase:
         raise NotImplementedError
 
     def open(self, session_id: str, language: Optional[str] = None, hotwords: Optional[Sequence[str]] = None,
-             partials: bool = True, sample_rate: int = SAMPLE_RATE, partial_interval: Optional[float] = None,
+             partials: bool = True, sample_rate: int = SAMPLE_RATE, *, partial_interval: Optional[float] = None,
              max_utterance_seconds: Optional[float] = None) -> StreamingEngine:
+        """A new session's engine. Construction is cheap (no model work); a bad language or
+        hotword raises here."""
         if sample_rate != SAMPLE_RATE:
             raise AudioError(f"sample rate {sample_rate} Hz is not supported; send 16000 Hz mono PCM16",
                              sample_rate=sample_rate)
         if not self._loaded:
             raise S2SError(f"{self.name}: models are not loaded", ErrorCode.UNAVAILABLE)
-        with self._lock:
-            if session_id in self._sessions:
-                raise S2SError(f"session {session_id!r} is already open", ErrorCode.SESSION_EXISTS)
-            # Construction is cheap (no model work); a bad language/hotword raises before the
-            # session is registered.
-            engine = self._new_engine(session_id, language, hotwords, partials, partial_interval,
-                                      max_utterance_seconds)
-            self._sessions[session_id] = engine
+        engine = self._new_engine(session_id, language, hotwords, partials, partial_interval, max_utterance_seconds)
         logger.info("asr %s: opened (%s, language %s, hotwords %d, partials %s)", session_id, self.name,
                     engine.language, len(engine.hotwords), engine.partials)
         return engine
-
-    def get(self, session_id: str) -> Optional[StreamingEngine]:
-        with self._lock:
-            return self._sessions.get(session_id)
-
-    def close(self, session_id: str) -> None:
-        with self._lock:
-            engine = self._sessions.pop(session_id, None)
-        if engine is not None:
-            logger.info("asr %s: closed", session_id)
-
-    def gc_idle(self, now: Optional[float] = None) -> List[str]:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            idle = [sid for sid, s in self._sessions.items() if now - s.last_active > self.idle_timeout]
-            for sid in idle:
-                del self._sessions[sid]
-        for sid in idle:
-            logger.info("asr %s: closed after %.0f s idle", sid, self.idle_timeout)
-        return idle
-
-    @property
-    def session_count(self) -> int:
-        return len(self._sessions)
 
     # -- answering the steps' requests (on the worker) ----------------------------------
 
@@ -419,7 +390,7 @@ class PoolBase:
             yield i, _answer(self.sentence_end_request, reqs[i])
         turns = by_kind.pop(TurnCheck, [])
         if turns:
-            judge = getattr(self, "judge", None)
+            judge = self.judge
             answers = judge.run_requests([reqs[i] for i in turns]) if judge is not None else [None] * len(turns)
             yield from zip(turns, answers, strict=True)
         dec = by_kind.pop(Decode, [])
@@ -466,8 +437,6 @@ class PoolBase:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            self._sessions.clear()
 
 
 def _answer(fn: Callable[[Any], Any], req: Any) -> Any:

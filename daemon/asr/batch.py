@@ -20,39 +20,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from daemon.asr.steps import Done, drive
+from daemon.engines import ASREvent, ASRPool, ASRSession
 from daemon.serving.workers import BATCH_FEED_PERIODS, Worker, WorkerGone, extend_budget
 
 logger = logging.getLogger(__name__)
 
-def _plain(feed: Callable[[Any], Any], pcm: Any) -> Generator[Any, Any, Any]:
-    """An engine without steps (a fake, a third-party pool): its feed() as a generator that asks
-    for nothing."""
-    return feed(pcm)
-    yield  # unreachable: makes this a generator
-
+_Item = Tuple[ASRSession, Any, "asyncio.Future[List[ASREvent]]"]  # a session's feed: engine, audio, its waiter
 
 class FeedBatcher:
     """The daemon's feeds to one ASR worker, batched across sessions (see the module docstring)."""
 
-    def __init__(self, worker: Worker, pool: Any, counters: Optional[Dict[str, int]] = None):
+    def __init__(self, worker: Worker, pool: ASRPool, counters: Optional[Dict[str, int]] = None):
         self.worker = worker
         self.pool = pool
-        self._pending: List[Tuple[Any, Any, "asyncio.Future[Any]"]] = []
+        self._pending: List[_Item] = []
         self._running = False
-        if hasattr(pool, "feeds_waiting"):  # an engine skips optional work (partials) while feeds wait
-            pool.feeds_waiting = lambda: len(self._pending)
+        pool.feeds_waiting = lambda: len(self._pending)  # an engine may skip partials while feeds wait
         # describe's counters: worker calls made, session feeds they carried, most in one call
         self.counters = counters if counters is not None else {}
         for k in ("asr_feed_batches", "asr_batched_feeds", "asr_largest_batch"):
             self.counters.setdefault(k, 0)
 
-    async def feed(self, engine: Any, pcm: Any) -> Any:
-        """engine.feed(pcm)'s events, computed in a batch with the other sessions' feeds."""
+    async def feed(self, engine: ASRSession, pcm: Any) -> List[ASREvent]:
+        """engine.feed_steps(pcm)'s events, computed in a batch with the other sessions' feeds."""
         loop = asyncio.get_running_loop()
-        fut: "asyncio.Future[Any]" = loop.create_future()
+        fut: "asyncio.Future[List[ASREvent]]" = loop.create_future()
         self._pending.append((engine, pcm, fut))
         self._start(loop)
         return await fut
@@ -82,17 +77,11 @@ class FeedBatcher:
             return
         cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finished, loop, batch, f))
 
-    def _run(self, batch: List[Tuple[Any, Any, "asyncio.Future[Any]"]], settle: Done) -> None:
+    def _run(self, batch: List[_Item], settle: Done) -> None:
         extend_budget(BATCH_FEED_PERIODS * self.worker.period * (len(batch) - 1))
-        steps = []
-        for engine, pcm, _ in batch:
-            feed_steps = getattr(engine, "feed_steps", None)
-            steps.append(feed_steps(pcm) if feed_steps is not None else _plain(engine.feed, pcm))
-        run_requests = getattr(self.pool, "run_requests", None)
-        drive(run_requests if run_requests is not None else _no_requests, steps, settle)
+        drive(self.pool.run_requests, [engine.feed_steps(pcm) for engine, pcm, _ in batch], settle)
 
-    def _finished(self, loop: asyncio.AbstractEventLoop, batch: List[Tuple[Any, Any, "asyncio.Future[Any]"]],
-                  cf: Any) -> None:
+    def _finished(self, loop: asyncio.AbstractEventLoop, batch: List[_Item], cf: Any) -> None:
         self._running = False
         error = WorkerGone(self.worker.name) if cf.cancelled() else cf.exception()
         if error is not None:
@@ -101,11 +90,7 @@ class FeedBatcher:
         self._start(loop)
 
 
-def _no_requests(reqs: Sequence[Any]) -> Any:
-    raise TypeError(f"this ASR pool answers no model requests ({len(reqs)} asked)")
-
-
-def _settle(fut: "asyncio.Future[Any]", value: Any, error: Optional[BaseException]) -> None:
+def _settle(fut: "asyncio.Future[List[ASREvent]]", value: Any, error: Optional[BaseException]) -> None:
     if fut.done():
         return
     if error is not None:

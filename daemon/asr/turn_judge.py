@@ -32,9 +32,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from daemon.engines import ASRPool
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +330,7 @@ def settings_from(cfg: Any) -> JudgeSettings:
                          thresholds=Thresholds(t.judge_complete, t.judge_with_text, t.judge_unfinished))
 
 
-def attach(pool: Any, cfg: Any) -> Optional[TurnJudge]:
+def attach(pool: "ASRPool", cfg: Any) -> Optional[TurnJudge]:
     """Give an ASR pool its turn judge (turn.judge). A judge that cannot load, or fails later, is
     listed once among the pool's fallbacks (describe) as `turn.judge smart-turn -> vad`."""
     if not cfg.turn.judge:
@@ -336,24 +339,22 @@ def attach(pool: Any, cfg: Any) -> Optional[TurnJudge]:
     from daemon.engines import Fallback
 
     judge = TurnJudge(settings_from(cfg))
-    listed = getattr(pool, "fallbacks", None)
-    if isinstance(listed, list):
-        judge.on_fail(lambda why: listed.append(
-            Fallback("turn.judge", "smart-turn", "vad", why, "startup" if judge.model is None else "recognition")))
+    judge.on_fail(lambda why: pool.fallbacks.append(
+        Fallback("turn.judge", "smart-turn", "vad", why, "startup" if judge.model is None else "recognition")))
     judge.load()
     pool.judge = judge
     return judge
 
 
-def describe(pool: Any) -> Dict[str, Any]:
+def describe(pool: "ASRPool") -> Dict[str, Any]:
     """describe's `turn_judge` entry and its counters (zeros when off)."""
-    judge = getattr(pool, "judge", None)
+    judge = pool.judge
     if judge is None:
         return {"on": False, "off_reason": "turn.judge is false"}
     return judge.describe()
 
 
-def counters(pool: Any) -> Dict[str, int]:
-    judge = getattr(pool, "judge", None)
+def counters(pool: "ASRPool") -> Dict[str, int]:
+    judge = pool.judge
     base = {"turn_judge_" + k: 0 for k in VERDICTS + ("calls", "batches", "failed")}
     return dict(base, **judge.counts) if judge is not None else base

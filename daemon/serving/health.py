@@ -14,14 +14,14 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import daemon
 from daemon.wire import protocol as P
 from daemon.asr.capacity import Capacity
 from daemon.asr.sessions import ASRSessions
 from daemon.config import Config
-from daemon.engines import Capabilities, EngineInfo, Fallback, merge_fallbacks
+from daemon.engines import ASRPool, Capabilities, EngineInfo, Fallback, TTSEngine, merge_fallbacks
 from daemon.asr import turn_judge
 from daemon.serving.notify import Notifier
 from daemon.tts.jobs import TTSJobs
@@ -32,20 +32,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_PERIOD = 5.0
 
 
-def engine_info(kind: str, engine: Any) -> EngineInfo:
+def engine_info(kind: str, engine: Union[ASRPool, TTSEngine]) -> EngineInfo:
     try:
         info = engine.info()
         assert isinstance(info, EngineInfo)
         return info
     except Exception as e:  # info must never break describe: report the failure in the same schema
         logger.exception("%s engine info failed", kind)
-        return EngineInfo(kind=kind, engine=str(getattr(engine, "name", "?")), device="?", requested_device="?",
+        return EngineInfo(kind=kind, engine=engine.name, device="?", requested_device="?",
                           dtype="?", sample_rate=0, capabilities=Capabilities(), loaded=False,
                           notes=(f"info failed: {type(e).__name__}: {e}",))
 
 
 class Health:
-    def __init__(self, cfg: Callable[[], Config], notifier: Notifier, asr_engine: Any, tts_engine: Any,
+    def __init__(self, cfg: Callable[[], Config], notifier: Notifier, asr_engine: ASRPool, tts_engine: TTSEngine,
                  workers: List[Worker], asr: ASRSessions, tts: TTSJobs, fallbacks: List[Fallback],
                  counters: Dict[str, int], on_fatal: Callable[[str], None]):
         self.cfg = cfg
@@ -69,8 +69,9 @@ class Health:
     # --- reporting ---------------------------------------------------------------------------
 
     def _asr_info(self) -> EngineInfo:
-        # The session cap is the daemon's (limits.max_sessions, reloadable); pools keep none.
-        return dataclasses.replace(engine_info("asr", self.asr_engine), max_sessions=self.cfg().limits.max_sessions)
+        # Sessions and their cap are the daemon's (limits.max_sessions, reloadable); pools keep none.
+        return dataclasses.replace(engine_info("asr", self.asr_engine), sessions=len(self.asr.sessions),
+                                   max_sessions=self.cfg().limits.max_sessions)
 
     def all_fallbacks(self, asr: EngineInfo, tts: EngineInfo) -> List[Fallback]:
         return merge_fallbacks(self.fallbacks, asr.fallbacks, tts.fallbacks)

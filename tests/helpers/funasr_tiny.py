@@ -10,6 +10,6 @@ from daemon.asr.funasr_engine import FunASRConfig
 def make_config(models_dir: Any, **kw: Any) -> FunASRConfig:
     base = dict(paraformer_dir=models_dir / "tiny" / "paraformer", vad_dir=models_dir / "fsmn-vad",
                 punc_dir=models_dir / "tiny" / "ct-punc", streaming_dir=models_dir / "tiny" / "paraformer-streaming",
-                device="cpu", ncpu=1, idle_timeout=30.0)
+                device="cpu", ncpu=1)
     base.update(kw)
     return FunASRConfig(**base)

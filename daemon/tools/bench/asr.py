@@ -58,8 +58,6 @@ def run_ipc(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
         stream.close(timeout=30)
         res["asr_quiet"] = {"daemon_round_trip": stats_ms(rtt), "in_process_feed": stats_ms(feed),
                             "overhead": stats_ms(diff)}
-        if pool:
-            pool.close("bench-ipc")
         # Speech: decodes happen inside some chunks; reference only.
         speech = load_manifest(Path(args.manifest))
         pcm = max(speech, key=lambda u: u.seconds).pcm
@@ -75,8 +73,6 @@ def run_ipc(st: Stack, args: argparse.Namespace) -> Dict[str, Any]:
             if eng is not None:
                 sp_feed.append(pool.submit(_timed, eng.feed, chunk).result())
         stream.finalize(timeout=60)
-        if pool:
-            pool.close("bench-ipc-speech")
         res["asr_speech"] = {"daemon_round_trip": stats_ms(sp_rtt), "in_process_feed": stats_ms(sp_feed),
                              "overhead": stats_ms([a - b for a, b in zip(sp_rtt, sp_feed)]) if sp_feed else stats_ms([])}
     lang = stack_language(st)
@@ -152,7 +148,6 @@ def _engine_transcribe_here(pool: Any, u: Utterance) -> Tuple[float, str]:
     for off in range(0, len(u.pcm), CHUNK_BYTES):
         events += eng.feed(u.pcm[off:off + CHUNK_BYTES])
     events += eng.finalize_events()
-    pool.close("bench-asr")
     secs = time.perf_counter() - t0
     sep = "" if u.lang == "zh" else " "
     return secs, sep.join(e["text"] for e in events if e["type"] == "final" and e["text"]).strip()

@@ -381,8 +381,6 @@ def run_cpu(models: Path, engines: str, streams: int, seconds: float) -> Dict[st
             drive(pool.run_requests, [e.feed_steps(f[k:k + STEP]) for e, f in zip(sessions, feeds)],
                   lambda i, v, err: None)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-        for e in sessions:
-            pool.close(e.session_id)
         j = pool.judge
         out[judge] = {"cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
                       "cpu_s_per_audio_s": round(cpu / (streams * seconds), 4),
