@@ -4,14 +4,16 @@ Audio batching at the edge: the page sends 40 ms frames; the daemon's VAD works 
 steps and would merge them again. Frames are collected per session and forwarded in whole
 steps (`BATCH_BYTES`), the rest on `stop`, so a session costs the daemon 5 messages a second
 instead of 25. Arrival times are kept per browser frame, so the speech end -> final latency
-still counts from when the audio reached the bridge.
+still counts from when the audio reached the bridge. One message to the daemon carries at most
+the `max_chunk_seconds` its `opened` advertises (limits.max_chunk_seconds; it refuses more).
 
 Each connection's audio is budgeted (`AudioBudget`: bridge.audio_burst_seconds ahead of real
 time, then bridge.max_audio_speed times real time); what runs further ahead is dropped with a
 `busy` error for that connection only, so a flood cannot fill the daemon link all share.
 
 The pump reads the session's events and turns them into page events; `on_activity` (speech
-start, a non-empty partial: barge-in), `on_final` (a turn) and `on_tentative` (a speculative
+start, a non-empty partial: barge-in), `on_final` (a turn: the text and, on the bridge's clock,
+when the audio of the speech's end arrived) and `on_tentative` (a speculative
 turn; the session asks the daemon for `tentative`/`resume` when `turn.speculate` is on) are the
 connection's. Tentatives are not shown to the page: only a final is what the user said.
 """
@@ -28,27 +30,37 @@ from websockets.exceptions import ConnectionClosed
 
 from bridge.auth import AudioBudget
 from bridge.context import Context
+from bridge.daemon_link import OPEN_TIMEOUT
 from bridge.wire import ClientTooSlow, Events
 from daemon.wire import protocol as P
-from daemon.wire.client import DaemonError, new_id
+from daemon.wire.client import AsyncASRStream, DaemonError, new_id
 
 logger = logging.getLogger(__name__)
 
 INPUT_RATE = 16000
 # 200 ms: the daemon VAD's step.
 BATCH_BYTES = INPUT_RATE * 2 // 5
-# Largest audio message forwarded to the daemon (it refuses more than limits.max_chunk_seconds).
+# Largest audio message forwarded to a daemon whose `opened` does not say its max_chunk_seconds.
 DAEMON_CHUNK_BYTES = INPUT_RATE * 2  # 1 s
 # Audio arrival marks kept for the speech-end -> final latency (40 ms chunks: ~2 minutes).
 MAX_MARKS = 3000
-OPEN_TIMEOUT = 5.0
 # Audio refused for running ahead of real time is said to the page at most this often.
 REFUSAL_EVERY = 5.0
 
 
+def chunk_bytes(capabilities: Dict[str, Any]) -> int:
+    """The largest audio message the session takes: its `max_chunk_seconds` (from `opened`) in
+    whole PCM16 samples, at least one; DAEMON_CHUNK_BYTES when the daemon does not say."""
+    seconds = capabilities.get("max_chunk_seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        return DAEMON_CHUNK_BYTES
+    return max(2, int(seconds * INPUT_RATE) * 2)
+
+
 class Recognizer:
     def __init__(self, ctx: Context, events: Events, conn_id: str,
-                 on_activity: Callable[[str], Awaitable[Any]], on_final: Callable[[str], Awaitable[Any]],
+                 on_activity: Callable[[str], Awaitable[Any]],
+                 on_final: Callable[[str, Optional[float]], Awaitable[Any]],
                  on_tentative: Optional[Callable[[str], Awaitable[Any]]] = None):
         self.ctx = ctx
         self.events = events
@@ -56,7 +68,8 @@ class Recognizer:
         self.on_activity = on_activity
         self.on_final = on_final
         self.on_tentative = on_tentative
-        self.stream: Any = None          # daemon.wire.client.AsyncASRStream
+        self.stream: Optional[AsyncASRStream] = None
+        self.chunk_bytes = DAEMON_CHUNK_BYTES  # the session's max_chunk_seconds, in bytes
         self.pump_task: Optional[asyncio.Task] = None
         self.started = False
         self.language: Optional[str] = None
@@ -73,6 +86,11 @@ class Recognizer:
 
     # --- control ----------------------------------------------------------------------
 
+    @property
+    def session_id(self) -> Optional[str]:
+        """The daemon session's id, None while there is none."""
+        return None if self.stream is None else self.stream.session_id
+
     async def start(self, language: Optional[str], hotwords: Optional[Tuple[str, ...]]) -> Optional[Dict[str, Any]]:
         """(Re)open the daemon session; its capabilities, or None after an `error` event."""
         self.language, self.hotwords = language, hotwords
@@ -82,6 +100,7 @@ class Recognizer:
             return None
         self.started = True
         self.warned_not_started = False
+        assert self.stream is not None
         return dict(self.stream.capabilities)
 
     async def _open(self) -> bool:
@@ -96,6 +115,7 @@ class Recognizer:
             await self.events.error(e.code.value, f"speech recognition: {e.message}", "asr")
             return False
         self.stream = stream
+        self.chunk_bytes = chunk_bytes(stream.capabilities)
         self.samples_in = 0
         self.marks.clear()
         self.pending.clear()
@@ -111,7 +131,7 @@ class Recognizer:
             return
         try:
             await self._forward(final=True)
-            await self.ctx.daemon.asr.send(P.Finalize(session_id=stream.session_id, request_id=new_id()))
+            await self.ctx.daemon.asr.send(stream.finalize_msg())
         except DaemonError as e:
             await self.events.error(e.code.value, f"speech recognition: {e.message}", "asr")
 
@@ -122,12 +142,8 @@ class Recognizer:
         if pump is not None and not pump.done() and pump is not asyncio.current_task():
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
-        if stream is not None and not stream.closed:
-            self.ctx.daemon.asr._streams.pop(stream.session_id, None)  # noqa: SLF001 - nobody reads it now
-            try:
-                await self.ctx.daemon.asr.send(P.Close(session_id=stream.session_id, request_id=new_id()))
-            except DaemonError:
-                pass
+        if stream is not None:
+            await stream.abandon()  # nobody reads its events now; closed at the daemon unless it is
 
     # --- audio ------------------------------------------------------------------------
 
@@ -178,9 +194,10 @@ class Recognizer:
             return
         data = bytes(self.pending[:n])
         del self.pending[:n]
+        step = self.chunk_bytes
         try:
-            for off in range(0, len(data), DAEMON_CHUNK_BYTES):
-                await self.stream.send(data[off:off + DAEMON_CHUNK_BYTES])
+            for off in range(0, len(data), step):
+                await self.stream.send(data[off:off + step])
         except DaemonError as e:
             self.stats["audio_dropped"] += 1
             now = time.monotonic()
@@ -198,7 +215,7 @@ class Recognizer:
                 return at
         return None
 
-    async def _pump(self, stream: Any) -> None:
+    async def _pump(self, stream: AsyncASRStream) -> None:
         emit = self.events.emit
         try:
             async for m in stream.events():
@@ -225,7 +242,7 @@ class Recognizer:
                                 "end": m.end, "reason": m.reason,
                                 "latency_ms": None if latency is None else round(latency * 1000.0, 1)})
                     self.stats["finals"] += 1
-                    await self.on_final(m.text.strip())
+                    await self.on_final(m.text.strip(), arrived)
                 elif isinstance(m, P.Error):
                     await self.events.error(m.code, f"speech recognition: {m.message}", "asr")
                 elif isinstance(m, P.Closed):

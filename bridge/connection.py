@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from websockets.exceptions import ConnectionClosed
@@ -29,19 +28,6 @@ from daemon.rules import LANGUAGES, clean_hotwords
 logger = logging.getLogger(__name__)
 
 
-class _Events(Events):
-    """The connection's events; notes when the speech of the last `final` ended, on the bridge's
-    clock (where its `latency_ms` counts from), for the turn's speech end -> first audio."""
-
-    speech_end: Optional[float] = None
-
-    async def emit(self, event: Dict[str, Any]) -> None:
-        if event.get("type") == "final":
-            lat = event.get("latency_ms")
-            self.speech_end = None if lat is None else time.monotonic() - lat / 1000.0
-        await super().emit(event)
-
-
 class Connection:
     """`on_login` (when a token is configured) is asked when the right token arrives: None lets
     the connection in, a reason refuses it (closed with 1013, like a refusal at accept)."""
@@ -55,7 +41,7 @@ class Connection:
         bc = ctx.cfg.bridge
         self.authed = not bc.token
         self.out = OutQueue(bc.send_queue_bytes, bc.slow_client_timeout)
-        self.events = _Events(self.out, conn_id, ctx.metrics)
+        self.events = Events(self.out, conn_id, ctx.metrics)
         self.conv = ctx.agent.conversation()
         self.speaker = Speaker(ctx, self.events, conn_id)
         self.turns = Turns(ctx, self.events, conn_id, self.conv, self.speaker)
@@ -210,7 +196,7 @@ class Connection:
         self.turns.language = language
         caps = await self.asr.start(language, hotwords)
         if caps is not None:
-            await self.events.emit({"type": "ready", "session_id": self.asr.stream.session_id, "language": language,
+            await self.events.emit({"type": "ready", "session_id": self.asr.session_id, "language": language,
                                     "agent": self.ctx.public_agent, "barge_in": self.barge_in,
                                     "input_sample_rate": INPUT_RATE, "output_sample_rate": self.speaker.out_rate,
                                     "partials": bool(caps.get("partials", False)),
@@ -249,13 +235,14 @@ class Connection:
     async def _on_tentative(self, text: str) -> None:
         await self.turns.speculate(text)
 
-    async def _on_final(self, text: str) -> None:
+    async def _on_final(self, text: str, speech_end: Optional[float]) -> None:
+        """A final from the recognizer; speech_end: when its last audio reached the bridge
+        (monotonic; None when unknown), where the turn's speech end -> first audio counts from."""
         if not text:
             await self.turns.drop_speculation("empty final")
             return
         if not await self.turns.admit():
             await self.turns.drop_speculation("rate_limited")
             return
-        speech_end = self.events.speech_end
         if not await self.turns.confirm(text, speech_end):  # released the speculative reply, or dropped it
             self.turns.start(text, "speech", speech_end)

@@ -34,6 +34,7 @@ from daemon.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 
+# Longest wait for an ASR `opened` (the one owner: bridge/asr.py and bridge/speech.py import it).
 OPEN_TIMEOUT = 5.0
 # Longest wait for the next TTS chunk (one sentence of at most ~60 characters).
 TTS_TIMEOUT = 20.0

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from bridge.daemon_link import TTS_TIMEOUT, DaemonLink
+from bridge.daemon_link import OPEN_TIMEOUT, TTS_TIMEOUT, DaemonLink
 from daemon.wire import protocol as P
 from daemon.wire.client_async import AsyncASRStream, AsyncSynthStream
 from daemon.wire.client_base import DaemonError, new_id
@@ -39,7 +39,6 @@ RATE = P.ASR_SAMPLE_RATE
 BATCH_BYTES = RATE * 2 // 5
 # Unacknowledged audio at most, seconds (the daemon caps a session's queue at 60 s).
 WINDOW_SECONDS = 8.0
-OPEN_TIMEOUT = 5.0
 # How long a `busy` (or slow) daemon is asked again before the client is told.
 OPEN_RETRY_SECONDS = 30.0
 # Longest wait for an ack, or for the last final after `finalize` (a long utterance decoded
@@ -234,12 +233,8 @@ class Transcription:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         stream = self.stream
-        if stream is not None and not stream.closed and not self._closed_reason:  # the daemon has not closed it
-            self.link.asr._streams.pop(self.session_id, None)  # noqa: SLF001 - nobody reads it now
-            try:
-                await self.link.asr.send(P.Close(session_id=self.session_id, request_id=new_id()))
-            except DaemonError:
-                pass
+        if stream is not None and not self._closed_reason:  # the daemon has not closed it
+            await stream.abandon()  # nobody reads its events now; closed at the daemon
 
     async def _delta(self, delta: str) -> None:
         if delta and self.on_delta is not None:

@@ -422,6 +422,34 @@ def test_metrics_after_one_spoken_turn(open_bridge):
     assert m["s2s_daemon_up"] == 1 and any(k.startswith("s2s_daemon_") and k.endswith("_total") for k in m)
 
 
+# --- the daemon's chunk limit (issue 27, item 8) -------------------------------------------------------------
+
+
+def test_audio_goes_to_the_daemon_in_chunks_it_takes(tmp_path, models_dir):
+    """The bridge frames audio in 200 ms steps; a daemon whose limits.max_chunk_seconds is
+    smaller (advertised in `opened`) refused every one of them (bad_audio) and nothing was
+    recognised. The bridge now sends at most what `opened` says."""
+    cfg = write_config(tmp_path / "daemon.yaml", models_dir, tmp_path / "run", limits={"max_chunk_seconds": 0.1})
+    proc = start_daemon(cfg, tmp_path / "daemon.log", fake_engines=True, timeout=60)
+    b = start_bridge(write_config(tmp_path / "bridge.yaml", models_dir, tmp_path / "run", agent={"kind": "echo"}),
+                     tmp_path / "bridge.log")
+    try:
+        async def go():
+            c = await WSClient.open(b.ws)
+            await c.send_json({"type": "start", "language": "zh"})
+            await c.wait_event("ready")
+            await c.stream(silence(0.3) + read_pcm(FIXTURES / "zh" / "01.wav") + silence(1.0))
+            final = await c.wait_event("final", 1, 20)
+            await c.close()
+            return final, c.of("error")
+
+        final, errors = run(go())
+        assert final["text"] and not errors, errors
+    finally:
+        b.stop()
+        proc.stop()
+
+
 # --- TLS --------------------------------------------------------------------------------------------------------
 
 

@@ -1,16 +1,25 @@
 """Client library for the speech daemon: blocking (`ASRClient`, `TTSClient`) and asyncio
 (`AsyncASRClient`, `AsyncTTSClient`) flavours, both speaking daemon.wire.protocol.
 
+One sans-I/O core (daemon/wire/client_core.py: ids, messages checked before they leave, reply
+matching, error mapping, stream state) under two thin I/O shells, this blocking one and the
+asyncio one (daemon/wire/client_async.py), with the same features:
+
 Each client is one DEALER socket with a random uuid identity (kept across reconnects, so
-sessions stay ours), LINGER 0 and high-water marks. The asyncio clients also watch the
-connection (a ZeroMQ socket monitor): when the daemon goes away (crash, SIGKILL, restart),
-waiting requests fail at once with `unavailable`, and every open stream gets an `error`
-(unavailable) followed by `closed` with reason "daemon_gone" (the daemon's sessions died
-with it), instead of waiting for timeouts that audio streams do not have. Requests carry a request id; replies
-that are not ours (an old request's late answer, another session) are ignored. Timeouts
+sessions stay ours), LINGER 0 and high-water marks. A send to an ipc:// socket file that does
+not exist fails at once (`unavailable`). A socket monitor watches the connection: when the
+daemon goes away (crash, SIGKILL, restart), waiting requests fail at once with `unavailable`,
+and every open stream gets an `error` (unavailable) followed by `closed` with reason
+"daemon_gone" (the daemon's sessions died with it), instead of waiting for timeouts that audio
+streams do not have; `reachable` says what the monitor saw. Requests carry a request id;
+replies that are not ours (an old request's late answer, another session) are ignored. Timeouts
 raise `DaemonError(code=timeout)`; a timeout also reconnects the socket, dropping anything
-queued for a daemon that went away. Errors from the daemon raise `DaemonError` with its
-stable `code` (daemon.errors.ErrorCode) and `retry_after` for `busy`.
+queued for a daemon that went away (`reconnect_on_timeout=False` turns that off for a client
+shared by many users, whose requests in flight a reconnect would fail). Errors from the daemon
+raise `DaemonError` with its stable `code` (daemon.errors.ErrorCode) and `retry_after` for
+`busy`. An `opened` that arrives after its `open` timed out is closed by the client. A stream
+nobody will read again is `detach()`ed (its late events are dropped), or `abandon()`ed
+(detached and closed at the daemon without waiting).
 
     with ASRClient("ipc:///run/s2s/asr.sock") as c:
         s = c.open(language="zh")
@@ -25,14 +34,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from daemon.wire import protocol as P
 from daemon.wire.client_async import AsyncASRClient, AsyncASRStream, AsyncClient, AsyncSynthStream, AsyncTTSClient
-from daemon.wire.client_base import DEFAULT_TIMEOUT, HWM, DaemonError, _decode, _socket, missing_endpoint, new_id
+from daemon.wire.client_base import (DEFAULT_TIMEOUT, HWM, DaemonError, Reachability, _socket,
+                                     endpoint_error, missing_endpoint, new_id, send_queue_full)
+from daemon.wire.client_core import ASRStreamState, ClientCore, SynthStreamState
 from daemon.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -47,20 +58,47 @@ _C = TypeVar("_C", bound="Client")
 
 
 class Client:
-    """Blocking DEALER client; base of ASRClient and TTSClient."""
+    """Blocking shell: a DEALER socket and its monitor, polled while a caller waits; base of
+    ASRClient and TTSClient."""
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, identity: Optional[bytes] = None,
-                 context: Optional[zmq.Context] = None):
+                 context: Optional[zmq.Context] = None, reconnect_on_timeout: bool = True):
+        self.core = ClientCore(endpoint, identity)
         self.endpoint = endpoint
         self.timeout = timeout
-        self.identity = identity or f"s2s-{new_id()}".encode()
+        self.identity = self.core.identity
+        self.reconnect_on_timeout = reconnect_on_timeout
         self._ctx = context or zmq.Context.instance()
-        self._sock = _socket(self._ctx, endpoint, self.identity)
-        # Replies read while waiting for something else, kept for their owners.
-        self._backlog: Deque[P.Message] = deque()
+        self._conn = Reachability()
+        self._sock: Optional[zmq.Socket] = None
+        self._monitor: Optional[zmq.Socket] = None
+        self._poller = zmq.Poller()
+        self._connect()
+
+    @property
+    def reachable(self) -> Optional[bool]:
+        """What the socket monitor saw (see client_base.Reachability), read now."""
+        self._watch()
+        return self._conn.reachable
+
+    def _connect(self) -> None:
+        self._sock, self._monitor = _socket(self._ctx, self.endpoint, self.identity)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            if self._monitor is not None:
+                self._sock.disable_monitor()
+                self._monitor.close(linger=0)
+            self._sock.close(linger=0)
+        self._sock = self._monitor = None
+        self._conn.reachable = None
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        self._disconnect()
+        self.core.fail_requests("client closed")
 
     def __enter__(self: "_C") -> "_C":
         return self
@@ -70,105 +108,134 @@ class Client:
 
     def reconnect(self) -> None:
         """New socket, same identity: drops stale queued traffic, keeps session ownership."""
-        self._sock.close(linger=0)
-        self._sock = _socket(self._ctx, self.endpoint, self.identity)
+        self._disconnect()
+        self.core.fail_requests("the client reconnected")
+        self._connect()
 
     def send(self, msg: P.Message) -> None:
-        why = missing_endpoint(self.endpoint)
-        if why:  # libzmq would queue the message and wait for a daemon that is not there
-            raise DaemonError(why, ErrorCode.UNAVAILABLE, getattr(msg, "request_id", ""))
+        err = endpoint_error(self.endpoint, msg)
+        if err is not None:
+            raise err
+        if self._sock is None:
+            self._connect()
+        assert self._sock is not None
         try:
-            self._sock.send_multipart(P.dealer_frames(msg), flags=zmq.DONTWAIT)
+            self._sock.send_multipart(self.core.frames(msg), flags=zmq.DONTWAIT)
         except zmq.Again:
-            raise DaemonError(f"daemon at {self.endpoint} is not reading (send queue full)", ErrorCode.UNAVAILABLE) from None
+            raise send_queue_full(self.endpoint) from None
+
+    def _pump(self, timeout: Optional[float]) -> bool:
+        """Read what arrives within timeout seconds (None: wait) into the core; False if nothing did."""
+        if self._sock is None:
+            self._connect()
+        ready = dict(self._poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+        if not ready:
+            return False
+        if self._monitor is not None and self._monitor in ready:
+            self._watch()
+        if self._sock is not None and self._sock in ready:
+            while self._sock.poll(0):
+                self.core.receive(self._sock.recv_multipart())
+        for m in self.core.outgoing():
+            try:
+                self.send(m)
+            except DaemonError:
+                pass
+        return True
+
+    def _watch(self) -> None:
+        """The monitor's events so far; a lost connection ends requests and streams."""
+        while self._monitor is not None and self._monitor.poll(0):
+            if self._conn.event(recv_monitor_message(self._monitor)["event"]):
+                self.core.connection_lost()
+
+    def _wait(self, ready: Callable[[], bool], timeout: Optional[float]) -> bool:
+        """Read replies until ready() (True) or timeout seconds pass (None: wait forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._pump(left)
+        return True
+
+    def _timed_out(self) -> None:
+        if self.reconnect_on_timeout:
+            self.reconnect()
 
     def recv(self, timeout: Optional[float]) -> Optional[P.Message]:
-        """Next reply within timeout seconds (None = wait forever); None on timeout."""
-        if self._backlog:
-            return self._backlog.popleft()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._sock.poll(None if left is None else int(left * 1000)):
-                return None
-            m = _decode(self._sock.recv_multipart())
-            if m is not None:
-                return m
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        """Next reply no request or stream of this client claims, within timeout seconds (None =
+        wait forever); None on timeout. For messages sent with `send`."""
+        core = self.core
+        if self._wait(lambda: bool(core.unclaimed), timeout):
+            return core.unclaimed.popleft()
+        return None
 
-    def request(self, msg: P.Message, reply_types: Tuple[type, ...], timeout: Optional[float] = None) -> P.Message:
-        """Send msg and wait for the first reply of reply_types (or an error) with its request id."""
-        rid = getattr(msg, "request_id", "")
-        self.send(msg)
+    def request(self, msg: P.Message, reply_types: Optional[Tuple[Type[P.Message], ...]] = None,
+                timeout: Optional[float] = None) -> P.Message:
+        """Send msg and wait for its reply (reply_types, or the core's default for msg); an
+        `error` reply raises DaemonError."""
+        rid = self.core.expect(msg, reply_types)
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        kept: List[P.Message] = []
         try:
-            while True:
-                left = deadline - time.monotonic()
-                m = self.recv(left) if left > 0 else None
-                if m is None:
-                    self.reconnect()
-                    raise DaemonError(f"no reply to {msg.TYPE.value} within {timeout:g} s", ErrorCode.TIMEOUT, rid)
-                if getattr(m, "request_id", None) == rid and isinstance(m, P.Error):
-                    raise DaemonError.from_reply(m)
-                if getattr(m, "request_id", None) == rid and isinstance(m, reply_types):
-                    return m
-                kept.append(m)
+            self.send(msg)
+            if not self._wait(lambda: self.core.answered(rid), timeout):
+                self._timed_out()
+                raise self.core.timeout_error(msg, timeout)
+            return self.core.reply(rid)
         finally:
-            self._backlog.extend(kept)
+            self.core.forget(rid)
 
     def ping(self, timeout: Optional[float] = None) -> float:
         """Round-trip time in seconds."""
         t0 = time.monotonic()
-        self.request(P.Ping(request_id=new_id()), (P.Pong,), timeout)
+        self.request(P.Ping(request_id=new_id()), timeout=timeout)
         return time.monotonic() - t0
 
     def describe(self, timeout: Optional[float] = None) -> Dict[str, Any]:
-        return self.request(P.Describe(request_id=new_id()), (P.Info,), timeout).info  # type: ignore[attr-defined]
+        return self.request(P.Describe(request_id=new_id()), timeout=timeout).info  # type: ignore[attr-defined]
 
 
-class ASRStream:
+class ASRStream(ASRStreamState):
     """One open ASR session on a blocking ASRClient."""
 
     def __init__(self, client: "ASRClient", session_id: str, capabilities: Dict[str, Any]):
+        super().__init__(session_id, capabilities)
         self.client = client
-        self.session_id = session_id
-        self.capabilities = capabilities
-        self.seq = 0
-        self.closed = False
 
     def send(self, pcm: bytes, ack: bool = False) -> int:
         """Queue one PCM16 chunk; returns its seq. Events arrive asynchronously (poll())."""
-        seq = self.seq
-        self.client.send(P.Audio(session_id=self.session_id, seq=seq, pcm=bytes(pcm), ack=ack))
-        self.seq += 1
-        return seq
+        self.client.send(self.audio(pcm, ack))
+        return self.sent()
 
     def poll(self, timeout: Optional[float] = 0.0) -> List[P.Message]:
         """Events (SpeechStart/Partial/Final/Closed/Error/Ack) of this session received so far,
         waiting up to timeout for the first one."""
-        return self.client._events(self.session_id, timeout)
+        c, key = self.client, self.session_id
+        c._wait(lambda: c.core.has_events(key) or not c.core.attached(key), timeout)
+        while c._pump(0):  # and whatever else is already here, without waiting
+            pass
+        out = [self.seen(m) for m in c.core.events(key)]
+        if self.closed:
+            c.core.detach(key)
+        return out
 
     def wait_ack(self, seq: int, timeout: Optional[float] = None) -> List[P.Message]:
         """Wait for the `ack` of an audio chunk sent with ack=True; returns events seen meanwhile."""
         out: List[P.Message] = []
         deadline = time.monotonic() + (self.client.timeout if timeout is None else timeout)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.closed:
             for m in self.poll(deadline - time.monotonic()):
                 if isinstance(m, P.Ack) and m.of == "audio" and m.seq >= seq:
                     return out
                 out.append(m)
-                if isinstance(m, P.Closed):
-                    self.closed = True
-                    return out
+        if self.closed:
+            return out
         raise DaemonError(f"no ack for chunk {seq}", ErrorCode.TIMEOUT, session_id=self.session_id)
 
     def finalize(self, timeout: Optional[float] = None) -> List[P.Message]:
         """Flush; returns every remaining event, ending with Closed."""
-        rid = new_id()
-        self.client.send(P.Finalize(session_id=self.session_id, request_id=rid))
+        self.client.send(self.finalize_msg())
         return self._until_closed(timeout)
 
     def _until_closed(self, timeout: Optional[float]) -> List[P.Message]:
@@ -177,84 +244,47 @@ class ASRStream:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DaemonError("session did not close in time", ErrorCode.TIMEOUT, session_id=self.session_id)
+                raise self.close_timeout()
             for m in self.poll(left):
                 out.append(m)
-                if isinstance(m, P.Closed):
-                    self.closed = True
+                if self.closing(m):
                     return out
-                if isinstance(m, P.Error) and m.code in (ErrorCode.NO_SESSION.value, ErrorCode.NOT_OWNER.value):
-                    raise DaemonError.from_reply(m)
 
     def reset(self, timeout: Optional[float] = None) -> None:
-        rid = new_id()
-        self.client.send(P.Reset(session_id=self.session_id, request_id=rid))
-        deadline = time.monotonic() + (self.client.timeout if timeout is None else timeout)
-        while time.monotonic() < deadline:
-            for m in self.poll(deadline - time.monotonic()):
-                if isinstance(m, P.Ack) and m.request_id == rid:
-                    return
-                if isinstance(m, P.Error) and m.request_id == rid:
-                    raise DaemonError.from_reply(m)
-        raise DaemonError("no reply to reset", ErrorCode.TIMEOUT, session_id=self.session_id)
+        self.client.request(self.reset_msg(), timeout=timeout)
 
     def close(self, timeout: Optional[float] = None) -> List[P.Message]:
         if self.closed:
             return []
-        self.client.send(P.Close(session_id=self.session_id, request_id=new_id()))
+        self.client.send(self.close_msg())
         return self._until_closed(timeout)
+
+    def detach(self) -> None:
+        """Nobody reads this stream any more: its events are dropped (the session stays open)."""
+        self.client.core.detach(self.session_id)
+
+    def abandon(self) -> None:
+        """Detach and close the session at the daemon without waiting (errors ignored)."""
+        self.detach()
+        if not self.closed:
+            self.closed = True
+            try:
+                self.client.send(self.close_msg())
+            except DaemonError:
+                pass
 
 
 class ASRClient(Client):
-    def __init__(self, *a: Any, **kw: Any):
-        super().__init__(*a, **kw)
-        self._events_by_session: Dict[str, Deque[P.Message]] = {}
-
     def open(self, session_id: Optional[str] = None, language: Optional[str] = None,
              hotwords: Optional[Sequence[str]] = None, sample_rate: int = P.ASR_SAMPLE_RATE, partials: bool = True,
-             timeout: Optional[float] = None) -> ASRStream:
-        sid = session_id or new_id()
-        self._events_by_session[sid] = deque()
-        msg = P.Open(session_id=sid, request_id=new_id(), language=language,
-                     hotwords=tuple(hotwords) if hotwords is not None else None, sample_rate=sample_rate,
-                     partials=partials)
+             timeout: Optional[float] = None, tentative: bool = False) -> ASRStream:
+        msg = self.core.open(session_id, language, hotwords, sample_rate, partials, tentative)
         try:
-            opened = self.request(msg, (P.Opened,), timeout)
-        except DaemonError:
-            self._events_by_session.pop(sid, None)
+            opened = self.request(msg, timeout=timeout)
+        except BaseException:
+            self.core.detach(msg.session_id)
             raise
-        return ASRStream(self, sid, dict(opened.capabilities))  # type: ignore[attr-defined]
-
-    def _route(self, m: P.Message) -> None:
-        sid = getattr(m, "session_id", "")
-        q = self._events_by_session.get(sid)
-        if q is not None:
-            q.append(m)
-        else:
-            logger.debug("ignoring %s for unknown session %r", m.TYPE.value, sid)
-
-    def _events(self, session_id: str, timeout: Optional[float]) -> List[P.Message]:
-        q = self._events_by_session.setdefault(session_id, deque())
-        while self._backlog:
-            self._route(self._backlog.popleft())
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not q:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            m = self.recv(left)
-            if m is None:
-                break
-            self._route(m)
-        # Drain whatever else is already here without waiting.
-        while True:
-            m = self.recv(0)
-            if m is None:
-                break
-            self._route(m)
-        out = list(q)
-        q.clear()
-        return out
+        return ASRStream(self, msg.session_id, dict(opened.capabilities))  # type: ignore[attr-defined]
 
 
 class TTSClient(Client):
@@ -262,47 +292,29 @@ class TTSClient(Client):
                    stream: bool = True, request_id: Optional[str] = None,
                    timeout: Optional[float] = None, owner: str = "") -> Iterator[P.SynthAudio]:
         """Yield audio chunks until `done`; raises DaemonError on an error reply or a timeout
-        between chunks. owner: who it is for (the daemon is fair across owners of one peer)."""
-        rid = request_id or new_id()
-        self.send(P.Synthesize(request_id=rid, text=text, language=language, speed=speed, stream=stream,
-                               owner=owner))
-        timeout = self.timeout if timeout is None else timeout
-        finished = False
+        between chunks. Leaving early cancels the request at the daemon. owner: who it is for
+        (the daemon is fair across owners of one peer)."""
+        msg = self.core.synthesize(text, language, speed, stream, request_id, owner)
+        s = SynthStream(self, msg.request_id, self.timeout if timeout is None else timeout, ended=True)
         try:
-            while True:
-                m = self.recv(timeout)
-                if m is None:
-                    finished = True
-                    self.reconnect()
-                    raise DaemonError(f"no audio within {timeout:g} s", ErrorCode.TIMEOUT, rid)
-                if getattr(m, "request_id", None) != rid:
-                    continue  # not ours (a cancelled request's late chunk, ...)
-                if isinstance(m, P.Error):
-                    finished = True
-                    raise DaemonError.from_reply(m)
-                if isinstance(m, P.SynthAudio):
-                    yield m
-                elif isinstance(m, (P.Done, P.Cancelled)):
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                # Left early (break, exception in the caller): the daemon stops synthesising, as
-                # with the asyncio client; its late chunks are ignored by request id.
-                try:
-                    self.send(P.Cancel(request_id=rid))
-                except DaemonError:
-                    pass
+            self.send(msg)
+        except BaseException:
+            self.core.detach(msg.request_id)
+            raise
+        yield from s
 
     def synthesize_stream(self, request_id: Optional[str] = None, text: str = "", language: Optional[str] = None,
                           speed: Optional[float] = None, stream: bool = True, owner: str = "",
                           hold: bool = False, timeout: Optional[float] = None) -> "SynthStream":
         """Open a streamed-text request: `send` text as it comes, `end` it, iterate its audio (see
         AsyncSynthStream for the rules both clients follow)."""
-        rid = request_id or new_id()
-        self.send(P.Synthesize(request_id=rid, text=text, language=language, speed=speed, stream=stream,
-                               owner=owner, stream_text=True, hold=hold))
-        return SynthStream(self, rid, self.timeout if timeout is None else timeout)
+        msg = self.core.synthesize(text, language, speed, stream, request_id, owner, stream_text=True, hold=hold)
+        try:
+            self.send(msg)
+        except BaseException:
+            self.core.detach(msg.request_id)
+            raise
+        return SynthStream(self, msg.request_id, self.timeout if timeout is None else timeout)
 
     def speak(self, text: str, **kw: Any) -> Tuple[bytes, int]:
         """Whole utterance: (PCM16 bytes, sample rate)."""
@@ -313,59 +325,43 @@ class TTSClient(Client):
         return b"".join(pcm), rate
 
     def cancel(self, request_id: str, timeout: Optional[float] = None) -> None:
-        self.request(P.Cancel(request_id=request_id), (P.Cancelled,), timeout)
+        """Ask the daemon to stop and wait for `cancelled` (the stream's iterator then ends)."""
+        self.request(P.Cancel(request_id=request_id), timeout=timeout)
 
 
-class SynthStream:
-    """A streamed-text request on a blocking TTSClient: `send`/`end`/`release`/`cancel`; `poll()`
+class SynthStream(SynthStreamState):
+    """A synthesis request on a blocking TTSClient: `send`/`end`/`release`/`cancel`; `poll()`
     returns the audio received so far, iterating reads it until `done` (DaemonError on an error;
-    `timeout` between chunks once the text has ended, none before: the daemon ends an idle one)."""
+    `timeout` between chunks once the text has ended, none before: the daemon ends an idle one).
+    Leaving the iteration early cancels the request at the daemon."""
 
-    def __init__(self, client: TTSClient, request_id: str, timeout: float):
+    def __init__(self, client: TTSClient, request_id: str, timeout: float, ended: bool = False):
+        super().__init__(request_id, timeout, ended)
         self.client = client
-        self.request_id = request_id
-        self.timeout = timeout
-        self.ended = False
-        self.released = False
-        self.finished = False
 
     def send(self, text: str, final: bool = False, release: bool = False, drop_partial: bool = False) -> None:
-        if self.ended:
-            raise DaemonError("the text has ended", ErrorCode.BAD_REQUEST, self.request_id)
-        self.ended = self.ended or final
-        self.released = self.released or release
-        self.client.send(P.TextChunk(request_id=self.request_id, text=text, final=final, release=release,
-                                     drop_partial=drop_partial))
+        self.client.send(self.text(text, final, release, drop_partial))
 
     def end(self, text: str = "", release: bool = False, drop_partial: bool = False) -> None:
         self.send(text, final=True, release=release, drop_partial=drop_partial)
 
     def release(self) -> None:
         """A held request goes on past its first sentence (also after `end`)."""
-        if not self.released and not self.finished:
-            self.released = True
-            self.client.send(P.TextChunk(request_id=self.request_id, release=True))
+        m = self.release_msg()
+        if m is not None:
+            self.client.send(m)
 
     def cancel(self) -> None:
-        if not self.finished:
-            self.client.send(P.Cancel(request_id=self.request_id))
+        m = self.cancel_msg()
+        if m is not None:
+            self.client.send(m)
 
     def _one(self, timeout: Optional[float]) -> Optional[P.Message]:
-        """Our next message within timeout (None: none came); others' are dropped."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            m = self.client.recv(left)
-            if m is None:
-                return None
-            if getattr(m, "request_id", None) != self.request_id:
-                continue
-            if isinstance(m, P.Error):
-                self.finished = True
-                raise DaemonError.from_reply(m)
-            if isinstance(m, (P.Done, P.Cancelled)):
-                self.finished = True
-            return m
+        """Our next message within timeout (None: none came)."""
+        c, key = self.client, self.request_id
+        if not c._wait(lambda: c.core.has_events(key), timeout):
+            return None
+        return c.core.next_event(key)
 
     def poll(self, timeout: float = 0.0) -> List[P.SynthAudio]:
         """Audio chunks that arrived so far (waiting up to timeout for the first)."""
@@ -375,17 +371,37 @@ class SynthStream:
             m = self._one(wait)
             if m is None:
                 break
-            if isinstance(m, P.SynthAudio):
-                out.append(m)
+            chunk = self._take(m)
+            if chunk is not None:
+                out.append(chunk)
             wait = 0.0
         return out
 
-    def __iter__(self) -> Iterator[P.SynthAudio]:
-        while not self.finished:
-            m = self._one(self.timeout if self.ended else None)
-            if m is None:
-                self.finished = True
-                raise DaemonError(f"no audio within {self.timeout:g} s", ErrorCode.TIMEOUT, self.request_id)
-            if isinstance(m, P.SynthAudio):
-                yield m
+    def _take(self, m: P.Message) -> Optional[P.SynthAudio]:
+        try:
+            return self.take(m)
+        finally:
+            if self.finished:
+                self.client.core.detach(self.request_id)
 
+    def __iter__(self) -> Iterator[P.SynthAudio]:
+        try:
+            while not self.finished:
+                m = self._one(self.wait_limit())
+                if m is None:
+                    self.client.core.detach(self.request_id)
+                    self.client._timed_out()
+                    raise self.timeout_error()
+                chunk = self._take(m)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            if not self.finished:
+                # Left early (break, an exception in the caller, a timeout): the daemon stops
+                # synthesising; late chunks are dropped.
+                self.client.core.detach(self.request_id)
+                self.finished = True
+                try:
+                    self.client.send(P.Cancel(request_id=self.request_id))
+                except DaemonError:
+                    pass

@@ -1,59 +1,36 @@
-"""What both daemon clients share (daemon/wire/client.py blocking, daemon/wire/client_async.py asyncio):
-the error type, ids, the DEALER socket settings, reply decoding and the missing-socket check."""
+"""The socket side both client shells share (daemon/wire/client.py blocking, daemon/wire/client_async.py
+asyncio): the DEALER socket settings, the connection monitor's events and the missing-socket
+check. What they share without I/O (ids, messages, routing, errors, stream state) is the core,
+daemon/wire/client_core.py; its names are re-exported here for existing imports."""
 
 from __future__ import annotations
 
-import logging
 import os
-import uuid
-from typing import Optional, Sequence
+from typing import Any, Optional, Tuple
 
 import zmq
 
-from daemon.wire import protocol as P
-from daemon.errors import ErrorCode, S2SError
+from daemon.errors import ErrorCode
+from daemon.wire.client_core import DEFAULT_TIMEOUT, HWM, DaemonError, new_id
 
-logger = logging.getLogger(__name__)
+__all__ = ["DEFAULT_TIMEOUT", "HWM", "MONITOR_EVENTS", "DaemonError", "Reachability", "endpoint_error",
+           "missing_endpoint", "new_id", "send_queue_full"]
 
-DEFAULT_TIMEOUT = 10.0
-HWM = 1000
-
-
-class DaemonError(S2SError):
-    """An `error` reply from the daemon, or a client-side timeout (code timeout)."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.INTERNAL, request_id: str = "",
-                 session_id: str = "", retry_after: Optional[float] = None):
-        super().__init__(message, code)
-        self.request_id = request_id
-        self.session_id = session_id
-        self.retry_after = retry_after
-
-    @classmethod
-    def from_reply(cls, e: P.Error) -> "DaemonError":
-        return cls(e.message or e.code, e.error_code, e.request_id, e.session_id, e.retry_after)
+# What the connection monitor watches: connected, lost, refused (a killed daemon's stale ipc file).
+MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CLOSED
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-def _socket(ctx: zmq.Context, endpoint: str, identity: bytes) -> zmq.Socket:
+def _socket(ctx: Any, endpoint: str, identity: bytes) -> Tuple[Any, Any]:
+    """A DEALER socket (blocking or asyncio, as ctx makes them): our identity, LINGER 0, HWMs;
+    and its monitor socket (MONITOR_EVENTS), made before the connect so no event is missed."""
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IDENTITY, identity)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, HWM)
     s.setsockopt(zmq.RCVHWM, HWM)
+    monitor = s.get_monitor_socket(MONITOR_EVENTS)
     s.connect(endpoint)
-    return s
-
-
-def _decode(frames: Sequence[bytes]) -> Optional[P.Message]:
-    try:
-        return P.decode_reply(P.split_dealer(frames))
-    except P.ProtocolError as e:
-        logger.warning("ignoring malformed reply from daemon: %s", e)
-        return None
+    return s, monitor
 
 
 def missing_endpoint(endpoint: str) -> Optional[str]:
@@ -65,3 +42,33 @@ def missing_endpoint(endpoint: str) -> Optional[str]:
         if not os.path.exists(path):
             return f"no daemon at {endpoint}: the socket file {path} does not exist (is s2s-speechd running?)"
     return None
+
+
+def endpoint_error(endpoint: str, msg: Any = None) -> Optional[DaemonError]:
+    """DaemonError(unavailable) when nothing can be listening at endpoint (before a send: libzmq
+    would queue the message and wait for a daemon that is not there)."""
+    why = missing_endpoint(endpoint)
+    return None if why is None else DaemonError(why, ErrorCode.UNAVAILABLE, getattr(msg, "request_id", ""))
+
+
+def send_queue_full(endpoint: str) -> DaemonError:
+    return DaemonError(f"daemon at {endpoint} is not reading (send queue full)", ErrorCode.UNAVAILABLE)
+
+
+class Reachability:
+    """What the socket monitor says: `reachable` True once connected, False while ZeroMQ's
+    connects fail or after a disconnect, None before either (a stopped daemon stays True).
+    `event()` returns True when the connection was lost (the caller ends its requests and streams)."""
+
+    def __init__(self) -> None:
+        self.reachable: Optional[bool] = None
+
+    def event(self, ev: int) -> bool:
+        if ev == zmq.EVENT_DISCONNECTED:
+            self.reachable = False
+            return True
+        if ev == zmq.EVENT_CONNECTED:
+            self.reachable = True
+        elif ev in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED):
+            self.reachable = False
+        return False
