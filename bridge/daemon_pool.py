@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, cast
 
+from bridge.daemon_link import OPEN_TIMEOUT, TTS_TIMEOUT, DaemonLink
 from bridge.placement import ClientMember, Member, Placement
+from daemon.config import Config
 from daemon.errors import ErrorCode
 from daemon.wire import protocol as P
 from daemon.wire.client import AsyncASRClient, AsyncTTSClient, DaemonError
@@ -139,3 +141,12 @@ class DaemonPool:
 
     def report(self) -> List[Dict[str, Any]]:
         return self.placement.report()
+
+
+def daemon_link(cfg: Config) -> DaemonLink:
+    """What a front end talks to: the one daemon of daemon.asr_endpoint/tts_endpoint
+    (bridge/daemon_link.py), or, with cluster.daemons set, a DaemonPool over those (it has the
+    link's surface; cast so the front ends' annotations stay one type)."""
+    if cfg.cluster.daemons:
+        return cast(DaemonLink, DaemonPool(cfg.cluster.daemons, OPEN_TIMEOUT, TTS_TIMEOUT))
+    return DaemonLink(cfg)

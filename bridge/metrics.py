@@ -6,7 +6,9 @@ token_in_url), closed connections by reason, turns by source, speculative turns 
 code and source, and two
 latency histograms: speech end -> final and final (or typed text) -> first reply audio.
 The daemon's counters from its `describe` are exported beside them as
-`s2s_daemon_<name>_total`, with `s2s_daemon_up` (1 when `describe` answered).
+`s2s_daemon_<name>_total`, with `s2s_daemon_up` (1 when `describe` answered); with several
+daemons (cluster.daemons) `s2s_bridge_daemon_{up,asr_sessions,asr_room,tts_room,placed_asr,placed_tts}`
+per daemon (label `daemon`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class _DaemonCollector:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 safe = re.sub(r"[^a-zA-Z0-9_]", "_", str(name))
                 yield GaugeMetricFamily(f"s2s_daemon_{safe}", f"speech daemon {name}", value=value)
+
+        rows = (self.info or {}).get("placement") or []  # several daemons (bridge/placement.py)
+        if rows:
+            for key, help_ in (("up", "1 while the daemon is in placement"), ("asr_sessions", "its ASR sessions"),
+                               ("asr_room", "ASR sessions it has room for"), ("tts_room", "syntheses it has room for"),
+                               ("placed_asr", "ASR sessions placed on it"), ("placed_tts", "syntheses placed on it")):
+                g = GaugeMetricFamily(f"s2s_bridge_daemon_{key}", f"per daemon: {help_}", labels=["daemon"])
+                for r in rows:
+                    g.add_metric([str(r["name"])], float(r[key]))
+                yield g
 
     def describe(self) -> Iterable[Any]:
         return []  # unchecked collector: names depend on what the daemon reports

@@ -47,7 +47,7 @@ from bridge.auth import (AddressCap, PendingLogins, bearer, check_token, network
                          own_host)  # own_host: API
 from bridge.connection import Connection
 from bridge.context import Context
-from bridge.daemon_link import DaemonLink
+from bridge.daemon_pool import daemon_link
 from daemon.wire.client import DaemonError
 from daemon.config import Config
 from daemon.serving.transport import LogLimiter
@@ -165,7 +165,7 @@ class Bridge:
                                   f"echo agent, which repeats what it hears. "
                                   f"配置的智能助手没有响应，现在使用内置的回声助手。")
         self.metrics = M.Metrics()
-        self.daemon = DaemonLink(cfg)
+        self.daemon = daemon_link(cfg)
         self.ctx = Context(cfg, self.agent, self.daemon, self.metrics, self.public_agent())
         self.connections: Dict[str, Connection] = {}
         self.addresses = AddressCap(bc.max_connections_per_ip)   # logged-in connections per network
@@ -275,9 +275,12 @@ class Bridge:
             daemon_ok = asr["reachable"] and tts["reachable"]
             healthy = daemon_ok and ok
             engines = await self._engines() if asr["reachable"] else {}
+            # Several daemons (cluster.daemons): each one's placement state (up, why, room, sessions).
+            report = getattr(self.daemon, "report", None)
+            daemons = {"daemons": report()} if report is not None else {}
             h = {"status": "ok" if healthy else "degraded", "auth_required": bool(self.cfg.bridge.token),
                  "tls": bool(self.cfg.bridge.tls_cert),
-                 "daemon": {"reachable": daemon_ok, "asr": asr, "tts": tts, **engines},
+                 "daemon": {"reachable": daemon_ok, "asr": asr, "tts": tts, **engines, **daemons},
                  "agent": agent,
                  "connections": len(self.connections), "max_connections": self.cfg.bridge.max_connections,
                  "counters": self.counters()}
@@ -288,6 +291,8 @@ class Bridge:
         """What anyone may see: status, engines, fallbacks (component, from, to, when), the agent's kind."""
         d = h["daemon"]
         daemon: Dict[str, Any] = {"reachable": d["reachable"]}
+        if "daemons" in d:  # how many are in placement, not where they are
+            daemon["daemons_up"], daemon["daemons"] = sum(r["up"] for r in d["daemons"]), len(d["daemons"])
         if "engines" in d:
             daemon["engines"] = d["engines"]
             daemon["fallbacks"] = [{k: f[k] for k in ("component", "from", "to", "when") if k in f}

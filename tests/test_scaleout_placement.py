@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import urllib.request
 from typing import Any, Dict, Optional
 
 import pytest
@@ -254,3 +255,51 @@ def test_a_rolling_restart_of_both_daemons_loses_no_new_session(two_daemons, tmp
     print(f"sessions opened during the rolling restart: {opened}")
     assert not failed, failed
     assert sum(opened.values()) > 20 and len(opened) == 2, opened
+
+
+def test_one_bridge_places_browser_sessions_over_two_daemons(two_daemons, tmp_path, models_dir):
+    """A real bridge with cluster.daemons = both: pages spread over both daemons and all get finals;
+    one daemon killed: its pages get `unavailable` within 1 s, the others nothing, /healthz stays
+    200 with one daemon up of two, /metrics says which, and every new page goes to the survivor."""
+    import yaml
+
+    from bridge_procs import start_bridge
+    from test_scaleout_haproxy import asr_sessions, healthz, spoken
+
+    cfg = write_config(tmp_path / "bridge.yaml", models_dir, tmp_path / "bridge-run", agent={"kind": "echo"},
+                       bridge={"max_connections": 64, "max_connections_per_ip": 64})
+    data = yaml.safe_load(cfg.read_text())
+    data["cluster"] = {"daemons": [{"asr": a, "tts": t} for _, a, t, _ in two_daemons]}
+    cfg.write_text(yaml.safe_dump(data))
+    bridge = start_bridge(cfg, tmp_path / "bridge.log")
+    (_, asr_a, _, proc_a), (_, asr_b, _, _) = two_daemons
+    try:
+        async def go():
+            pages = await asyncio.gather(*[spoken(bridge.ws) for _ in range(12)])
+            counts = [await asyncio.to_thread(asr_sessions, ep) for ep in (asr_a, asr_b)]
+            assert counts == [6, 6], counts
+            for p in pages:  # the echo replies spoken (syntheses are placed too): only ASR sessions left
+                await p.wait(lambda: p.of("agent_done") and p.of("tts_end"), 20, "the reply spoken")
+            await asyncio.sleep(0.3)
+            proc_a.p.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            await asyncio.sleep(1.5)
+            hit = [p for p in pages if p.of("error")]
+            assert len(hit) == 6, [p.of("error") for p in pages]
+            for p in hit:
+                t, err = next((t, e) for t, e in p.events if isinstance(e, dict) and e.get("type") == "error")
+                assert err["code"] == "unavailable" and t - killed < 1.0, (err, t - killed)
+            status, body = await asyncio.to_thread(healthz, bridge.port)
+            assert status == 200 and body["daemon"]["daemons_up"] == 1 and body["daemon"]["daemons"] == 2, body
+            fresh = await asyncio.gather(*[spoken(bridge.ws) for _ in range(6)])
+            assert await asyncio.to_thread(asr_sessions, asr_b) == 12
+            metrics = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"{bridge.http}/metrics", timeout=5).read().decode())
+            assert f's2s_bridge_daemon_up{{daemon="0:{asr_a}"}} 0.0' in metrics, metrics[-3000:]
+            assert f's2s_bridge_daemon_up{{daemon="1:{asr_b}"}} 1.0' in metrics
+            for p in pages + fresh:
+                await p.close()
+
+        asyncio.run(asyncio.wait_for(go(), 120))
+    finally:
+        bridge.stop()

@@ -34,11 +34,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 async def serve(cfg: Config, stop: asyncio.Event) -> int:
     from aiohttp import web
 
-    from bridge.daemon_link import DaemonLink
+    from bridge.daemon_pool import daemon_link
     from bridge.openai_api.handler import Api
     from daemon.serving.notify import Notifier
 
-    link = DaemonLink(cfg)
+    link = daemon_link(cfg)
     await link.start()
     api = Api(cfg, link)
     await api.info.refresh(timeout=2.0, force=True)

@@ -43,13 +43,13 @@ def port_services(cfg: Config) -> Dict[int, FrozenSet[str]]:
 
 
 async def serve(cfg: Config, stop: asyncio.Event) -> int:
-    from bridge.daemon_link import DaemonLink
+    from bridge.daemon_pool import daemon_link
     from bridge.wyoming.handler import Catalog, Handler, max_event_bytes
     from daemon.serving.notify import Notifier
     from wyoming.error import Error
     from wyoming.event import async_write_event
 
-    link = DaemonLink(cfg)
+    link = daemon_link(cfg)
     await link.start()
     from bridge.speech import DaemonInfo
 
