@@ -1,4 +1,4 @@
-"""Agent clients (bridge/agents.py) against the FAKE LangGraph / OpenAI-compatible server
+"""Agent clients (bridge/agents/) against the FAKE LangGraph / OpenAI-compatible server
 (tests/fake_langgraph.py: a real local HTTP server) and the built-in echo agent."""
 
 from __future__ import annotations

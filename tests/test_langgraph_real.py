@@ -1,4 +1,4 @@
-"""The bridge's LangGraph agent (bridge/agents.py) against the REAL LangGraph server.
+"""The bridge's LangGraph agent (bridge/agents/langgraph.py) against the REAL LangGraph server.
 
 `langgraph dev` (langgraph-api, in-memory runtime) runs as a real process from ./.venv-langgraph
 (scripts/langgraph-venv.sh) and serves tests/langgraph_server/graph.py, whose model node is
