@@ -167,3 +167,56 @@ def test_curve_daemon_admits_its_clients_only_and_says_each_refusal_once(tmp_pat
         assert "(CURVE)" in log and "1 client key(s) admitted" in log
     finally:
         p.stop()
+
+
+def test_the_front_ends_and_ctl_speak_curve_with_the_keys_the_config_names(tmp_path, models_dir):
+    """The real clients: `s2s-ctl --config` (blocking) and a bridge (asyncio) with cluster.curve_dir
+    reach a CURVE daemon on tcp://; s2s-ctl with another installation's keys gets no answer; a
+    bridge whose config names plain tcp:// to a non-loopback daemon refuses to start."""
+    import asyncio
+
+    import yaml
+
+    from bridge_procs import start_bridge, write_config
+    from test_scaleout_haproxy import spoken
+
+    d = make_keys(tmp_path / "curve", "client")
+    other = make_keys(tmp_path / "other", "client")
+    asr, tts = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    p = DaemonProcess(tmp_path / "d", {"models_root": str(models_dir),
+                                       "daemon": {"asr_endpoint": asr, "tts_endpoint": tts},
+                                       "cluster": {"curve_dir": str(d)}}, watchdog_usec=10_000_000)
+    bridge = None
+    try:
+        p.wait_ready(60)
+        ctl = [sys.executable, "-m", "daemon.tools.ctl", "--config", str(p.config_path), "--timeout", "3", "health"]
+        r = subprocess.run(ctl, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        stranger = tmp_path / "stranger.yaml"
+        stranger.write_text(yaml.safe_dump({**p.config, "cluster": {"curve_dir": str(other)}}))
+        r = subprocess.run(ctl[:3] + ["--config", str(stranger), "--timeout", "2", "health"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0, r.stdout
+        cfg = write_config(tmp_path / "bridge.yaml", models_dir, tmp_path / "run", agent={"kind": "echo"})
+        data = yaml.safe_load(cfg.read_text())
+        data["daemon"].update(asr_endpoint=asr, tts_endpoint=tts)
+        data["cluster"] = {"curve_dir": str(d)}
+        cfg.write_text(yaml.safe_dump(data))
+        bridge = start_bridge(cfg, tmp_path / "bridge.log")
+
+        async def turn():
+            page = await spoken(bridge.ws)
+            await page.close()
+
+        asyncio.run(asyncio.wait_for(turn(), 60))
+        data["daemon"].update(asr_endpoint="tcp://10.255.0.1:5555")
+        data["cluster"] = {}
+        cfg.write_text(yaml.safe_dump(data))
+        r = subprocess.run([sys.executable, "-m", "bridge", "--config", str(cfg)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and "plain tcp:// to tcp://10.255.0.1:5555 (not loopback) is refused" in r.stderr, \
+            r.stderr[-2000:]
+    finally:
+        if bridge is not None:
+            bridge.stop()
+        p.stop()

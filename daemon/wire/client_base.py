@@ -12,6 +12,7 @@ import zmq
 
 from daemon.errors import ErrorCode
 from daemon.wire.client_core import DEFAULT_TIMEOUT, HWM, DaemonError, new_id
+from daemon.wire.curve import secure_client
 
 __all__ = ["DEFAULT_TIMEOUT", "HWM", "MONITOR_EVENTS", "DaemonError", "Reachability", "endpoint_error",
            "missing_endpoint", "new_id", "send_queue_full"]
@@ -28,6 +29,11 @@ def _socket(ctx: Any, endpoint: str, identity: bytes) -> Tuple[Any, Any]:
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, HWM)
     s.setsockopt(zmq.RCVHWM, HWM)
+    try:
+        secure_client(s, endpoint)  # CURVE keys on tcp:// (daemon/wire/curve.py)
+    except Exception:
+        s.close(linger=0)
+        raise
     monitor = s.get_monitor_socket(MONITOR_EVENTS)
     s.connect(endpoint)
     return s, monitor

@@ -193,12 +193,23 @@ def configure_clients(cfg: "Config") -> None:
     for d in c.daemons:
         if d.server_key:
             overrides[d.asr] = overrides[d.tts] = d.server_key
-    set_policy(client_policy(c.curve_dir, c.curve_client, c.allow_plain_tcp, overrides))
+    policy = client_policy(c.curve_dir, c.curve_client, c.allow_plain_tcp, overrides)
+    endpoints = [ep for d in c.daemons for ep in (d.asr, d.tts)] or [cfg.daemon.endpoint(w) for w in ("asr", "tts")]
+    for ep in endpoints:  # refused now, at start, rather than at the first connect
+        _check_plain(policy, ep)
+    set_policy(policy)
 
 
 def set_policy(policy: ClientPolicy) -> None:
     global _policy
     _policy = policy
+
+
+def _check_plain(p: ClientPolicy, endpoint: str) -> None:
+    """CurveError for plain tcp:// to a non-loopback address that the policy does not allow."""
+    if p.keys is None and endpoint.startswith("tcp://") and not is_loopback(endpoint) and not p.allow_plain_tcp:
+        raise CurveError(f"plain tcp:// to {endpoint} (not loopback) is refused: set cluster.curve_dir "
+                         "(keys from `s2s-ctl keys`) or, on a trusted network, cluster.allow_plain_tcp: true")
 
 
 def secure_client(sock: zmq.Socket, endpoint: str) -> None:
@@ -208,9 +219,7 @@ def secure_client(sock: zmq.Socket, endpoint: str) -> None:
         return
     p = _policy
     if p.keys is None:
-        if not is_loopback(endpoint) and not p.allow_plain_tcp:
-            raise CurveError(f"plain tcp:// to {endpoint} (not loopback) is refused: set cluster.curve_dir "
-                             "(keys from `s2s-ctl keys`) or, on a trusted network, cluster.allow_plain_tcp: true")
+        _check_plain(p, endpoint)
         return
     server = dict(p.servers).get(endpoint, p.keys.server)
     sock.curve_serverkey = server
