@@ -274,3 +274,57 @@ def test_the_limit_is_validated():
     with pytest.raises(ConfigError):
         parse_config({"limits": {"max_asr_load": 1.5}})
     assert parse_config({"limits": {"max_asr_load": 0}}).limits.max_asr_load == 0
+
+
+# --- a full-size pool's cost curve, measured at load (daemon/asr/calibrate.py) ---------------------
+
+def curved(curve: "tuple[float, float] | None", prior: float = 0.0225) -> "tuple[LoadModel, Clock]":
+    c = Clock()
+    return LoadModel(lambda: c.busy, c, lambda: prior, lambda: curve), c
+
+
+def test_a_fresh_daemon_admits_what_the_calibrated_curve_holds_not_the_tiny_prior():
+    # The issue's case: Paraformer-large, the tiny-model prior (0.0225 a stream) let a fresh
+    # daemon admit 40 streams where 2 fell behind. The pool's own measurement at load (one
+    # stream 0.3 of the worker, 4 streams 0.75: exponent 0.66) admits 4 under 0.9.
+    m, _ = curved((0.3, 0.66))
+    assert m.fit().capacity(0.9) == 5 and m.predict(4)[0] == pytest.approx(0.3 * 4 ** 0.66)
+    assert m.predict(6)[0] > 0.9
+    # Without a curve (small models) the prior prices a stream, exactly as before.
+    plain, _ = curved(None)
+    assert plain.fit().capacity(0.9) == 40
+
+
+def test_the_curve_never_prices_a_stream_below_the_prior():
+    m, _ = curved((0.001, 0.5), prior=0.05)
+    assert (m.fit().scale, m.fit().exponent) == (0.05, 1.0)
+
+
+def test_after_one_measured_count_the_calibrated_exponent_extrapolates_not_the_most_concave():
+    # One full-size stream measured at 0.3 of the worker: with the tiny models' 0.5 the fit
+    # predicted 8 streams under 0.9 (0.3 x 9 ** 0.5 = 0.9); with the calibrated 0.9, 3.
+    m, c = curved((0.25, 0.9))
+    run_window(m, c, streams=1, load=0.3)
+    f = m.fit()
+    assert f.exponent == pytest.approx(0.9) and f.load(1) == pytest.approx(0.3)
+    assert f.capacity(0.9) == 3
+    tiny, c2 = curved(None)
+    run_window(tiny, c2, streams=1, load=0.3)
+    assert tiny.fit().exponent == MIN_EXPONENT and tiny.fit().capacity(0.9) == 9
+
+
+def test_measured_counts_overrule_the_calibrated_exponent():
+    m, c = curved((0.25, 0.9))
+    for _ in range(3):
+        run_window(m, c, streams=1, load=0.2)
+        run_window(m, c, streams=4, load=0.4)
+    assert m.fit().exponent == pytest.approx(0.5, abs=1e-6)
+
+
+def test_calibration_curve_through_two_counts():
+    from daemon.asr.calibrate import curve
+
+    scale, p = curve(0.3, 0.3 * 4 ** 0.7, 4)
+    assert scale == pytest.approx(0.3) and p == pytest.approx(0.7)
+    assert curve(0.3, 0.3, 4)[1] == 0.5   # a flat measurement is held at the most concave believed
+    assert curve(0.3, 3.0, 4)[1] == 1.0   # and a superlinear one at a straight line

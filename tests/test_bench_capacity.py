@@ -113,8 +113,9 @@ def test_summarize_and_holds():
     assert cap.largest_holding([dict(s, streams=1), dict(s, streams=8), r]) == 8
     assert cap.largest_holding([r, t]) is None
     out = cap.print_capacity({"frame_ms": 60, "p95_limit_s": 1.0, "recordings": [{"id": "a", "seconds": 14.45}],
-                              "points": [s, t], "holds_up_to": 4})
+                              "points": [s, dict(t, load_avg=[1.52, 2.04])], "holds_up_to": 4})
     assert "holds up to N = 4" in out and "busy 3, no final answer 1" in out
+    assert "load avg" in out and "1.5-2.0" in out  # the machine's load beside each point
 
 
 # --- a real short sweep -----------------------------------------------------------------------

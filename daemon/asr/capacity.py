@@ -108,13 +108,14 @@ class Capacity:
     """The admission rules over every session's backlog; `limits` is read per call (reloadable)."""
 
     def __init__(self, limits: Callable[[], LimitsConfig], clock: Callable[[], float],
-                 busy: Callable[[], float] = lambda: 0.0):
+                 busy: Callable[[], float] = lambda: 0.0,
+                 curve: Callable[[], Optional[Tuple[float, float]]] = lambda: None):
         self.limits = limits
         self.clock = clock
         self.busy_open_lag = 0
         self.busy_open_load = 0
         self.audio_shed = 0
-        self.load = LoadModel(busy, clock, lambda: limits().asr_stream_cost)
+        self.load = LoadModel(busy, clock, lambda: limits().asr_stream_cost, curve)  # curve: the pool's, at load
         self._batch_seen = False  # this window carried other work than the streams' steady state
         self._lag_mark = 0.0      # the worst lag when the last window closed
 

@@ -32,7 +32,11 @@ behind real time (the worker was catching up: its load belonged to earlier, busi
 Admission (`Capacity.admit_open`) asks `predict(streams after the new one)`, counting the
 streams opened but not measured yet too, so a burst of opens at one instant cannot all be
 admitted into a worker that then falls behind. Before anything has been measured each stream
-costs `limits.asr_stream_cost` (a straight line: what a fresh daemon admits at once).
+costs `limits.asr_stream_cost` (a straight line: what a fresh daemon admits at once), unless
+the pool measured its own cost curve at load (`curve`: full-size FunASR models,
+daemon/asr/calibrate.py): then that curve, never below the line. The calibrated exponent is
+also the one taken while the observations span a single N (the tiny models' 0.5 would let a
+daemon that served one Paraformer-large stream admit eight).
 """
 
 from __future__ import annotations
@@ -86,10 +90,12 @@ class Fit:
 class LoadModel:
     """Measured worker load, and a fitted cost curve of real-time streams."""
 
-    def __init__(self, busy: Callable[[], float], clock: Callable[[], float], prior: Callable[[], float]):
+    def __init__(self, busy: Callable[[], float], clock: Callable[[], float], prior: Callable[[], float],
+                 curve: Callable[[], Optional[Tuple[float, float]]] = lambda: None):
         self.busy = busy
         self.clock = clock
         self.prior = prior
+        self.curve = curve  # (scale, exponent) the pool measured at load, or None
         self.load = 0.0              # busy fraction over the last complete window
         self.window_start = clock()  # start of the window being measured now
         self._busy0 = busy()
@@ -135,12 +141,15 @@ class LoadModel:
 
     def fit(self) -> Fit:
         w, sx, sy, sxx, sxy = self._sums
+        curve = self.curve()
         if w <= 0:
+            if curve is not None and curve[0] > self.prior():
+                return Fit(curve[0], min(1.0, max(MIN_EXPONENT, curve[1])))
             return Fit(max(self.prior(), 1e-4), 1.0)
         mx, my = sx / w, sy / w
         var = sxx / w - mx * mx
         if var < MIN_SPREAD:  # one N: the exponent cannot be measured
-            p = MIN_EXPONENT
+            p = MIN_EXPONENT if curve is None else min(1.0, max(MIN_EXPONENT, curve[1]))
         else:
             p = min(1.0, max(MIN_EXPONENT, (sxy / w - mx * my) / var))
         return Fit(max(math.exp(my - p * mx), 1e-4), p, math.exp(mx))

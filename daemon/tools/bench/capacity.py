@@ -313,7 +313,7 @@ async def _point(st: Stack, n: int, recs: Sequence[Recording], drain_timeout: fl
     stop = asyncio.Event()
     lag: dict[str, float] = {}
     poller = asyncio.create_task(_poll_lag(st, stop, lag))
-    d0, c0, t_start = _cpu(st.daemon_pid), _cpu(os.getpid()), time.monotonic()
+    d0, c0, t_start, la0 = _cpu(st.daemon_pid), _cpu(os.getpid()), time.monotonic(), os.getloadavg()[0]
     try:
         streams = await asyncio.gather(*(_open(c, r) for c, r in zip(clients, records)))
         t0 = time.monotonic() + START_DELAY_S
@@ -330,6 +330,9 @@ async def _point(st: Stack, n: int, recs: Sequence[Recording], drain_timeout: fl
     point = summarize(n, records, None if d0 is None or d1 is None else d1 - d0,
                       None if c0 is None or c1 is None else c1 - c0, wall, lag.get("max_lag_s"))
     point["admission"] = {k: v for k, v in lag.items() if k != "max_lag_s"}
+    # The machine's 1-minute load average at the point's start and end (`uptime`): on a shared
+    # machine CPU-s per audio-s is the figure contention disturbs least, latencies the most.
+    point["load_avg"] = [round(la0, 2), round(os.getloadavg()[0], 2)]
     return point
 
 
@@ -400,17 +403,22 @@ def print_capacity(r: dict[str, Any]) -> str:
                      fmt(lat["p95"], digits=2), fmt(cad["p50"], digits=2), fmt(cad["p95"], digits=2),
                      fmt(p["cpu_s_per_audio_s"], digits=3), fmt(p["daemon_cpu_percent"]),
                      fmt(p["client_cpu_percent"]), fmt(p["daemon_max_lag_s"], digits=1), p["late_frames"],
-                     _problems(p)])
+                     _load_avg(p), _problems(p)])
     secs = ", ".join(f"{x['seconds']:g}" for x in r["recordings"])
     warm = [w["streams"] for w in r.get("warmup") or []]
     after = f"; after a warm-up of {' then '.join(map(str, warm))} stream(s)" if warm else ""
     t = table(f"Capacity: real-time ASR streams straight at the daemon ({r['frame_ms']} ms frames; recordings "
               f"{secs} s{after})",
               ["N", "admitted", "busy", "final p50 s", "final p95 s", "partial gap p50 s", "p95 s",
-               "CPU-s/audio-s", "daemon CPU %", "client CPU %", "max lag s", "late frames", "errors"], rows)
+               "CPU-s/audio-s", "daemon CPU %", "client CPU %", "max lag s", "late frames", "load avg", "errors"], rows)
     n = r["holds_up_to"]
     verdict = f"holds up to N = {n}" if n is not None else "holds at no N in the sweep"
     return f"{t}\n{verdict} (every stream admitted, final latency p95 <= {r['p95_limit_s']:g} s)"
+
+
+def _load_avg(p: dict[str, Any]) -> str:
+    la = p.get("load_avg")
+    return f"{la[0]:.1f}-{la[1]:.1f}" if la else "-"
 
 
 def _problems(p: dict[str, Any]) -> str:

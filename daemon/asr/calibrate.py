@@ -1,0 +1,82 @@
+"""What one real-time stream costs a full-size FunASR pool, measured when it loads.
+
+Admission (daemon/asr/load.py) learns the cost of streams from the worker's measured load, but
+before it has measured anything it can only assume, and the assumption that fits the tiny
+models (`limits.asr_stream_cost`, 0.0225 of the worker per stream) let a fresh daemon admit 40
+streams of Paraformer-large where 2 fell behind. So a full-size pool times its own model calls
+once at load, on the worker, before any session: one streaming chunk for 1 and for
+`CALIBRATE_STREAMS` sessions at once (batched, daemon/asr/paraformer_stream.py), one offline
+decode of `DECODE_SECONDS`, and the VAD's 200 ms blocks. From those, the worker seconds per
+second of `n` real-time streams that speak all the time (the worst case):
+
+    cost(n) = chunk(n) / 0.6 s + n x (decode / DECODE_SECONDS + vad per second)
+
+and the power law through cost(1) and cost(CALIBRATE_STREAMS) is the curve admission starts
+from (`LoadModel(curve=...)`) until it has measured the real one. Small models are not
+calibrated: their cost is per-call overhead that the prior already describes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CALIBRATE_STREAMS = 4
+DECODE_SECONDS = 3.0
+CHUNK_SECONDS = 0.6
+WARM_CHUNKS = 2    # chunks run before the timed one (the first ones have no look-back yet)
+VAD_BLOCKS = 5     # 200 ms blocks timed: one second of one stream's VAD
+
+
+def curve(cost1: float, cost_n: float, n: int = CALIBRATE_STREAMS) -> Tuple[float, float]:
+    """(scale, exponent) of the power law through cost(1) and cost(n); exponent within [0.5, 1]
+    (pure)."""
+    scale = max(cost1, 1e-4)
+    p = math.log(max(cost_n, 1e-9) / scale) / math.log(n) if n > 1 else 1.0
+    return scale, min(1.0, max(0.5, p))
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(stream: Optional[Callable[[List[np.ndarray], List[Any]], Any]], decode: Callable[[List[np.ndarray]], Any],
+            vad: Callable[[np.ndarray, dict], Any], rate: int, chunk_samples: int) -> Tuple[float, float]:
+    """Time the pool's calls (run on its worker) on quiet noise; the (scale, exponent) curve.
+    `stream(chunks, caches)`: one batched streaming call, or None without partials;
+    `decode(audios)`: one offline decode; `vad(block, cache)`: one VAD block."""
+    rng = np.random.default_rng(0)
+    audio = (0.05 * rng.standard_normal(int(DECODE_SECONDS * rate))).astype(np.float32)
+    chunk = audio[:chunk_samples]
+
+    def chunk_time(n: int) -> float:
+        if stream is None:
+            return 0.0
+        caches: List[Any] = [{} for _ in range(n)]
+        call = stream
+        for _ in range(WARM_CHUNKS):
+            call([chunk] * n, caches)
+        return _timed(lambda: call([chunk] * n, caches))
+
+    chunk1, chunk_n = chunk_time(1), chunk_time(CALIBRATE_STREAMS)
+    decode([audio])  # first-call allocations
+    per_s = _timed(lambda: decode([audio])) / DECODE_SECONDS
+    cache: dict = {}
+    block = audio[:rate // 5]
+    vad_s = sum(_timed(lambda: vad(block, cache)) for _ in range(VAD_BLOCKS))
+    cost1 = chunk1 / CHUNK_SECONDS + per_s + vad_s
+    cost_n = chunk_n / CHUNK_SECONDS + CALIBRATE_STREAMS * (per_s + vad_s)
+    scale, p = curve(cost1, cost_n)
+    logger.info("asr calibration: a streaming chunk %.0f ms (%d at once: %.0f ms), a %g s decode %.0f ms, VAD %.0f ms "
+                "a second -> one stream %.3f of the worker, %d streams %.3f (load = %.3f x N ^ %.2f)",
+                1000 * chunk1, CALIBRATE_STREAMS, 1000 * chunk_n, DECODE_SECONDS, 1000 * per_s * DECODE_SECONDS,
+                1000 * vad_s, cost1, CALIBRATE_STREAMS, cost_n, scale, p)
+    return scale, p
