@@ -24,11 +24,9 @@ PROBE_TIMEOUT = 3.0
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="s2s-bridge", description="s2s browser bridge (websockets): page, /ws, /healthz")
-    p.add_argument("--config", help="YAML config (default: $S2S_CONFIG, /etc/s2s/s2s.yaml, repo etc/s2s.yaml)")
+    p = entry.parser("s2s-bridge", "s2s browser bridge (websockets): page, /ws, /healthz")
     p.add_argument("--agent", choices=KINDS, help="agent kind (default: agent.kind from the config)")
     p.add_argument("--probe-agent", action="store_true", help="check that the agent answers, then exit 0 or 1")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
 
@@ -47,24 +45,25 @@ async def _serve(bridge, stop: asyncio.Event) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+def probe(args: argparse.Namespace) -> int:
+    """--probe-agent: one line (nothing logged), exit 0 when the agent answers, else 1."""
     cfg = entry.load("s2s-bridge", args)
     if cfg is None:
         return 2
+    from bridge.agents import probe_agent
+
+    ok, why = asyncio.run(probe_agent(cfg.agent, args.agent, timeout=PROBE_TIMEOUT))
+    print(f"s2s-bridge: {why}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     if args.probe_agent:
-        from bridge.agents import probe_agent
-
-        ok, why = asyncio.run(probe_agent(cfg.agent, args.agent, timeout=PROBE_TIMEOUT))
-        print(f"s2s-bridge: {why}", file=sys.stdout if ok else sys.stderr)
-        return 0 if ok else 1
-    from bridge.auth import open_to_network_without_token
-
-    if open_to_network_without_token(cfg.bridge.host, cfg.bridge.token):
-        return entry.refuse("s2s-bridge", cfg, "bridge.token",
-                            f"must be set when bridge.host ({cfg.bridge.host}) is not a loopback address: anyone "
-                            f"who can reach it would use the agent and the daemon")
-    entry.setup_logging(cfg, args.verbose)
+        return probe(args)
+    cfg = entry.start("s2s-bridge", args, "bridge.host", "bridge.token", "the agent and the daemon")
+    if isinstance(cfg, int):
+        return cfg
     # httpx logs every request at INFO: one per agent turn is noise in the bridge's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from bridge.server import Bridge
@@ -72,11 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bridge = Bridge(cfg, agent_kind=args.agent)
     if bridge.echo_fallback:
         logger.warning("%s", bridge.notice)
-    try:
-        return entry.run_until_signal(lambda stop: _serve(bridge, stop))
-    except OSError as e:
-        logger.error("s2s-bridge: cannot serve on %s:%d: %s", cfg.bridge.host, cfg.bridge.port, e)
-        return 1
+    return entry.serve("s2s-bridge", f"{cfg.bridge.host}:{cfg.bridge.port}", lambda stop: _serve(bridge, stop))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from daemon import devices
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import Config
 from daemon.engines import ASRPool, Fallback, TTSEngine
 from daemon.errors import S2SError
+from daemon.serving import entry
 from daemon.serving.notify import Notifier
 
 logger = logging.getLogger("daemon")
@@ -72,26 +73,21 @@ def check_config(cfg: Config) -> int:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="s2s-speechd", description="s2s speech daemon (FunASR ASR + MeloTTS TTS over ZeroMQ)")
-    p.add_argument("--config", help="YAML config (default: $S2S_CONFIG, /etc/s2s/s2s.yaml, repo etc/s2s.yaml)")
+    p = entry.parser("s2s-speechd", "s2s speech daemon (FunASR ASR + MeloTTS TTS over ZeroMQ)")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit without loading models")
     p.add_argument("--strict", action="store_true", help="refuse to start when configured weights are absent")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"s2s-speechd: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = entry.load("s2s-speechd", args)
+    if cfg is None:
+        return entry.CONFIG_ERROR
     if args.check_config:
         return check_config(cfg)
     devices.quiet_thread_pools()  # before any model library loads its OpenMP runtime
-    logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(logging, cfg.logging.level),
-                        format=cfg.logging.format)
+    entry.setup_logging(cfg, args.verbose)
     return run(cfg, strict=args.strict or cfg.daemon.strict)
 
 

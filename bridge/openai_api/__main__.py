@@ -25,10 +25,7 @@ STOP_TIMEOUT = 5.0
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="s2s-openai", description="OpenAI audio API (/v1/audio/...) for s2s")
-    p.add_argument("--config", help="YAML config (default: $S2S_CONFIG, /etc/s2s/s2s.yaml, repo etc/s2s.yaml)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    return entry.parser("s2s-openai", "OpenAI audio API (/v1/audio/...) for s2s").parse_args(argv)
 
 
 async def serve(cfg: Config, stop: asyncio.Event) -> int:
@@ -61,22 +58,10 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    cfg = entry.load("s2s-openai", args)
-    if cfg is None:
-        return 2
-    from bridge.auth import open_to_network_without_token
-
-    if open_to_network_without_token(cfg.openai_api.host, cfg.openai_api.api_key):
-        return entry.refuse("s2s-openai", cfg, "openai_api.api_key",
-                            f"must be set when openai_api.host ({cfg.openai_api.host}) is not a loopback address: "
-                            f"anyone who can reach it would use the daemon")
-    entry.setup_logging(cfg, args.verbose)
-    try:
-        return entry.run_until_signal(lambda stop: serve(cfg, stop))
-    except OSError as e:
-        logger.error("s2s-openai: cannot serve on %s:%d: %s", cfg.openai_api.host, cfg.openai_api.port, e)
-        return 1
+    cfg = entry.start("s2s-openai", parse_args(argv), "openai_api.host", "openai_api.api_key", "the daemon")
+    if isinstance(cfg, int):
+        return cfg
+    return entry.serve("s2s-openai", f"{cfg.openai_api.host}:{cfg.openai_api.port}", lambda stop: serve(cfg, stop))
 
 
 if __name__ == "__main__":

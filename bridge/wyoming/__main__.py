@@ -28,10 +28,7 @@ STOP_TIMEOUT = 5.0
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="s2s-wyoming", description="Wyoming protocol server (Home Assistant) for s2s")
-    p.add_argument("--config", help="YAML config (default: $S2S_CONFIG, /etc/s2s/s2s.yaml, repo etc/s2s.yaml)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    return entry.parser("s2s-wyoming", "Wyoming protocol server (Home Assistant) for s2s").parse_args(argv)
 
 
 def port_services(cfg: Config) -> Dict[int, FrozenSet[str]]:
@@ -107,21 +104,15 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    cfg = entry.load("s2s-wyoming", args)
-    if cfg is None:
-        return 2
-    entry.setup_logging(cfg, args.verbose)
+    cfg = entry.start("s2s-wyoming", parse_args(argv))
+    if isinstance(cfg, int):
+        return cfg
     from bridge.auth import is_loopback
 
     if not is_loopback(cfg.wyoming.host):
         logger.warning("listening on %s: Wyoming has no authentication, anyone who can reach these ports may use "
                        "the speech daemon (firewall them to the Home Assistant host)", cfg.wyoming.host)
-    try:
-        return entry.run_until_signal(lambda stop: serve(cfg, stop))
-    except OSError as e:
-        logger.error("s2s-wyoming: cannot serve on %s: %s", cfg.wyoming.host, e)
-        return 1
+    return entry.serve("s2s-wyoming", cfg.wyoming.host, lambda stop: serve(cfg, stop))
 
 
 if __name__ == "__main__":
