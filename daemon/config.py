@@ -16,11 +16,13 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import yaml
 
 from daemon.config_frontends import AgentConfig, BridgeConfig, OpenAIAPIConfig, WyomingConfig
+from daemon.errors import S2SError
+from daemon.rules import LANGUAGES, SPOKEN_LANGUAGES, check_speed, clean_hotwords
 
 DEFAULT_CONFIG_PATHS = ("/etc/s2s/s2s.yaml",)
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "s2s.yaml"
@@ -245,17 +247,17 @@ CHOICES = {
     "asr.engine": ("funasr", "whisper"),
     "asr.fallback_engine": ("whisper", "funasr", "none"),
     "asr.dtype": ("auto", "float16", "float32"),
-    "asr.language": ("zh", "en", "auto"),
+    "asr.language": LANGUAGES,
     "asr.whisper.compute_type": ("int8", "int8_float16", "float16", "float32", "default"),
     "tts.engine": ("melo", "kokoro", "piper", "kokoro+piper"),
     "tts.fallback_engine": ("kokoro+piper", "kokoro", "piper", "melo", "none"),
-    "tts.language": ("ZH", "EN"),
+    "tts.language": tuple(lang.upper() for lang in SPOKEN_LANGUAGES),
     "agent.kind": ("langgraph", "openai", "echo"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 DEVICE_KEYS = ("asr.device", "tts.device", "tts.fallback_device")
 POSITIVE = (
-    "daemon.drain_timeout", "daemon.hwm", "asr.partial_interval", "tts.speed",
+    "daemon.drain_timeout", "daemon.hwm", "asr.partial_interval",
     "tts.sample_rate", "bridge.max_connections", "bridge.max_message_bytes", "agent.timeout",
     "bridge.send_queue_bytes", "bridge.slow_client_timeout", "bridge.max_connections_per_ip",
     "bridge.login_timeout", "bridge.idle_timeout", "bridge.max_turns_per_minute", "bridge.max_reply_chars",
@@ -268,6 +270,15 @@ POSITIVE = (
     "wyoming.max_connections", "openai_api.max_upload_bytes", "openai_api.max_concurrent_requests",
     "asr.whisper.beam_size", "tts.kokoro.speed",
 )
+
+
+# Defaults of what a request may also carry: each passes the request's own rule (daemon/rules.py)
+# and is stored as the rule returns it, so a bad default fails config load or SIGHUP, not every
+# request that would have used it.
+REQUEST_RULES: Dict[str, Callable[[Any], Any]] = {
+    "tts.speed": check_speed,
+    "asr.hotwords": lambda words: tuple(clean_hotwords(words)),
+}
 
 
 # --- loading ------------------------------------------------------------------------
@@ -333,6 +344,17 @@ def _get(cfg: Config, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _apply_request_rules(cfg: Config) -> Config:
+    for key, rule in REQUEST_RULES.items():
+        section, name = key.split(".")
+        try:
+            value = rule(_get(cfg, key))
+        except S2SError as e:
+            raise ConfigError(key, e.message, cfg.source) from None
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+    return cfg
 
 
 def _validate(cfg: Config) -> None:
@@ -439,7 +461,7 @@ def parse_config(data: Any, source: str = "<config>", env: Optional[Mapping[str,
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     overrides = _apply_env(data, env)
     cfg = _build(Config, data, "", source)
-    cfg = dataclasses.replace(cfg, source=source, overrides=overrides)
+    cfg = _apply_request_rules(dataclasses.replace(cfg, source=source, overrides=overrides))
     _validate(cfg)
     return cfg
 

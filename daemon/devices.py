@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import MutableMapping, Optional, Sequence, Tuple
+from typing import Callable, MutableMapping, Optional, Sequence, Tuple, TypeVar
+
+from daemon.errors import EngineError, S2SError
 
 logger = logging.getLogger(__name__)
 
@@ -175,3 +177,60 @@ def is_cuda_error(exc: BaseException) -> bool:
         or "CUBLAS" in text
         or "cuDNN" in text
     )
+
+
+# --- the CUDA -> fallback device guard, for every engine ------------------------------------------
+
+T = TypeVar("T")
+Note = Callable[[str, str, str], None]  # (from device, to device, reason): record a fallback taken
+
+
+def load_with_fallback(requested: str, dtype: str, what: str, load: Callable[[str, str], None], note: Note,
+                       to: str = "cpu", any_error: bool = False) -> DeviceChoice:
+    """Resolve `requested` (noting a fallback when it cannot be had), then `load(device, dtype)`.
+    When that load fails on CUDA with a CUDA error (or, `any_error`, with any error but an
+    S2SError), note it and load once more on `to` (float32). Returns where it loaded. A failure
+    that is not retried is raised as it came, or, with `any_error`, as EngineError."""
+    choice = resolve(requested, dtype, what=what)
+    if choice.fallback_reason:
+        note(requested, choice.device, choice.fallback_reason)
+    try:
+        load(choice.device, choice.dtype)
+        return choice
+    except S2SError:
+        raise
+    except Exception as e:
+        retry = choice.is_cuda and to != choice.device and (any_error or is_cuda_error(e))
+        if not retry:
+            if any_error:
+                raise EngineError(f"{what}: load on {choice.device} failed: {e}") from e
+            raise
+        logger.warning("%s: load on %s failed (%s); falling back to %s", what, choice.device, e, to)
+        note(choice.device, to, f"CUDA error loading models: {e}" if is_cuda_error(e) else str(e))
+    load(to, "float32")
+    return DeviceChoice(to, "float32", requested, "load failed", to)
+
+
+def run_with_fallback(run: Callable[[], T], name: str, what: str, device: str, to: str, move: Callable[[], None],
+                      note: Callable[[str], None], passthrough: Tuple[type[BaseException], ...] = (S2SError,)) -> T:
+    """run() for engine `name`; after a CUDA error on `device`, note the reason ("CUDA error during
+    <what>: ..."), move() the models to `to` once and run again. `passthrough` errors are raised
+    as they came; any other failure is logged and raised as EngineError ("<what> failed: ...")."""
+    try:
+        return run()
+    except passthrough:
+        raise
+    except Exception as e:
+        if not (device.startswith("cuda") and is_cuda_error(e)) or device == to:
+            logger.exception("%s: %s failed", name, what)
+            raise EngineError(f"{what} failed: {e}") from e
+        logger.warning("%s: CUDA error during %s on %s (%s); moving to %s", name, what, device, e, to)
+        note(f"CUDA error during {what}: {e}")
+        move()
+    try:
+        return run()
+    except passthrough:
+        raise
+    except Exception as e2:
+        logger.exception("%s: %s failed on %s after the fallback", name, what, to)
+        raise EngineError(f"{what} failed: {e2}") from e2

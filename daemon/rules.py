@@ -11,8 +11,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from daemon.errors import ErrorCode, S2SError
 
-# ASR and TTS request languages ("auto" = detect).
-LANGUAGES = ("zh", "en", "auto")
+# The languages s2s speaks and recognises, and those a request may ask for ("auto" = detect or,
+# for TTS, choose per sentence). The one list: config choices, engines' capabilities and the
+# front ends import these.
+SPOKEN_LANGUAGES = ("zh", "en")
+LANGUAGES = SPOKEN_LANGUAGES + ("auto",)
 # Hotwords: at most this many words, each at most this many characters (SeACo biases on short terms).
 MAX_HOTWORDS = 100
 MAX_HOTWORD_CHARS = 32

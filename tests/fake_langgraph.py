@@ -30,7 +30,6 @@ with their send times, and whether the client disconnected before the end.
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
 import select
@@ -40,6 +39,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from daemon.tools.bench_agent import AgentServer, JSONHandler
 
 Script = Union[Sequence[str], Callable[[str, int], str]]
 
@@ -77,18 +78,7 @@ class _ClientGone(Exception):
     pass
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address) -> None:
-        # A client that drops a keep-alive connection is normal here (barge-in tests).
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (ConnectionError, OSError)):
-            super().handle_error(request, client_address)
-
-
-class FakeAgentServer:
+class FakeAgentServer(AgentServer):
     def __init__(self, script: Script = ("好的。",), token_delay: float = 0.0, first_token_delay: float = 0.0,
                  host: str = "127.0.0.1", port: int = 0):
         self.script = script
@@ -102,36 +92,7 @@ class FakeAgentServer:
         self.requests: List[str] = []   # "METHOD /path" of every request
         self.requests_bodies: List[dict] = []   # JSON bodies of chat-completions requests
         self._lock = threading.Lock()
-        server = self
-
-        class Handler(_Handler):
-            srv = server
-
-        self.httpd = _Server((host, port), Handler)
-        self._thread: Optional[threading.Thread] = None
-
-    # --- lifecycle ---
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> "FakeAgentServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-agent", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self) -> "FakeAgentServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(_Handler, host, port)   # url, start/stop, with: daemon/tools/bench_agent.py
 
     def reset(self, **settings) -> None:
         """Forget recorded runs; set script / token_delay / fail_mode / fail_after etc."""
@@ -164,13 +125,9 @@ class FakeAgentServer:
         return replies[turn % len(replies)]
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     srv: FakeAgentServer
-    protocol_version = "HTTP/1.1"
     server_version = "fake-langgraph/1"
-
-    def log_message(self, format, *args):  # keep pytest output clean
-        pass
 
     # --- plumbing ---
 
@@ -182,14 +139,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             d = None
         return d if isinstance(d, dict) else {}
-
-    def _json(self, status: int, obj) -> None:
-        raw = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
 
     def _client_gone(self) -> bool:
         """True when the peer has closed its end (readable with EOF)."""

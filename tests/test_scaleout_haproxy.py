@@ -183,3 +183,115 @@ def test_haproxy_spreads_sessions_over_two_bridges_and_fails_over(stack):
 
     counts, out_after = asyncio.run(asyncio.wait_for(go(), 180))
     print(f"sessions per bridge {counts}; HAProxy took the dead daemon's bridge out after {out_after:.1f} s")
+
+
+# --- both bridges over both daemons (cluster.daemons): the issue's layout ------------------------
+
+
+@pytest.fixture
+def mesh(tmp_path, models_dir):
+    """Two daemons; two bridges, each placing over both; HAProxy (the shipped file) in front."""
+    import yaml
+
+    if shutil.which("haproxy") is None:
+        pytest.fail("haproxy is not installed (apt-get install haproxy; .ci/run installs it)")
+    procs: Dict[str, Proc] = {}
+    try:
+        daemons = []
+        for name in ("a", "b"):
+            d = tmp_path / name
+            d.mkdir()
+            cfg = write_config(d / "s2s.yaml", models_dir, d / "run", limits={"max_sessions": 64, "max_asr_load": 0})
+            procs[f"daemon-{name}"] = start_daemon(cfg, d / "daemon.log", fake_engines=True, timeout=60)
+            daemons.append({"asr": f"ipc://{d}/run/asr.sock", "tts": f"ipc://{d}/run/tts.sock", "cfg": cfg, "dir": d})
+        ports = []
+        for name in ("b1", "b2"):
+            cfg = write_config(tmp_path / f"{name}.yaml", models_dir, tmp_path / f"{name}-run", agent={"kind": "echo"},
+                               bridge={"max_connections": 64, "max_connections_per_ip": 64})
+            data = yaml.safe_load(cfg.read_text())
+            data["cluster"] = {"daemons": [{"asr": x["asr"], "tts": x["tts"]} for x in daemons]}
+            cfg.write_text(yaml.safe_dump(data))
+            procs[name] = start_bridge(cfg, tmp_path / f"{name}.log")
+            ports.append(procs[name].port)
+        port = free_port()
+        conf = haproxy_config(tmp_path, port, ports)
+        procs["haproxy"] = Proc("haproxy", ["haproxy", "-db", "-f", str(conf)], tmp_path / "haproxy.log", None)
+        deadline = time.monotonic() + 15
+        while set(server_status(tmp_path / "admin.sock").values()) != {"UP"}:
+            assert time.monotonic() < deadline and procs["haproxy"].alive(), procs["haproxy"].text()[-2000:]
+            time.sleep(0.2)
+        yield {"procs": procs, "daemons": daemons, "ws": f"ws://127.0.0.1:{port}/ws", "admin": tmp_path / "admin.sock"}
+    finally:
+        for p in reversed(list(procs.values())):
+            p.stop()
+
+
+async def _drain_then_restart(mesh, name: str) -> None:
+    """SIGTERM daemon `name` while a slow synthesis keeps it draining (1 s, refusing new sessions),
+    then start it again and wait until it answers."""
+    from daemon.wire.client import AsyncTTSClient
+
+    i = "ab".index(name)
+    d = mesh["daemons"][i]
+    async with AsyncTTSClient(d["tts"], timeout=5.0) as c:
+        slow = await c.synthesize_stream(text="[slow]一。" * 10)
+        await slow.end()
+        await asyncio.sleep(0.1)
+        old = mesh["procs"][f"daemon-{name}"]
+        old.p.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(old.p.wait, 15) == 0
+    mesh["procs"][f"daemon-{name}"] = await asyncio.to_thread(
+        start_daemon, d["cfg"], d["dir"] / f"daemon-{time.monotonic():.0f}.log", True, 60)
+
+
+def test_both_bridges_over_both_daemons_behind_haproxy_kill_and_rolling_restart(mesh):
+    a, b = mesh["daemons"]
+
+    async def go():
+        pages = await asyncio.gather(*[spoken(mesh["ws"]) for _ in range(SESSIONS)])
+        counts = [await asyncio.to_thread(asr_sessions, d["asr"]) for d in (a, b)]
+        assert sum(counts) == SESSIONS and min(counts) >= SESSIONS // 4, counts
+        for p in pages:  # the echo replies spoken: only the ASR sessions are left on the daemons
+            await p.wait(lambda: p.of("agent_done") and p.of("tts_end"), 30, "the reply spoken")
+        await asyncio.sleep(0.3)
+        mesh["procs"]["daemon-a"].p.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await asyncio.sleep(1.5)
+        hit = [p for p in pages if p.of("error")]
+        assert len(hit) == counts[0], (counts, [p.of("error") for p in pages])
+        for p in hit:
+            t, err = next((t, e) for t, e in p.events if isinstance(e, dict) and e.get("type") == "error")
+            assert err["code"] == "unavailable" and t - killed < 1.0, (err, t - killed)
+        before = await asyncio.to_thread(asr_sessions, b["asr"])
+        fresh = await asyncio.gather(*[spoken(mesh["ws"]) for _ in range(SESSIONS // 2)])
+        assert await asyncio.to_thread(asr_sessions, b["asr"]) == before + len(fresh)  # all on the survivor
+        assert set((await asyncio.to_thread(server_status, mesh["admin"])).values()) == {"UP"}  # both bridges serve
+        for p in pages + fresh:
+            await p.close()
+        # a rolling restart: a back first (it was killed), then b drained and restarted, then a
+        mesh["procs"]["daemon-a"] = await asyncio.to_thread(start_daemon, a["cfg"], a["dir"] / "daemon2.log", True, 60)
+        stop = asyncio.Event()
+        done, failed = [0], []
+
+        async def users():
+            while not stop.is_set():
+                try:
+                    page = await spoken(mesh["ws"])
+                    await page.close()
+                    done[0] += 1
+                except AssertionError as e:
+                    failed.append(str(e)[:1500])
+
+        tasks = [asyncio.create_task(users()) for _ in range(3)]
+        await asyncio.sleep(1.0)
+        for name in ("b", "a"):
+            await _drain_then_restart(mesh, name)
+            await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return counts, done[0], failed
+
+    counts, done, failed = asyncio.run(asyncio.wait_for(go(), 240))
+    print(f"sessions per daemon {counts}; {done} sessions during the rolling restart, {len(failed)} failed")
+    assert not failed, failed
+    assert done >= 6, done

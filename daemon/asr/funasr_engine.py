@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from daemon import devices
-from daemon.engines import Capabilities, EngineInfo, Fallback
+from daemon.engines import Capabilities, EngineInfo
 from daemon.errors import EngineError, ModelMissingError, S2SError
 from daemon.serving.workers import extend_budget
 from daemon.asr.base import Decode, PoolBase, SentenceEnd, Steps, StreamChunk, StreamingEngine, join_cjk
@@ -57,7 +57,6 @@ class FunASRConfig:
     device: str = "cpu"
     dtype: str = "auto"
     language: str = "zh"
-    hotwords: Tuple[str, ...] = ()
     partials: bool = True
     partial_interval: float = 0.6
     max_utterance_seconds: float = 30.0
@@ -75,7 +74,7 @@ class FunASRConfig:
             punc_dir=cfg.model_path(f.punc) if f.punc else None,
             streaming_dir=cfg.model_path(f.streaming) if f.streaming else None,
             device=cfg.asr.device, dtype=cfg.asr.dtype, language=cfg.asr.language,
-            hotwords=tuple(cfg.asr.hotwords), partials=cfg.asr.partials,
+            partials=cfg.asr.partials,
             partial_interval=cfg.asr.partial_interval,
             max_utterance_seconds=cfg.limits.max_utterance_seconds,
             idle_timeout=cfg.limits.idle_timeout, ncpu=devices.cpu_threads(cfg.asr.ncpu, "funasr"))
@@ -125,20 +124,9 @@ class FunASRPool(PoolBase):
         t0 = time.monotonic()
         self.vad = FsmnVAD(c.vad_dir, ncpu=c.ncpu)
         self.vad.load()
-        choice = devices.resolve(c.device, c.dtype, what="asr.funasr")
-        if choice.fallback_reason:
-            self.fallbacks.append(Fallback("asr.device", c.device, choice.device, choice.fallback_reason, "load"))
-        try:
-            self._load_models(choice.device, choice.dtype)
-        except Exception as e:
-            if not (choice.is_cuda and devices.is_cuda_error(e)):
-                raise
-            self._note_fallback(choice.device, "cpu", f"CUDA error loading models: {e}", "load")
-            self._load_models("cpu", "float32")
+        devices.load_with_fallback(c.device, c.dtype, "asr.funasr", self._load_models,
+                                   lambda src, dst, why: self._note_fallback(src, dst, why, "load"))
         self._loaded = True
-        if self.config.hotwords and not self.capabilities().hotwords:
-            logger.warning("%s: asr.hotwords is set but %s cannot use hotwords; the defaults are not applied",
-                           self.name, self.model_label())
         logger.info("funasr: loaded %s (%s) on %s/%s in %.1f s; punctuation %s; partials %s",
                     c.paraformer_dir, self.asr_class, self.device, self.dtype, time.monotonic() - t0,
                     "on" if self._punc is not None else "off", "on" if self._stream is not None else "off")
@@ -187,23 +175,16 @@ class FunASRPool(PoolBase):
 
     def _guarded(self, what: str, fn: Any, *args: Any) -> Any:
         """Run fn; after a CUDA error reload everything on the CPU once and retry."""
-        try:
+        def run() -> Any:
             with self._autocast():
                 return fn(*args)
-        except S2SError:
-            raise
-        except Exception as e:
-            if self.device.startswith("cuda") and devices.is_cuda_error(e):
-                self._note_fallback(self.device, "cpu", f"CUDA error during {what}: {e}", "recognition")
-                extend_budget(RELOAD_BUDGET_SECONDS)  # a model reload is a legitimately long call
-                self._load_models("cpu", "float32")
-                try:
-                    return fn(*args)
-                except Exception as e2:
-                    logger.exception("funasr: %s failed on cpu after fallback", what)
-                    raise EngineError(f"{what} failed: {e2}") from e2
-            logger.exception("funasr: %s failed", what)
-            raise EngineError(f"{what} failed: {e}") from e
+
+        def to_cpu() -> None:
+            extend_budget(RELOAD_BUDGET_SECONDS)  # a model reload is a legitimately long call
+            self._load_models("cpu", "float32")
+
+        return devices.run_with_fallback(run, self.name, what, self.device, "cpu", to_cpu,
+                                         lambda why: self._note_fallback(self.device, "cpu", why, "recognition"))
 
     def decode(self, audio: np.ndarray, hotwords: Sequence[str] = ()) -> str:
         """Offline Paraformer on one utterance, then punctuation; plain text."""
@@ -354,7 +335,7 @@ class FunASREngine(StreamingEngine):
         self._since_partial = 0
         self._generation = pool.generation
         super().__init__(pool, session_id, language or c.language,
-                         _default_hotwords(pool) if hotwords is None else hotwords,
+                         hotwords or (),  # the daemon decides a session's hotwords (asr/sessions.py)
                          c.partials if partials is None else partials,
                          c.max_utterance_seconds if max_utterance_seconds is None else max_utterance_seconds)
         self.partials = self.partials and pool.has_partials
@@ -392,9 +373,3 @@ class FunASREngine(StreamingEngine):
 def _stream_error(e: Exception) -> S2SError:
     """A session's own streaming failure, as the error its client gets."""
     return e if isinstance(e, S2SError) else EngineError(f"streaming recognition failed: {e}")
-
-
-def _default_hotwords(pool: FunASRPool) -> List[str]:
-    """Config-wide hotwords apply only where the model can use them (the pool logged a
-    warning at load otherwise); hotwords a session asks for are never dropped silently."""
-    return list(pool.config.hotwords) if pool.capabilities().hotwords else []

@@ -228,23 +228,17 @@ class ASRSessions:
     # --- the session task --------------------------------------------------------------------
 
     def _engine_open(self, s: Session) -> ASRSession:
-        """On the worker: the session's engine, with this moment's reloadable settings."""
+        """On the worker: the session's engine, with this moment's reloadable settings. The one
+        place a session's hotwords are decided (protocol.Open): its own (() = none), else the live
+        asr.hotwords where the engine can use them; the engine is always given the list."""
         cfg = self.cfg()
-        hotwords = s.hotwords if s.hotwords is not None else (cfg.asr.hotwords or None)
-
-        def open_with(words: Optional[List[str]]) -> ASRSession:
-            return self.pool.open(s.session_id, language=s.language or cfg.asr.language, hotwords=words,
-                                  partials=s.partials, partial_interval=cfg.asr.partial_interval,
-                                  max_utterance_seconds=cfg.limits.max_utterance_seconds)
-
-        try:
-            return self._speculate(s, open_with(list(hotwords) if hotwords else None))
-        except S2SError as e:
-            if e.code == ErrorCode.UNSUPPORTED and s.hotwords is None and hotwords:
-                # The configured defaults do not fit this model: serve without them.
-                logger.warning("session %s: default hotwords unusable (%s); opening without", s.session_id, e)
-                return self._speculate(s, open_with(None))
-            raise
+        if s.hotwords is not None:
+            words = list(s.hotwords)
+        else:
+            words = list(cfg.asr.hotwords) if self.info().capabilities.hotwords else []
+        return self._speculate(s, self.pool.open(
+            s.session_id, language=s.language or cfg.asr.language, hotwords=words, partials=s.partials,
+            partial_interval=cfg.asr.partial_interval, max_utterance_seconds=cfg.limits.max_utterance_seconds))
 
     def _speculate(self, s: Session, engine: ASRSession) -> ASRSession:
         """Tentative decodes after turn.early_silence, for a session that asked for them."""

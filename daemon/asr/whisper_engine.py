@@ -33,8 +33,7 @@ from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Seq
 import numpy as np
 
 from daemon import devices
-from daemon.engines import Capabilities, EngineInfo, Fallback
-from daemon.errors import EngineError, S2SError
+from daemon.engines import Capabilities, EngineInfo
 from daemon.serving.workers import extend_budget
 from daemon.asr.base import Decode, PoolBase, Steps, StreamingEngine
 from daemon.asr.load import LOAD_WINDOW_SECONDS
@@ -93,7 +92,6 @@ class WhisperConfig:
     compute_type: str = "int8"
     beam_size: int = 5
     language: str = "zh"
-    hotwords: Tuple[str, ...] = ()
     max_utterance_seconds: float = 30.0
     idle_timeout: float = 60.0
     ncpu: int = 2
@@ -104,7 +102,7 @@ class WhisperConfig:
         w = cfg.asr.whisper
         return cls(model_dir=cfg.model_path(w.model), vad_dir=cfg.model_path(w.vad), device=cfg.asr.device,
                    dtype=cfg.asr.dtype, compute_type=w.compute_type, beam_size=w.beam_size,
-                   language=cfg.asr.language, hotwords=tuple(cfg.asr.hotwords),
+                   language=cfg.asr.language,
                    max_utterance_seconds=cfg.limits.max_utterance_seconds,
                    idle_timeout=cfg.limits.idle_timeout, ncpu=devices.cpu_threads(cfg.asr.ncpu, "whisper"),
                    partial_interval=w.partial_interval if cfg.asr.partials else 0.0)
@@ -158,20 +156,9 @@ class WhisperPool(PoolBase):
         t0 = time.monotonic()
         self.vad = FsmnVAD(c.vad_dir, ncpu=1)  # torch's threads, for small calls: one (devices.AUTO_THREADS)
         self.vad.load()
-        choice = devices.resolve(c.device, c.dtype, what="asr.whisper")
-        if choice.fallback_reason:
-            self.fallbacks.append(Fallback("asr.device", c.device, choice.device, choice.fallback_reason, "load"))
-        try:
-            self._load_model(choice.device, choice.dtype)
-        except Exception as e:
-            if not (choice.is_cuda and devices.is_cuda_error(e)):
-                raise
-            self._note_fallback(choice.device, "cpu", f"CUDA error loading Whisper: {e}", "load")
-            self._load_model("cpu", "float32")
+        devices.load_with_fallback(c.device, c.dtype, "asr.whisper", self._load_model,
+                                   lambda src, dst, why: self._note_fallback(src, dst, why, "load"))
         self._loaded = True
-        if self.config.hotwords and not self.capabilities().hotwords:
-            logger.warning("%s: asr.hotwords is set but %s cannot use hotwords; the defaults are not applied",
-                           self.name, self.model_label())
         logger.info("whisper: loaded %s on %s (%s) in %.1f s", c.model_dir, self.device, self.compute_type,
                     time.monotonic() - t0)
 
@@ -197,21 +184,12 @@ class WhisperPool(PoolBase):
     def _guarded(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args); after a CUDA error reload Whisper on the CPU once and retry. Other failures
         are logged and raised as EngineError."""
-        try:
-            return fn(*args)
-        except S2SError:
-            raise
-        except Exception as e:
-            if self.device.startswith("cuda") and devices.is_cuda_error(e):
-                self._note_fallback(self.device, "cpu", f"CUDA error during recognition: {e}", "recognition")
-                extend_budget(RELOAD_BUDGET_SECONDS)  # a model reload is a legitimately long call
-                self._load_model("cpu", "float32")
-                try:
-                    return fn(*args)
-                except Exception as e2:
-                    raise EngineError(f"{what} failed: {e2}") from e2
-            logger.exception("whisper: %s failed", what)
-            raise EngineError(f"{what} failed: {e}") from e
+        def to_cpu() -> None:
+            extend_budget(RELOAD_BUDGET_SECONDS)  # a model reload is a legitimately long call
+            self._load_model("cpu", "float32")
+
+        return devices.run_with_fallback(lambda: fn(*args), self.name, what, self.device, "cpu", to_cpu,
+                                         lambda why: self._note_fallback(self.device, "cpu", why, "recognition"))
 
     def _transcribe(self, audio: np.ndarray, language: str) -> Tuple[str, str]:
         segments, info = self._model.transcribe(
@@ -401,7 +379,7 @@ class WhisperEngine(StreamingEngine):
         self._interval = int(round(c.partial_interval * SAMPLE_RATE))
         self._partial_at = 0  # the sample up to which the last partial decoded
         super().__init__(pool, session_id, language or c.language,
-                         _default_hotwords(pool) if hotwords is None else hotwords,
+                         hotwords or (),  # the daemon decides a session's hotwords (asr/sessions.py)
                          (True if partials is None else partials) and self._interval > 0,
                          c.max_utterance_seconds if max_utterance_seconds is None else max_utterance_seconds)
         self.last_language = ""
@@ -431,9 +409,3 @@ class WhisperEngine(StreamingEngine):
         if not text.strip():
             return []
         return [{"type": "partial", "text": text, "start": self._t(start), "end": self._t(end), "utterance": self._utt}]
-
-
-def _default_hotwords(pool: WhisperPool) -> List[str]:
-    """Config-wide hotwords apply only where the model can use them (the pool logged a
-    warning at load otherwise); hotwords a session asks for are never dropped silently."""
-    return list(pool.config.hotwords) if pool.capabilities().hotwords else []

@@ -201,6 +201,8 @@ def build_asr(cfg: Config, strict: bool = False) -> Tuple[Any, List[Fallback]]:
     from daemon.asr.turn_judge import attach
 
     attach(pool, cfg)  # the turn judge (turn.judge); its fallback, if any, is the pool's own
+    if cfg.asr.hotwords and not pool.info().capabilities.hotwords:
+        logger.warning("asr.hotwords is set but %s cannot use hotwords: sessions open without them", pool.name)
     return pool, fallbacks
 
 

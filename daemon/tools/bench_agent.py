@@ -19,7 +19,7 @@ import json
 import re
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Type
 
 _CJK = re.compile(r"[\u3400-\u9fff]")
 
@@ -31,38 +31,9 @@ def reply_tokens(user_text: str) -> List[str]:
     return [w + " " for w in "Sure, I heard you. This is the second sentence of the answer.".split()]
 
 
-class FixedLatencyAgent:
-    def __init__(self, ttft: float = 0.2, token_delay: float = 0.02, host: str = "127.0.0.1", port: int = 0):
-        self.ttft = ttft
-        self.token_delay = token_delay
-        self.requests = 0
-        self.disconnected = 0
-        self._lock = threading.Lock()
-        agent = self
+class QuietServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server that does not print the tracebacks of clients gone mid-request."""
 
-        class Handler(_Handler):
-            srv = agent
-
-        self.httpd = _Server((host, port), Handler)
-        self._thread: Optional[threading.Thread] = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> "FixedLatencyAgent":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fixed-agent", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -72,11 +43,13 @@ class _Server(http.server.ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    srv: FixedLatencyAgent
+class JSONHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1, no per-request log lines, `_json` answers; `srv` is the AgentServer."""
+
+    srv: Any
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # no per-request lines
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _json(self, status: int, obj: Any) -> None:
@@ -86,6 +59,56 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
+
+
+class AgentServer:
+    """A stand-in agent's HTTP server on its own thread: `url`, `start`/`stop`, a context manager.
+    FixedLatencyAgent here and the tests' scripted FakeAgentServer (tests/fake_langgraph.py) are
+    both one, each with its own `handler` (a JSONHandler whose `srv` is the server)."""
+
+    def __init__(self, handler: Type[JSONHandler], host: str = "127.0.0.1", port: int = 0):
+        server = self
+
+        class Handler(handler):  # type: ignore[valid-type,misc]
+            srv = server
+
+        self.httpd = QuietServer((host, port), Handler)
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> "AgentServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class FixedLatencyAgent(AgentServer):
+    def __init__(self, ttft: float = 0.2, token_delay: float = 0.02, host: str = "127.0.0.1", port: int = 0):
+        self.ttft = ttft
+        self.token_delay = token_delay
+        self.requests = 0
+        self.disconnected = 0
+        self._lock = threading.Lock()
+        super().__init__(_Handler, host, port)
+
+
+class _Handler(JSONHandler):
+    srv: FixedLatencyAgent
 
     def do_GET(self) -> None:
         if self.path.rstrip("/").endswith("/models"):

@@ -1,5 +1,5 @@
-"""`SentenceTTS`: what every TTS engine (MeloTTS, Piper, Kokoro) shares: text validation and
-sentence splitting, one device worker thread, sentence-by-sentence streaming, the CUDA ->
+"""`SentenceTTS`: what every TTS engine (MeloTTS, Piper, Kokoro) shares: its load-time settings
+(`TTSSettings`, the base of each engine's config), text validation and sentence splitting, one device worker thread, sentence-by-sentence streaming, the CUDA ->
 fallback_device retry, silence trim, resampling to the output rate, and engine info.
 Subclasses implement `_load_model(device)`, `_calls(sentence, language, speed)` and
 `_synth_float(call, language, speed)`.
@@ -21,6 +21,7 @@ import ctypes
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -28,9 +29,10 @@ import numpy as np
 from daemon import audio
 from daemon import devices
 from daemon.tts import textsplit
+from daemon.config import Config, TTSConfig
 from daemon.engines import Capabilities, EngineInfo, Fallback
 from daemon.rules import LANGUAGES, check_speed
-from daemon.errors import EngineError, ErrorCode, ModelMissingError, S2SError, TextError, UnsupportedError
+from daemon.errors import ErrorCode, S2SError, TextError, UnsupportedError
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +105,29 @@ def trim_silence(x: np.ndarray, sr: int, keep_s: float = MAX_EDGE_SILENCE_S) -> 
     return x[start:end]
 
 
+@dataclass(frozen=True, kw_only=True)
+class TTSSettings:
+    """What every TTS engine is built with, taken from the config's `tts` section at load: the base
+    of each engine's config (MeloConfig, PiperConfig, KokoroConfig add their models). Nothing
+    reloadable: a request's text limit (limits.max_text_chars) and default speed (tts.speed) are
+    the daemon's, checked and resolved per request (daemon/tts/jobs.py)."""
+
+    device: str = "cpu"
+    fallback_device: str = "cpu"
+    sample_rate: int = TTSConfig.sample_rate
+    max_sentence_chars: int = textsplit.DEFAULT_MAX_CHARS
+
+    @staticmethod
+    def of(cfg: Config) -> Dict[str, Any]:
+        """These settings' values in a daemon.config.Config (for an engine config's from_config)."""
+        t = cfg.tts
+        return {"device": t.device, "fallback_device": t.fallback_device, "sample_rate": t.sample_rate}
+
+
 def _normalise_language(language: Optional[str]) -> str:
     lang = (language or "zh").strip().lower().replace("_", "-").split("-")[0]
     if lang not in LANGUAGES:
-        raise UnsupportedError(f"language {language!r} is not supported (use zh, en or auto)")
+        raise UnsupportedError(f"language {language!r} is not supported (use {', '.join(LANGUAGES)})")
     return lang
 
 
@@ -122,14 +143,11 @@ class SentenceTTS:
     UNITS_PER_SECOND = 15.0
     MAX_CALL_UNITS = 400
 
-    def __init__(self, sample_rate: int, speed: float, max_text_chars: int, max_sentence_chars: int,
-                 device: str, fallback_device: str):
-        self.sample_rate = int(sample_rate)
-        self.speed = float(speed)
-        self.max_text_chars = int(max_text_chars)
-        self.max_sentence_chars = int(max_sentence_chars)
-        self.requested_device = device
-        self.fallback_device = fallback_device
+    def __init__(self, settings: TTSSettings):
+        self.sample_rate = int(settings.sample_rate)
+        self.max_sentence_chars = int(settings.max_sentence_chars)
+        self.requested_device = settings.device
+        self.fallback_device = settings.fallback_device
         self.device = "cpu"
         self.fallbacks: List[Fallback] = []
         self.loaded = False
@@ -167,22 +185,10 @@ class SentenceTTS:
 
     def _load(self) -> None:
         t0 = time.monotonic()
-        choice = devices.resolve(self.requested_device, "float32", what=f"tts.{self.name}")
-        if choice.fallback_reason:
-            self._record_fallback(self.requested_device, choice.device, choice.fallback_reason, "load")
-        try:
-            self._load_model(choice.device)
-            self.device = choice.device
-        except (ModelMissingError, S2SError):
-            raise
-        except Exception as e:
-            if not choice.is_cuda or self.fallback_device == choice.device:
-                raise EngineError(f"{self.name}: load on {choice.device} failed: {e}") from e
-            logger.warning("tts.%s: load on %s failed (%s); falling back to %s",
-                           self.name, choice.device, e, self.fallback_device)
-            self._record_fallback(choice.device, self.fallback_device, str(e), "load")
-            self._load_model(self.fallback_device)
-            self.device = self.fallback_device
+        self.device = devices.load_with_fallback(
+            self.requested_device, "float32", f"tts.{self.name}", lambda device, _dtype: self._load_model(device),
+            lambda src, dst, why: self._record_fallback(src, dst, why, "load"), to=self.fallback_device,
+            any_error=True).device
         self.loaded = True
         self.load_seconds = time.monotonic() - t0
         logger.info("tts.%s: loaded on %s in %.1f s", self.name, self.device, self.load_seconds)
@@ -204,14 +210,12 @@ class SentenceTTS:
     def sentences(self, text: str, language: str = "zh") -> List[str]:
         """Validate text and split it into the sentences that will be synthesised.
 
-        Raises TextError (bad_text) for non-text, empty, unspeakable or too long input.
-        Sentences with nothing speakable are skipped when others remain.
+        Raises TextError (bad_text) for non-text, empty or unspeakable input. Sentences with
+        nothing speakable are skipped when others remain. How long a request's text may be is
+        the daemon's rule (limits.max_text_chars, reloadable), checked before the engine is asked.
         """
         if not isinstance(text, str):
             raise TextError(f"text must be a string, got {type(text).__name__}")
-        if len(text) > self.max_text_chars:
-            raise TextError(f"text is {len(text)} characters; the limit is {self.max_text_chars} "
-                            f"(limits.max_text_chars)", limit=self.max_text_chars)
         if not text.strip():
             raise TextError("text is empty")
         pieces = textsplit.split_sentences(text, self.max_sentence_chars)
@@ -224,7 +228,8 @@ class SentenceTTS:
         return out
 
     def _check_speed(self, speed: Optional[float]) -> float:
-        return check_speed(self.speed if speed is None else speed)
+        """A call's speed; None: the voice's own (1.0). The daemon passes tts.speed, live."""
+        return check_speed(1.0 if speed is None else speed)
 
     def call_budget(self, speed: float) -> int:
         """Units one engine call may be given at `speed` (MAX_CALL_AUDIO_SECONDS of audio)."""
@@ -266,21 +271,15 @@ class SentenceTTS:
 
     def _synth_pcm(self, call: Any, language: str, speed: float) -> bytes:
         """On the worker: one call (from `_calls`) -> trimmed, resampled, peak-safe PCM16."""
-        sentence = str(call)
-        try:
-            x, sr = self._synth_float(call, language, speed)
-        except (S2SError, MemoryError):
-            raise
-        except Exception as e:
-            if not (self.device.startswith("cuda") and devices.is_cuda_error(e)) or self.device == self.fallback_device:
-                logger.exception("tts.%s: synthesis failed for %r", self.name, sentence[:40])
-                raise EngineError(f"{self.name}: synthesis failed: {e}") from e
-            logger.warning("tts.%s: CUDA error on %s (%s); moving to %s", self.name, self.device, e,
-                           self.fallback_device)
-            self._record_fallback(self.device, self.fallback_device, str(e), "synthesis")
+        def move() -> None:
             self._move_to(self.fallback_device)
             self.device = self.fallback_device
-            x, sr = self._synth_float(call, language, speed)
+
+        x, sr = devices.run_with_fallback(
+            lambda: self._synth_float(call, language, speed), f"tts.{self.name}", "synthesis", self.device,
+            self.fallback_device, move, lambda why: self._record_fallback(self.device, self.fallback_device, why,
+                                                                          "synthesis"),
+            passthrough=(S2SError, MemoryError))
         x = np.nan_to_num(np.asarray(x, dtype=np.float32).reshape(-1))
         large = x.size > LARGE_CALL_AUDIO_SECONDS * sr
         x = trim_silence(x, sr)
@@ -304,7 +303,7 @@ class SentenceTTS:
         self._load_model(device)
 
     def languages(self) -> Tuple[str, ...]:
-        return ("zh", "en", "auto")
+        return LANGUAGES
 
     def _info(self, models: Dict[str, str], **details: Any) -> EngineInfo:
         return EngineInfo(
@@ -312,6 +311,5 @@ class SentenceTTS:
             dtype="float32", sample_rate=self.sample_rate,
             capabilities=Capabilities(streaming=True, languages=self.languages()), loaded=self.loaded,
             models=models, fallbacks=tuple(self.fallbacks),
-            details={"fallback_device": self.fallback_device, "speed": self.speed,
-                     "max_text_chars": self.max_text_chars, "load_seconds": round(self.load_seconds, 3),
+            details={"fallback_device": self.fallback_device, "load_seconds": round(self.load_seconds, 3),
                      "sentences_synthesized": self.sentences_synthesized, **details})

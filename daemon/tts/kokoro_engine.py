@@ -37,11 +37,12 @@ from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 import numpy as np
 
 from daemon.tts import textsplit
-from daemon.config import KokoroModels
+from daemon.config import Config, KokoroModels
 from daemon.engines import Capabilities, EngineInfo, Fallback, TTSEngine
 from daemon.errors import ModelMissingError, TextError
 from daemon.models import kokoro_voices
-from daemon.tts.base import SentenceTTS
+from daemon.rules import LANGUAGES
+from daemon.tts.base import SentenceTTS, TTSSettings
 
 logger = logging.getLogger(__name__)
 
@@ -199,28 +200,21 @@ def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-@dataclass(frozen=True)
-class KokoroConfig:
+@dataclass(frozen=True, kw_only=True)
+class KokoroConfig(TTSSettings):
     model_dir: Path
     voice: str = KokoroModels.voice
     # The voice's own rate; a request's speed (or tts.speed) multiplies it.
-    voice_speed: float = 1.0
+    voice_speed: float = KokoroModels.speed
     # onnxruntime intra-op threads; 0 = one per core (at most 4).
-    threads: int = 0
-    device: str = "cpu"
-    fallback_device: str = "cpu"
-    speed: float = 1.0
-    sample_rate: int = 24000
-    max_text_chars: int = 2000
-    max_sentence_chars: int = textsplit.DEFAULT_MAX_CHARS
+    threads: int = KokoroModels.threads
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "KokoroConfig":
-        """From daemon.config.Config: tts.kokoro.*, tts.*, limits.max_text_chars."""
-        t = cfg.tts
-        return cls(model_dir=cfg.model_path(t.kokoro.model), voice=t.kokoro.voice, voice_speed=t.kokoro.speed,
-                   threads=t.kokoro.threads, device=t.device, fallback_device=t.fallback_device, speed=t.speed,
-                   sample_rate=t.sample_rate, max_text_chars=cfg.limits.max_text_chars)
+    def from_config(cls, cfg: Config) -> "KokoroConfig":
+        """From daemon.config.Config: tts.kokoro.* and the shared settings."""
+        k = cfg.tts.kokoro
+        return cls(model_dir=cfg.model_path(k.model), voice=k.voice, voice_speed=k.speed, threads=k.threads,
+                   **TTSSettings.of(cfg))
 
 
 class KokoroEngine(SentenceTTS):
@@ -235,8 +229,7 @@ class KokoroEngine(SentenceTTS):
         if not isinstance(config, KokoroConfig):
             config = KokoroConfig.from_config(config)
         self.config = config
-        super().__init__(config.sample_rate, config.speed, config.max_text_chars, config.max_sentence_chars,
-                         config.device, config.fallback_device)
+        super().__init__(config)
         self._session: Any = None
         self._run_options: Any = None
         self._vocab: Dict[str, int] = {}
@@ -397,7 +390,6 @@ class Voice(TTSEngine, Protocol):
     """What RoutedTTS needs of each engine (SentenceTTS subclasses have it)."""
 
     loaded: bool
-    speed: float
 
 
 class RoutedTTS:
@@ -446,10 +438,6 @@ class RoutedTTS:
     def loaded(self) -> bool:
         return bool(self.zh.loaded and self.en.loaded)
 
-    @property
-    def speed(self) -> float:
-        return self.zh.speed
-
     def info(self) -> EngineInfo:
         zh, en = self.zh.info(), self.en.info()
         details: Dict[str, Any] = {f"{self.zh.name}.{k}": v for k, v in zh.details.items()}
@@ -460,7 +448,7 @@ class RoutedTTS:
         models = {**zh.models, **en.models}
         return EngineInfo(
             kind="tts", engine=self.name, device=zh.device, requested_device=zh.requested_device, dtype=zh.dtype,
-            sample_rate=self.sample_rate, capabilities=Capabilities(streaming=True, languages=("zh", "en", "auto")),
+            sample_rate=self.sample_rate, capabilities=Capabilities(streaming=True, languages=LANGUAGES),
             loaded=self.loaded, models=models, fallbacks=(*zh.fallbacks, *en.fallbacks),
             notes=(f"Chinese and mixed text: {self.zh.name}; English-only text: {self.en.name}",),
             details=details)

@@ -25,40 +25,32 @@ from typing import Any, List, Tuple
 import numpy as np
 
 from daemon.tts import textsplit
+from daemon.config import Config, TTSConfig
 from daemon.engines import EngineInfo
 from daemon.errors import ModelMissingError, TextError
 
-from daemon.tts.base import SentenceTTS
+from daemon.tts.base import SentenceTTS, TTSSettings
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class MeloConfig:
+@dataclass(frozen=True, kw_only=True)
+class MeloConfig(TTSSettings):
     model_dir: Path
     hf_home: Path
     nltk_data: Path
-    device: str = "cpu"
-    fallback_device: str = "cpu"
-    language: str = "ZH"
-    speed: float = 1.0
-    sample_rate: int = 24000
-    max_text_chars: int = 2000
-    max_sentence_chars: int = textsplit.DEFAULT_MAX_CHARS
+    language: str = TTSConfig.language
     # melo's own defaults (TTS.tts_to_file).
     sdp_ratio: float = 0.2
     noise_scale: float = 0.6
     noise_scale_w: float = 0.8
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "MeloConfig":
-        """From daemon.config.Config: tts.* and limits.max_text_chars, paths via cfg.model_path."""
-        t = cfg.tts
-        return cls(
-            model_dir=cfg.model_path(t.melo.model), hf_home=cfg.model_path(t.melo.hf_home),
-            nltk_data=cfg.model_path(t.melo.nltk_data), device=t.device, fallback_device=t.fallback_device,
-            language=t.language, speed=t.speed, sample_rate=t.sample_rate,
-            max_text_chars=cfg.limits.max_text_chars)
+    def from_config(cls, cfg: Config) -> "MeloConfig":
+        """From daemon.config.Config: tts.melo.* (paths via cfg.model_path), tts.language and the shared settings."""
+        m = cfg.tts.melo
+        return cls(model_dir=cfg.model_path(m.model), hf_home=cfg.model_path(m.hf_home),
+                   nltk_data=cfg.model_path(m.nltk_data), language=cfg.tts.language, **TTSSettings.of(cfg))
 
 
 class MeloTTSEngine(SentenceTTS):
@@ -75,8 +67,7 @@ class MeloTTSEngine(SentenceTTS):
         if not isinstance(config, MeloConfig):
             config = MeloConfig.from_config(config)
         self.config = config
-        super().__init__(config.sample_rate, config.speed, config.max_text_chars, config.max_sentence_chars,
-                         config.device, config.fallback_device)
+        super().__init__(config)
         self._tts: Any = None
         self._utils: Any = None
         self._speaker_id = 0

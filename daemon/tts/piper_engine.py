@@ -18,10 +18,11 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from daemon.tts import textsplit
+from daemon.config import Config
 from daemon.engines import EngineInfo
 from daemon.errors import ModelMissingError
-from daemon.tts.base import SentenceTTS, pack
+from daemon.rules import SPOKEN_LANGUAGES
+from daemon.tts.base import SentenceTTS, TTSSettings, pack
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +31,14 @@ logger = logging.getLogger(__name__)
 _CJK = re.compile(r"[\u1100-\u11ff\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]+")
 
 
-@dataclass(frozen=True)
-class PiperConfig:
+@dataclass(frozen=True, kw_only=True)
+class PiperConfig(TTSSettings):
     voice: Path
-    device: str = "cpu"
-    fallback_device: str = "cpu"
-    speed: float = 1.0
-    sample_rate: int = 24000
-    max_text_chars: int = 2000
-    max_sentence_chars: int = textsplit.DEFAULT_MAX_CHARS
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "PiperConfig":
-        """From daemon.config.Config: tts.piper.voice (via cfg.model_path), tts.*, limits."""
-        t = cfg.tts
-        return cls(voice=cfg.model_path(t.piper.voice), device=t.device, fallback_device=t.fallback_device,
-                   speed=t.speed, sample_rate=t.sample_rate, max_text_chars=cfg.limits.max_text_chars)
+    def from_config(cls, cfg: Config) -> "PiperConfig":
+        """From daemon.config.Config: tts.piper.voice (via cfg.model_path) and the shared settings."""
+        return cls(voice=cfg.model_path(cfg.tts.piper.voice), **TTSSettings.of(cfg))
 
 
 class _ShrinkingSession:
@@ -76,8 +69,7 @@ class PiperEngine(SentenceTTS):
         if not isinstance(config, PiperConfig):
             config = PiperConfig.from_config(config)
         self.config = config
-        super().__init__(config.sample_rate, config.speed, config.max_text_chars, config.max_sentence_chars,
-                         config.device, config.fallback_device)
+        super().__init__(config)
         self._voice: Any = None
         self.voice_language = ""
         self.model_sample_rate = 0
@@ -109,7 +101,7 @@ class PiperEngine(SentenceTTS):
         """The voice's own language (en for en_US-joe): what it can really speak, so clients (the
         page) know before the first refusal that Chinese will not be spoken."""
         lang = self.voice_language.split("_")[0]
-        return (lang,) if lang in ("zh", "en") else ("en",)
+        return (lang,) if lang in SPOKEN_LANGUAGES else ("en",)
 
     def _prepare(self, text: str, language: str) -> str:
         """Drop CJK characters unless the voice speaks a CJK language: the English fallback voice
