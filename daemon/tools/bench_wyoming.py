@@ -245,6 +245,8 @@ async def run_level(port: int, utts: List[Any], clients: int, tail: bytes) -> Di
         for u in order:
             r = await ha_transcribe("127.0.0.1", port, u.pcm + tail, "zh", realtime=True)
             edits, n = cer_counts(u.text, r.text or "")
+            if edits:
+                logger.info("%s: heard %r for %r (%d edits)", getattr(u, "id", "?"), r.text, u.text, edits)
             out.append((r.latency if r.text is not None else float("nan"), edits, n))
         return out
 
