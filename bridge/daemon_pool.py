@@ -156,8 +156,10 @@ class PlacedTTS:
 
 
 class DaemonPool:
-    def __init__(self, endpoints: Sequence[Any], open_timeout: float, tts_timeout: float):
-        """endpoints: cluster.daemons entries (asr, tts)."""
+    def __init__(self, endpoints: Sequence[Any], open_timeout: float, tts_timeout: float,
+                 cfg: Optional[Config] = None):
+        """endpoints: cluster.daemons entries (asr, tts); cfg: the front end's (as the link's `cfg`)."""
+        self.cfg = cfg or Config()
         self.members = [ClientMember(f"{i}:{d.asr}",
                                      AsyncASRClient(d.asr, timeout=open_timeout, reconnect_on_timeout=False),
                                      AsyncTTSClient(d.tts, timeout=tts_timeout, reconnect_on_timeout=False))
@@ -217,5 +219,5 @@ def daemon_link(cfg: Config) -> DaemonLink:
     (bridge/daemon_link.py), or, with cluster.daemons set, a DaemonPool over those (it has the
     link's surface; cast so the front ends' annotations stay one type)."""
     if cfg.cluster.daemons:
-        return cast(DaemonLink, DaemonPool(cfg.cluster.daemons, OPEN_TIMEOUT, TTS_TIMEOUT))
+        return cast(DaemonLink, DaemonPool(cfg.cluster.daemons, OPEN_TIMEOUT, TTS_TIMEOUT, cfg))
     return DaemonLink(cfg)

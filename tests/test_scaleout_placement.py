@@ -303,3 +303,29 @@ def test_one_bridge_places_browser_sessions_over_two_daemons(two_daemons, tmp_pa
         asyncio.run(asyncio.wait_for(go(), 120))
     finally:
         bridge.stop()
+
+
+def test_streamed_text_synthesis_over_the_pool(two_daemons):
+    """speak_text_stream (s2s-openai's and s2s-wyoming's streamed speech) over a DaemonPool: the
+    audio of every piece comes back, from one daemon (the request is placed once)."""
+    from bridge.daemon_pool import DaemonPool
+    from bridge.speech import speak_text_stream
+    from daemon.config_frontends import DaemonEndpoints
+
+    pool = DaemonPool([DaemonEndpoints(asr=a, tts=t) for _, a, t, _ in two_daemons], 5.0, 20.0)
+
+    async def pieces():
+        for piece in ("你好。", "今天", "天气很好。"):
+            yield piece
+
+    async def go():
+        await pool.start()
+        try:
+            chunks = [c async for c in speak_text_stream(pool, pieces(), "zh", "pool-1")]  # type: ignore[arg-type]
+            return chunks, pool.report()
+        finally:
+            await pool.close()
+
+    chunks, report = asyncio.run(asyncio.wait_for(go(), 60))
+    assert {c.sentence for c in chunks} == {0, 1} and all(c.pcm for c in chunks), chunks
+    assert sorted(r["placed_tts"] for r in report) == [0, 1], report
