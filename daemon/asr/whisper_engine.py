@@ -50,6 +50,13 @@ RELOAD_BUDGET_SECONDS = 120.0
 # pass looks poor, which made 2.4 s of English heard as zh take 5-14 s and stall every session on
 # the worker. With beam 5 a single pass was as accurate here (BENCHMARKS.md, "Whisper fallback").
 DECODE_TEMPERATURE = 0.0
+# Finals decode with Whisper's timestamp tokens (its training format, faster-whisper's default)
+# and END_PAD_SECONDS of silence after the utterance (the VAD's end is tight on the last word):
+# on the Mandarin fixtures, Whisper base's CER 8.5 % -> 4.2 %, the same as wyoming-faster-whisper
+# on the same model (BENCHMARKS.md, "Whisper finals"). Partials stay without timestamps (greedy,
+# short, cheap).
+FINAL_TIMESTAMPS = True
+END_PAD_SECONDS = 0.5
 # faster-whisper's defaults for that pass (WhisperModel.transcribe), named because the batched
 # pass (WhisperPool._decode_batch) calls CTranslate2 itself and must decode as the single one.
 PATIENCE = 1.0
@@ -127,6 +134,11 @@ def to_simplified(text: str) -> str:
     return _T2S.convert(text)
 
 
+def _end_pad(audio: np.ndarray) -> np.ndarray:
+    """The utterance with END_PAD_SECONDS of silence after it (see FINAL_TIMESTAMPS)."""
+    return np.concatenate([audio, np.zeros(int(END_PAD_SECONDS * SAMPLE_RATE), dtype=np.float32)])
+
+
 def _final_text(texts: Sequence[str], lang: str) -> str:
     """A window's text pieces -> the final's text: joined (without spaces in zh), folded to
     simplified in zh."""
@@ -193,10 +205,10 @@ class WhisperPool(PoolBase):
 
     def _transcribe(self, audio: np.ndarray, language: str) -> Tuple[str, str]:
         segments, info = self._model.transcribe(
-            audio, language=None if language == "auto" else language, beam_size=self.config.beam_size,
+            _end_pad(audio), language=None if language == "auto" else language, beam_size=self.config.beam_size,
             patience=PATIENCE, length_penalty=LENGTH_PENALTY, max_initial_timestamp=MAX_INITIAL_TIMESTAMP,
             no_speech_threshold=NO_SPEECH_THRESHOLD, log_prob_threshold=LOG_PROB_THRESHOLD,
-            vad_filter=False, condition_on_previous_text=False, without_timestamps=True,
+            vad_filter=False, condition_on_previous_text=False, without_timestamps=not FINAL_TIMESTAMPS,
             temperature=DECODE_TEMPERATURE)
         lang = info.language if language == "auto" else language
         return _final_text([s.text for s in segments], lang), lang
@@ -268,7 +280,7 @@ class WhisperPool(PoolBase):
         one, or one alone, by `transcribe`. If the batch fails, each alone, so a failure
         stays its own."""
         window = self._model.feature_extractor.n_samples
-        batch = [i for i, r in enumerate(reqs) if r.audio.size <= window] if self._model.model.is_multilingual else []
+        batch = [i for i, r in enumerate(reqs) if _end_pad(r.audio).size <= window] if self._model.model.is_multilingual else []
         answers: Dict[int, Any] = {}
         if len(batch) > 1:
             try:
@@ -296,8 +308,9 @@ class WhisperPool(PoolBase):
         fe = model.feature_extractor
         window = partial_frames or fe.nb_max_frames
         frames, mels = [], []
+        timestamps = FINAL_TIMESTAMPS and not partial_frames
         for r in reqs:
-            mel = fe(r.audio)
+            mel = fe(r.audio if partial_frames else _end_pad(r.audio))
             n = mel.shape[-1] - 1  # faster-whisper's content frames: the last one is padding
             if n > fe.nb_max_frames:
                 raise ValueError(f"{r.audio.size / SAMPLE_RATE:.1f} s is more than one window")
@@ -324,7 +337,7 @@ class WhisperPool(PoolBase):
             beam, no_repeat = 1, PARTIAL_NO_REPEAT_NGRAM
         # DECODE_TEMPERATURE 0 is a beam search: faster-whisper passes no sampling options then.
         results = model.model.generate(
-            encoded, [model.get_prompt(tokenizers[lang], [], without_timestamps=True) for lang in langs],
+            encoded, [model.get_prompt(tokenizers[lang], [], without_timestamps=not timestamps) for lang in langs],
             beam_size=beam, patience=PATIENCE, length_penalty=LENGTH_PENALTY,
             repetition_penalty=1.0, no_repeat_ngram_size=no_repeat, max_length=max_length,
             return_scores=True, return_no_speech_prob=True, suppress_blank=True,
