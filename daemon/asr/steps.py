@@ -1,5 +1,5 @@
 """Driving step generators: a session's work written as a generator that yields model requests
-and takes their answers (daemon/asr/base.py). `drive` advances many in lock-step, answering each
+and takes their answers (`ASRSession.feed_steps`, daemon/engines.py; daemon/asr/base.py). `drive` advances many in lock-step, answering each
 round's requests together (daemon/asr/batch.py, the batched worker); `run_steps` is the same
 with one generator alone (an engine's own `feed()`, `finalize_events()`, `VADSegmenter.push`).
 """
@@ -7,7 +7,7 @@ with one generator alone (an engine's own `feed()`, `finalize_events()`, `VADSeg
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +16,8 @@ R = TypeVar("R")
 Done = Callable[[int, Any, Optional[BaseException]], None]
 
 
-def drive(run_requests: Callable[[Sequence[Any]], Any], steps: Sequence[Generator[Any, Any, Any]],
-          done: Done) -> None:
+def drive(run_requests: Callable[[Sequence[Any]], Iterable[Tuple[int, Any]]],
+          steps: Sequence[Generator[Any, Any, Any]], done: Done) -> None:
     """Advance every generator until it returns; `done(i, value, error)` once per generator.
     `run_requests(reqs)` yields (index into reqs, answer or exception)."""
     waiting: Dict[int, Any] = {}
