@@ -6,10 +6,12 @@ models (`limits.asr_stream_cost`, 0.0225 of the worker per stream) let a fresh d
 streams of Paraformer-large where 2 fell behind. So a full-size pool times its own model calls
 once at load, on the worker, before any session: one streaming chunk for 1 and for
 `CALIBRATE_STREAMS` sessions at once (batched, daemon/asr/paraformer_stream.py), one offline
-decode of `DECODE_SECONDS`, and the VAD's 200 ms blocks. From those, the worker seconds per
-second of `n` real-time streams that speak all the time (the worst case):
+decode of `DECODE_SECONDS`, and a session fed a second of quiet in 60 ms frames (the VAD,
+the frontends and the feed's own steps: what every stream pays whether it speaks or not).
+From those, the worker seconds per second of `n` real-time streams that speak all the time
+(the worst case):
 
-    cost(n) = chunk(n) / 0.6 s + n x (decode / DECODE_SECONDS + vad per second)
+    cost(n) = chunk(n) / 0.6 s + n x (decode / DECODE_SECONDS + a fed second)
 
 and the power law through cost(1) and cost(CALIBRATE_STREAMS) is the curve admission starts
 from (`LoadModel(curve=...)`) until it has measured the real one. Small models are not
@@ -31,7 +33,7 @@ CALIBRATE_STREAMS = 4
 DECODE_SECONDS = 3.0
 CHUNK_SECONDS = 0.6
 WARM_CHUNKS = 2    # chunks run before the timed one (the first ones have no look-back yet)
-VAD_BLOCKS = 5     # 200 ms blocks timed: one second of one stream's VAD
+FRAME_SECONDS = 0.06  # the fed second goes in frames this long (what the bridge and bench send)
 
 
 def curve(cost1: float, cost_n: float, n: int = CALIBRATE_STREAMS) -> Tuple[float, float]:
@@ -49,10 +51,10 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def measure(stream: Optional[Callable[[List[np.ndarray], List[Any]], Any]], decode: Callable[[List[np.ndarray]], Any],
-            vad: Callable[[np.ndarray, dict], Any], rate: int, chunk_samples: int) -> Tuple[float, float]:
+            feed: Callable[[np.ndarray], Any], rate: int, chunk_samples: int) -> Tuple[float, float]:
     """Time the pool's calls (run on its worker) on quiet noise; the (scale, exponent) curve.
     `stream(chunks, caches)`: one batched streaming call, or None without partials;
-    `decode(audios)`: one offline decode; `vad(block, cache)`: one VAD block."""
+    `decode(audios)`: one offline decode; `feed(frame)`: one frame into one session."""
     rng = np.random.default_rng(0)
     audio = (0.05 * rng.standard_normal(int(DECODE_SECONDS * rate))).astype(np.float32)
     chunk = audio[:chunk_samples]
@@ -69,14 +71,14 @@ def measure(stream: Optional[Callable[[List[np.ndarray], List[Any]], Any]], deco
     chunk1, chunk_n = chunk_time(1), chunk_time(CALIBRATE_STREAMS)
     decode([audio])  # first-call allocations
     per_s = _timed(lambda: decode([audio])) / DECODE_SECONDS
-    cache: dict = {}
-    block = audio[:rate // 5]
-    vad_s = sum(_timed(lambda: vad(block, cache)) for _ in range(VAD_BLOCKS))
+    quiet = (0.02 * audio[:rate]).astype(np.float32)
+    step = int(FRAME_SECONDS * rate)
+    vad_s = sum(_timed(lambda: feed(quiet[off:off + step])) for off in range(0, rate, step))
     cost1 = chunk1 / CHUNK_SECONDS + per_s + vad_s
     cost_n = chunk_n / CHUNK_SECONDS + CALIBRATE_STREAMS * (per_s + vad_s)
     scale, p = curve(cost1, cost_n)
-    logger.info("asr calibration: a streaming chunk %.0f ms (%d at once: %.0f ms), a %g s decode %.0f ms, VAD %.0f ms "
-                "a second -> one stream %.3f of the worker, %d streams %.3f (load = %.3f x N ^ %.2f)",
+    logger.info("asr calibration: a streaming chunk %.0f ms (%d at once: %.0f ms), a %g s decode %.0f ms, a fed second "
+                "%.0f ms -> one stream %.3f of the worker, %d streams %.3f (load = %.3f x N ^ %.2f)",
                 1000 * chunk1, CALIBRATE_STREAMS, 1000 * chunk_n, DECODE_SECONDS, 1000 * per_s * DECODE_SECONDS,
                 1000 * vad_s, cost1, CALIBRATE_STREAMS, cost_n, scale, p)
     return scale, p
