@@ -32,7 +32,10 @@ logger = logging.getLogger(__name__)
 CALIBRATE_STREAMS = 4
 DECODE_SECONDS = 3.0
 CHUNK_SECONDS = 0.6
-WARM_CHUNKS = 2    # chunks run before the timed one (the first ones have no look-back yet)
+WARM_CHUNKS = 2    # chunks run before the timed ones (the first ones have no look-back yet)
+REPEATS = 3        # each call timed this many times, the median kept: one slice lost to another
+                   # process must not bend the curve (at load 5 a single timing put one
+                   # session's chunk above four sessions')
 FRAME_SECONDS = 0.06  # the fed second goes in frames this long (what the bridge and bench send)
 
 
@@ -45,9 +48,13 @@ def curve(cost1: float, cost_n: float, n: int = CALIBRATE_STREAMS) -> Tuple[floa
 
 
 def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """The median wall time of REPEATS calls."""
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def measure(stream: Optional[Callable[[List[np.ndarray], List[Any]], Any]], decode: Callable[[List[np.ndarray]], Any],
@@ -73,7 +80,13 @@ def measure(stream: Optional[Callable[[List[np.ndarray], List[Any]], Any]], deco
     per_s = _timed(lambda: decode([audio])) / DECODE_SECONDS
     quiet = (0.02 * audio[:rate]).astype(np.float32)
     step = int(FRAME_SECONDS * rate)
-    vad_s = sum(_timed(lambda: feed(quiet[off:off + step])) for off in range(0, rate, step))
+    frames = [quiet[off:off + step] for off in range(0, rate, step)]
+
+    def fed_second() -> None:
+        for f in frames:
+            feed(f)
+
+    vad_s = _timed(fed_second)
     cost1 = chunk1 / CHUNK_SECONDS + per_s + vad_s
     cost_n = chunk_n / CHUNK_SECONDS + CALIBRATE_STREAMS * (per_s + vad_s)
     scale, p = curve(cost1, cost_n)
