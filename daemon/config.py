@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import yaml
 
-from daemon.config_frontends import AgentConfig, BridgeConfig, OpenAIAPIConfig, WyomingConfig
+from daemon.config_frontends import AgentConfig, BridgeConfig, ClusterConfig, OpenAIAPIConfig, WyomingConfig
 from daemon.errors import S2SError
 from daemon.rules import LANGUAGES, SPOKEN_LANGUAGES, check_speed, clean_hotwords
 
@@ -229,6 +229,7 @@ class Config:
     wyoming: WyomingConfig = field(default_factory=WyomingConfig)
     openai_api: OpenAIAPIConfig = field(default_factory=OpenAIAPIConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     turn: TurnConfig = field(default_factory=TurnConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -386,6 +387,9 @@ def _validate(cfg: Config) -> None:
         ep = _get(cfg, f"daemon.{which}_endpoint")
         if not re.match(r"^(ipc|tcp|inproc)://.+", ep):
             raise ConfigError(f"daemon.{which}_endpoint", f"{ep!r} is not a ZeroMQ endpoint", src)
+    bad = cfg.cluster.problem()
+    if bad:
+        raise ConfigError(bad[0], bad[1], src)
     if not 8000 <= cfg.tts.sample_rate <= 48000:
         raise ConfigError("tts.sample_rate", "must be between 8000 and 48000", src)
     if not 0 <= cfg.turn.early_silence < 0.8:
