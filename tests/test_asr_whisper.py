@@ -9,7 +9,7 @@ import pytest
 
 from daemon.tools import metrics
 from daemon.asr.base import Decode
-from daemon.asr.whisper_engine import WhisperConfig, WhisperPool, to_simplified
+from daemon.asr.whisper_engine import END_PAD_SECONDS, WhisperConfig, WhisperPool, to_simplified
 from daemon.audio import read_wav
 from daemon.config import parse_config
 from daemon.engines import ASRPool, ASRSession
@@ -56,7 +56,10 @@ def test_mandarin_cer(results):
     pairs = [(row["text"], hypothesis(ev, "zh")) for row, ev in results.values() if row["lang"] == "zh"]
     assert len(pairs) == 9
     cer = metrics.corpus_cer(pairs)
-    assert cer <= 0.25, (cer, pairs)
+    # 8.5 % when finals were decoded without Whisper's timestamp tokens and cut at the VAD's end;
+    # 4.2 % with both (daemon/asr/whisper_engine.py FINAL_TIMESTAMPS), wyoming-faster-whisper's
+    # figure on the same model and audio.
+    assert cer <= 0.05, (cer, pairs)
 
 
 def test_english_wer(results):
@@ -183,7 +186,7 @@ class _FailsOn:
     cannot take, as a MemoryError on one large input would be)."""
 
     def __init__(self, real, size):
-        self.real, self.size = real, size
+        self.real, self.size = real, size + int(END_PAD_SECONDS * SR)  # finals are decoded end-padded
 
     def __getattr__(self, name):
         return getattr(self.real, name)
