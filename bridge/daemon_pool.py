@@ -1,7 +1,7 @@
 """Several speech daemons behind one front end (issue 29): `DaemonPool` speaks the same surface
 as the one-daemon link (bridge/daemon_link.py: `asr.open`, `asr.send`, `tts.synthesize_stream`,
 `tts.synthesize`, `check`, `ping`, `describe`, `start`, `close`) over one pair of shared
-asyncio clients per daemon (`cluster.daemons`), and bridge/placement.py decides where each new
+asyncio clients per daemon (`cluster.daemons`), and daemon/wire/placement.py decides where each new
 ASR session and synthesis goes.
 
 - A session stays on the daemon it was opened on: its stream object holds that daemon's client,
@@ -21,7 +21,7 @@ import weakref
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple, cast
 
 from bridge.daemon_link import OPEN_TIMEOUT, TTS_TIMEOUT, DaemonLink
-from bridge.placement import ClientMember, Member, Placement
+from daemon.wire.placement import ClientMember, Member, Placement
 from daemon.config import Config
 from daemon.errors import ErrorCode, S2SError
 from daemon.wire import protocol as P

@@ -44,7 +44,7 @@ class _DaemonCollector:
                 safe = re.sub(r"[^a-zA-Z0-9_]", "_", str(name))
                 yield GaugeMetricFamily(f"s2s_daemon_{safe}", f"speech daemon {name}", value=value)
 
-        rows = (self.info or {}).get("placement") or []  # several daemons (bridge/placement.py)
+        rows = (self.info or {}).get("placement") or []  # several daemons (daemon/wire/placement.py)
         if rows:
             for key, help_ in (("up", "1 while the daemon is in placement"), ("asr_sessions", "its ASR sessions"),
                                ("asr_room", "ASR sessions it has room for"), ("tts_room", "syntheses it has room for"),

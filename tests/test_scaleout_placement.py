@@ -1,4 +1,4 @@
-"""Placement over several daemons (issue 29, bridge/placement.py): the rule on FAKE members with
+"""Placement over several daemons (issue 29, daemon/wire/placement.py): the rule on FAKE members with
 an injected clock, then two real daemons (`python -m daemon` on the FAKE engines,
 tests/fake_engines.py: this is about placement, not speech) behind the asyncio clients: sessions
 spread by room and kept where they started, a killed daemon out of placement within a second, a
@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import pytest
 
-from bridge.placement import ClientMember, Placement, capacities
+from daemon.wire.placement import ClientMember, Placement, capacities
 from bridge_procs import start_daemon, write_config
 from daemon.errors import ErrorCode, S2SError
 from daemon.wire.client import AsyncASRClient, AsyncTTSClient

@@ -20,7 +20,8 @@ one daemon and stays there (the caller keeps the `Member` it was given for the s
   sessions, last answer age).
 
 The members are whatever talks to one daemon (`Member`: a name, `describe`, `reachable`), so
-this module does not depend on how the clients are made.
+this module does not depend on how the clients are made. Used by the front ends
+(bridge/daemon_pool.py) and by `s2s-bench scaleout`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 from daemon.errors import ErrorCode, S2SError
+from daemon.wire.client_base import missing_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +230,6 @@ class ClientMember:
         return info
 
     def reachable(self) -> Optional[bool]:
-        from daemon.wire.client import missing_endpoint
-
         if missing_endpoint(self.asr.endpoint) or missing_endpoint(self.tts.endpoint):
             return False
         states = (self.asr.reachable, self.tts.reachable)
