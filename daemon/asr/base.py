@@ -3,6 +3,8 @@
 - `StreamingEngine` (the `ASRSession` of daemon/engines.py) turns `VADSegmenter` events into the
   ASR events of daemon/engines.py (speech_start / partial / tentative / resume / final); FunASR
   and Whisper engines subclass it and only supply the decoding.
+- `ASRSettings`: what every ASR engine is built with from the config (the base of FunASRConfig
+  and WhisperConfig, which add their models).
 - `PoolBase` (the `ASRPool`) holds the models and the single-thread device worker both pools use,
   and answers the sessions' model requests (`run_requests`); it keeps no sessions (the daemon's
   serving core does, daemon/asr/sessions.py).
@@ -14,11 +16,14 @@ import concurrent.futures
 import logging
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from daemon import devices
 from daemon.audio import to_float32
+from daemon.config import ASRConfig, Config, LimitsConfig
 from daemon.engines import (ASREvent, Capabilities, Fallback, FinalEvent, ResumeEvent, SpeechStartEvent, Steps,
                             TentativeEvent)
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
@@ -315,6 +320,28 @@ class StreamingEngine:
 
 
 # --- shared pool behaviour ------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ASRSettings:
+    """What every ASR engine is built with, from the config at load (`of`): the VAD, the device and
+    its threads, and a session's defaults when the caller gives none (the daemon always gives its
+    live values: language, max_utterance_seconds, hotwords)."""
+
+    vad_dir: Path
+    device: str = "cpu"
+    dtype: str = ASRConfig.dtype
+    language: str = ASRConfig.language
+    max_utterance_seconds: float = LimitsConfig.max_utterance_seconds
+    ncpu: int = 1
+
+    @staticmethod
+    def of(cfg: Config, engine: str, vad: str) -> Dict[str, Any]:
+        """These settings' values for `engine` (its devices.AUTO_THREADS entry) with VAD model `vad`."""
+        a = cfg.asr
+        return {"vad_dir": cfg.model_path(vad), "device": a.device, "dtype": a.dtype, "language": a.language,
+                "max_utterance_seconds": cfg.limits.max_utterance_seconds,
+                "ncpu": devices.cpu_threads(a.ncpu, engine)}
 
 
 class PoolBase:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import numpy as np
 
@@ -123,6 +123,11 @@ class TTSSettings:
         t = cfg.tts
         return {"device": t.device, "fallback_device": t.fallback_device, "sample_rate": t.sample_rate}
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> "TTSSettings":
+        """From a daemon.config.Config (an engine's config adds its models)."""
+        return cls(**cls.of(cfg))
+
 
 def _normalise_language(language: Optional[str]) -> str:
     lang = (language or "zh").strip().lower().replace("_", "-").split("-")[0]
@@ -138,12 +143,17 @@ class SentenceTTS:
     and may override `_prepare(text, language)` and `_speakable(text)`."""
 
     name = "base"
+    Settings: Type[TTSSettings] = TTSSettings  # the engine's config class
     # Units (phonemes, tokens or characters, the engine's `_calls` says) per second of audio at
     # speed 1: a low estimate, so that the predicted audio is never short of the real one.
     UNITS_PER_SECOND = 15.0
     MAX_CALL_UNITS = 400
 
-    def __init__(self, settings: TTSSettings):
+    def __init__(self, settings: Any):
+        """settings: the engine's config (`Settings`) or a daemon.config.Config it is made from."""
+        if not isinstance(settings, self.Settings):
+            settings = self.Settings.from_config(settings)
+        self.config = settings
         self.sample_rate = int(settings.sample_rate)
         self.max_sentence_chars = int(settings.max_sentence_chars)
         self.requested_device = settings.device

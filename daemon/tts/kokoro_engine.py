@@ -225,10 +225,10 @@ class KokoroEngine(SentenceTTS):
     UNITS_PER_SECOND = 11.0
     MAX_CALL_UNITS = MAX_TOKENS
 
+    Settings = KokoroConfig
+    config: KokoroConfig
+
     def __init__(self, config: Any):
-        if not isinstance(config, KokoroConfig):
-            config = KokoroConfig.from_config(config)
-        self.config = config
         super().__init__(config)
         self._session: Any = None
         self._run_options: Any = None

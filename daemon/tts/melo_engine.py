@@ -63,10 +63,10 @@ class MeloTTSEngine(SentenceTTS):
     UNITS_PER_SECOND = 4.0
     MAX_CALL_UNITS = 100
 
+    Settings = MeloConfig
+    config: MeloConfig
+
     def __init__(self, config: Any):
-        if not isinstance(config, MeloConfig):
-            config = MeloConfig.from_config(config)
-        self.config = config
         super().__init__(config)
         self._tts: Any = None
         self._utils: Any = None

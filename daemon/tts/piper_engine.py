@@ -65,10 +65,10 @@ class PiperEngine(SentenceTTS):
     UNITS_PER_SECOND = 15.0
     MAX_CALL_UNITS = 400
 
+    Settings = PiperConfig
+    config: PiperConfig
+
     def __init__(self, config: Any):
-        if not isinstance(config, PiperConfig):
-            config = PiperConfig.from_config(config)
-        self.config = config
         super().__init__(config)
         self._voice: Any = None
         self.voice_language = ""
