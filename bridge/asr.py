@@ -48,15 +48,6 @@ MAX_MARKS = 3000
 REFUSAL_EVERY = 5.0
 
 
-def chunk_bytes(capabilities: Dict[str, Any]) -> int:
-    """The largest audio message the session takes: its `max_chunk_seconds` (from `opened`) in
-    whole PCM16 samples, at least one; DAEMON_CHUNK_BYTES when the daemon does not say."""
-    seconds = capabilities.get("max_chunk_seconds")
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        return DAEMON_CHUNK_BYTES
-    return max(2, int(seconds * INPUT_RATE) * 2)
-
-
 class Recognizer:
     def __init__(self, ctx: Context, events: Events, conn_id: str,
                  on_activity: Callable[[str], Awaitable[Any]],
@@ -115,7 +106,7 @@ class Recognizer:
             await self.events.error(e.code.value, f"speech recognition: {e.message}", "asr")
             return False
         self.stream = stream
-        self.chunk_bytes = chunk_bytes(stream.capabilities)
+        self.chunk_bytes = stream.max_chunk_bytes or DAEMON_CHUNK_BYTES
         self.samples_in = 0
         self.marks.clear()
         self.pending.clear()

@@ -21,7 +21,7 @@ import zmq
 from daemon.errors import ErrorCode
 from daemon.wire import protocol as P
 from daemon.wire.client import ASRClient, AsyncASRClient, AsyncTTSClient, DaemonError, TTSClient
-from daemon.wire.client_core import ClientCore, SynthStreamState, checked
+from daemon.wire.client_core import ASRStreamState, ClientCore, SynthStreamState, checked
 
 # --- the core, without sockets ------------------------------------------------------------------
 
@@ -102,13 +102,13 @@ def test_a_lost_connection_fails_requests_and_ends_streams_with_daemon_gone():
 def test_a_cancel_answer_reaches_the_waiter_and_ends_the_synthesis():
     core = ClientCore("ipc:///nowhere")
     syn = core.synthesize("你好。", request_id="t1")
-    state = SynthStreamState("t1", 5.0, ended=True)
+    state = SynthStreamState(core, "t1", 5.0, ended=True)
     core.receive(frames(P.SynthAudio(request_id="t1", pcm=b"\0\0")))
     rid = core.expect(P.Cancel(request_id="t1"))
     core.receive(frames(P.Cancelled(request_id="t1")))
     assert isinstance(core.reply(rid), P.Cancelled)
-    got = [state.take(m) for m in core.events(syn.request_id)]
-    assert got[0] is not None and got[1] is None and state.finished
+    assert state.has_news() and state.next_chunk() is not None
+    assert state.next_chunk() is None and state.finished and not core.attached(syn.request_id)
 
 
 def test_bad_arguments_are_refused_before_they_are_sent():
@@ -121,7 +121,7 @@ def test_bad_arguments_are_refused_before_they_are_sent():
             build()
         assert e.value.code == ErrorCode.BAD_REQUEST
     assert checked(P.Ping(request_id="x")).request_id == "x"
-    text = SynthStreamState("t", 1.0)
+    text = SynthStreamState(core, "t", 1.0)
     text.text("a", final=True)
     with pytest.raises(DaemonError):
         text.text("b")
@@ -316,3 +316,12 @@ def test_abandon_detaches_the_stream_and_closes_the_session(ep):
         assert len([m for m in stub.got if isinstance(m, P.Close)]) == 2
     finally:
         stub.stop()
+
+
+def test_a_stream_knows_the_largest_audio_message_its_daemon_takes():
+    core = ClientCore("ipc:///nowhere")
+    assert ASRStreamState(core, "s", {"max_chunk_seconds": 0.1, "sample_rate": 16000}).max_chunk_bytes == 3200
+    assert ASRStreamState(core, "s", {"max_chunk_seconds": 1.0, "sample_rate": 48000}).max_chunk_bytes == 96000
+    assert ASRStreamState(core, "s", {"max_chunk_seconds": 0.00001}).max_chunk_bytes == 2  # one sample at least
+    for caps in ({}, {"max_chunk_seconds": 0}, {"max_chunk_seconds": True}, {"max_chunk_seconds": "1"}):
+        assert ASRStreamState(core, "s", caps).max_chunk_bytes is None  # the daemon does not say

@@ -155,7 +155,8 @@ class Client:
         while not ready():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                return False
+                self._pump(0)  # what is here already
+                return ready()
             self._pump(left)
         return True
 
@@ -200,7 +201,7 @@ class ASRStream(ASRStreamState):
     """One open ASR session on a blocking ASRClient."""
 
     def __init__(self, client: "ASRClient", session_id: str, capabilities: Dict[str, Any]):
-        super().__init__(session_id, capabilities)
+        super().__init__(client.core, session_id, capabilities)
         self.client = client
 
     def send(self, pcm: bytes, ack: bool = False) -> int:
@@ -215,10 +216,7 @@ class ASRStream(ASRStreamState):
         c._wait(lambda: c.core.has_events(key) or not c.core.attached(key), timeout)
         while c._pump(0):  # and whatever else is already here, without waiting
             pass
-        out = [self.seen(m) for m in c.core.events(key)]
-        if self.closed:
-            c.core.detach(key)
-        return out
+        return [self.seen(m) for m in c.core.events(key)]
 
     def wait_ack(self, seq: int, timeout: Optional[float] = None) -> List[P.Message]:
         """Wait for the `ack` of an audio chunk sent with ack=True; returns events seen meanwhile."""
@@ -259,17 +257,12 @@ class ASRStream(ASRStreamState):
         self.client.send(self.close_msg())
         return self._until_closed(timeout)
 
-    def detach(self) -> None:
-        """Nobody reads this stream any more: its events are dropped (the session stays open)."""
-        self.client.core.detach(self.session_id)
-
     def abandon(self) -> None:
         """Detach and close the session at the daemon without waiting (errors ignored)."""
-        self.detach()
-        if not self.closed:
-            self.closed = True
+        m = self.abandon_msg()
+        if m is not None:
             try:
-                self.client.send(self.close_msg())
+                self.client.send(m)
             except DaemonError:
                 pass
 
@@ -336,7 +329,7 @@ class SynthStream(SynthStreamState):
     Leaving the iteration early cancels the request at the daemon."""
 
     def __init__(self, client: TTSClient, request_id: str, timeout: float, ended: bool = False):
-        super().__init__(request_id, timeout, ended)
+        super().__init__(client.core, request_id, timeout, ended)
         self.client = client
 
     def send(self, text: str, final: bool = False, release: bool = False, drop_partial: bool = False) -> None:
@@ -356,52 +349,30 @@ class SynthStream(SynthStreamState):
         if m is not None:
             self.client.send(m)
 
-    def _one(self, timeout: Optional[float]) -> Optional[P.Message]:
-        """Our next message within timeout (None: none came)."""
-        c, key = self.client, self.request_id
-        if not c._wait(lambda: c.core.has_events(key), timeout):
-            return None
-        return c.core.next_event(key)
-
     def poll(self, timeout: float = 0.0) -> List[P.SynthAudio]:
         """Audio chunks that arrived so far (waiting up to timeout for the first)."""
         out: List[P.SynthAudio] = []
-        wait: Optional[float] = timeout
-        while not self.finished:
-            m = self._one(wait)
-            if m is None:
-                break
-            chunk = self._take(m)
+        wait = timeout
+        while not self.finished and self.client._wait(self.has_news, wait):
+            chunk = self.next_chunk()
             if chunk is not None:
                 out.append(chunk)
             wait = 0.0
         return out
 
-    def _take(self, m: P.Message) -> Optional[P.SynthAudio]:
-        try:
-            return self.take(m)
-        finally:
-            if self.finished:
-                self.client.core.detach(self.request_id)
-
     def __iter__(self) -> Iterator[P.SynthAudio]:
         try:
             while not self.finished:
-                m = self._one(self.wait_limit())
-                if m is None:
-                    self.client.core.detach(self.request_id)
+                if not self.client._wait(self.has_news, self.wait_limit()):
                     self.client._timed_out()
                     raise self.timeout_error()
-                chunk = self._take(m)
+                chunk = self.next_chunk()
                 if chunk is not None:
                     yield chunk
         finally:
-            if not self.finished:
-                # Left early (break, an exception in the caller, a timeout): the daemon stops
-                # synthesising; late chunks are dropped.
-                self.client.core.detach(self.request_id)
-                self.finished = True
+            m = self.left_msg()
+            if m is not None and self.client._sock is not None:
                 try:
-                    self.client.send(P.Cancel(request_id=self.request_id))
+                    self.client.send(m)
                 except DaemonError:
                     pass

@@ -196,7 +196,7 @@ class AsyncASRStream(ASRStreamState):
     """One ASR session: send audio, read typed events (SpeechStart, Partial, Final, Closed, Error)."""
 
     def __init__(self, client: "AsyncASRClient", session_id: str, capabilities: Dict[str, Any]):
-        super().__init__(session_id, capabilities)
+        super().__init__(client.core, session_id, capabilities)
         self.client = client
 
     async def send(self, pcm: bytes, ack: bool = False) -> int:
@@ -208,10 +208,7 @@ class AsyncASRStream(ASRStreamState):
         core, key = self.client.core, self.session_id
         if not await self.client._wait(key, lambda: core.has_events(key), timeout):
             return None
-        m = self.seen(core.next_event(key))  # type: ignore[arg-type]
-        if self.closed:
-            core.detach(key)
-        return m
+        return self.seen(core.next_event(key))  # type: ignore[arg-type]
 
     async def events(self) -> AsyncIterator[P.Message]:
         """Every event until the session closes (the Closed event is yielded last)."""
@@ -248,18 +245,13 @@ class AsyncASRStream(ASRStreamState):
         await self.client.send(self.close_msg())
         return await self._until_closed(timeout)
 
-    def detach(self) -> None:
-        """Nobody reads this stream any more: its events are dropped (the session stays open)."""
-        self.client.core.detach(self.session_id)
-
     async def abandon(self) -> None:
         """Detach and close the session at the daemon without waiting (errors ignored): for a
         reader that goes away (a browser that hung up) while the session may be open."""
-        self.detach()
-        if not self.closed:
-            self.closed = True
+        m = self.abandon_msg()
+        if m is not None:
             try:
-                await self.client.send(self.close_msg())
+                await self.client.send(m)
             except DaemonError:
                 pass
 
@@ -286,7 +278,7 @@ class AsyncSynthStream(SynthStreamState):
     chunks. Leaving the loop early, or `cancel()`, cancels the request at the daemon."""
 
     def __init__(self, client: "AsyncTTSClient", request_id: str, timeout: float, ended: bool = False):
-        super().__init__(request_id, timeout, ended)
+        super().__init__(client.core, request_id, timeout, ended)
         self.client = client
 
     async def send(self, text: str, final: bool = False, release: bool = False, drop_partial: bool = False) -> None:
@@ -316,25 +308,22 @@ class AsyncSynthStream(SynthStreamState):
         return self.audio()
 
     async def audio(self) -> AsyncGenerator[P.SynthAudio, None]:
-        c, key = self.client, self.request_id
+        c = self.client
         try:
             while not self.finished:
-                if not await c._wait(key, lambda: c.core.has_events(key), self.wait_limit()):
-                    c.core.detach(key)
+                if not await c._wait(self.request_id, self.has_news, self.wait_limit()):
                     await c._timed_out()
                     raise self.timeout_error()
-                chunk = self.take(c.core.next_event(key))  # type: ignore[arg-type]
+                chunk = self.next_chunk()
                 if chunk is not None:
                     yield chunk
         finally:
-            c.core.detach(key)
-            if not self.finished:
-                self.finished = True
-                if c._sock is not None:
-                    try:
-                        await c.send(P.Cancel(request_id=key))
-                    except DaemonError:
-                        pass
+            m = self.left_msg()
+            if m is not None and c._sock is not None:
+                try:
+                    await c.send(m)
+                except DaemonError:
+                    pass
 
 
 class AsyncTTSClient(AsyncClient):

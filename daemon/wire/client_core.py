@@ -286,13 +286,26 @@ class ClientCore:
 
 
 class ASRStreamState:
-    """One open ASR session: its id, the daemon's capabilities, the next audio seq, closed."""
+    """One open ASR session: its id, the daemon's capabilities, the next audio seq, closed; it
+    stops being routed (detached from the core) once closed."""
 
-    def __init__(self, session_id: str, capabilities: Dict[str, Any]):
+    def __init__(self, core: ClientCore, session_id: str, capabilities: Dict[str, Any]):
+        self.core = core
         self.session_id = session_id
         self.capabilities = capabilities
         self.seq = 0
         self.closed = False
+
+    @property
+    def max_chunk_bytes(self) -> Optional[int]:
+        """The largest audio message the daemon takes for this session: its `opened`'s
+        max_chunk_seconds (limits.max_chunk_seconds) at the session's sample rate, in whole PCM16
+        samples (at least one); None when the daemon does not say."""
+        seconds, rate = self.capabilities.get("max_chunk_seconds"), self.capabilities.get("sample_rate")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            return None
+        rate = rate if isinstance(rate, int) and not isinstance(rate, bool) and rate > 0 else P.ASR_SAMPLE_RATE
+        return max(2, int(seconds * rate) * 2)
 
     def audio(self, pcm: bytes, ack: bool = False) -> P.Audio:
         """The next chunk (PCM16); `sent()` once it is on its way."""
@@ -312,10 +325,23 @@ class ASRStreamState:
         return P.Close(session_id=self.session_id, request_id=new_id())
 
     def seen(self, m: P.Message) -> P.Message:
-        """Note an event read from the session (closed)."""
+        """Note an event read from the session (closed: nothing more comes)."""
         if isinstance(m, P.Closed):
             self.closed = True
+            self.core.detach(self.session_id)
         return m
+
+    def detach(self) -> None:
+        """Nobody reads this stream any more: its events are dropped (the session stays open)."""
+        self.core.detach(self.session_id)
+
+    def abandon_msg(self) -> Optional[P.Close]:
+        """Detach; the `close` to send without waiting, unless the session closed already."""
+        self.detach()
+        if self.closed:
+            return None
+        self.closed = True
+        return self.close_msg()
 
     def closing(self, m: P.Message) -> bool:
         """While waiting for `closed`: True at it; DaemonError when there is no session to close."""
@@ -329,9 +355,10 @@ class ASRStreamState:
 
 class SynthStreamState:
     """One synthesis request: text sent so far (ended, released) and whether it finished
-    (done, cancelled or an error seen)."""
+    (done, cancelled or an error seen: then it is detached from the core)."""
 
-    def __init__(self, request_id: str, timeout: float, ended: bool = False):
+    def __init__(self, core: ClientCore, request_id: str, timeout: float, ended: bool = False):
+        self.core = core
         self.request_id = request_id
         self.timeout = timeout
         self.ended = ended
@@ -362,13 +389,30 @@ class SynthStreamState:
 
     def take(self, m: P.Message) -> Optional[P.SynthAudio]:
         """A message of this request: its audio, None (done, cancelled: finished), DaemonError."""
-        if isinstance(m, P.Error):
+        if isinstance(m, (P.Error, P.Done, P.Cancelled)):
             self.finished = True
-            raise DaemonError.from_reply(m)
-        if isinstance(m, (P.Done, P.Cancelled)):
-            self.finished = True
+            self.core.detach(self.request_id)
+            if isinstance(m, P.Error):
+                raise DaemonError.from_reply(m)
             return None
         return m if isinstance(m, P.SynthAudio) else None
 
+    def next_chunk(self) -> Optional[P.SynthAudio]:
+        """The next message received for this request, as `take` says (None: nothing yet, or no audio)."""
+        m = self.core.next_event(self.request_id)
+        return None if m is None else self.take(m)
+
+    def has_news(self) -> bool:
+        return self.core.has_events(self.request_id)
+
     def timeout_error(self) -> DaemonError:
         return DaemonError(f"no audio within {self.timeout:g} s", ErrorCode.TIMEOUT, self.request_id)
+
+    def left_msg(self) -> Optional[P.Cancel]:
+        """The reader left (break, an exception, a timeout): detach, and the `cancel` to send
+        unless it had finished (the daemon stops synthesising; late chunks are dropped)."""
+        self.core.detach(self.request_id)
+        if self.finished:
+            return None
+        self.finished = True
+        return P.Cancel(request_id=self.request_id)
