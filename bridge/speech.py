@@ -183,8 +183,14 @@ class Transcription:
         """PCM16 mono 16 kHz; waits while the daemon is WINDOW_SECONDS behind what was sent."""
         self._raise_if_failed()
         self._pending += pcm
-        while len(self._pending) >= BATCH_BYTES:
-            await self._send(BATCH_BYTES)
+        while len(self._pending) >= self._step:
+            await self._send(self._step)
+
+    @property
+    def _step(self) -> int:
+        """BATCH_BYTES, or less when the session's `opened` says the daemon takes less at once."""
+        most = self.stream.max_chunk_bytes if self.stream is not None else None
+        return min(BATCH_BYTES, most or BATCH_BYTES)
 
     async def _send(self, n: int) -> None:
         assert self.stream is not None
@@ -216,7 +222,7 @@ class Transcription:
         assert self.stream is not None
         self._raise_if_failed()
         while self._pending:
-            await self._send(len(self._pending))
+            await self._send(min(len(self._pending), self._step))
         await self.link.asr.send(P.Finalize(session_id=self.session_id, request_id=new_id()))
         try:
             await asyncio.wait_for(self._closed.wait(), FINISH_TIMEOUT)

@@ -445,6 +445,26 @@ def test_audio_goes_to_the_daemon_in_chunks_it_takes(tmp_path, models_dir):
 
         final, errors = run(go())
         assert final["text"] and not errors, errors
+
+        # The adapters' shared path (bridge/speech.py: Wyoming, the OpenAI API) frames the same way.
+        import yaml
+
+        from bridge.daemon_link import DaemonLink
+        from bridge.speech import Transcription
+        from daemon.config import parse_config
+
+        async def adapter():
+            link = DaemonLink(parse_config(yaml.safe_load(cfg.read_text(encoding="utf-8"))))
+            await link.start()
+            try:
+                t = Transcription(link, "edge", language="zh")
+                await t.open()
+                await t.feed(silence(0.3) + read_pcm(FIXTURES / "zh" / "01.wav") + silence(1.0))
+                return await t.finish()
+            finally:
+                await link.close()
+
+        assert run(adapter()).text
     finally:
         b.stop()
         proc.stop()
