@@ -35,7 +35,7 @@ class AsyncClient:
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, identity: Optional[bytes] = None,
                  context: Optional[zmq.asyncio.Context] = None, reconnect_on_timeout: bool = True):
-        self.core = ClientCore(endpoint, identity)
+        self.core = ClientCore(endpoint, identity, keep_unclaimed=False)
         self.endpoint = endpoint
         self.timeout = timeout
         # A timed-out request reconnects the socket (dropping what was queued for a daemon that

@@ -8,8 +8,8 @@ own (the websockets library's shape: one protocol core, thin I/O shells around i
   at the caller, not an `error` reply a round trip later);
 - `receive(frames)` decodes what the socket read and routes it: the reply a request waits for
   (`expect`/`answered`/`reply`), an event of an attached stream (`attach`/`events`/`detach`),
-  or neither (kept in `unclaimed` for the blocking shell's raw `recv`; a late reply of a request
-  or stream that ended is dropped). An `opened` for an `open` the caller gave up on puts a
+  or neither (kept in `unclaimed`, bounded, for the blocking shell's raw `recv`; dropped by the
+  asyncio shell, and always when it is a late reply of a request or stream that ended). An `opened` for an `open` the caller gave up on puts a
   `close` in `outgoing()`: nobody would ever close that session;
 - errors become `DaemonError`: an `error` reply, a timeout (`timeout_error`), a lost
   connection (`connection_lost`: waiting requests fail `unavailable`, every attached stream
@@ -101,8 +101,11 @@ class _Request:
 class ClientCore:
     """One connection's requests, streams and routing; see the module docstring."""
 
-    def __init__(self, endpoint: str, identity: Optional[bytes] = None):
+    def __init__(self, endpoint: str, identity: Optional[bytes] = None, keep_unclaimed: bool = True):
         self.endpoint = endpoint
+        # The blocking shell's raw `recv` reads what nobody claims; the asyncio shell has no
+        # such reader and drops it (kept, it would only fill memory).
+        self.keep_unclaimed = keep_unclaimed
         self.identity = identity or f"s2s-{new_id()}".encode()
         self._requests: Dict[str, _Request] = {}
         self._streams: Dict[str, Deque[P.Message]] = {}
@@ -145,8 +148,8 @@ class ClientCore:
             logger.info("closing session %s: opened after nobody waits for it", m.session_id)
             self._abandoned_opens.pop(rid, None)
             self._outbox.append(P.Close(session_id=m.session_id, request_id=new_id()))
-        elif key in self._retired or rid in self._retired:
-            logger.debug("dropping a late %s for %r", m.TYPE.value, key)
+        elif key in self._retired or rid in self._retired or not self.keep_unclaimed:
+            logger.debug("dropping %s for %r: nobody waits for it", m.TYPE.value, key)
         else:
             self.unclaimed.append(m)
         return set()
