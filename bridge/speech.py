@@ -31,6 +31,7 @@ from daemon.wire import protocol as P
 from daemon.wire.client_async import AsyncASRStream, AsyncSynthStream
 from daemon.wire.client_base import DaemonError, new_id
 from daemon.errors import ErrorCode
+from daemon.rules import SPOKEN_LANGUAGES
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ def speech_languages(info: Optional[Mapping[str, Any]], fallback: Sequence[str])
     return tuple(x for x in langs if isinstance(x, str) and x != "auto")
 
 
-def voices(tts_info: Optional[Mapping[str, Any]], fallback: Sequence[str] = ("zh", "en")) -> List[Voice]:
+def voices(tts_info: Optional[Mapping[str, Any]], fallback: Sequence[str] = SPOKEN_LANGUAGES) -> List[Voice]:
     """`s2s` (the daemon picks per text when it can) and one `s2s-<language>` per language."""
     langs = speech_languages(tts_info, fallback)
     engine = str((tts_info or {}).get("engine") or "tts")

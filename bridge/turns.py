@@ -48,6 +48,7 @@ from bridge.auth import TurnRate
 from bridge.context import Context
 from bridge.tts import Speaker, ms
 from bridge.wire import ClientTooSlow, Events
+from daemon.rules import SPOKEN_LANGUAGES
 
 logger = logging.getLogger(__name__)
 
@@ -392,5 +393,5 @@ class Turns:
             texts.put_nowait(None)
 
     def _apology(self, user_text: str) -> str:
-        lang = self.language if self.language in ("zh", "en") else ("en" if user_text.isascii() else "zh")
+        lang = self.language if self.language in SPOKEN_LANGUAGES else ("en" if user_text.isascii() else "zh")
         return APOLOGY[lang]

@@ -48,6 +48,7 @@ from daemon.asr.turn_judge import TurnJudge
 from daemon.engines import (ASREvent, Capabilities, EngineInfo, Fallback, FinalEvent, PartialEvent, SpeechStartEvent,
                             Steps)
 from daemon.errors import TextError
+from daemon.rules import LANGUAGES
 
 BLOCK = 1600  # 100 ms at 16 kHz
 THRESHOLD = 0.01
@@ -237,7 +238,7 @@ class FakeASRPool:
         return EngineInfo(kind="asr", engine="fake", device="cpu", requested_device="cpu", dtype="float32",
                           sample_rate=16000, loaded=True, fake=True,
                           capabilities=Capabilities(partials=True, hotwords=True, punctuation=True,
-                                                    languages=("zh", "en", "auto")),
+                                                    languages=LANGUAGES),
                           details={"request_rounds": self.request_rounds})
 
     def shutdown(self) -> None:
@@ -284,7 +285,7 @@ class FakeTTSEngine:
     def info(self) -> EngineInfo:
         return EngineInfo(kind="tts", engine="fake", device="cpu", requested_device="cpu", dtype="float32",
                           sample_rate=self.sample_rate, loaded=True, fake=True,
-                          capabilities=Capabilities(streaming=True, languages=("zh", "en", "auto")))
+                          capabilities=Capabilities(streaming=True, languages=LANGUAGES))
 
     def shutdown(self) -> None:
         self.stop_event.set()

@@ -156,3 +156,16 @@ def test_languages_have_one_owner():
     assert config.CHOICES["asr.language"] == rules.LANGUAGES
     assert tuple(x.lower() for x in config.CHOICES["tts.language"]) == rules.SPOKEN_LANGUAGES
     assert set(rules.SPOKEN_LANGUAGES) < set(rules.LANGUAGES)
+
+
+def test_no_module_writes_the_languages_out_again():
+    """They were written out in about seven places (engines' capabilities, config choices, the
+    front ends): a new language had to be added in each."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    listed = re.compile(r"""\(\s*["']zh["']\s*,\s*["']en["']""")
+    found = [f"{p.relative_to(root)}:{i}" for pkg in ("daemon", "bridge") for p in sorted((root / pkg).rglob("*.py"))
+             if p.name != "rules.py"
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if listed.search(line)]
+    assert found == [], found

@@ -43,6 +43,7 @@ from daemon.audio import float_to_pcm16, resample, to_float32
 from daemon.wire.client_base import DaemonError
 from daemon.config import Config
 from daemon.errors import ErrorCode, S2SError
+from daemon.rules import SPOKEN_LANGUAGES
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Catalog:
 
     def asr_languages(self) -> Tuple[str, ...]:
         lang = self.cfg.asr.language
-        return speech_languages(self._engine("asr") or None, ("zh", "en") if lang == "auto" else (lang,))
+        return speech_languages(self._engine("asr") or None, SPOKEN_LANGUAGES if lang == "auto" else (lang,))
 
     @property
     def hotwords(self) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from daemon.wire import protocol as P
 from daemon.wire.client import ASRClient, DaemonError, TTSClient
+from daemon.rules import LANGUAGES
 
 DEFAULT_KEYS_DIR = "/etc/s2s/curve"
 CHUNK_SECONDS = 0.1
@@ -271,7 +272,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     t = sub.add_parser("transcribe", help="transcribe an audio file (WAV, MP3, OGG, FLAC, Opus, M4A, ...: "
                                           "decoded by PyAV, sent as 16 kHz mono); exit 2 if it cannot be read")
     t.add_argument("file")
-    t.add_argument("--lang", choices=("zh", "en", "auto"), default=None)
+    t.add_argument("--lang", choices=LANGUAGES, default=None)
     t.add_argument("--stream", action="store_true", help="send in real time and show partials")
     t.add_argument("--json", action="store_true", help="print every event as JSON")
     s = sub.add_parser("speak", help="synthesise TEXT into a WAV file")

@@ -12,6 +12,7 @@ import numpy as np
 
 from daemon.tools.bench.common import CHUNK_BYTES, RATE, Utterance, fmt, load_manifest, noise_pcm, stats_ms, table
 from daemon.tools.bench.stack import Stack, in_process_engines, stack_language
+from daemon.rules import SPOKEN_LANGUAGES
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _library(st: Stack, engine: str) -> Optional[Callable[[Utterance], Tuple[flo
         def run(u: Utterance) -> Tuple[float, str]:
             x = np.frombuffer(u.pcm, dtype="<i2").astype(np.float32) / 32768.0
             t0 = time.perf_counter()
-            segs, _info = model.transcribe(x, language=u.lang if u.lang in ("zh", "en") else None,
+            segs, _info = model.transcribe(x, language=u.lang if u.lang in SPOKEN_LANGUAGES else None,
                                            beam_size=w.beam_size, vad_filter=False,
                                            condition_on_previous_text=False, without_timestamps=True)
             text = ("" if u.lang == "zh" else " ").join(s.text.strip() for s in segs)
