@@ -184,7 +184,10 @@ class Connection:
             try:
                 if not isinstance(hotwords, list):
                     raise S2SError("hotwords must be a list of strings")
-                hotwords = tuple(clean_hotwords(hotwords)) or None  # the daemon's own rule (daemon/rules.py)
+                # The daemon's own rule (daemon/rules.py). The page sends its hotword field, [] when
+                # empty: no words of the user's own, so the session asks for the daemon's defaults
+                # (Open hotwords=None); which words those are, the daemon alone decides.
+                hotwords = tuple(clean_hotwords(hotwords)) or None
             except S2SError as e:
                 await self.events.error("bad_message", str(e))
                 return
