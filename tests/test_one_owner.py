@@ -22,22 +22,13 @@ from daemon.rules import MAX_SPEED
 from daemon.wire import protocol as P
 from daemon.wire.client import ASRClient, TTSClient
 from daemon_harness import DaemonProcess
+from helpers.funasr_tiny import daemon_config
 
 DEFAULT_WORDS = ["阳台", "浇水"]
 
 
 def _config(models_dir: Path, hotwords: Sequence[str] = (), limits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    recorded = json.loads((models_dir / "s2s-models.json").read_text())["components"]
-    need = ["tiny/seaco-paraformer", "fsmn-vad", "piper"]
-    if not all(any(r.startswith(n) for r in recorded) for n in need):
-        pytest.skip(f"tiny models not built ({need} in s2s-models.json)")
-    return {"models_root": str(models_dir),
-            "asr": {"engine": "funasr", "device": "cpu", "ncpu": 1, "fallback_engine": "none",
-                    "hotwords": list(hotwords),
-                    "funasr": {"paraformer": "tiny/seaco-paraformer", "vad": "fsmn-vad", "punc": "", "streaming": ""}},
-            "tts": {"engine": "piper", "device": "cpu", "fallback_engine": "none",
-                    "piper": {"voice": "piper/en_US-joe-medium.onnx"}},
-            "limits": {"idle_timeout": 120.0, **(limits or {})}}
+    return daemon_config(models_dir, "tiny/seaco-paraformer", hotwords, limits)
 
 
 def _reload(p: DaemonProcess, **sections: Dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from daemon.wire.client import ASRClient, DaemonError
 from daemon.errors import ErrorCode, S2SError
 from daemon.rules import MAX_HOTWORDS, clean_hotwords
 from daemon_harness import DaemonProcess
+from helpers.funasr_tiny import daemon_config
 from helpers.ws import WSClient, http_get
 
 
@@ -154,16 +155,7 @@ def test_a_huge_start_does_not_freeze_the_bridge(fake_stack):
 
 
 def _tiny_funasr_config(models_dir: Path, limits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    recorded = json.loads((models_dir / "s2s-models.json").read_text())["components"]
-    need = ["tiny/paraformer", "fsmn-vad", "piper"]
-    if not all(any(r.startswith(n) for r in recorded) for n in need):
-        pytest.skip(f"tiny models not built ({need} in s2s-models.json)")
-    return {"models_root": str(models_dir),
-            "asr": {"engine": "funasr", "device": "cpu", "ncpu": 1, "fallback_engine": "none",
-                    "funasr": {"paraformer": "tiny/paraformer", "vad": "fsmn-vad", "punc": "", "streaming": ""}},
-            "tts": {"engine": "piper", "device": "cpu", "fallback_engine": "none",
-                    "piper": {"voice": "piper/en_US-joe-medium.onnx"}},
-            "limits": {"idle_timeout": 120.0, **(limits or {})}}
+    return daemon_config(models_dir, limits=limits)
 
 
 def _transcribe(endpoint: str, pcm: bytes) -> "tuple[float, List[P.Message]]":
