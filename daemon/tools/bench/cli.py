@@ -204,6 +204,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from daemon.tools.bench import turns
 
         return turns.main(argv[1:])
+    if argv[:1] == ["scaleout"]:  # several daemons against one (daemon/tools/bench/scaleout.py)
+        from daemon.tools.bench import scaleout
+
+        return scaleout.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
