@@ -96,8 +96,8 @@ def origin_allowed(origin: Optional[str], host: Optional[str], allowed: Sequence
     # A browser's Origin is scheme://host[:port], nothing more.
     if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
         return False
-    return (parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host.lower()
-            and own_host(host, bind_host))
+    return (parts.scheme in ("http", "https") and host is not None and host != ""
+            and parts.netloc.lower() == host.lower() and own_host(host, bind_host))
 
 
 def network_key(address: str) -> str:
@@ -163,7 +163,8 @@ class PendingLogins:
         if mine is not None and len(mine) >= self.per_network:
             victim = next(iter(mine))
         elif len(self._net) >= self.limit:
-            victim = next(iter(max(self._by_net.values(), key=len)))
+            busiest = max(self._by_net, key=lambda net: len(self._by_net[net]))
+            victim = next(iter(self._by_net[busiest]))
         if victim is not None:
             self.remove(victim)
         self._by_net.setdefault(network, {})[conn] = None
