@@ -21,17 +21,13 @@ import weakref
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple, cast
 
 from bridge.daemon_link import OPEN_TIMEOUT, TTS_TIMEOUT, DaemonLink
-from daemon.wire.placement import ClientMember, Member, Placement
+from daemon.wire.placement import ClientMember, Placement
 from daemon.config import Config
 from daemon.errors import ErrorCode, S2SError
 from daemon.wire import protocol as P
 from daemon.wire.client import AsyncASRClient, AsyncTTSClient, DaemonError
 
 logger = logging.getLogger(__name__)
-
-# Refusals of an `open` after which the next daemon is tried.
-TRY_ELSEWHERE = (ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE, ErrorCode.BUSY)
-
 
 def _unavailable(e: Exception) -> DaemonError:
     return e if isinstance(e, DaemonError) else DaemonError(str(getattr(e, "message", e)), ErrorCode.UNAVAILABLE)
@@ -43,27 +39,17 @@ class PlacedASR:
         self._streams: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
     async def open(self, **kw: Any) -> Any:
-        tried: List[Member] = []
-        last: Optional[DaemonError] = None
-        while True:
-            try:
-                m: Any = self.pool.placement.place("asr", exclude=tried)
-            except Exception as e:
-                raise (last or _unavailable(e)) from None
-            tried.append(m)
-            try:
-                stream = await m.asr.open(**kw)
-            except DaemonError as e:
-                if e.code not in TRY_ELSEWHERE:
-                    raise
-                self.pool.placement.refused(m, e.code)
-                if e.code == ErrorCode.UNAVAILABLE:
-                    self.pool.placement.lost(m)
-                logger.info("open on daemon %s refused (%s): trying another", m.name, e.code.value)
-                last = e
-                continue
-            self._streams[stream.session_id] = stream
-            return stream
+        async def attempt(m: Any) -> Any:
+            return await m.asr.open(**kw)
+
+        try:
+            stream = await self.pool.placement.first_taker("asr", attempt)
+        except DaemonError:
+            raise
+        except S2SError as e:  # no daemon in placement: the clients' error type, as the one-daemon link's
+            raise DaemonError(e.message, e.code) from None
+        self._streams[stream.session_id] = stream
+        return stream
 
     async def send(self, msg: P.Message) -> None:
         """A message for an open session (finalize, reset, close): to the daemon it lives on."""

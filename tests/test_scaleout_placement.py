@@ -98,6 +98,30 @@ def test_a_daemon_out_of_placement_and_back():
     assert e.value.code == ErrorCode.UNAVAILABLE and "a: stopping" in e.value.message
 
 
+def test_first_taker_tries_the_others_on_busy_stopping_or_lost_and_raises_the_last_refusal():
+    a, b = FakeMember("a"), FakeMember("b", sessions=5)
+    p = Placement([a, b], clock=Clock())
+    asyncio.run(p.poll())
+    calls = []
+
+    def attempt_with(refuse):
+        async def attempt(m):
+            calls.append(m.name)
+            if m.name in refuse:
+                raise S2SError(f"{m.name} refuses", refuse[m.name])
+            return m.name
+        return attempt
+
+    assert asyncio.run(p.first_taker("asr", attempt_with({"a": ErrorCode.BUSY}))) == "b"
+    assert calls == ["a", "b"]
+    with pytest.raises(S2SError) as e:
+        asyncio.run(p.first_taker("asr", attempt_with({"a": ErrorCode.BUSY, "b": ErrorCode.BUSY})))
+    assert e.value.code == ErrorCode.BUSY and "refuses" in e.value.message
+    with pytest.raises(S2SError) as e:  # not a refusal to try elsewhere: at once
+        asyncio.run(p.first_taker("asr", attempt_with({"a": ErrorCode.BAD_REQUEST, "b": ErrorCode.BUSY})))
+    assert e.value.code == ErrorCode.BAD_REQUEST
+
+
 # --- real daemons --------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Sequence, TypeVar
 
 from daemon.errors import ErrorCode, S2SError
 from daemon.wire.client_base import missing_endpoint
@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 INTERVAL = 0.25
 DOWN_AFTER = 1.0
 KINDS = ("asr", "tts")
+# Refusals after which the next daemon is tried (first_taker).
+TRY_ELSEWHERE = (ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE, ErrorCode.BUSY)
+T = TypeVar("T")
 
 
 class Member(Protocol):
@@ -204,6 +207,31 @@ class Placement:
         best.placed[kind] += 1
         best.placed_total[kind] += 1
         return best.member
+
+    async def first_taker(self, kind: str, attempt: Callable[[Member], Awaitable[T]]) -> T:
+        """`attempt(member)` on the daemon with the most room; refused `shutting_down`,
+        `unavailable` or `busy` (TRY_ELSEWHERE), on the next one, until one takes it. The last
+        refusal is raised when none does (S2SError unavailable when no daemon is in placement)."""
+        tried: List[Member] = []
+        last: Optional[S2SError] = None
+        while True:
+            try:
+                m = self.place(kind, exclude=tried)
+            except S2SError:
+                if last is not None:
+                    raise last from None
+                raise
+            tried.append(m)
+            try:
+                return await attempt(m)
+            except S2SError as e:
+                if e.code not in TRY_ELSEWHERE:
+                    raise
+                self.refused(m, e.code)
+                if e.code == ErrorCode.UNAVAILABLE:
+                    self.lost(m)
+                logger.info("%s on daemon %s refused (%s): trying another", kind, m.name, e.code.value)
+                last = e
 
     # --- reporting ----------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, cast
 
 from daemon.tools.bench.capacity import (CAPACITY_P95_S, FRAME_S, OPEN_TIMEOUT_S, START_DELAY_S, Recording,
                                          StreamRecord, _cpu, _open, _point, _poll_lag, _run_stream, _wait_idle,
@@ -31,7 +31,9 @@ from daemon.tools.bench.capacity import (CAPACITY_P95_S, FRAME_S, OPEN_TIMEOUT_S
                                          parse_streams, print_capacity, stack_sessions, summarize)
 from daemon.tools.bench.common import load_manifest, machine
 from daemon.tools.bench.stack import Stack, open_stack
-from daemon.wire.client_async import AsyncASRClient, AsyncTTSClient
+from daemon.errors import S2SError
+from daemon.wire.client_async import AsyncASRClient, AsyncASRStream, AsyncTTSClient
+from daemon.wire.client_base import DaemonError
 from daemon.wire.placement import ClientMember, Placement
 
 logger = logging.getLogger(__name__)
@@ -52,18 +54,37 @@ async def _pool_point(sts: Sequence[Stack], n: int, recs: Sequence[Recording], d
     deadline = time.monotonic() + 10.0  # every daemon answered once (a loaded machine's first describe may be slow)
     while not all(r["up"] for r in placement.report()) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    chosen = [placement.place("asr") for _ in range(n)]
-    clients = [AsyncASRClient(m.asr.endpoint, timeout=OPEN_TIMEOUT_S) for m in chosen]  # type: ignore[attr-defined]
-    for c in clients:
-        await c.connect()
     records = [StreamRecord(i, recs[i % len(recs)].id) for i in range(n)]
+    chosen: List[Any] = [None] * n
+    clients: List[AsyncASRClient] = []
+
+    async def place_and_open(rec: StreamRecord) -> Optional[AsyncASRStream]:
+        """As a front end opens (daemon/wire/placement.first_taker): the daemon with the most
+        room, the next one when it answers busy; each stream its own client."""
+        async def attempt(m: Any) -> AsyncASRStream:
+            c = AsyncASRClient(m.asr.endpoint, timeout=OPEN_TIMEOUT_S)
+            clients.append(c)
+            await c.connect()
+            s = await c.open(language="zh", timeout=OPEN_TIMEOUT_S)
+            chosen[rec.index] = m
+            return s
+
+        async def opened(_: Any) -> Optional[AsyncASRStream]:
+            try:
+                return await placement.first_taker("asr", attempt)
+            except DaemonError:
+                raise
+            except S2SError as e:  # no daemon in placement: counted as capacity counts an open's error
+                raise DaemonError(e.message, e.code) from None
+
+        return await _open(cast(AsyncASRClient, _Opener(opened)), rec)
     stop = asyncio.Event()
     lags: List[Dict[str, float]] = [{} for _ in sts]
     pollers = [asyncio.create_task(_poll_lag(st, stop, lag)) for st, lag in zip(sts, lags)]
     pids = [st.daemon_pid for st in sts]
     d0, c0, t_start = [_cpu(p) for p in pids], _cpu(os.getpid()), time.monotonic()
     try:
-        streams = await asyncio.gather(*(_open(c, r) for c, r in zip(clients, records)))
+        streams = await asyncio.gather(*(place_and_open(r) for r in records))
         t0 = time.monotonic() + START_DELAY_S
         await asyncio.gather(*(_run_stream(s, r, recs[r.index % len(recs)].pcm, t0 + r.index * FRAME_S / n,
                                            drain_timeout) for s, r in zip(streams, records) if s is not None))
@@ -83,9 +104,19 @@ async def _pool_point(sts: Sequence[Stack], n: int, recs: Sequence[Recording], d
         daemon_cpu = None if a is None or b is None or daemon_cpu is None else daemon_cpu + b - a
     lag_max = max((lag.get("max_lag_s", 0.0) for lag in lags), default=None)
     point = summarize(n, records, daemon_cpu, None if c0 is None or c1 is None else c1 - c0, wall, lag_max)
-    point["per_daemon"] = [sum(1 for m in chosen if m is member) for member in members]
+    point["per_daemon"] = [sum(1 for m in chosen if m is member) for member in members]  # admitted there
     point["load_avg"] = [round(os.getloadavg()[0], 2)] * 2
     return point
+
+
+class _Opener:
+    """What capacity's `_open` calls (`open(language=, timeout=)`), opening through placement."""
+
+    def __init__(self, opened: Callable[[Any], Awaitable[Optional[AsyncASRStream]]]):
+        self.opened = opened
+
+    async def open(self, **kw: Any) -> Optional[AsyncASRStream]:
+        return await self.opened(kw)
 
 
 async def _sweep(sts: Sequence[Stack], counts: Sequence[int], recs: Sequence[Recording],
