@@ -96,7 +96,7 @@ def test_speed(engine):
     assert slow > 1.8 * fast
 
 
-@pytest.mark.parametrize("text", ["", "  ", "？！……", "😀😀", "字" * 3000])
+@pytest.mark.parametrize("text", ["", "  ", "？！……", "😀😀"])  # length: the daemon's rule (test_one_owner.py)
 def test_bad_text(engine, text):
     with pytest.raises(TextError) as e:
         engine.synthesize(text)

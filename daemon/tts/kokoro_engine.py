@@ -237,7 +237,7 @@ class KokoroEngine(SentenceTTS):
         self._g2p: Optional[KokoroG2P] = None
         self.voices: List[str] = []
         # The voice spoken: the configured one, or its substitute (_choose_voice).
-        self.voice = config.voice
+        self.voice = self.config.voice
         self.threads = 0
         self.providers: List[str] = []
         self.dropped_symbols: set = set()
