@@ -44,6 +44,18 @@ def centered_decoder(models_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def int8_model(models_dir):
+    """The same weights with the Linear layers dynamic int8: what a full-size pool runs its
+    partials on, on the CPU (daemon/asr/funasr_engine.py `_int8`)."""
+    from daemon.asr.funasr_engine import _int8
+
+    m = _load(models_dir / "tiny" / "paraformer-streaming")
+    _int8(m.model)
+    assert any("quantized" in type(x).__module__ for x in m.model.modules())
+    return m
+
+
+@pytest.fixture(scope="module")
 def speech(fixtures_dir, manifest):
     out = []
     for row in manifest:
@@ -102,6 +114,28 @@ def test_batched_equals_funasr_one_session_path(automodel, centered_decoder, spe
         a = automodel.generate(input=tail, cache=mine, is_final=True, disable_pbar=True, **STREAM_KW)
         b = automodel.generate(input=tail, cache=theirs, is_final=True, disable_pbar=True, **STREAM_KW)
         assert a[0]["text"] == b[0]["text"]
+
+
+def test_int8_partials_alone_equal_funasrs_and_batched_stay_close(int8_model, speech):
+    """With int8 weights (a full-size pool's partials on the CPU) a session alone gets exactly
+    funasr's own path's text. Batched, torch's dynamic quantization scales each Linear's input
+    by the whole batch's range, so a row's text can differ from its text alone: partials only
+    (finals are float32), and kept close: 91 % of characters the same (at least 85 %) on the
+    tiny random model, whose near-tied scores make it the sensitive case."""
+    import difflib
+
+    chunks = [_chunks(x) for x in speech]
+    ref = [_one_by_one(int8_model, cs, {}) for cs in chunks]
+    alone = BatchedStreaming(int8_model)
+    assert [[alone.run([c], [cache], STREAM_KW)[0] for c in cs] for cs, cache in zip(chunks, [{} for _ in chunks])] == ref
+    batched, caches = BatchedStreaming(int8_model), [{} for _ in chunks]
+    got = [[] for _ in chunks]
+    for step in range(max(len(cs) for cs in chunks)):
+        due = [(i, cs[step]) for i, cs in enumerate(chunks) if step < len(cs)]
+        for (i, _), text in zip(due, batched.run([c for _, c in due], [caches[i] for i, _ in due], STREAM_KW)):
+            got[i].append(text)
+    a, b = "|".join("".join(t) for t in ref), "|".join("".join(t) for t in got)
+    assert len(a) > 20 and difflib.SequenceMatcher(None, a, b).ratio() >= 0.85
 
 
 def _close(a, b):
@@ -247,3 +281,46 @@ def test_a_lone_chunk_whose_forward_fails_is_answered_not_raised(tiny_funasr_poo
     monkeypatch.setattr(BatchedStreaming, "run", failing)
     answers = tiny_funasr_pool.stream_requests([StreamChunk(_chunks(speech[0])[0], {})])
     assert len(answers) == 1 and isinstance(answers[0], EngineError)
+
+
+def _quantized(model):
+    return any("quantized" in type(x).__module__ for x in model.modules())
+
+
+def test_small_models_keep_float32_one_thread_and_the_prior(tiny_funasr_pool):
+    """The full-size policy is chosen by model size: the tiny models (the 32-stream capacity
+    figure) keep float32 partials, one torch thread and no calibration at load."""
+    p = tiny_funasr_pool
+    assert not p.large and p.cost_curve is None and not _quantized(p._stream.model)
+    threads = torch.get_num_threads()
+    p.decode(np.zeros(16000, np.float32))
+    assert torch.get_num_threads() == threads == p.config.ncpu == 1
+
+
+def test_a_full_size_pool_runs_int8_partials_threaded_decodes_and_measures_its_cost(models_dir, monkeypatch):
+    """The same tiny models taken as full size (the threshold lowered): the streaming model is
+    int8, the offline decode runs on `ncpu_large` threads and the count is back after it, and
+    the pool measured its cost curve at load (daemon/asr/calibrate.py) for admission."""
+    import dataclasses
+
+    from daemon.asr import funasr_engine
+    from daemon.asr.funasr_engine import FunASRPool
+    from helpers.funasr_tiny import make_config
+
+    monkeypatch.setattr(funasr_engine, "LARGE_MODEL_BYTES", 0)
+    seen = []
+    pool = FunASRPool(dataclasses.replace(make_config(models_dir), ncpu=1, ncpu_large=2))
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real_set(n)))
+    try:
+        pool.load()
+        assert pool.large and _quantized(pool._stream.model) and not _quantized(pool._asr.model)
+        scale, exponent = pool.cost_curve
+        assert scale > 0 and 0.5 <= exponent <= 1.0
+        seen.clear()
+        pool.decode(np.zeros(16000, np.float32))
+        assert seen == [2, 1] and torch.get_num_threads() == 1
+        assert any("int8" in n for n in pool.notes)
+    finally:
+        pool.shutdown()
+        real_set(1)

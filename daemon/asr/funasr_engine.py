@@ -25,10 +25,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from daemon import devices
-from daemon.engines import Capabilities, EngineInfo
+from daemon.engines import ASREvent, Capabilities, EngineInfo, PartialEvent
 from daemon.errors import EngineError, ModelMissingError, S2SError
+from daemon.rules import LANGUAGES
 from daemon.serving.workers import extend_budget
-from daemon.asr.base import Decode, PoolBase, SentenceEnd, Steps, StreamChunk, StreamingEngine, join_cjk
+from daemon.asr import calibrate
+from daemon.asr.base import ASRSettings, Decode, PoolBase, SentenceEnd, Steps, StreamChunk, StreamingEngine, join_cjk
 from daemon.asr.paraformer_stream import BatchedStreaming
 from daemon.asr.vad import FUNASR_QUIET, SAMPLE_RATE, FsmnVAD, require_dir
 
@@ -45,23 +47,23 @@ RELOAD_BUDGET_SECONDS = 120.0
 # CT-Transformer labels that end a sentence, and the marks it writes (stripped before asking it).
 SENTENCE_END_LABELS = ("。", "？")
 PUNCTUATION_MARKS = "，。？、,.?!！"
+# A model directory this big is "full size" (Paraformer-large: 880 MB of float32 weights, 220 M
+# parameters; the tiny test models: a few MB): on the CPU its streaming Paraformer runs int8 and
+# its offline decodes get `ncpu_large` intra-op threads (BENCHMARKS.md, "Capacity at full
+# size"). Small models keep one thread and float32: their calls are too short for either to pay.
+# Judged from the files, before loading: funasr fixes a model's threads when it is built.
+LARGE_MODEL_BYTES = 200_000_000
 STREAM_KW = {"chunk_size": STREAM_CHUNK, "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
 
 
-@dataclass(frozen=True)
-class FunASRConfig:
+@dataclass(frozen=True, kw_only=True)
+class FunASRConfig(ASRSettings):
     paraformer_dir: Path
-    vad_dir: Path
     punc_dir: Optional[Path] = None
     streaming_dir: Optional[Path] = None
-    device: str = "cpu"
-    dtype: str = "auto"
-    language: str = "zh"
     partials: bool = True
     partial_interval: float = 0.6
-    max_utterance_seconds: float = 30.0
-    idle_timeout: float = 60.0
-    ncpu: int = 1
+    ncpu_large: int = 1  # intra-op threads for a full-size model's offline decodes
     batch_size: int = 1
 
     @classmethod
@@ -70,14 +72,10 @@ class FunASRConfig:
         f = cfg.asr.funasr
         return cls(
             paraformer_dir=cfg.model_path(f.paraformer),
-            vad_dir=cfg.model_path(f.vad),
             punc_dir=cfg.model_path(f.punc) if f.punc else None,
             streaming_dir=cfg.model_path(f.streaming) if f.streaming else None,
-            device=cfg.asr.device, dtype=cfg.asr.dtype, language=cfg.asr.language,
-            partials=cfg.asr.partials,
-            partial_interval=cfg.asr.partial_interval,
-            max_utterance_seconds=cfg.limits.max_utterance_seconds,
-            idle_timeout=cfg.limits.idle_timeout, ncpu=devices.cpu_threads(cfg.asr.ncpu, "funasr"))
+            partials=cfg.asr.partials, partial_interval=cfg.asr.partial_interval,
+            ncpu_large=devices.cpu_threads(cfg.asr.ncpu, "funasr-large"), **ASRSettings.of(cfg, "funasr", f.vad))
 
     def missing(self) -> List[str]:
         """Required model directories that are absent (cheap; no model is loaded)."""
@@ -101,7 +99,7 @@ class FunASRPool(PoolBase):
     name = "funasr"
 
     def __init__(self, config: FunASRConfig):
-        super().__init__(config.idle_timeout)
+        super().__init__()
         self.config = config
         self.device = "cpu"
         self.dtype = "float32"
@@ -113,6 +111,8 @@ class FunASRPool(PoolBase):
         self._punc: Any = None
         self._stream: Any = None
         self._stream_batcher: Optional[BatchedStreaming] = None
+        self.large = False  # full-size models (LARGE_MODEL_BYTES): int8 partials, threaded decodes
+        self.cost_curve: Optional[Tuple[float, float]] = None  # measured at load (daemon/asr/calibrate.py)
 
     # -- loading ----------------------------------------------------------------------
 
@@ -127,6 +127,11 @@ class FunASRPool(PoolBase):
         devices.load_with_fallback(c.device, c.dtype, "asr.funasr", self._load_models,
                                    lambda src, dst, why: self._note_fallback(src, dst, why, "load"))
         self._loaded = True
+        if self.large:
+            self.cost_curve = calibrate.measure(
+                self._stream_batch if self._stream is not None else None,
+                lambda audios: self._decode_batch(audios, ()),
+                self.open("calibration", partials=False).feed, SAMPLE_RATE, STREAM_SAMPLES)
         logger.info("funasr: loaded %s (%s) on %s/%s in %.1f s; punctuation %s; partials %s",
                     c.paraformer_dir, self.asr_class, self.device, self.dtype, time.monotonic() - t0,
                     "on" if self._punc is not None else "off", "on" if self._stream is not None else "off")
@@ -137,7 +142,10 @@ class FunASRPool(PoolBase):
         c = self.config
         common = dict(device=device, ncpu=c.ncpu, batch_size=c.batch_size, **FUNASR_QUIET)
         # dither 0: the frontend's default dither makes results vary from run to run.
-        asr = AutoModel(model=str(c.paraformer_dir), frontend_conf={"dither": 0.0}, **common)
+        large = device == "cpu" and _large(c.paraformer_dir)
+        # funasr resets torch's threads to a model's ncpu at every generate: the offline model's is its own.
+        asr = AutoModel(model=str(c.paraformer_dir), frontend_conf={"dither": 0.0},
+                        **dict(common, ncpu=c.ncpu_large if large else c.ncpu))
         punc = None
         if c.punc_dir is not None:
             if (Path(c.punc_dir) / "config.yaml").is_file():
@@ -155,6 +163,11 @@ class FunASRPool(PoolBase):
                                f"no partials")
                 else:
                     stream = AutoModel(model=str(c.streaming_dir), frontend_conf={"dither": 0.0}, **common)
+        self.large = large
+        if stream is not None and device == "cpu" and _large(c.streaming_dir):
+            _int8(stream.model)
+            self._note("the streaming Paraformer is full size: its partials run int8 on the CPU "
+                       "(finals stay float32)")
         self._asr, self._punc, self._stream = asr, punc, stream
         self.device, self.dtype = device, dtype
         self.generation += 1
@@ -208,7 +221,8 @@ class FunASRPool(PoolBase):
         kw: Dict[str, Any] = {"disable_pbar": True, "batch_size": len(audios)}
         if hotwords:
             kw["hotword"] = " ".join(hotwords)
-        res = self._asr.generate(input=audios if len(audios) > 1 else audios[0], **kw)
+        with _threads(self.config.ncpu_large if self.large else 0, self.config.ncpu):
+            res = self._asr.generate(input=audios if len(audios) > 1 else audios[0], **kw)
         if len(res or []) != len(audios):
             raise EngineError(f"recognition returned {len(res or [])} results for {len(audios)} utterances")
         out = []
@@ -283,7 +297,7 @@ class FunASRPool(PoolBase):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(partials=self.has_partials, hotwords=self.asr_class in HOTWORD_MODELS,
-                            punctuation=self._punc is not None, languages=("zh", "en", "auto"))
+                            punctuation=self._punc is not None, languages=LANGUAGES)
 
     def model_label(self) -> str:
         return f"{Path(self.config.paraformer_dir).name}: {self.asr_class or 'not loaded'}"
@@ -304,7 +318,7 @@ class FunASRPool(PoolBase):
         return EngineInfo(
             kind="asr", engine=self.name, device=self.device, requested_device=c.device, dtype=self.dtype,
             sample_rate=SAMPLE_RATE, capabilities=self.capabilities(), loaded=self._loaded, models=models,
-            sessions=self.session_count, fallbacks=tuple(self.fallbacks),
+            fallbacks=tuple(self.fallbacks),
             notes=tuple(self.notes),
             details={"model_class": self.asr_class, "streaming_class": self.streaming_class or None})
 
@@ -354,7 +368,7 @@ class FunASREngine(StreamingEngine):
             # Models were reloaded (CPU fallback): the old cache belongs to the old model.
             self._generation = self.pool.generation
             self._stream_cache = {}
-        events: List[Dict[str, Any]] = []
+        events: List[ASREvent] = []
         pos = max(self._stream_pos, start)
         while self._seg.total - pos >= STREAM_SAMPLES:
             chunk = self._seg.audio(pos, pos + STREAM_SAMPLES)
@@ -364,10 +378,40 @@ class FunASREngine(StreamingEngine):
             text = join_cjk(self._stream_text)
             if self._since_partial >= self._interval - STREAM_SAMPLES // 2 and text:
                 self._since_partial = 0
-                events.append({"type": "partial", "text": text, "start": self._t(start), "end": self._t(pos),
-                               "utterance": self._utt})
+                events.append(PartialEvent(type="partial", text=text, start=self._t(start), end=self._t(pos),
+                                           utterance=self._utt))
         self._stream_pos = pos
         return events
+
+
+def _large(model_dir: Any) -> bool:
+    """A full-size model directory (LARGE_MODEL_BYTES of files)."""
+    return sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.is_file()) >= LARGE_MODEL_BYTES
+
+
+def _int8(model: Any) -> None:
+    """A full-size model's Linear layers to dynamic int8 (torch's quantize_dynamic, in place):
+    the streaming Paraformer's 600 ms chunks are small matrices against 880 MB of float32
+    weights, bound by reading them; int8 reads a quarter (measured 284 -> 114 ms CPU a chunk)."""
+    import torch
+
+    torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+@contextlib.contextmanager
+def _threads(n: int, restore: int) -> Any:
+    """torch's intra-op threads at n for one call (0: as they are), then back to `restore`.
+    Process-wide, which is safe here: every model call runs on the pool's one worker thread."""
+    if n <= 0 or n == restore:
+        yield
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(restore)
 
 
 def _stream_error(e: Exception) -> S2SError:

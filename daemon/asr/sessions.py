@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from daemon.wire import protocol as P
 from daemon.asr.batch import FeedBatcher
 from daemon.asr.capacity import Backlog, Capacity, FairShare
 from daemon.config import Config
-from daemon.engines import ASRPool, ASRSession, EngineInfo
+from daemon.engines import ASREvent, ASRPool, ASRSession, EngineInfo
 from daemon.errors import AudioError, ErrorCode, S2SError
 from daemon.rules import MAX_ID_CHARS, check_language, clean_hotwords
 from daemon.serving.transport import Transport, short
@@ -89,7 +89,8 @@ class ASRSessions:
         self.counters = counters
         self.info = info
         self.clock = clock
-        self.capacity = Capacity(lambda: cfg().limits, clock, lambda: worker.busy_s)
+        self.capacity = Capacity(lambda: cfg().limits, clock, lambda: worker.busy_s,
+                                 lambda: pool.cost_curve)  # measured at load (full-size FunASR)
         self.fair = FairShare(clock)
         self.batcher = FeedBatcher(worker, pool, counters)
         self.sessions: Dict[str, Session] = {}
@@ -134,7 +135,9 @@ class ASRSessions:
 
     def _open(self, ident: bytes, msg: P.Open) -> None:
         if self.stopping:
-            raise S2SError("daemon is shutting down", ErrorCode.SHUTTING_DOWN)
+            # retry_after: elsewhere now (another daemon), here once it is back (a rolling restart)
+            raise S2SError("daemon is shutting down", ErrorCode.SHUTTING_DOWN,
+                          retry_after=self.cfg().daemon.drain_timeout)
         if not msg.session_id or len(msg.session_id) > MAX_ID_CHARS:
             raise S2SError(f"session_id must be 1-{MAX_ID_CHARS} characters", ErrorCode.BAD_REQUEST)
         if msg.session_id in self.sessions:
@@ -244,24 +247,18 @@ class ASRSessions:
         """Tentative decodes after turn.early_silence, for a session that asked for them."""
         turn = self.cfg().turn
         early = turn.early_silence if s.tentative else 0.0
-        setter = getattr(engine, "set_early_silence", None)
-        if setter is not None:
-            setter(early)
-        sentences = getattr(engine, "set_sentence_end", None)
-        if sentences is not None:
-            sentences(bool(early and turn.sentence_end))
+        engine.set_early_silence(early)
+        engine.set_sentence_end(bool(early and turn.sentence_end))
         return engine
 
     async def _must_send(self, s: Session, msg: P.Message) -> None:
         if not await self.transport.send_wait("asr", s.owner, msg):
             raise _Stalled()
 
-    async def _send_events(self, s: Session, events: List[Dict[str, Any]], request_id: str = "") -> None:
-        for ev in events or []:
+    async def _send_events(self, s: Session, events: List[ASREvent], request_id: str = "") -> None:
+        for ev in events:
             m = event_to_message(s.session_id, ev, request_id)
-            if m is None:
-                logger.debug("session %s: unknown engine event %r", s.session_id, ev.get("type"))
-            elif isinstance(m, P.Partial):
+            if isinstance(m, P.Partial):
                 if s.partials:  # superseded by the next partial or the final: may be dropped
                     self.transport.send("asr", s.owner, m)
             elif isinstance(m, (P.Tentative, P.Resume)):
@@ -366,7 +363,7 @@ class ASRSessions:
                     if s.resampler is not None:
                         tail = self._pcm_for_engine(s, b"", last=True)
                         if len(tail):
-                            await self._send_events(s, await self.worker.call("feed", engine.feed, tail))
+                            await self._send_events(s, await self.batcher.feed(engine, tail))
                     events = await self.worker.call("finalize", engine.finalize_events)
                     await self._send_events(s, events, msg.request_id)
                     return P.Closed(session_id=s.session_id, request_id=msg.request_id, reason="finalized")
@@ -385,30 +382,24 @@ class ASRSessions:
         del self.sessions[s.session_id]
         s.closing = True
         s.forget()
-        try:
-            self.worker.submit("close", self.pool.close, s.session_id)
-        except S2SError:
-            pass  # worker already gone
+        s.engine = None  # the session's streaming state goes with it: the pool keeps none
         logger.info("session %s: released (%.1f s)", s.session_id, self.clock() - s.opened_at)
 
 
-def event_to_message(session_id: str, ev: Mapping[str, Any], request_id: str = "") -> Optional[P.Message]:
-    """Engine event dict (daemon.engines format) -> SpeechStart/Partial/Final/Tentative/Resume;
-    None if unknown."""
-    t = ev.get("type")
-    utt = int(ev.get("utterance", 0) or 0)
-    if t == "speech_start":
-        return P.SpeechStart(session_id=session_id, start=float(ev.get("start", 0.0)), utterance=utt)
-    if t == "partial":
-        return P.Partial(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
-                         end=float(ev.get("end", 0.0)), utterance=utt)
-    if t == "final":
-        return P.Final(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
-                       end=float(ev.get("end", 0.0)), utterance=utt, reason=str(ev.get("reason", "vad")),
-                       request_id=request_id)
-    if t == "tentative":
-        return P.Tentative(session_id=session_id, text=str(ev.get("text", "")), start=float(ev.get("start", 0.0)),
-                           end=float(ev.get("end", 0.0)), utterance=utt)
-    if t == "resume":
-        return P.Resume(session_id=session_id, start=float(ev.get("start", 0.0)), utterance=utt)
-    return None
+def event_to_message(session_id: str, ev: ASREvent, request_id: str = "") -> P.Message:
+    """An engine event (daemon/engines.py) as its wire message: the one place they are converted.
+    `request_id`: the finalize's, on the finals it caused."""
+    if ev["type"] == "speech_start":
+        return P.SpeechStart(session_id=session_id, start=ev["start"], utterance=ev["utterance"])
+    if ev["type"] == "partial":
+        return P.Partial(session_id=session_id, text=ev["text"], start=ev["start"], end=ev["end"],
+                         utterance=ev["utterance"])
+    if ev["type"] == "tentative":
+        return P.Tentative(session_id=session_id, text=ev["text"], start=ev["start"], end=ev["end"],
+                           utterance=ev["utterance"])
+    if ev["type"] == "resume":
+        return P.Resume(session_id=session_id, start=ev["start"], utterance=ev["utterance"])
+    if ev["type"] == "final":
+        return P.Final(session_id=session_id, text=ev["text"], start=ev["start"], end=ev["end"],
+                       utterance=ev["utterance"], reason=ev["reason"], request_id=request_id)
+    raise ValueError(f"unknown engine event {ev!r}")  # an engine outside the contract

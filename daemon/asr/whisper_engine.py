@@ -33,9 +33,11 @@ from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Seq
 import numpy as np
 
 from daemon import devices
-from daemon.engines import Capabilities, EngineInfo
+from daemon.engines import Capabilities, EngineInfo, FinalEvent, PartialEvent
+from daemon.rules import LANGUAGES
 from daemon.serving.workers import extend_budget
-from daemon.asr.base import Decode, PoolBase, Steps, StreamingEngine
+from daemon.config import WhisperModels
+from daemon.asr.base import ASRSettings, Decode, PoolBase, Steps, StreamingEngine
 from daemon.asr.load import LOAD_WINDOW_SECONDS
 from daemon.asr.vad import SAMPLE_RATE, FsmnVAD, require_dir
 
@@ -90,29 +92,20 @@ class PartialDecode(Decode):
     with a cheap decode, or None when the worker has no room for it."""
 
 
-@dataclass(frozen=True)
-class WhisperConfig:
+@dataclass(frozen=True, kw_only=True)
+class WhisperConfig(ASRSettings):
     model_dir: Path
-    vad_dir: Path
-    device: str = "cpu"
-    dtype: str = "auto"
-    compute_type: str = "int8"
-    beam_size: int = 5
-    language: str = "zh"
-    max_utterance_seconds: float = 30.0
-    idle_timeout: float = 60.0
+    compute_type: str = WhisperModels.compute_type
+    beam_size: int = WhisperModels.beam_size
     ncpu: int = 2
     partial_interval: float = 0.0  # seconds of new speech between partials; 0: none
 
     @classmethod
     def from_config(cls, cfg: Any) -> "WhisperConfig":
         w = cfg.asr.whisper
-        return cls(model_dir=cfg.model_path(w.model), vad_dir=cfg.model_path(w.vad), device=cfg.asr.device,
-                   dtype=cfg.asr.dtype, compute_type=w.compute_type, beam_size=w.beam_size,
-                   language=cfg.asr.language,
-                   max_utterance_seconds=cfg.limits.max_utterance_seconds,
-                   idle_timeout=cfg.limits.idle_timeout, ncpu=devices.cpu_threads(cfg.asr.ncpu, "whisper"),
-                   partial_interval=w.partial_interval if cfg.asr.partials else 0.0)
+        return cls(model_dir=cfg.model_path(w.model), compute_type=w.compute_type, beam_size=w.beam_size,
+                   partial_interval=w.partial_interval if cfg.asr.partials else 0.0,
+                   **ASRSettings.of(cfg, "whisper", w.vad))
 
     def missing(self) -> List[str]:
         out = [] if (Path(self.model_dir) / "model.bin").is_file() else [str(self.model_dir)]
@@ -150,14 +143,12 @@ class WhisperPool(PoolBase):
     name = "whisper"
 
     def __init__(self, config: WhisperConfig):
-        super().__init__(config.idle_timeout)
+        super().__init__()
         self.config = config
         self.device = "cpu"
         self.dtype = "float32"
         self.compute_type = ""
         self._model: Any = None
-        # Feeds of other sessions waiting for the worker (set by daemon/asr_batch.FeedBatcher).
-        self.feeds_waiting: Callable[[], int] = lambda: 0
         self._load, self._load_at = 0.0, time.monotonic()
         self.partial_counts = {"decoded": 0, "skipped": 0}
 
@@ -353,7 +344,7 @@ class WhisperPool(PoolBase):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(partials=self.config.partial_interval > 0, hotwords=False, punctuation=True,
-                            languages=("zh", "en", "auto"))
+                            languages=LANGUAGES)
 
     def model_label(self) -> str:
         return Path(self.config.model_dir).name
@@ -369,8 +360,7 @@ class WhisperPool(PoolBase):
         return EngineInfo(
             kind="asr", engine=self.name, device=self.device, requested_device=c.device, dtype=self.dtype,
             sample_rate=SAMPLE_RATE, capabilities=self.capabilities(), loaded=self._loaded,
-            models={"whisper": str(c.model_dir), "vad": str(c.vad_dir)}, sessions=self.session_count,
-            fallbacks=tuple(self.fallbacks),
+            models={"whisper": str(c.model_dir), "vad": str(c.vad_dir)}, fallbacks=tuple(self.fallbacks),
             details={"compute_type": self.compute_type, "partials_decoded": self.partial_counts["decoded"],
                      "partials_skipped": self.partial_counts["skipped"]})
 
@@ -401,7 +391,7 @@ class WhisperEngine(StreamingEngine):
         text, self.last_language = yield Decode(audio, (), self.language)
         return str(text)
 
-    def _final_extras(self, final: Dict[str, Any]) -> None:
+    def _final_extras(self, final: FinalEvent) -> None:
         final["language"] = self.last_language or self.language
 
     def _partial_reset(self) -> None:
@@ -421,4 +411,4 @@ class WhisperEngine(StreamingEngine):
         text = str(answer[0])
         if not text.strip():
             return []
-        return [{"type": "partial", "text": text, "start": self._t(start), "end": self._t(end), "utterance": self._utt}]
+        return [PartialEvent(type="partial", text=text, start=self._t(start), end=self._t(end), utterance=self._utt)]

@@ -199,7 +199,9 @@ class TTSJobs:
             raise P.ProtocolError(f"unexpected {msg.TYPE.value}", ErrorCode.UNKNOWN_TYPE)
         lim = self.cfg().limits
         if self.stopping:
-            raise S2SError("daemon is shutting down", ErrorCode.SHUTTING_DOWN)
+            # retry_after: elsewhere now (another daemon), here once it is back (a rolling restart)
+            raise S2SError("daemon is shutting down", ErrorCode.SHUTTING_DOWN,
+                          retry_after=self.cfg().daemon.drain_timeout)
         if not msg.request_id or len(msg.request_id) > MAX_ID_CHARS:
             raise S2SError(f"synthesize needs a request_id of 1-{MAX_ID_CHARS} characters", ErrorCode.BAD_REQUEST)
         if (ident, msg.request_id) in self.active:
@@ -447,7 +449,7 @@ class TTSJobs:
         cfg = self.cfg()
         lang = req.language or cfg.tts.language.lower()
         speed = req.speed if req.speed is not None else cfg.tts.speed
-        rate = int(getattr(self.engine, "sample_rate", cfg.tts.sample_rate))
+        rate = self.engine.sample_rate
         max_bytes = int(rate * TTS_CHUNK_SECONDS) * 2
         try:
             seq, sentences, samples = await body(lang, speed, rate, max_bytes)
