@@ -353,9 +353,12 @@ class PoolBase:
     name = "asr"
     engine_class: Callable[..., StreamingEngine]
 
-    def __init__(self) -> None:
+    def __init__(self, config: ASRSettings) -> None:
         # No session cap or table here: the daemon admits (limits.max_sessions, reloadable) and
         # keeps the sessions; a pool used without the daemon opens as many as it is asked for.
+        self.config = config
+        self.device = "cpu"  # where the models are (after load: config.device, or the fallback)
+        self.dtype = "float32"
         self.vad: Any = None
         self.judge: Optional[TurnJudge] = None  # set by daemon/asr/turn_judge.py:attach (turn.judge)
         self.fallbacks: List[Fallback] = []
@@ -363,6 +366,10 @@ class PoolBase:
         self.feeds_waiting: Callable[[], int] = lambda: 0
         self.cost_curve: Optional[Tuple[float, float]] = None  # FunASR measures it at load
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
+        # Offline decodes on a second thread (`offloads`, `submit_decode`): a pool whose decodes
+        # are long (a full-size Paraformer on the CPU) sets this; torch releases the GIL in its ops.
+        self.offload_decodes = False
+        self._decode_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._loaded = False
 
     # subclasses: load(), capabilities(), model_label(), _new_engine(), info()
@@ -462,8 +469,22 @@ class PoolBase:
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         return self._executor.submit(fn, *args, **kwargs)
 
+    def offloads(self, req: Any) -> bool:
+        """Is `req` answered on the decode thread (`submit_decode`) rather than in the worker's batch?
+        (daemon/asr/batch.py: the session waiting on it goes on in a later worker call.)"""
+        return self.offload_decodes and isinstance(req, Decode)
+
+    def submit_decode(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Run fn on the pool's decode thread (started at first use)."""
+        if self._decode_executor is None:
+            self._decode_executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"asr-{self.name}-decode")
+        return self._decode_executor.submit(fn, *args, **kwargs)
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._decode_executor is not None:
+            self._decode_executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _answer(fn: Callable[[Any], Any], req: Any) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +98,10 @@ class FunASRPool(PoolBase):
     """Loaded FunASR models shared by every session, with one device worker."""
 
     name = "funasr"
+    config: FunASRConfig
 
     def __init__(self, config: FunASRConfig):
-        super().__init__()
-        self.config = config
-        self.device = "cpu"
-        self.dtype = "float32"
+        super().__init__(config)
         self.generation = 0  # bumped when models are reloaded (CPU fallback)
         self.asr_class = ""
         self.streaming_class = ""
@@ -111,6 +110,7 @@ class FunASRPool(PoolBase):
         self._punc: Any = None
         self._stream: Any = None
         self._stream_batcher: Optional[BatchedStreaming] = None
+        self._decode_lock = threading.Lock()  # the worker's finalize and the decode thread share the model
         self.large = False  # full-size models (LARGE_MODEL_BYTES): int8 partials, threaded decodes
         self.cost_curve: Optional[Tuple[float, float]] = None  # measured at load (daemon/asr/calibrate.py)
 
@@ -164,6 +164,7 @@ class FunASRPool(PoolBase):
                 else:
                     stream = AutoModel(model=str(c.streaming_dir), frontend_conf={"dither": 0.0}, **common)
         self.large = large
+        self.offload_decodes = large  # about a second of compute: on the decode thread (asr/batch.py)
         if stream is not None and device == "cpu" and _large(c.streaming_dir):
             _int8(stream.model)
             self._note("the streaming Paraformer is full size: its partials run int8 on the CPU "
@@ -221,18 +222,19 @@ class FunASRPool(PoolBase):
         kw: Dict[str, Any] = {"disable_pbar": True, "batch_size": len(audios)}
         if hotwords:
             kw["hotword"] = " ".join(hotwords)
-        with _threads(self.config.ncpu_large if self.large else 0, self.config.ncpu):
+        # One decode at a time: funasr's generate writes its call's options into the model's kwargs.
+        with self._decode_lock, _threads(self.config.ncpu_large if self.large else 0, self.config.ncpu):
             res = self._asr.generate(input=audios if len(audios) > 1 else audios[0], **kw)
-        if len(res or []) != len(audios):
-            raise EngineError(f"recognition returned {len(res or [])} results for {len(audios)} utterances")
-        out = []
-        for r in res:
-            text = str(r.get("text", ""))
-            if text.strip() and self._punc is not None:
-                # CT-Transformer punctuation takes one text per call (funasr asserts it).
-                pres = self._punc.generate(input=text, disable_pbar=True)
-                text = str(pres[0].get("text", text)) if pres else text
-            out.append(join_cjk(text))
+            if len(res or []) != len(audios):
+                raise EngineError(f"recognition returned {len(res or [])} results for {len(audios)} utterances")
+            out = []
+            for r in res:
+                text = str(r.get("text", ""))
+                if text.strip() and self._punc is not None:
+                    # CT-Transformer punctuation takes one text per call (funasr asserts it).
+                    pres = self._punc.generate(input=text, disable_pbar=True)
+                    text = str(pres[0].get("text", text)) if pres else text
+                out.append(join_cjk(text))
         return out
 
     def stream_chunk(self, audio: np.ndarray, cache: Dict[str, Any]) -> str:
@@ -401,7 +403,8 @@ def _int8(model: Any) -> None:
 @contextlib.contextmanager
 def _threads(n: int, restore: int) -> Any:
     """torch's intra-op threads at n for one call (0: as they are), then back to `restore`.
-    Process-wide, which is safe here: every model call runs on the pool's one worker thread."""
+    Per calling thread under OpenMP (each thread's own setting): the decode thread's count is not
+    the worker's; decodes hold the pool's decode lock."""
     if n <= 0 or n == restore:
         yield
         return

@@ -141,12 +141,10 @@ def _final_text(texts: Sequence[str], lang: str) -> str:
 
 class WhisperPool(PoolBase):
     name = "whisper"
+    config: WhisperConfig
 
     def __init__(self, config: WhisperConfig):
-        super().__init__()
-        self.config = config
-        self.device = "cpu"
-        self.dtype = "float32"
+        super().__init__(config)
         self.compute_type = ""
         self._model: Any = None
         self._load, self._load_at = 0.0, time.monotonic()

@@ -20,7 +20,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Tuple
 
 import numpy as np
 
@@ -65,14 +65,12 @@ class MeloTTSEngine(SentenceTTS):
 
     Settings = MeloConfig
     config: MeloConfig
-
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self._tts: Any = None
-        self._utils: Any = None
-        self._speaker_id = 0
-        self.model_sample_rate = 0
-        self.shims: List[str] = []
+    # Set by load (SentenceTTS.__init__ takes the config).
+    _tts: Any = None
+    _utils: Any = None
+    _speaker_id = 0
+    model_sample_rate = 0
+    shims: Tuple[str, ...] = ()  # melo_offline's stand-ins for modules melo imports
 
     # --- load ---------------------------------------------------------------------------
 
@@ -87,7 +85,7 @@ class MeloTTSEngine(SentenceTTS):
         from daemon.tts import melo_offline
 
         api = melo_offline.import_melo(self.config.hf_home, self.config.nltk_data)
-        self.shims = sorted(n for n in melo_offline.SHIMS if getattr(sys.modules.get(n), "__s2s_shim__", False))
+        self.shims = tuple(sorted(n for n in melo_offline.SHIMS if getattr(sys.modules.get(n), "__s2s_shim__", False)))
         import melo.utils
 
         self._utils = melo.utils

@@ -67,13 +67,11 @@ class PiperEngine(SentenceTTS):
 
     Settings = PiperConfig
     config: PiperConfig
-
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self._voice: Any = None
-        self.voice_language = ""
-        self.model_sample_rate = 0
-        self._base_length_scale = 1.0
+    # Set by load (SentenceTTS.__init__ takes the config).
+    _voice: Any = None
+    voice_language = ""
+    model_sample_rate = 0
+    _base_length_scale = 1.0
 
     def _load_model(self, device: str) -> None:
         onnx = Path(self.config.voice)
