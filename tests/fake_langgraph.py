@@ -74,6 +74,16 @@ class RunRecord:
         return self.token_times[-1] if self.token_times else None
 
 
+def wait_for(pred: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll pred until it is true (True) or timeout seconds pass (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
 class _ClientGone(Exception):
     pass
 
@@ -109,12 +119,7 @@ class FakeAgentServer(AgentServer):
                 setattr(self, k, v)
 
     def wait_for(self, pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(0.01)
-        return pred()
+        return wait_for(pred, timeout)
 
     # --- script ---
 

@@ -23,6 +23,7 @@ import pytest
 from bridge_procs import start_bridge, start_daemon
 from helpers import langgraph_real
 from helpers.langgraph_real import LangGraphServer
+from fake_langgraph import wait_for as _wait_for
 from helpers.ws import metrics, silence
 from test_speculation import FIX, _config, _pcm16, _session, _split_with_pause
 
@@ -71,15 +72,6 @@ async def _cut(conv, text: str, after: int) -> list[str]:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return got
-
-
-def _wait_for(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 # --- the agent client against the real server ---------------------------------------------------
