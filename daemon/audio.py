@@ -55,6 +55,16 @@ def float_to_pcm16(x: np.ndarray) -> bytes:
     return np.clip(np.rint(x * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
+# Synthesised speech peaks at most here: resampling and a listener's own gain then never clip it.
+TTS_PEAK = 0.999
+
+
+def below_full_scale(x: np.ndarray, peak: float = TTS_PEAK) -> np.ndarray:
+    """x scaled down as a whole when its peak is above `peak` (synthesised speech: never clipped)."""
+    top = float(np.max(np.abs(x))) if x.size else 0.0
+    return x * np.float32(peak / top) if top > peak and np.isfinite(top) else x
+
+
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """Band-limited resampling (soxr, high quality)."""
     if sr_in == sr_out or x.size == 0:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from daemon.audio import float_to_pcm16, read_wav, resample, to_float32, write_wav
+from daemon.audio import TTS_PEAK, below_full_scale, float_to_pcm16, read_wav, resample, to_float32, write_wav
 from daemon.errors import AudioError, ErrorCode
 
 
@@ -46,6 +46,16 @@ def test_pcm16_read_as_float_and_written_back_is_the_same_bytes(fixtures_dir):
     x, _ = read_wav(fixtures_dir / "zh" / "09.wav")
     raw = (fixtures_dir / "zh" / "09.wav").read_bytes()
     assert float_to_pcm16(x) in raw
+
+
+def test_synthesised_speech_stays_below_full_scale():
+    x = np.array([0.2, -1.0, 0.9995], dtype=np.float32)
+    y = below_full_scale(x)
+    assert np.max(np.abs(y)) == pytest.approx(TTS_PEAK) and y[0] == pytest.approx(0.2 * TTS_PEAK)
+    pcm = np.frombuffer(float_to_pcm16(y), dtype="<i2")
+    assert np.abs(pcm.astype(np.int32)).max() < 32767
+    quiet = np.array([0.5, -0.25], dtype=np.float32)
+    assert below_full_scale(quiet) is quiet
 
 
 def test_resample_is_band_limited():

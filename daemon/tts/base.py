@@ -295,7 +295,7 @@ class SentenceTTS:
         x = trim_silence(x, sr)
         x = audio.resample(x, sr, self.sample_rate)
         self.sentences_synthesized += 1
-        pcm = audio.float_to_pcm16(x)
+        pcm = audio.float_to_pcm16(audio.below_full_scale(x))
         if large:
             del x
             release_memory()
