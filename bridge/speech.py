@@ -96,10 +96,13 @@ class TextDeltas:
             self.text = join_text(self.text, text)
         if not self.text.startswith(self.sent):
             # A final revised text a partial had sent: what is sent cannot be taken back (the final
-            # transcript has it right); go on from the final so later utterances still stream.
+            # transcript has it right). What the final has beyond the length already sent still
+            # goes out (a revision is mostly a few characters replaced: 倒行到… for 导航到…, then
+            # the rest of the sentence), and later utterances stream from the final on.
             logger.debug("a final revised streamed text: %r -> %r", self.sent[-40:], self.text[-40:])
+            delta = self.text[len(self.sent):]
             self.sent = self.text
-            return ""
+            return delta
         return self._advance(self.text)
 
 

@@ -117,11 +117,14 @@ def test_mandarin_and_english_transcription(stack):
     assert zh.text is not None and cer(m["zh_02"]["text"], zh.text) < 0.3, zh.text
     en = run(ha_transcribe(HOST, stack.asr_port, pcm16k(FIX / "en" / "01.wav"), "en-US"))
     assert en.text is not None and "timer" in en.text.lower() and "minutes" in en.text.lower(), en.text
-    # The streaming events, in Wyoming's order; the chunks add up to the transcript.
+    # The streaming events, in Wyoming's order; the chunks add up to the transcript, except where
+    # the final (beam search with timestamps) revised what two partials (greedy) had agreed on
+    # and was sent: a chunk is never taken back, the `transcript` has the final's text
+    # (bridge/speech.TextDeltas).
     types = [e.type for e in zh.events]
     assert types[0] == "transcript-start" and types[-1] == "transcript" and "transcript-chunk" in types, types
     chunks = "".join(e.data["text"] for e in zh.events if e.type == "transcript-chunk")
-    assert chunks == zh.text
+    assert chunks == zh.text or cer(zh.text, chunks) < 0.3, (chunks, zh.text)
 
 
 def test_audio_in_other_formats_is_converted(stack):
@@ -319,4 +322,8 @@ def test_transcript_deltas_only_append():
     d = TextDeltas()
     assert [d.partial("abc def"), d.partial("abc def"), d.final("abd xyz"), d.final("next")] == ["", "abc def", "", " next"]
     assert d.text == "abd xyz next"
+    # a revision: what the final has beyond what was sent still goes out (the tail was lost before)
+    d = TextDeltas()
+    got = [d.partial("倒行到最近"), d.partial("倒行到最近的加油站"), d.final("导航到最近的加油站，避开高速。")]
+    assert got == ["", "倒行到最近", "的加油站，避开高速。"] and d.text == "导航到最近的加油站，避开高速。"
     assert join_text("你好。", "Hello") == "你好。Hello" and join_text("Hi.", "there") == "Hi. there"
