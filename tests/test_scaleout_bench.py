@@ -20,7 +20,7 @@ def test_options():
 
 
 def test_scaleout_real_run(models_dir, tmp_path):
-    rc = main(["scaleout", "--one", "1,2", "--all", "2,4", "--seconds", "4",
+    rc = main(["scaleout", "--one", "1,2", "--all", "2,4", "--seconds", "4", "--settle", "0", "--warmup", "1",
                "--bench-args", f"--models {models_dir} --drain-timeout 30", "--out", str(tmp_path)])
     assert rc == 0
     r = json.loads((tmp_path / "scaleout.json").read_text(encoding="utf-8"))["result"]

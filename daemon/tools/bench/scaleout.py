@@ -2,12 +2,14 @@
 with each stream placed by daemon/wire/placement.py, measured in the same run (issue 29).
 
     s2s-bench scaleout [--daemons 2] [--engines tiny] [--one 8,16,24,32,40]
-                       [--all 16,24,32,40,48,56,64,72,80] [--seconds 12] [--out bench-results]
+                       [--all 16,24,32,40,48,56,64,72,80] [--seconds 12] [--settle 32] [--out bench-results]
 
 Starts `--daemons` daemons (each its own process, its ASR worker one thread: on a CPU host one
-daemon's recognition is bound to one core), sweeps `--one` against the first alone, then `--all`
-against all of them: each stream opened on the daemon placement chooses (most room by each
-daemon's describe; a burst is spread at once). A point holds as in `s2s-bench capacity`: every
+daemon's recognition is bound to one core), lets each serve `--warmup` stream counts (so every
+daemon's admission has measured its own cost before placement compares their room), sweeps `--one` against the first alone, then (after
+`--settle` seconds: the first daemon's admission forgets the saturation it reached) `--all` against
+all of them: each stream opened as a front end opens it (daemon/wire/placement.first_taker: the
+daemon with the most room by each daemon's describe, the next one when it answers busy). A point holds as in `s2s-bench capacity`: every
 stream admitted and final latency p95 <= 1 s. Reported: both sweeps (capacity's table) and the
 ratio of the largest holding N.
 """
@@ -28,9 +30,11 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, cas
 from daemon.tools.bench.capacity import (CAPACITY_P95_S, FRAME_S, OPEN_TIMEOUT_S, START_DELAY_S, Recording,
                                          StreamRecord, _cpu, _open, _point, _poll_lag, _run_stream, _wait_idle,
                                          _warm_up, build_recordings, cap_recordings, largest_holding,
-                                         parse_streams, print_capacity, stack_sessions, summarize)
+                                         parse_streams, parse_warmup, print_capacity, stack_sessions,
+                                         summarize)
 from daemon.tools.bench.common import load_manifest, machine
 from daemon.tools.bench.stack import Stack, open_stack
+from daemon.asr.load import SATURATION_MEMORY_SECONDS
 from daemon.errors import S2SError
 from daemon.wire.client_async import AsyncASRClient, AsyncASRStream, AsyncTTSClient
 from daemon.wire.client_base import DaemonError
@@ -40,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ONE = "8,16,24,32,40"
 DEFAULT_ALL = "16,24,32,40,48,56,64,72,80"
+DEFAULT_WARMUP = "8,32"
 
 
 async def _pool_point(sts: Sequence[Stack], n: int, recs: Sequence[Recording], drain_timeout: float) -> Dict[str, Any]:
@@ -136,12 +141,22 @@ async def _sweep(sts: Sequence[Stack], counts: Sequence[int], recs: Sequence[Rec
 
 async def _run(sts: Sequence[Stack], args: argparse.Namespace) -> Dict[str, Any]:
     recs = cap_recordings(build_recordings(load_manifest(Path(args.manifest))), args.seconds)
+    warmup: List[Dict[str, Any]] = []
     for st in sts:
         await _warm_up(st, recs[0])
+        # Each daemon serves the same light loads first (capacity's --warmup), so each one's admission
+        # has measured its cost: placement compares measured room, not one fit against another's prior.
+        for n in args.warmup:
+            await _wait_idle(st)
+            warmup.append({"daemon": st.asr, **await _point(st, n, recs, args.drain_timeout)})
     one = await _sweep(sts[:1], args.one, recs, args.drain_timeout)
+    # The first daemon's admission remembers the saturation the one-daemon sweep reached as a
+    # ceiling (daemon/asr/load.py): let it pass, or the second sweep starts with one daemon capped.
+    logger.info("scaleout: %.0f s for the first daemon's saturation memory", args.settle)
+    await asyncio.sleep(args.settle)
     every = await _sweep(sts, args.all, recs, args.drain_timeout)
     a, b = one["holds_up_to"], every["holds_up_to"]
-    return {"one": one, "all": every, "ratio": round(b / a, 2) if a and b else None}
+    return {"one": one, "all": every, "ratio": round(b / a, 2) if a and b else None, "warmup": warmup}
 
 
 def report(r: Dict[str, Any]) -> str:
@@ -160,6 +175,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--one", type=parse_streams, default=DEFAULT_ONE, help=f"stream counts, one daemon ({DEFAULT_ONE})")
     p.add_argument("--all", type=parse_streams, default=DEFAULT_ALL, help=f"stream counts, all daemons ({DEFAULT_ALL})")
     p.add_argument("--seconds", type=float, default=12.0, help="cap on each recording (11-19 s)")
+    p.add_argument("--warmup", type=parse_warmup, default=DEFAULT_WARMUP,
+                   help=f"stream counts each daemon serves first, not measured (default {DEFAULT_WARMUP})")
+    p.add_argument("--settle", type=float, default=SATURATION_MEMORY_SECONDS + 2,
+                   help="seconds between the sweeps: the first daemon's admission forgets the saturation the "
+                        f"one-daemon sweep reached (default {SATURATION_MEMORY_SECONDS + 2:g})")
     p.add_argument("--bench-args", default="", help="more s2s-bench options for the daemons, e.g. '--asr-ncpu 1'")
     p.add_argument("--out", default="bench-results", help="directory for scaleout.json")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -177,8 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = cli.parse_args(["capacity", "--engines", args.engines, "--seconds", str(args.seconds),
                            *args.bench_args.split()])
-    base.one, base.all = args.one, args.all
-    sessions = stack_sessions(args.one + args.all)
+    base.one, base.all, base.settle, base.warmup = args.one, args.all, args.settle, args.warmup
+    sessions = stack_sessions(args.one + args.all + args.warmup)
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         sts = [stack.enter_context(open_stack(base, need_bridge=False, sessions=sessions)) for _ in range(args.daemons)]
