@@ -207,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["scaleout"]:  # several daemons against one (daemon/tools/bench/scaleout.py)
         from daemon.tools.bench import scaleout
 
-        return scaleout.main(argv[1:])
+        return scaleout.main(argv[1:], parse_args)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, cast
@@ -189,13 +188,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from daemon.tools.bench import cli
-
+def main(argv: Optional[List[str]], base_args: Callable[[List[str]], argparse.Namespace]) -> int:
+    """`base_args`: s2s-bench's own parser (daemon/tools/bench/cli.parse_args, handed in by its
+    dispatch so this module does not import it back)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base = cli.parse_args(["capacity", "--engines", args.engines, "--seconds", str(args.seconds),
+    base = base_args(["capacity", "--engines", args.engines, "--seconds", str(args.seconds),
                            *args.bench_args.split()])
     base.one, base.all, base.settle, base.warmup = args.one, args.all, args.settle, args.warmup
     sessions = stack_sessions(args.one + args.all + args.warmup)
@@ -213,6 +212,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"wrote {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
