@@ -304,6 +304,13 @@ class ASRPool(Protocol):
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run fn on this pool's device worker thread."""
 
+    def offloads(self, req: Any) -> bool:
+        """Is this step request answered on the pool's decode thread (`submit_decode`) rather than
+        in the worker's batch (daemon/asr/batch.py)?"""
+
+    def submit_decode(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Run fn on this pool's decode thread."""
+
     def info(self) -> EngineInfo:
         """engine, device, dtype, model paths, capabilities, fallbacks taken."""
 

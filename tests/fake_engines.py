@@ -234,6 +234,12 @@ class FakeASRPool:
         assert self._ex is not None, "load() first"
         return self._ex.submit(fn, *args, **kwargs)
 
+    def offloads(self, req: Any) -> bool:
+        return False  # every request is answered in the worker's batch
+
+    def submit_decode(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        return self.submit(fn, *args, **kwargs)
+
     def info(self) -> EngineInfo:
         return EngineInfo(kind="asr", engine="fake", device="cpu", requested_device="cpu", dtype="float32",
                           sample_rate=16000, loaded=True, fake=True,

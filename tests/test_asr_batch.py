@@ -364,3 +364,136 @@ def test_a_batch_of_feeds_gets_a_budget_that_grows_with_it(pool, speech):
     # the first of the five found the batcher idle and went alone (queued behind the blocker);
     # the other four waited for it and went together
     assert budgets[1:] == [base] + [base + 3 * BATCH_FEED_PERIODS] * 4
+
+
+# --- offloaded decodes (a full-size pool's finals on its decode thread) ------------------------------
+
+
+def _batched_events(pool, speech, prefix, offload, monkeypatch):
+    """Every session fed frame by frame through a FeedBatcher (all frames of a step at once)."""
+    monkeypatch.setattr(pool, "offload_decodes", offload)
+    worker = Worker("asr", pool.submit)
+    counters: dict = {}
+    batcher = FeedBatcher(worker, pool, counters)
+    engines = [pool.open(f"{prefix}{i}") for i in range(len(speech))]
+    pcm = [float_to_pcm16(x) for x in speech]
+
+    async def main():
+        events: list = [[] for _ in speech]
+        for k in range(0, len(pcm[0]), FRAME):
+            got = await asyncio.gather(*(batcher.feed(e, p[k:k + FRAME]) for e, p in zip(engines, pcm)))
+            for i, ev in enumerate(got):
+                events[i] += ev
+        while batcher._running:  # a session's result comes before its worker call has ended
+            await asyncio.sleep(0.001)
+        return events
+
+    events = asyncio.run(main())
+    for i, e in enumerate(engines):
+        events[i] += e.finalize_events()
+    return events, counters
+
+
+def test_offloaded_decodes_give_the_same_events_in_the_same_order(pool, speech, monkeypatch):
+    """Decodes answered on the decode thread (the session's feed goes on in a later worker call):
+    every session gets the same events, finals the same texts, and no partial of an utterance
+    after its final."""
+    inline, c_inline = _batched_events(pool, speech, "inl", False, monkeypatch)
+    offloaded, c_off = _batched_events(pool, speech, "off", True, monkeypatch)
+    assert c_inline["asr_offloaded_decodes"] == 0
+    assert c_off["asr_offloaded_decodes"] >= len(speech), c_off
+    def shape(ev):
+        return [{k: v for k, v in e.items() if not (e["type"] == "final" and k == "text")} for e in ev]
+
+    # The same events at the same times, partials' texts included; each final its own session's
+    # (the decode thread runs beside the worker's forwards: on this random tiny model a final now
+    # and then flips characters, as a batched decode's padding does, see above).
+    finals_inline = [" ".join(e["text"] for e in a if e["type"] == "final") for a in inline]
+    for i, (a, b) in enumerate(zip(inline, offloaded)):
+        assert shape(b) == shape(a), [(x, y) for x, y in zip(shape(a), shape(b)) if x != y][:3]
+        text = " ".join(e["text"] for e in b if e["type"] == "final")
+        assert closest(text, finals_inline) == i and cer(finals_inline[i], text) <= 0.4, (text, finals_inline[i])
+    for ev in offloaded:
+        finals = {e["utterance"] for e in ev if e["type"] == "final"}
+        assert finals and any(e["text"] for e in ev if e["type"] == "final")
+        seen = set()
+        for e in ev:
+            assert not (e["type"] == "partial" and e["utterance"] in seen), ev
+            if e["type"] == "final":
+                seen.add(e["utterance"])
+
+
+def test_the_worker_feeds_other_sessions_while_a_decode_runs(pool, speech, monkeypatch):
+    """A session whose final is decoding waits on the decode thread; the worker goes on with the
+    other sessions' feeds, and the decode's session gets its final when it is done."""
+    gate = threading.Event()
+    decoding = threading.Event()
+    decode_requests = pool.decode_requests
+
+    def slow(reqs):  # FAKE slowness: the real decode, after the test lets it go
+        decoding.set()
+        assert gate.wait(20)
+        return decode_requests(reqs)
+
+    monkeypatch.setattr(pool, "decode_requests", slow)
+    monkeypatch.setattr(pool, "offload_decodes", True)
+    worker = Worker("asr", pool.submit)
+    batcher = FeedBatcher(worker, pool)
+    a, b = pool.open("dec-a"), pool.open("dec-b")
+    other = float_to_pcm16(speech[1])
+
+    async def main():
+        first = asyncio.ensure_future(batcher.feed(a, float_to_pcm16(speech[0])))  # to its final
+        while not decoding.is_set():
+            await asyncio.sleep(0.01)
+        fed = 0
+        for k in range(0, SR * 2 * 2, FRAME):  # two seconds of the other session meanwhile
+            assert isinstance(await asyncio.wait_for(batcher.feed(b, other[k:k + FRAME]), 10), list)
+            fed += 1
+        assert not first.done() and fed > 10
+        gate.set()
+        return await asyncio.wait_for(first, 20)
+
+    events = asyncio.run(main())
+    assert [e["type"] for e in events if e["type"] == "final"] == ["final"] and events[-1]["type"] == "final"
+    assert events[-1]["text"]
+
+
+def test_a_stuck_or_dead_decode_thread_is_the_asr_workers_problem(pool, speech, monkeypatch):
+    """The decode thread is watched with the ASR worker (its budget; the health check sees one
+    worker), its run time counts in the worker's load, and a refused decode is the session's error."""
+    gate = threading.Event()
+    monkeypatch.setattr(pool, "decode_requests", lambda reqs: (gate.wait(20), [""] * len(reqs))[1])
+    monkeypatch.setattr(pool, "offload_decodes", True)
+    worker = Worker("asr", pool.submit, period=0.05)
+    batcher = FeedBatcher(worker, pool)
+    pcm = float_to_pcm16(speech[0])
+
+    async def stuck():
+        task = asyncio.ensure_future(batcher.feed(pool.open("stuck"), pcm))
+        while batcher.decoder.current is None:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        problem = worker.problem()
+        busy = worker.busy_s
+        gate.set()
+        await asyncio.wait_for(task, 20)
+        while batcher._running:  # a session's result comes before its worker call has ended
+            await asyncio.sleep(0.001)
+        return problem, busy
+
+    problem, busy = asyncio.run(stuck())
+    assert problem is not None and "asr-decode worker: decode call running" in problem, problem
+    assert worker.problem() is None
+    assert worker.busy_s >= busy + 0.3  # the decode's run time is in the load figure
+
+    def refuse(*a, **kw):
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    batcher.decoder._submit = refuse
+
+    async def dead():
+        return await asyncio.gather(batcher.feed(pool.open("dead"), pcm), return_exceptions=True)
+
+    (err,) = asyncio.run(dead())
+    assert "asr-decode engine worker is gone" in str(err), err

@@ -14,13 +14,22 @@ is idle the feed goes at once (a batch of one: no added latency at low load); wh
 runs, the feeds that arrive wait and go together as the next one. So batches grow with the
 load and nothing waits on a timer. Each session's result is delivered as soon as its own
 generator finishes, not when the whole batch does.
+
+A pool whose offline decodes are long (`pool.offloads`: a full-size Paraformer on the CPU, about
+a second of compute at each utterance end) has them answered on its decode thread instead: the
+session asking leaves the worker call there (`drive`'s `park`), the worker goes on with the other
+sessions' VAD blocks and streaming chunks, and when the decode is done the session's feed
+continues in the next worker call from where it stopped. Its events still come together at the
+end of its feed, so nothing of one feed overtakes another, and a session's next feed waits for
+this one as before. The decode thread is a `Worker` of its own (kind "decode"), a helper of the
+ASR worker: its budget is watched with the worker's and its run time counts in the load figure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Generator, List, Optional, Set, Tuple
 
 from daemon.asr.steps import Done, drive
 from daemon.engines import ASREvent, ASRPool, ASRSession
@@ -28,7 +37,19 @@ from daemon.serving.workers import BATCH_FEED_PERIODS, Worker, WorkerGone, exten
 
 logger = logging.getLogger(__name__)
 
-_Item = Tuple[ASRSession, Any, "asyncio.Future[List[ASREvent]]"]  # a session's feed: engine, audio, its waiter
+_Resume = Tuple[Any, Optional[BaseException]]  # what a session's steps are driven on with
+
+
+class _Item:
+    """A session's feed: its steps (made on the worker at first drive), what they resume with, its waiter."""
+
+    __slots__ = ("engine", "pcm", "steps", "first", "fut")
+
+    def __init__(self, engine: ASRSession, pcm: Any, fut: "asyncio.Future[List[ASREvent]]"):
+        self.engine, self.pcm, self.fut = engine, pcm, fut
+        self.steps: Optional[Generator[Any, Any, Any]] = None
+        self.first: _Resume = (None, None)
+
 
 class FeedBatcher:
     """The daemon's feeds to one ASR worker, batched across sessions (see the module docstring)."""
@@ -39,23 +60,26 @@ class FeedBatcher:
         self._pending: List[_Item] = []
         self._running = False
         pool.feeds_waiting = lambda: len(self._pending)  # an engine may skip partials while feeds wait
+        # The pool's decode thread (used when pool.offloads a request), watched with the worker.
+        self.decoder = Worker(f"{worker.name}-decode", pool.submit_decode, worker.period, worker.clock)
+        worker.helpers.append(self.decoder)
         # describe's counters: worker calls made, session feeds they carried, most in one call
         self.counters = counters if counters is not None else {}
-        for k in ("asr_feed_batches", "asr_batched_feeds", "asr_largest_batch"):
+        for k in ("asr_feed_batches", "asr_batched_feeds", "asr_largest_batch", "asr_offloaded_decodes"):
             self.counters.setdefault(k, 0)
 
     async def feed(self, engine: ASRSession, pcm: Any) -> List[ASREvent]:
         """engine.feed_steps(pcm)'s events, computed in a batch with the other sessions' feeds."""
         loop = asyncio.get_running_loop()
         fut: "asyncio.Future[List[ASREvent]]" = loop.create_future()
-        self._pending.append((engine, pcm, fut))
+        self._pending.append(_Item(engine, pcm, fut))
         self._start(loop)
         return await fut
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._running or not self._pending:
             return
-        batch = [item for item in self._pending if not item[2].done()]  # a cancelled session: skip
+        batch = [item for item in self._pending if not item.fut.done()]  # a cancelled session: skip
         self._pending = []
         if not batch:
             return
@@ -66,27 +90,71 @@ class FeedBatcher:
         c["asr_largest_batch"] = max(c["asr_largest_batch"], len(batch))
 
         def settle(i: int, value: Any, error: Optional[BaseException]) -> None:  # on the worker
-            loop.call_soon_threadsafe(_settle, batch[i][2], value, error)
+            loop.call_soon_threadsafe(_settle, batch[i].fut, value, error)
 
         try:
-            cf = self.worker.submit("feed", self._run, batch, settle)
+            cf = self.worker.submit("feed", self._run, loop, batch, settle)
         except Exception as e:  # noqa: BLE001 - the worker is gone: every waiter hears it
             self._running = False
-            for _, _, fut in batch:
-                _settle(fut, None, e)
+            for item in batch:
+                _settle(item.fut, None, e)
             return
         cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finished, loop, batch, f))
 
-    def _run(self, batch: List[_Item], settle: Done) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop, batch: List[_Item], settle: Done) -> None:
         extend_budget(BATCH_FEED_PERIODS * self.worker.period * (len(batch) - 1))
-        drive(self.pool.run_requests, [engine.feed_steps(pcm) for engine, pcm, _ in batch], settle)
+
+        def park(round_: List[Tuple[int, Any]]) -> Set[int]:
+            mine = [(i, req) for i, req in round_ if self.pool.offloads(req)]
+            if mine:
+                self._offload(loop, [batch[i] for i, _ in mine], [req for _, req in mine])
+            return {i for i, _ in mine}
+
+        steps = []
+        for item in batch:
+            if item.steps is None:
+                item.steps = item.engine.feed_steps(item.pcm)
+            steps.append(item.steps)
+        drive(self.pool.run_requests, steps, settle, [item.first for item in batch], park)
+
+    def _offload(self, loop: asyncio.AbstractEventLoop, items: List[_Item], reqs: List[Any]) -> None:
+        """On the worker: answer these sessions' requests on the decode thread; each session's
+        feed goes on (`_resume`) in a later worker call."""
+        self.counters["asr_offloaded_decodes"] += len(reqs)
+
+        def run() -> None:  # on the decode thread
+            extend_budget(BATCH_FEED_PERIODS * self.worker.period * (len(reqs) - 1))
+            answered: Set[int] = set()
+            try:
+                for pos, answer in self.pool.run_requests(reqs):
+                    answered.add(pos)
+                    loop.call_soon_threadsafe(self._resume, loop, items[pos], answer)
+            except Exception as e:  # noqa: BLE001 - the batch machinery failed: every waiter hears it
+                logger.exception("asr: %d offloaded decodes failed", len(reqs))
+                for pos, item in enumerate(items):
+                    if pos not in answered:
+                        loop.call_soon_threadsafe(self._resume, loop, item, e)
+
+        try:
+            self.decoder.submit("decode", run)
+        except Exception as e:  # noqa: BLE001 - the decode worker is gone: the sessions hear it
+            for item in items:
+                loop.call_soon_threadsafe(self._resume, loop, item, e)
+
+    def _resume(self, loop: asyncio.AbstractEventLoop, item: _Item, answer: Any) -> None:
+        """On the loop: a parked session's request is answered; its feed goes on in the next batch."""
+        if item.fut.done():  # the session was cancelled meanwhile
+            return
+        item.first = (None, answer) if isinstance(answer, BaseException) else (answer, None)
+        self._pending.append(item)
+        self._start(loop)
 
     def _finished(self, loop: asyncio.AbstractEventLoop, batch: List[_Item], cf: Any) -> None:
         self._running = False
         error = WorkerGone(self.worker.name) if cf.cancelled() else cf.exception()
         if error is not None:
-            for _, _, fut in batch:
-                _settle(fut, None, error)
+            for item in batch:
+                _settle(item.fut, None, error)
         self._start(loop)
 
 

@@ -7,7 +7,7 @@ with one generator alone (an engine's own `feed()`, `finalize_events()`, `VADSeg
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, Sequence, Set, Tuple, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -16,10 +16,20 @@ R = TypeVar("R")
 Done = Callable[[int, Any, Optional[BaseException]], None]
 
 
+Park = Callable[[List[Tuple[int, Any]]], Set[int]]
+
+
 def drive(run_requests: Callable[[Sequence[Any]], Iterable[Tuple[int, Any]]],
-          steps: Sequence[Generator[Any, Any, Any]], done: Done) -> None:
+          steps: Sequence[Generator[Any, Any, Any]], done: Done,
+          first: Optional[Sequence[Tuple[Any, Optional[BaseException]]]] = None, park: Optional[Park] = None) -> None:
     """Advance every generator until it returns; `done(i, value, error)` once per generator.
-    `run_requests(reqs)` yields (index into reqs, answer or exception)."""
+    `run_requests(reqs)` yields (index into reqs, answer or exception).
+
+    `first[i]`: the (answer, error) generator i is resumed with (default: started afresh), for a
+    generator that left an earlier drive waiting on a request. `park(round)` sees each round's
+    requests as (generator index, request) before they are answered and returns the indices it
+    takes: those generators leave this drive without `done` (the caller answers their request
+    elsewhere and drives them again with `first`)."""
     waiting: Dict[int, Any] = {}
 
     def advance(i: int, value: Any = None, error: Optional[BaseException] = None) -> None:
@@ -34,10 +44,16 @@ def drive(run_requests: Callable[[Sequence[Any]], Iterable[Tuple[int, Any]]],
         waiting[i] = req
 
     for i in range(len(steps)):
-        advance(i)
+        if first is None:
+            advance(i)
+        else:
+            advance(i, *first[i])
     while waiting:
         round_ = list(waiting.items())
         waiting.clear()
+        if park is not None:
+            taken = park(round_)
+            round_ = [r for r in round_ if r[0] not in taken]
         answered = set()
         try:
             for pos, answer in run_requests([req for _, req in round_]):

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from daemon.errors import ErrorCode, S2SError
 
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # bounded: ASR feeds at most limits.max_chunk_seconds of audio, TTS one sentence per call.
 BUDGET_PERIODS: Dict[str, float] = {
     "heartbeat": 1.5, "open": 3.0, "feed": 3.0, "finalize": 3.0, "reset": 1.5, "close": 1.5,
-    "sentence": 3.0, "stream": 3.0, "other": 3.0,
+    "sentence": 3.0, "stream": 3.0, "other": 3.0, "decode": 3.0,
 }
 
 # A batch of several sessions' feeds (daemon/asr/batch.py) is one call: each feed after the
@@ -73,8 +73,11 @@ class Worker:
         self.current: Optional[_Call] = None
         self.queued = 0
         self.progress_at = clock()  # last time a call started or finished
-        self.busy_s = 0.0           # run time of finished calls (the load figure)
+        self._busy_s = 0.0          # run time of finished calls
         self.dead: Optional[str] = None
+        # Workers that take part of this one's work (the ASR decode worker, daemon/asr/batch.py):
+        # their problems are this worker's, their run time is in its load figure.
+        self.helpers: List["Worker"] = []
         self._heartbeat: Optional["concurrent.futures.Future[Any]"] = None
         self._lock = threading.Lock()
 
@@ -96,7 +99,13 @@ class Worker:
             with self._lock:
                 self.current = None
                 self.progress_at = now
-                self.busy_s += now - call.started
+                self._busy_s += now - call.started
+
+    @property
+    def busy_s(self) -> float:
+        """Run time of finished calls, this worker's and its helpers' (the load figure admission
+        reads: work moved to a helper thread is still this engine's work)."""
+        return self._busy_s + sum(h.busy_s for h in self.helpers)
 
     def submit(self, kind: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
         if self.dead:
@@ -139,6 +148,10 @@ class Worker:
         if self.dead:
             return f"{self.name} worker gone ({self.dead})"
         now = self.clock() if now is None else now
+        for h in self.helpers:
+            p = h.problem(now)
+            if p:
+                return p
         with self._lock:
             call, queued, progress = self.current, self.queued, self.progress_at
         if call is not None:
