@@ -40,12 +40,18 @@ def ping_with(endpoint: str, keys: "tuple[bytes, bytes] | None", server: "bytes 
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
+    # A refused handshake may leave the DEALER with no pipe for a moment, and a send then blocks
+    # (it hung the suite for 600 s once): a send not taken within the timeout is no answer.
+    s.sndtimeo = int(timeout * 1000)
     if keys is not None:
         s.curve_publickey, s.curve_secretkey = keys
         s.curve_serverkey = server
     try:
         s.connect(endpoint)
-        s.send_multipart(P.dealer_frames(P.Ping(request_id="p1")))
+        try:
+            s.send_multipart(P.dealer_frames(P.Ping(request_id="p1")))
+        except zmq.Again:
+            return False
         if not s.poll(int(timeout * 1000)):
             return False
         return isinstance(P.decode_reply(P.split_dealer(s.recv_multipart())), P.Pong)
