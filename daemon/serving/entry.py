@@ -34,13 +34,14 @@ def load(prog: str, args: argparse.Namespace) -> Optional[Config]:
     try:
         return load_config(args.config)
     except ConfigError as e:
-        print(f"{prog}: config error: {e}", file=sys.stderr)
+        # before logging is set up (its level and format are in the config): one line on stderr
+        sys.stderr.write(f"{prog}: config error: {e}\n")
         return None
 
 
 def refuse(prog: str, cfg: Config, key: str, why: str) -> int:
     """A setting that would expose the service: one line, exit 2 (as a config error)."""
-    print(f"{prog}: config error: {cfg.source}: {key}: {why}", file=sys.stderr)
+    sys.stderr.write(f"{prog}: config error: {cfg.source}: {key}: {why}\n")
     return CONFIG_ERROR
 
 

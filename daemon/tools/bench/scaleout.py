@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, cast
@@ -40,6 +41,18 @@ from daemon.wire.client_base import DaemonError
 from daemon.wire.placement import ClientMember, Placement
 
 logger = logging.getLogger(__name__)
+
+
+def _report_logger() -> logging.Logger:
+    """The results go to stdout through logging, whatever level the run's log is at."""
+    out = logging.getLogger("s2s-bench.scaleout.report")
+    if not out.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        out.addHandler(h)
+        out.setLevel(logging.INFO)
+        out.propagate = False
+    return out
 
 DEFAULT_ONE = "8,16,24,32,40"
 DEFAULT_ALL = "16,24,32,40,48,56,64,72,80"
@@ -198,17 +211,18 @@ def main(argv: Optional[List[str]], base_args: Callable[[List[str]], argparse.Na
                            *args.bench_args.split()])
     base.one, base.all, base.settle, base.warmup = args.one, args.all, args.settle, args.warmup
     sessions = stack_sessions(args.one + args.all + args.warmup)
+    say = _report_logger()
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         sts = [stack.enter_context(open_stack(base, need_bridge=False, sessions=sessions)) for _ in range(args.daemons)]
-        print(f"s2s-bench scaleout: {args.daemons} x {sts[0].label()}", flush=True)
+        say.info("s2s-bench scaleout: %d x %s", args.daemons, sts[0].label())
         result = asyncio.run(_run(sts, base))
-    print(report(result))
+    say.info("%s", report(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scaleout.json"
     path.write_text(json.dumps({"mode": "scaleout", "machine": machine(), "args": vars(args), "result": result,
                                 "elapsed_s": round(time.monotonic() - t0, 1)}, indent=1, default=str))
-    print(f"wrote {path}")
+    say.info("wrote %s", path)
     return 0
 
