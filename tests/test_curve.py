@@ -159,9 +159,14 @@ def test_curve_daemon_admits_its_clients_only_and_says_each_refusal_once(tmp_pat
         for ep in (asr, tts):
             assert ping_with(ep, client, server), ep
         for _ in range(3):  # each refused, however often it tries
-            assert not ping_with(asr, None, None, 0.7), "a client without CURVE got an answer"
             assert not ping_with(asr, stranger, server, 0.7), "a client key not in clients/ got an answer"
             assert not ping_with(asr, client, wrong_server, 0.7), "a client with a wrong server key got an answer"
+        # libzmq reports about 4 in 10 plain clients as a hang-up mid-handshake (the client saw the
+        # mismatch first and closed; CI once drew three in a row): try until the mismatch is seen.
+        for _ in range(12):
+            assert not ping_with(asr, None, None, 0.7), "a client without CURVE got an answer"
+            if "refused a client without CURVE" in p.log():
+                break
         assert ping_with(asr, client, server)
         time.sleep(0.5)
         log = p.log()
@@ -170,6 +175,8 @@ def test_curve_daemon_admits_its_clients_only_and_says_each_refusal_once(tmp_pat
             lines = [line for line in log.splitlines() if what in line]
             assert len(lines) == 1, (what, log[-3000:])
             assert asr in lines[0], lines[0]
+        hangups = [line for line in log.splitlines() if "hung up during the CURVE handshake" in line]
+        assert len(hangups) <= 1, hangups
         assert "(CURVE)" in log and "1 client key(s) admitted" in log
     finally:
         p.stop()
@@ -226,3 +233,14 @@ def test_the_front_ends_and_ctl_speak_curve_with_the_keys_the_config_names(tmp_p
         if bridge is not None:
             bridge.stop()
         p.stop()
+
+
+def test_each_failed_handshake_event_is_named_for_what_the_client_did():
+    """libzmq says a plain client either as a mechanism mismatch or (about 4 in 10 here) as a
+    hang-up mid-handshake with an errno: the second is not a "ZMTP error 0x20"."""
+    from daemon.serving import curve as SC
+    assert SC.refusal(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, SC.MISMATCH, "/k")[0] == "plain"
+    assert SC.refusal(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, SC.CRYPTO, "/k")[0] == "server_key"
+    assert SC.refusal(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400, "/k")[0] == "client_key"
+    kind, what = SC.refusal(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 32, "/k")
+    assert kind == "hangup" and "errno 32" in what and "ZMTP error" not in what, what
