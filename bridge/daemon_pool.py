@@ -187,13 +187,13 @@ class DaemonPool:
 
     async def describe(self, timeout: float) -> Optional[Dict[str, Any]]:
         """The first daemon in placement's describe (engines, fallbacks), with every daemon's
-        placement state under "placement"."""
+        placement state under "placement" and its last counters under "daemon_series" (/metrics)."""
         for s in self.placement.live():
             try:
                 info: Dict[str, Any] = await s.member.describe(timeout)
             except DaemonError:
                 continue
-            return {**info, "placement": self.placement.report()}
+            return {**info, "placement": self.placement.report(), "daemon_series": self.placement.series()}
         return None
 
     def report(self) -> List[Dict[str, Any]]:

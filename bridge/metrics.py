@@ -7,20 +7,46 @@ code and source, and two
 latency histograms: speech end -> final and final (or typed text) -> first reply audio.
 The daemon's counters from its `describe` are exported beside them as
 `s2s_daemon_<name>_total`, with `s2s_daemon_up` (1 when `describe` answered); with several
-daemons (cluster.daemons) `s2s_bridge_daemon_{up,asr_sessions,asr_room,tts_room,placed_asr,placed_tts}`
-per daemon (label `daemon`).
+daemons (cluster.daemons) each daemon's, labelled `daemon` (its last answer's values while it is
+out), and `s2s_bridge_daemon_{up,asr_sessions,asr_room,tts_room,placed_asr,placed_tts}` per daemon.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def _numbers(d: Dict[str, Any]) -> Dict[str, float]:
+    return {re.sub(r"[^a-zA-Z0-9_]", "_", str(k)): float(v) for k, v in sorted(d.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _daemon_families(daemons: List[Tuple[str, bool, Dict[str, Any], Dict[str, Any]]],
+                     labels: List[str]) -> Iterable[Any]:
+    """`s2s_daemon_up`, `s2s_daemon_<counter>_total` and `s2s_daemon_<queue>` for each (name, up,
+    counters, queues); with `labels` (["daemon"]) one sample per daemon, else the one daemon's."""
+    up = GaugeMetricFamily("s2s_daemon_up", "1 when the speech daemon answered describe", labels=labels)
+    for name, is_up, _, _ in daemons:
+        up.add_metric([name] if labels else [], 1.0 if is_up else 0.0)
+    yield up
+    for kind, family, help_ in (("counters", CounterMetricFamily, "speech daemon counter"),
+                                ("queues", GaugeMetricFamily, "speech daemon")):
+        samples: Dict[str, List[Tuple[str, float]]] = {}
+        for name, _, counters, queues in daemons:
+            for key, value in _numbers(counters if kind == "counters" else queues).items():
+                samples.setdefault(key, []).append((name, value))
+        for key, values in samples.items():
+            f = family(f"s2s_daemon_{key}", f"{help_} {key}", labels=labels)
+            for name, value in values:
+                f.add_metric([name] if labels else [], value)
+            yield f
 
 
 class _DaemonCollector:
@@ -30,19 +56,14 @@ class _DaemonCollector:
         self.info: Optional[Dict[str, Any]] = None
 
     def collect(self) -> Iterable[Any]:
-        up = GaugeMetricFamily("s2s_daemon_up", "1 when the speech daemon answered describe")
-        up.add_metric([], 1.0 if self.info is not None else 0.0)
-        yield up
-        counters = (self.info or {}).get("counters") or {}
-        for name, value in sorted(counters.items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                safe = re.sub(r"[^a-zA-Z0-9_]", "_", str(name))
-                yield CounterMetricFamily(f"s2s_daemon_{safe}", f"speech daemon counter {name}", value=value)
-        queues = (self.info or {}).get("queues") or {}
-        for name, value in sorted(queues.items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                safe = re.sub(r"[^a-zA-Z0-9_]", "_", str(name))
-                yield GaugeMetricFamily(f"s2s_daemon_{safe}", f"speech daemon {name}", value=value)
+        info = self.info or {}
+        per = info.get("daemon_series")
+        if per:  # several daemons (cluster.daemons): every daemon's series, label `daemon`
+            yield from _daemon_families([(str(r["name"]), bool(r["up"]), r["counters"], r["queues"]) for r in per],
+                                        ["daemon"])
+        else:
+            yield from _daemon_families([("", self.info is not None, info.get("counters") or {},
+                                          info.get("queues") or {})], [])
 
         rows = (self.info or {}).get("placement") or []  # several daemons (daemon/wire/placement.py)
         if rows:

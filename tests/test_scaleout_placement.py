@@ -8,6 +8,7 @@ it drains."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 import urllib.request
@@ -321,6 +322,12 @@ def test_one_bridge_places_browser_sessions_over_two_daemons(two_daemons, tmp_pa
                 lambda: urllib.request.urlopen(f"{bridge.http}/metrics", timeout=5).read().decode())
             assert f's2s_bridge_daemon_up{{daemon="0:{asr_a}"}} 0.0' in metrics, metrics[-3000:]
             assert f's2s_bridge_daemon_up{{daemon="1:{asr_b}"}} 1.0' in metrics
+            # every daemon's own series, not only the first one's (the dead one keeps its last values)
+            assert f's2s_daemon_up{{daemon="0:{asr_a}"}} 0.0' in metrics, metrics[-3000:]
+            assert f's2s_daemon_up{{daemon="1:{asr_b}"}} 1.0' in metrics
+            feeds = {d: float(re.search(rf's2s_daemon_asr_feeds_total{{daemon="{re.escape(d)}"}} (\S+)',
+                                        metrics).group(1)) for d in (f"0:{asr_a}", f"1:{asr_b}")}
+            assert all(v > 0 for v in feeds.values()), feeds
             for p in pages + fresh:
                 await p.close()
 
@@ -353,3 +360,45 @@ def test_streamed_text_synthesis_over_the_pool(two_daemons):
     chunks, report = asyncio.run(asyncio.wait_for(go(), 60))
     assert {c.sentence for c in chunks} == {0, 1} and all(c.pcm for c in chunks), chunks
     assert sorted(r["placed_tts"] for r in report) == [0, 1], report
+
+
+def test_ctl_health_and_sessions_ask_every_daemon_of_the_cluster(two_daemons, tmp_path, models_dir):
+    """`s2s-ctl --config` with cluster.daemons: health pings and describes each daemon (it once
+    looked only at daemon.asr_endpoint, where no daemon runs on a bridge host), exits 1 naming the
+    one that does not answer; sessions lists each daemon's sessions."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from daemon.wire.client import ASRClient
+
+    eps = [{"asr": a, "tts": t} for _, a, t, _ in two_daemons]
+    cfg = write_config(tmp_path / "ctl.yaml", models_dir, tmp_path / "nowhere")
+    data = yaml.safe_load(cfg.read_text())
+    data["cluster"] = {"daemons": eps}
+    cfg.write_text(yaml.safe_dump(data))
+
+    def ctl(*args: str, config=cfg) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run([sys.executable, "-m", "daemon.tools.ctl", "--config", str(config), "--timeout", "2",
+                               *args], capture_output=True, text=True, timeout=60)
+
+    r = ctl("health")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 of 2 daemons answer" in r.stdout and all(e["asr"] in r.stdout for e in eps), r.stdout
+    r = ctl("health", "--json")
+    answers = json.loads(r.stdout)["daemons"]
+    assert [a["asr"]["endpoint"] for a in answers] == [e["asr"] for e in eps]
+    assert all("info" in a["tts"] for a in answers), answers
+    with ASRClient(eps[1]["asr"], timeout=5) as c:
+        stream = c.open(language="zh")
+        r = ctl("sessions", "--json")
+        rows = json.loads(r.stdout)
+        assert [(row["session_id"], row["daemon"]) for row in rows] == [(stream.session_id, eps[1]["asr"])], rows
+        stream.close()
+    gone = f"ipc://{tmp_path}/gone/asr.sock"
+    data["cluster"]["daemons"].append({"asr": gone, "tts": f"ipc://{tmp_path}/gone/tts.sock"})
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(data))
+    r = ctl("health", config=tmp_path / "three.yaml")
+    assert r.returncode == 1 and "2 of 3 daemons answer" in r.stdout and gone in r.stdout, r.stdout

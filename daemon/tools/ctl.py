@@ -1,9 +1,9 @@
 """s2s-ctl: talk to a running speech daemon.
 
-    s2s-ctl [--config FILE | --asr EP --tts EP] health [--json] [--strict]
+    s2s-ctl [--config FILE | --asr EP --tts EP] health [--json] [--strict]   (every cluster.daemons entry)
     s2s-ctl transcribe FILE [--lang zh] [--stream] [--json]   (WAV, MP3, OGG, FLAC, ...: any PyAV reads)
     s2s-ctl speak TEXT -o out.wav [--lang zh] [--speed 1.0]
-    s2s-ctl sessions
+    s2s-ctl sessions   (every cluster.daemons entry's)
     s2s-ctl keys [--dir /etc/s2s/curve] [--client NAME ...] [--force]   (CURVE keys for tcp://)
 """
 
@@ -26,8 +26,10 @@ CHUNK_SECONDS = 0.1
 WINDOW_SECONDS = 10.0
 
 
-def _endpoints(args: argparse.Namespace) -> Dict[str, str]:
-    eps: Dict[str, str] = {}
+def _daemons(args: argparse.Namespace) -> List[Dict[str, str]]:
+    """The daemons to talk to, each {"asr": EP, "tts": EP}: --asr/--tts when given; else the
+    config's `cluster.daemons` when it lists several, else its daemon.asr_endpoint/tts_endpoint."""
+    found: List[Dict[str, str]] = [{}]
     if not (args.asr and args.tts):
         from daemon.config import ConfigError, load_config
 
@@ -35,18 +37,17 @@ def _endpoints(args: argparse.Namespace) -> Dict[str, str]:
             cfg = load_config(args.config)
         except ConfigError as e:
             raise SystemExit(f"s2s-ctl: config error: {e}")
-        eps = {"asr": cfg.daemon.endpoint("asr"), "tts": cfg.daemon.endpoint("tts")}
+        found = ([{"asr": d.asr, "tts": d.tts} for d in cfg.cluster.daemons] if cfg.cluster.daemons
+                 else [{"asr": cfg.daemon.endpoint("asr"), "tts": cfg.daemon.endpoint("tts")}])
         from daemon.wire.curve import CurveError, configure_clients
 
         try:
             configure_clients(cfg)  # CURVE keys for tcp:// daemons (cluster.curve_dir)
         except CurveError as e:
             raise SystemExit(f"s2s-ctl: {e.message}")
-    if args.asr:
-        eps["asr"] = args.asr
-    if args.tts:
-        eps["tts"] = args.tts
-    return eps
+    if args.asr or args.tts:  # an endpoint on the command line names one daemon
+        found = [{**found[0], **{k: v for k, v in (("asr", args.asr), ("tts", args.tts)) if v}}]
+    return found
 
 
 def _engine_lines(kind: str, raw: Any) -> List[str]:
@@ -105,36 +106,52 @@ def fallback_count(info: Dict[str, Any]) -> int:
     return len(fbs) if isinstance(fbs, list) else 0
 
 
-def cmd_health(args: argparse.Namespace, eps: Dict[str, str]) -> int:
-    """Exit 0 when both sockets answer (fallbacks are reported, not failures); 1 when one does
-    not; with --strict, 1 as well when any fallback was taken."""
+def _health_one(eps: Dict[str, str], timeout: float) -> Dict[str, Any]:
+    """Ping and describe one daemon's two sockets: {"asr": {...}, "tts": {...}}."""
     out: Dict[str, Any] = {}
-    rc = 0
     for kind in ("asr", "tts"):
-        with (ASRClient if kind == "asr" else TTSClient)(eps[kind], timeout=args.timeout) as c:
+        with (ASRClient if kind == "asr" else TTSClient)(eps[kind], timeout=timeout) as c:
             try:
                 rtt = c.ping()
                 out[kind] = {"endpoint": eps[kind], "rtt_ms": round(rtt * 1000, 2), "info": c.describe()}
             except DaemonError as e:
                 out[kind] = {"endpoint": eps[kind], "error": e.code.value, "message": str(e)}
-                rc = 1
-    info = next((out[k]["info"] for k in ("asr", "tts") if "info" in out[k]), None)
-    fallbacks = fallback_count(info) if isinstance(info, dict) else 0
+    return out
+
+
+def cmd_health(args: argparse.Namespace, daemons: List[Dict[str, str]]) -> int:
+    """Exit 0 when both sockets of every daemon answer (fallbacks are reported, not failures); 1
+    when one does not; with --strict, 1 as well when any fallback was taken. Several daemons
+    (cluster.daemons): each one in turn, and the JSON is {"daemons": [one daemon's answer, ...]}."""
+    answers = [_health_one(eps, args.timeout) for eps in daemons]
+    rc, fallbacks = 0, 0
+    for out in answers:
+        if any("error" in out[k] for k in ("asr", "tts")):
+            rc = 1
+        info = next((out[k]["info"] for k in ("asr", "tts") if "info" in out[k]), None)
+        fallbacks += fallback_count(info) if isinstance(info, dict) else 0
     if args.strict and fallbacks and rc == 0:
         rc = 1
     if args.json:
-        print(json.dumps(out, ensure_ascii=False, indent=2))
+        print(json.dumps(answers[0] if len(answers) == 1 else {"daemons": answers}, ensure_ascii=False, indent=2))
         return rc
-    for kind in ("asr", "tts"):
-        o = out[kind]
-        if "error" in o:
-            print(f"{kind}: {o['endpoint']}: {o['error']}: {o['message']}")
-        else:
-            print(f"{kind}: {o['endpoint']} (ping {o['rtt_ms']} ms)")
-    if isinstance(info, dict):
-        print(_table(info))
+    for i, out in enumerate(answers):
+        if len(answers) > 1:
+            print(f"== daemon {i} (cluster.daemons[{i}])")
+        for kind in ("asr", "tts"):
+            o = out[kind]
+            if "error" in o:
+                print(f"{kind}: {o['endpoint']}: {o['error']}: {o['message']}")
+            else:
+                print(f"{kind}: {o['endpoint']} (ping {o['rtt_ms']} ms)")
+        info = next((out[k]["info"] for k in ("asr", "tts") if "info" in out[k]), None)
+        if isinstance(info, dict):
+            print(_table(info))
+    if len(answers) > 1:
+        up = sum(all("error" not in out[k] for k in ("asr", "tts")) for out in answers)
+        print(f"{up} of {len(answers)} daemons answer")
     if args.strict and fallbacks:
-        print(f"s2s-ctl: --strict: {fallbacks} fallback(s) taken", file=sys.stderr)
+        sys.stderr.write(f"s2s-ctl: --strict: {fallbacks} fallback(s) taken\n")
     return rc
 
 
@@ -227,22 +244,30 @@ def cmd_speak(args: argparse.Namespace, eps: Dict[str, str]) -> int:
     return 0
 
 
-def cmd_sessions(args: argparse.Namespace, eps: Dict[str, str]) -> int:
-    with ASRClient(eps["asr"], timeout=args.timeout) as c:
-        try:
-            info = c.describe()
-        except DaemonError as e:
-            print(f"s2s-ctl: {e.code.value}: {e}", file=sys.stderr)
-            return 1
-    sessions = info.get("sessions", [])
+def cmd_sessions(args: argparse.Namespace, daemons: List[Dict[str, str]]) -> int:
+    """Every daemon's live ASR sessions (with several daemons, each row says which)."""
+    rows: List[Dict[str, Any]] = []
+    rc = 0
+    for i, eps in enumerate(daemons):
+        with ASRClient(eps["asr"], timeout=args.timeout) as c:
+            try:
+                info = c.describe()
+            except DaemonError as e:
+                sys.stderr.write(f"s2s-ctl: {eps['asr']}: {e.code.value}: {e}\n")
+                rc = 1
+                continue
+        rows += [{**s, "daemon": eps["asr"]} if len(daemons) > 1 else s for s in info.get("sessions", [])]
+    if rc and not rows:
+        return rc
     if args.json:
-        print(json.dumps(sessions, ensure_ascii=False, indent=2))
-        return 0
-    print(f"{len(sessions)} session(s)")
-    for s in sessions:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return rc
+    print(f"{len(rows)} session(s)")
+    for s in rows:
+        where = f" on {s['daemon']}" if "daemon" in s else ""
         print(f"{s['session_id']:34s} lang={s['language']} rate={s['sample_rate']} age={s['age']:.1f}s "
-              f"idle={s['idle']:.1f}s backlog={s['backlog_seconds']:.1f}s")
-    return 0
+              f"idle={s['idle']:.1f}s backlog={s['backlog_seconds']:.1f}s{where}")
+    return rc
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -294,9 +319,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.cmd == "keys":
         return cmd_keys(args)
-    eps = _endpoints(args)
-    return {"health": cmd_health, "transcribe": cmd_transcribe, "speak": cmd_speak,
-            "sessions": cmd_sessions}[args.cmd](args, eps)
+    daemons = _daemons(args)
+    if args.cmd == "health":
+        return cmd_health(args, daemons)
+    if args.cmd == "sessions":
+        return cmd_sessions(args, daemons)
+    # one request: the first daemon (with several, placement is the front ends' job)
+    return {"transcribe": cmd_transcribe, "speak": cmd_speak}[args.cmd](args, daemons[0])
 
 
 if __name__ == "__main__":

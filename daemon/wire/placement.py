@@ -70,6 +70,9 @@ class DaemonState:
     capacity: Dict[str, int] = field(default_factory=lambda: {"asr": 0, "tts": 0})
     placed: Dict[str, int] = field(default_factory=lambda: {"asr": 0, "tts": 0})
     placed_total: Dict[str, int] = field(default_factory=lambda: {"asr": 0, "tts": 0})
+    # Its last describe's counters and queue depths (the bridge's /metrics, one series per daemon).
+    counters: Dict[str, Any] = field(default_factory=dict)
+    queues: Dict[str, Any] = field(default_factory=dict)
 
     def room(self, kind: str) -> int:
         return self.capacity[kind] - self.sessions[kind] - self.placed[kind]
@@ -142,6 +145,7 @@ class Placement:
             s.stopping = bool(d.get("stopping"))
         s.pid = pid
         s.answered = self.clock()
+        s.counters, s.queues = dict(info.get("counters") or {}), dict(info.get("queues") or {})
         c = capacities(info)
         s.sessions, s.capacity = c["sessions"], c["capacity"]
         s.placed = {"asr": 0, "tts": 0}
@@ -244,6 +248,13 @@ class Placement:
                  "asr_sessions": s.sessions["asr"], "asr_capacity": s.capacity["asr"], "asr_room": s.room("asr"),
                  "tts_requests": s.sessions["tts"], "tts_capacity": s.capacity["tts"], "tts_room": s.room("tts"),
                  "placed_asr": s.placed_total["asr"], "placed_tts": s.placed_total["tts"]} for s in self.states]
+
+
+    def series(self) -> List[Dict[str, Any]]:
+        """Each daemon's last describe counters and queues, for /metrics (label `daemon`); a daemon
+        out of placement keeps its last answer's values (counters do not go back) with up 0."""
+        return [{"name": s.member.name, "up": s.up, "counters": s.counters, "queues": s.queues}
+                for s in self.states]
 
 
 class ClientMember:
