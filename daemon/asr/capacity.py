@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from daemon.asr.load import LOAD_WINDOW_SECONDS, LoadModel, streams_throughout
 from daemon.config import LimitsConfig
@@ -117,6 +117,8 @@ class Capacity:
         self.audio_shed = 0
         self.load = LoadModel(busy, clock, lambda: limits().asr_stream_cost, curve)  # curve: the pool's, at load
         self._batch_seen = False  # this window carried other work than the streams' steady state
+        self._churn = False       # a session's audio began or ended in this window, or a session went
+        self._seen: Set[str] = set()  # the sessions at the last tick
         self._lag_mark = 0.0      # the worst lag when the last window closed
 
     def tick(self, backlogs: Iterable[Backlog]) -> None:
@@ -126,14 +128,31 @@ class Capacity:
         rt = [b for b in bl if not self._ahead(b, now)]
         worst = self.lag(bl, now)[0]
         self._batch_seen = self._batch_seen or len(rt) < len(bl)
+        ids = {b.session_id for b in bl}
+        t0 = self.load.window_start
+        self._churn = self._churn or bool(self._seen - ids) or any(self._began_or_ended(b, t0, now) for b in rt)
+        self._seen = ids
         # Falling behind (the lag grew over the window) is the streams' doing; a lag shrinking
         # while a backlog drains is not, and any lag means the load is not their steady state.
-        growing = worst > CATCHING_UP_SECONDS and worst > self._lag_mark
+        # Nor is a window in which sessions came or went: its load holds the bounded work of
+        # sessions not counted as its streams (an ended session's last decode, the first audio
+        # of a new one), so saturation then is a burst, not "this many streams are too many".
+        growing = worst > CATCHING_UP_SECONDS and worst > self._lag_mark and not self._churn
         if self.load.tick(lambda t0: streams_throughout([b.first_audio for b in rt], [b.last_audio for b in rt], t0,
                                                         now, STREAMING_GAP_SECONDS),
-                          clean=not self._batch_seen and worst <= CATCHING_UP_SECONDS, behind=growing):
-            self._batch_seen = False
+                          clean=not self._batch_seen and not self._churn and worst <= CATCHING_UP_SECONDS,
+                          behind=growing):
+            self._batch_seen = self._churn = False
             self._lag_mark = worst
+
+    @staticmethod
+    def _began_or_ended(b: Backlog, t0: float, now: float) -> bool:
+        """The session's audio began after t0, or stopped arriving (it was finalized, or went
+        quiet) within the window: not a stream through all of it."""
+        if b.first_audio is None or b.last_audio is None:
+            return False
+        return b.first_audio > t0 or (now - b.last_audio > STREAMING_GAP_SECONDS
+                                      and b.last_audio + STREAMING_GAP_SECONDS > t0)
 
     @staticmethod
     def _ahead(b: Backlog, now: float) -> bool:

@@ -22,7 +22,15 @@ Windows where the worker was saturated say only "at least this much": they are l
 fit, but the fewest streams that saturated it while the streams fell behind real time are
 remembered, and no more streams than that are predicted to fit (until a window with as many
 streams is measured unsaturated, or for `SATURATION_MEMORY_SECONDS`); a saturated window with
-nobody behind (one long decode) is a burst, not a capacity.
+nobody behind (one long decode) is a burst, not a capacity. So is a window in which sessions
+came or went (daemon/asr/capacity.py passes it as not `behind` and not `clean`): its load holds
+work of sessions that are not among its streams, an ended session's final decode or a new one's
+first audio. Sessions of one utterance each (the Wyoming adapter's: open, a few seconds of audio,
+finalize) make every window such a one: when several finals land together the worker is full
+and the next utterances' audio waits, with one or two sessions streaming through the whole
+window, and a ceiling learned there ("saturated at 1") admitted one utterance at a time (issue
+26: ~100 refusals and an 8-client p95 of 14 s). Such sessions are held back by the lag rule
+(`limits.max_asr_lag`) alone, which is what past capacity means for them.
 
 Only real-time streams are counted: a session sending faster than real time (a file being
 transcribed) takes whatever the worker has left, so a window in which one was sending is not
@@ -41,6 +49,7 @@ daemon that served one Paraformer-large stream admit eight).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -52,6 +61,8 @@ SATURATION_MEMORY_SECONDS = 30.0  # how long "N streams saturated it" holds as a
 MIN_SPREAD = 0.02            # variance of ln N below which the observations are "one N"
 MIN_EXPONENT = 0.5           # the most concave cost curve believed (and the one assumed at one N)
 MIN_LOAD = 1e-3              # a window's load is taken as at least this (logarithms)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,6 +131,9 @@ class LoadModel:
         self.load = min(1.0, max(0.0, (busy - self._busy0) / dt))
         n = streams_throughout(self.window_start)
         if n > 0 and behind and self.load >= SATURATED:
+            if self.saturated_at is None or n < self.saturated_at:
+                logger.info("ASR worker saturated (%.0f %%) by %d real-time streams falling behind: at most %d "
+                            "streams are admitted for %g s", 100 * self.load, n, n - 1, SATURATION_MEMORY_SECONDS)
             self.saturated_at = n if self.saturated_at is None else min(self.saturated_at, n)
             self._saturated_seen = now
         elif n > 0 and clean and not behind and self.load < SATURATED:

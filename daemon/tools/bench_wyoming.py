@@ -268,6 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--wfw-python", help="python of a venv with wyoming-faster-whisper: run it beside ours")
     p.add_argument("--only", choices=("s2s", "wfw"), help="run one server only")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--keep-logs", help="copy the servers' logs (daemon.log, wy.log, wfw.log) into this folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the results table goes to the log
     import yaml
@@ -334,6 +335,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for pr in reversed(procs):
             pr.stop()
+        if args.keep_logs:
+            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+            for log in tmp.glob("*.log"):
+                shutil.copy(log, Path(args.keep_logs) / log.name)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
