@@ -11,6 +11,9 @@ The daemon ties sessions to the peer's identity: one identity for the whole brid
 bridge closes each browser's ASR session itself (`close` when the browser goes) and a TTS
 request is cancelled when its iterator is left (daemon.wire.client).
 
+Streamed syntheses go through `synthesize_stream`: a `busy` before the first audio is waited
+out (bridge/synth_retry.py), not a reply left unspoken.
+
 A daemon that is down is `unavailable` at once (`check`, before every open and synthesis):
 its socket file is missing, or the client's socket monitor saw the connects refused (a daemon
 killed with -9 leaves its socket file behind). ZeroMQ goes on connecting every 0.1 s, so a
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
+from bridge.synth_retry import BusyWait, RetryingSynthStream, retry_id
 from daemon.wire.client import AsyncASRClient, AsyncTTSClient, DaemonError, missing_endpoint
 from daemon.config import Config
 from daemon.errors import ErrorCode
@@ -66,6 +70,23 @@ class DaemonLink:
         if client.reachable is False:
             raise DaemonError(f"the speech daemon at {client.endpoint} is not running (its connection is refused; "
                               "is s2s-speechd running?)", ErrorCode.UNAVAILABLE)
+
+    async def synthesize_stream(self, **kw: Any) -> RetryingSynthStream:
+        """A streamed-text synthesis (AsyncTTSClient.synthesize_stream's arguments) that a `busy`
+        before its first audio does not lose: asked again as retry_after says, its text so far
+        sent again, for up to BUSY_RETRY_SECONDS (bridge/synth_retry.py)."""
+        busy = BusyWait()
+        rid = kw.get("request_id") or ""
+
+        async def reopen(e: DaemonError, attempt: int) -> Any:
+            if e.code != ErrorCode.BUSY:
+                raise e
+            await busy.wait(e)
+            self.check("tts")
+            logger.info("synthesis %s: busy (%s); asking again", rid, e.message)
+            return await self.tts.synthesize_stream(**{**kw, "request_id": retry_id(rid, attempt) if rid else None})
+
+        return RetryingSynthStream(await self.tts.synthesize_stream(**kw), reopen)
 
     async def ping(self, which: str, timeout: float) -> float:
         self.check(which)

@@ -9,7 +9,7 @@ ASR session and synthesis goes.
 - An `open` refused with `shutting_down` (a daemon draining for a restart), `unavailable` (its
   connection lost) or `busy` is tried on the other daemons, most room first, before the caller
   sees the error (the last one). A streamed synthesis refused before its first audio goes on
-  another daemon with its text so far (PlacedSynthStream); placement stops choosing a stopping
+  another daemon with its text so far (bridge/synth_retry.py); placement stops choosing a stopping
   daemon within INTERVAL (0.25 s), this covers the moment before.
 - `report()` is each daemon's placement state for /healthz and /metrics.
 """
@@ -21,6 +21,7 @@ import weakref
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple, cast
 
 from bridge.daemon_link import OPEN_TIMEOUT, TTS_TIMEOUT, DaemonLink
+from bridge.synth_retry import BusyWait, RetryingSynthStream, retry_id
 from daemon.wire.placement import ClientMember, Placement
 from daemon.config import Config
 from daemon.errors import ErrorCode, S2SError
@@ -59,81 +60,37 @@ class PlacedASR:
         await stream.client.send(msg)
 
 
-class PlacedSynthStream:
-    """A streamed synthesis (AsyncSynthStream's surface) that, refused before its first audio
-    (`shutting_down`: placed on a daemon in the moment between its SIGTERM and placement
-    learning it; `unavailable`), goes on another daemon: the same request, its text so far
-    replayed there. After the first audio it is where it is (its sentences are spoken there)."""
-
-    def __init__(self, pool: "DaemonPool", kw: Dict[str, Any], member: Any, inner: Any):
-        self._pool, self._kw, self._tried, self._inner = pool, kw, [member], inner
-        self._sent: List[Tuple[str, Tuple[Any, ...]]] = []  # until the first audio
-        self._heard = False
-
-    def __getattr__(self, name: str) -> Any:  # request_id, ended, released, ...
-        return getattr(self._inner, name)
-
-    @property
-    def finished(self) -> bool:
-        """Not while it may still go on elsewhere (the feeder would stop sending its text)."""
-        return bool(self._inner.finished) and self._heard
-
-    async def send(self, text: str, final: bool = False, release: bool = False, drop_partial: bool = False) -> None:
-        if not self._heard:
-            self._sent.append(("send", (text, final, release, drop_partial)))
-            if self._inner.finished:
-                return  # refused there: replayed on the next daemon
-        await self._inner.send(text, final, release, drop_partial)
-
-    async def end(self, text: str = "", release: bool = False, drop_partial: bool = False) -> None:
-        await self.send(text, True, release, drop_partial)
-
-    async def release(self) -> None:
-        if not self._heard:
-            self._sent.append(("release", ()))
-        await self._inner.release()
-
-    async def cancel(self) -> None:
-        await self._inner.cancel()
-
-    def __aiter__(self) -> AsyncIterator[P.SynthAudio]:
-        return self._audio()
-
-    def audio(self) -> AsyncIterator[P.SynthAudio]:
-        return self._audio()
-
-    async def _audio(self) -> AsyncIterator[P.SynthAudio]:
-        while True:
-            try:
-                async for chunk in self._inner:
-                    self._heard = True
-                    self._sent.clear()
-                    yield chunk
-                return
-            except DaemonError as e:
-                if self._heard or e.code not in (ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
-                    raise
-                placement = self._pool.placement
-                placement.refused(self._tried[-1], e.code)
-                try:
-                    m: Any = placement.place("tts", exclude=self._tried)
-                except S2SError:
-                    raise e from None
-                logger.info("synthesis %s refused (%s): going on on daemon %s", self._kw.get("request_id"),
-                            e.code.value, m.name)
-                self._tried.append(m)
-                self._inner = await m.tts.synthesize_stream(**self._kw)
-                for kind, args in self._sent:
-                    await (self._inner.send(*args) if kind == "send" else self._inner.release())
-
-
 class PlacedTTS:
     def __init__(self, pool: "DaemonPool"):
         self.pool = pool
 
-    async def synthesize_stream(self, **kw: Any) -> PlacedSynthStream:
-        m: Any = self.pool.placement.place("tts")
-        return PlacedSynthStream(self.pool, kw, m, await m.tts.synthesize_stream(**kw))
+    async def synthesize_stream(self, **kw: Any) -> RetryingSynthStream:
+        """Placed on the daemon with the most room; refused before its first audio (`shutting_down`:
+        placed in the moment between a SIGTERM and placement learning it; `unavailable`; `busy`), it
+        goes on on another daemon with its text so far, and waits out `busy` when none has room
+        (bridge/synth_retry.py)."""
+        placement = self.pool.placement
+        m: Any = placement.place("tts")
+        tried, busy, rid = [m], BusyWait(), kw.get("request_id") or ""
+
+        async def reopen(e: DaemonError, attempt: int) -> Any:
+            placement.refused(tried[-1], e.code)
+            try:
+                nxt: Any = placement.place("tts", exclude=tried)
+            except S2SError:
+                if e.code != ErrorCode.BUSY:
+                    raise e from None
+                await busy.wait(e)  # every daemon tried: wait as the last one said, then the most room
+                tried[:] = []
+                try:
+                    nxt = placement.place("tts")
+                except S2SError:
+                    raise e from None
+            logger.info("synthesis %s refused (%s): going on on daemon %s", rid, e.code.value, nxt.name)
+            tried.append(nxt)
+            return await nxt.tts.synthesize_stream(**{**kw, "request_id": retry_id(rid, attempt) if rid else None})
+
+        return RetryingSynthStream(await m.tts.synthesize_stream(**kw), reopen)
 
     async def synthesize(self, text: str, **kw: Any) -> AsyncIterator[P.SynthAudio]:
         m: Any = self.pool.placement.place("tts")
@@ -165,6 +122,10 @@ class DaemonPool:
         for m in self.members:
             await m.asr.close()
             await m.tts.close()
+
+    async def synthesize_stream(self, **kw: Any) -> RetryingSynthStream:
+        """The front ends' streamed synthesis (as DaemonLink.synthesize_stream): placed, see PlacedTTS."""
+        return await self.tts.synthesize_stream(**kw)
 
     def check(self, which: str) -> None:
         """DaemonError(unavailable) at once when no daemon is in placement, naming each one's why."""

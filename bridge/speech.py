@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from bridge.daemon_link import OPEN_TIMEOUT, TTS_TIMEOUT, DaemonLink
+from bridge.synth_retry import RetryingSynthStream
 from daemon.wire import protocol as P
-from daemon.wire.client_async import AsyncASRStream, AsyncSynthStream
+from daemon.wire.client_async import AsyncASRStream
 from daemon.wire.client_base import DaemonError, new_id
 from daemon.errors import ErrorCode
 from daemon.rules import SPOKEN_LANGUAGES
@@ -146,6 +147,7 @@ class Transcription:
         self._closed = asyncio.Event()
         self._closed_reason = ""
         self.error: Optional[DaemonError] = None
+        self.tentative = False  # ask for the early decode at a pause (turn.early_silence)
 
     async def open(self) -> None:
         """DaemonError (unavailable, bad_request, unsupported...) when the daemon refuses. `busy`
@@ -160,7 +162,8 @@ class Transcription:
             self.link.check("asr")
             try:
                 self.stream = await self.link.asr.open(session_id=self.session_id, language=self.language,
-                                                       hotwords=self.hotwords, partials=True, timeout=OPEN_TIMEOUT)
+                                                       hotwords=self.hotwords, partials=True, timeout=OPEN_TIMEOUT,
+                                                       tentative=self.tentative)
                 break
             except DaemonError as e:
                 wait = (e.retry_after or 1.0) if e.code == ErrorCode.BUSY else 0.0
@@ -366,19 +369,19 @@ async def speak_text_stream(link: DaemonLink, pieces: AsyncIterator[str], langua
     pieces go there as they come, and the daemon cuts the sentences and speaks each as soon as
     it is complete. Text past what one request takes (limits.max_text_chars) goes on in a next
     request (`<tag>-<n>`), whose audio follows."""
-    streams: "asyncio.Queue[Optional[AsyncSynthStream]]" = asyncio.Queue()
+    streams: "asyncio.Queue[Optional[RetryingSynthStream]]" = asyncio.Queue()
 
-    async def open_next(n: int) -> AsyncSynthStream:
+    async def open_next(n: int) -> RetryingSynthStream:
         link.check("tts")
-        s = await link.tts.synthesize_stream(request_id=tag if not n else f"{tag}-{n}", language=language,
-                                             owner=owner, timeout=TTS_TIMEOUT)
+        s = await link.synthesize_stream(request_id=tag if not n else f"{tag}-{n}", language=language,
+                                         owner=owner, timeout=TTS_TIMEOUT)
         streams.put_nowait(s)
         return s
 
     async def feed() -> None:
         limit = int(link.cfg.limits.max_text_chars)
         n, room = 0, limit
-        stream: Optional[AsyncSynthStream] = None
+        stream: Optional[RetryingSynthStream] = None
         try:
             async for piece in pieces:
                 while piece:
@@ -399,7 +402,7 @@ async def speak_text_stream(link: DaemonLink, pieces: AsyncIterator[str], langua
             streams.put_nowait(None)
 
     feeder = asyncio.get_running_loop().create_task(feed(), name=f"{tag}-text")
-    left: List[AsyncSynthStream] = []
+    left: List[RetryingSynthStream] = []
     try:
         while True:
             s = await streams.get()

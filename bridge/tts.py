@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from bridge.context import Context
 from bridge.daemon_link import TTS_TIMEOUT
+from bridge.synth_retry import RetryingSynthStream
 from bridge.wire import Events
 from daemon.wire.client import DaemonError
-from daemon.wire.client_async import AsyncSynthStream
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Speaker:
         self.playback_until = 0.0        # loop time when the browser should be done playing
         self.audio_bytes_out = 0
         self.outstanding = asyncio.Semaphore(MAX_SYNTHESES)
-        self.live: Dict[str, AsyncSynthStream] = {}   # turn key -> its TTS request at the daemon (for stop())
+        self.live: Dict[str, RetryingSynthStream] = {}   # turn key -> its TTS request at the daemon (for stop())
 
     async def speak_all(self, turn: Any, texts: asyncio.Queue) -> None:
         """Speak the reply's text put on the queue ((text, drop_partial) pieces until None) as one
@@ -88,8 +88,8 @@ class Speaker:
                 return [], 0, False
             held = not turn.out.released.is_set()
             try:
-                stream = await self.ctx.daemon.tts.synthesize_stream(request_id=rid, owner=self.id, hold=held,
-                                                                     timeout=TTS_TIMEOUT)
+                stream = await self.ctx.daemon.synthesize_stream(request_id=rid, owner=self.id, hold=held,
+                                                                 timeout=TTS_TIMEOUT)
             except DaemonError as e:
                 await self._failed(turn, e, base)
                 return [], 0, False
@@ -108,7 +108,7 @@ class Speaker:
                     release.cancel()
                 await stream.cancel()  # left early (barge-in, a dropped speculation): stop it there
 
-    async def _feed(self, stream: AsyncSynthStream, pieces: List[Piece], texts: asyncio.Queue) -> List[Piece]:
+    async def _feed(self, stream: RetryingSynthStream, pieces: List[Piece], texts: asyncio.Queue) -> List[Piece]:
         """The reply's text to the daemon as it comes (what queued meanwhile goes as one chunk), up
         to what one request takes; returns the pieces past that (empty: the reply ended here)."""
         room = int(self.ctx.cfg.limits.max_text_chars)
@@ -178,14 +178,14 @@ class Speaker:
             else:
                 joined += item[0]
 
-    async def _release(self, turn: Any, stream: AsyncSynthStream) -> None:
+    async def _release(self, turn: Any, stream: RetryingSynthStream) -> None:
         """A speculative turn's request goes on past its first sentence once the turn is released."""
         await turn.out.released.wait()
         if not stream.finished:
             with contextlib.suppress(DaemonError):
                 await stream.release()
 
-    async def _read(self, turn: Any, stream: AsyncSynthStream, base: int) -> Tuple[int, bool]:
+    async def _read(self, turn: Any, stream: RetryingSynthStream, base: int) -> Tuple[int, bool]:
         """Audio to the page, with tts_start / tts_end around each sentence's (numbered from
         `base`): (sentences, whether the request went well)."""
         current: Optional[int] = None
