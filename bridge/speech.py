@@ -147,7 +147,6 @@ class Transcription:
         self._closed = asyncio.Event()
         self._closed_reason = ""
         self.error: Optional[DaemonError] = None
-        self.tentative = False  # ask for the early decode at a pause (turn.early_silence)
 
     async def open(self) -> None:
         """DaemonError (unavailable, bad_request, unsupported...) when the daemon refuses. `busy`
@@ -162,8 +161,7 @@ class Transcription:
             self.link.check("asr")
             try:
                 self.stream = await self.link.asr.open(session_id=self.session_id, language=self.language,
-                                                       hotwords=self.hotwords, partials=True, timeout=OPEN_TIMEOUT,
-                                                       tentative=self.tentative)
+                                                       hotwords=self.hotwords, partials=True, timeout=OPEN_TIMEOUT)
                 break
             except DaemonError as e:
                 wait = (e.retry_after or 1.0) if e.code == ErrorCode.BUSY else 0.0
