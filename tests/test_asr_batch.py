@@ -497,3 +497,68 @@ def test_a_stuck_or_dead_decode_thread_is_the_asr_workers_problem(pool, speech, 
 
     (err,) = asyncio.run(dead())
     assert "asr-decode engine worker is gone" in str(err), err
+
+
+def test_finalizes_decode_on_the_decode_thread_one_at_a_time_beside_the_worker(pool, speech, monkeypatch):
+    """A finalize goes through the batcher as a feed does: the utterance it flushes is decoded on
+    the decode thread while the worker goes on with another session's feeds (it was a worker call
+    of its own, holding the worker for the whole decode). Two sessions' decodes that come due in
+    the same worker call are answered one at a time, the first session's final out before the
+    second's decode ends (a padded full-size batch on the CPU costs what both alone do, so both
+    waited for the pair: with four full-size streams, two ending together got their finals at
+    1.9 s)."""
+    release = threading.Event()
+    second = threading.Event()
+    calls: list = []
+    decode_requests = pool.decode_requests
+
+    def spy(reqs):  # the real decode; the second one held until the test lets it go
+        calls.append(len(reqs))
+        if len(calls) == 2:
+            second.set()
+            assert release.wait(20)
+        return decode_requests(reqs)
+
+    monkeypatch.setattr(pool, "decode_requests", spy)
+    monkeypatch.setattr(pool, "offload_decodes", True)
+    worker = Worker("asr", pool.submit)
+    counters: dict = {}
+    batcher = FeedBatcher(worker, pool, counters)
+    ending = [pool.open(f"fin{i}") for i in range(2)]
+    other = pool.open("fin-other")
+    pcm = [float_to_pcm16(x) for x in speech]
+    open_at = 2 * SR * 2  # two seconds: the utterances are still open when the finalizes come
+
+    async def main():
+        for k in range(0, open_at, FRAME):
+            await asyncio.gather(*(batcher.feed(e, p[k:k + FRAME]) for e, p in zip(ending, pcm)))
+        gate = threading.Event()
+        blocker = worker.submit("other", gate.wait, 10)
+        # A feed takes the batcher's next worker call; both finalizes wait and go in the one after.
+        busy = asyncio.ensure_future(batcher.feed(other, pcm[3][:FRAME]))
+        await asyncio.sleep(0.01)
+        tasks = [asyncio.ensure_future(batcher.finalize(e)) for e in ending]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wrap_future(blocker)
+        await busy
+        first = await asyncio.wait_for(asyncio.shield(tasks[0]), 20)  # while the second still decodes
+        while not second.is_set():
+            await asyncio.sleep(0.01)
+        assert not tasks[1].done()
+        fed = 0
+        for k in range(FRAME, SR * 2, FRAME):  # a second of another session meanwhile
+            assert isinstance(await asyncio.wait_for(batcher.feed(other, pcm[3][k:k + FRAME]), 10), list)
+            fed += 1
+        assert not tasks[1].done() and fed > 5
+        release.set()
+        return [first, await asyncio.wait_for(tasks[1], 20)]
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        release.set()
+    assert calls == [1, 1], calls
+    assert counters["asr_offloaded_decodes"] == 2
+    for events in results:
+        assert events[-1]["type"] == "final" and events[-1]["text"], events

@@ -19,7 +19,10 @@ A pool whose offline decodes are long (`pool.offloads`: a full-size Paraformer o
 a second of compute at each utterance end) has them answered on its decode thread instead: the
 session asking leaves the worker call there (`drive`'s `park`), the worker goes on with the other
 sessions' VAD blocks and streaming chunks, and when the decode is done the session's feed
-continues in the next worker call from where it stopped. Its events still come together at the
+continues in the next worker call from where it stopped. A finalize goes the same way
+(`finalize`). The decode thread answers its requests one at a time, in the order they came: a
+full-size decode on the CPU is bound by arithmetic, so batching two would only make the first
+wait for the second. Its events still come together at the
 end of its feed, so nothing of one feed overtakes another, and a session's next feed waits for
 this one as before. The decode thread is a `Worker` of its own (kind "decode"), a helper of the
 ASR worker: its budget is watched with the worker's and its run time counts in the load figure.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Dict, Generator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Generator, List, Optional, Set, Tuple
 
 from daemon.asr.steps import Done, drive
 from daemon.engines import ASREvent, ASRPool, ASRSession
@@ -41,12 +44,13 @@ _Resume = Tuple[Any, Optional[BaseException]]  # what a session's steps are driv
 
 
 class _Item:
-    """A session's feed: its steps (made on the worker at first drive), what they resume with, its waiter."""
+    """A session's feed (or finalize): how its steps are made (on the worker, at first drive), the
+    steps, what they resume with, its waiter."""
 
-    __slots__ = ("engine", "pcm", "steps", "first", "fut")
+    __slots__ = ("make", "steps", "first", "fut")
 
-    def __init__(self, engine: ASRSession, pcm: Any, fut: "asyncio.Future[List[ASREvent]]"):
-        self.engine, self.pcm, self.fut = engine, pcm, fut
+    def __init__(self, make: Callable[[], Generator[Any, Any, Any]], fut: "asyncio.Future[List[ASREvent]]"):
+        self.make, self.fut = make, fut
         self.steps: Optional[Generator[Any, Any, Any]] = None
         self.first: _Resume = (None, None)
 
@@ -70,9 +74,23 @@ class FeedBatcher:
 
     async def feed(self, engine: ASRSession, pcm: Any) -> List[ASREvent]:
         """engine.feed_steps(pcm)'s events, computed in a batch with the other sessions' feeds."""
+        return await self._steps(lambda: engine.feed_steps(pcm))
+
+    async def finalize(self, engine: ASRSession) -> List[ASREvent]:
+        """engine.finalize_events(). An engine that has them as steps (`finalize_steps`: the
+        FunASR engine) is finalized in a batch like a feed: the utterance it flushes is decoded
+        where a feed's would be (on the decode thread when the pool offloads), so a finalize does
+        not hold the worker, and the other sessions' chunks, for a whole decode. Others: one
+        worker call."""
+        steps = getattr(engine, "finalize_steps", None)
+        if steps is None:
+            return list(await self.worker.call("finalize", engine.finalize_events))
+        return await self._steps(steps)
+
+    async def _steps(self, make: Callable[[], Generator[Any, Any, Any]]) -> List[ASREvent]:
         loop = asyncio.get_running_loop()
         fut: "asyncio.Future[List[ASREvent]]" = loop.create_future()
-        self._pending.append(_Item(engine, pcm, fut))
+        self._pending.append(_Item(make, fut))
         self._start(loop)
         return await fut
 
@@ -113,33 +131,31 @@ class FeedBatcher:
         steps = []
         for item in batch:
             if item.steps is None:
-                item.steps = item.engine.feed_steps(item.pcm)
+                item.steps = item.make()
             steps.append(item.steps)
         drive(self.pool.run_requests, steps, settle, [item.first for item in batch], park)
 
     def _offload(self, loop: asyncio.AbstractEventLoop, items: List[_Item], reqs: List[Any]) -> None:
-        """On the worker: answer these sessions' requests on the decode thread; each session's
-        feed goes on (`_resume`) in a later worker call."""
+        """On the worker: answer these sessions' requests on the decode thread, one at a time in
+        the order they came (each its own forward: a full-size decode on the CPU is bound by its
+        arithmetic, so a padded batch of two costs what two alone do and the shorter one waits for
+        both); each session's feed goes on (`_resume`) in a later worker call as soon as its own
+        request is answered."""
         self.counters["asr_offloaded_decodes"] += len(reqs)
-
-        def run() -> None:  # on the decode thread
-            extend_budget(BATCH_FEED_PERIODS * self.worker.period * (len(reqs) - 1))
-            answered: Set[int] = set()
+        for item, req in zip(items, reqs, strict=True):
             try:
-                for pos, answer in self.pool.run_requests(reqs):
-                    answered.add(pos)
-                    loop.call_soon_threadsafe(self._resume, loop, items[pos], answer)
-            except Exception as e:  # noqa: BLE001 - the batch machinery failed: every waiter hears it
-                logger.exception("asr: %d offloaded decodes failed", len(reqs))
-                for pos, item in enumerate(items):
-                    if pos not in answered:
-                        loop.call_soon_threadsafe(self._resume, loop, item, e)
-
-        try:
-            self.decoder.submit("decode", run)
-        except Exception as e:  # noqa: BLE001 - the decode worker is gone: the sessions hear it
-            for item in items:
+                self.decoder.submit("decode", self._decode, loop, item, req)
+            except Exception as e:  # noqa: BLE001 - the decode worker is gone: the session hears it
                 loop.call_soon_threadsafe(self._resume, loop, item, e)
+
+    def _decode(self, loop: asyncio.AbstractEventLoop, item: _Item, req: Any) -> None:
+        """On the decode thread: one session's request answered; its feed resumes on the loop."""
+        try:
+            answer = next(iter(self.pool.run_requests([req])))[1]
+        except Exception as e:  # noqa: BLE001 - the batch machinery failed: the waiter hears it
+            logger.exception("asr: an offloaded decode failed")
+            answer = e
+        loop.call_soon_threadsafe(self._resume, loop, item, answer)
 
     def _resume(self, loop: asyncio.AbstractEventLoop, item: _Item, answer: Any) -> None:
         """On the loop: a parked session's request is answered; its feed goes on in the next batch."""

@@ -364,7 +364,7 @@ class ASRSessions:
                         tail = self._pcm_for_engine(s, b"", last=True)
                         if len(tail):
                             await self._send_events(s, await self.batcher.feed(engine, tail))
-                    events = await self.worker.call("finalize", engine.finalize_events)
+                    events = await self.batcher.finalize(engine)
                     await self._send_events(s, events, msg.request_id)
                     return P.Closed(session_id=s.session_id, request_id=msg.request_id, reason="finalized")
                 elif kind == "reset":
