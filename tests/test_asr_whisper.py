@@ -58,8 +58,10 @@ def test_mandarin_cer(results):
     cer = metrics.corpus_cer(pairs)
     # 8.5 % when finals were decoded without Whisper's timestamp tokens and cut at the VAD's end;
     # 4.2 % with both (daemon/asr/whisper_engine.py FINAL_TIMESTAMPS), wyoming-faster-whisper's
-    # figure on the same model and audio.
-    assert cer <= 0.05, (cer, pairs)
+    # figure on the same model and audio. 5.9 % in the fitted encoder window (FINAL_MIN_WINDOW_SECONDS:
+    # one character more, 导航 -> 到航; over 33 Mandarin clips the two windows are within a few
+    # characters, and the speculative path's finals went 10.2 % -> 5.9 %: test_whisper_window.py).
+    assert cer <= 0.07, (cer, pairs)
 
 
 def test_english_wer(results):
@@ -147,25 +149,30 @@ def batches(pool, monkeypatch):
     sizes = []
     real = pool._decode_batch
 
-    def spy(reqs):
+    def spy(reqs, *args):
         sizes.append(len(reqs))
-        return real(reqs)
+        return real(reqs, *args)
 
     monkeypatch.setattr(pool, "_decode_batch", spy)
     return sizes
 
 
+def alone(pool, req):
+    """What the pool makes of one utterance decoded by itself."""
+    return pool.decode_requests([req])[0]
+
+
 def test_utterances_due_together_decode_in_one_pass_each_as_alone(pool, fixtures_dir, batches):
     """Four Mandarin and two English utterances of six sessions: one pass per language, and
-    every text exactly what `transcribe` makes of it alone. Exact, not close: each utterance is
-    padded to Whisper's 30 s window either way, and the encoder and the beam search compute
-    each item of a batch as they compute it alone."""
+    every text exactly what the pool makes of it alone. Exact, not close: each utterance is
+    padded to the same encoder window either way (10 s for these), and the encoder and the beam
+    search compute each item of a batch as they compute it alone."""
     reqs = [_utt(fixtures_dir, name, lang) for name, lang in (
         ("zh/01.wav", "zh"), ("zh/02.wav", "zh"), ("en/01.wav", "en"), ("zh/03.wav", "zh"),
         ("en/02.wav", "en"), ("zh/04.wav", "zh"))]
     together = pool.run_list(reqs)
     assert sorted(batches) == [2, 4]
-    assert together == [pool.transcribe(r.audio, r.language) for r in reqs]
+    assert together == [alone(pool, r) for r in reqs]
     assert [lang for _, lang in together] == ["zh", "zh", "en", "zh", "en", "zh"]
     assert "timer" in together[2][0].lower() and together[0][0] == to_simplified(together[0][0])
 
@@ -174,8 +181,8 @@ def test_auto_language_in_a_batch_is_each_utterances_own(pool, fixtures_dir, bat
     reqs = [_utt(fixtures_dir, "zh/05.wav", "auto"), _utt(fixtures_dir, "en/02.wav", "auto"),
             Decode(np.zeros(0, np.float32), (), "zh")]
     together = pool.decode_requests(reqs)
-    assert batches == [3]
-    assert together[:2] == [pool.transcribe(r.audio, "auto") for r in reqs[:2]]
+    assert batches == [2]  # no audio, no words: the empty one is not decoded
+    assert together[:2] == [alone(pool, r) for r in reqs[:2]]
     assert [lang for _, lang in together] == ["zh", "en", "zh"]
     assert "pharmacy" in together[1][0].lower()
     assert together[2] == ("", "zh") == pool.transcribe(reqs[2].audio, "zh")
@@ -205,10 +212,11 @@ def test_what_a_batch_cannot_take_goes_alone(pool, fixtures_dir, batches, monkey
     bad = _utt(fixtures_dir, "zh/08.wav", "zh")
     speech = read_wav(fixtures_dir / "zh" / "09.wav")[0]
     long = Decode(np.concatenate([speech, np.zeros(31 * SR - speech.size, np.float32)]), (), "zh")
-    expected = [pool.transcribe(r.audio, "zh") for r in good + [long]]
+    expected = [alone(pool, r) for r in good] + [pool.transcribe(long.audio, "zh")]
+    batches.clear()
     monkeypatch.setattr(pool._model, "feature_extractor", _FailsOn(pool._model.feature_extractor, bad.audio.size))
     answers = pool.decode_requests([good[0], bad, long, good[1]])
-    assert batches == [3]  # the three within a window; it failed, so each went alone
+    assert batches == [3, 1, 1, 1]  # the three within a window; it failed, so each went alone
     assert isinstance(answers[1], EngineError) and "no memory" in str(answers[1]), answers[1]
     assert [answers[0], answers[2], answers[3]] == [expected[0], expected[2], expected[1]]
 

@@ -16,9 +16,11 @@ as FunASR (daemon/asr/vad.py) and the same event format.
   do what the word "hotwords" promises is worse than a clear refusal.
 - Device: CPU uses int8 (config `compute_type`); CUDA uses float16 (or float32 when asked).
   A CUDA error at load or inference reloads the model on the CPU once, logged and reported.
+- Finals decode in an encoder window fitted to the utterance (at least 10 s,
+  FINAL_MIN_WINDOW_SECONDS) instead of Whisper's 30 s: ~3x faster on the CPU, as accurate.
 - Concurrency: utterances of several sessions that are due together (PoolBase.run_requests)
   are decoded in one batched beam search (`WhisperPool.decode_requests`), each as it would be
-  alone: the same 30 s window, prompt, options and no-speech rule, so the same text.
+  alone: the same window, prompt, options and no-speech rule, so the same text.
 """
 
 from __future__ import annotations
@@ -74,10 +76,18 @@ LOG_PROB_THRESHOLD = -1.0
 PARTIAL_MAX_LOAD = 0.5
 # A partial's encoder window: the speech so far plus PARTIAL_PAD_SECONDS, at least
 # PARTIAL_MIN_WINDOW_SECONDS (shorter windows made Whisper base loop on 1-2 s of speech), rounded
-# up to PARTIAL_WINDOW_STEP_SECONDS so partials of similar length share one batched decode.
+# up to WINDOW_STEP_SECONDS so partials of similar length share one batched decode.
 PARTIAL_PAD_SECONDS = 3.0
 PARTIAL_MIN_WINDOW_SECONDS = 10.0
-PARTIAL_WINDOW_STEP_SECONDS = 5.0
+WINDOW_STEP_SECONDS = 5.0
+# A final's (and a tentative's) encoder window: the end-padded utterance, at least
+# FINAL_MIN_WINDOW_SECONDS, rounded up as a partial's; at most Whisper's 30 s. Whisper's own 30 s
+# window was most of a short utterance's decode on the CPU (base, int8, 2 threads: the encoder
+# alone 820 ms for 30 s, 80 ms for 10 s; a 3 s Mandarin utterance ~1.05 s -> ~0.3 s), and the
+# text stayed as good: CER over 33 Mandarin clips (9 fixtures + 24 Kokoro sentences, streamed)
+# 12.1 % -> 11.1 % with speculation's pause, 10.2 % -> 11.3 % at the VAD's end: a few characters
+# either way (BENCHMARKS.md, "Whisper's encoder window").
+FINAL_MIN_WINDOW_SECONDS = 10.0
 # Its text is bounded by the speech's length, and greedy decoding may not repeat a 3-gram (the
 # loop a truncated window can fall into).
 PARTIAL_TOKENS_PER_SECOND = 12
@@ -244,7 +254,7 @@ class WhisperPool(PoolBase):
         t0 = time.monotonic()
         for frames, idx in sorted(by_window.items()):
             try:
-                texts = self._guarded("partial recognition", self._decode_batch, [reqs[i] for i in idx], frames)
+                texts = self._guarded("partial recognition", self._decode_batch, [reqs[i] for i in idx], frames, True)
             except Exception:  # noqa: BLE001 - logged by _guarded
                 continue
             for i, answer in zip(idx, texts, strict=True):
@@ -255,39 +265,70 @@ class WhisperPool(PoolBase):
 
     def _partial_frames(self, samples: int) -> int:
         """A partial's encoder window in mel frames (see PARTIAL_PAD_SECONDS)."""
+        return self._window_frames(samples / SAMPLE_RATE + PARTIAL_PAD_SECONDS, PARTIAL_MIN_WINDOW_SECONDS)
+
+    def _final_frames(self, samples: int) -> int:
+        """A final's encoder window in mel frames (see FINAL_MIN_WINDOW_SECONDS)."""
+        return self._window_frames(samples / SAMPLE_RATE + END_PAD_SECONDS, FINAL_MIN_WINDOW_SECONDS)
+
+    def _window_frames(self, seconds: float, at_least: float) -> int:
+        """An encoder window of `seconds`, at least `at_least`, rounded up to WINDOW_STEP_SECONDS
+        (utterances of similar length share one batched decode), at most Whisper's 30 s."""
         fe = self._model.feature_extractor
         per_second = SAMPLE_RATE / fe.hop_length
-        step = PARTIAL_WINDOW_STEP_SECONDS * per_second
-        want = max(samples / SAMPLE_RATE + PARTIAL_PAD_SECONDS, PARTIAL_MIN_WINDOW_SECONDS) * per_second
+        step = WINDOW_STEP_SECONDS * per_second
+        want = max(seconds, at_least) * per_second
         return min(int(math.ceil(want / step) * step), fe.nb_max_frames)
 
     def decode_request(self, req: Decode) -> Tuple[str, str]:
         return self.transcribe(req.audio, req.language)
 
     def decode_requests(self, reqs: List[Decode]) -> List[Any]:
-        """Utterances of one window (<= 30 s) in one batched pass (`_decode_batch`); a longer
-        one, or one alone, by `transcribe`. If the batch fails, each alone, so a failure
-        stays its own."""
-        window = self._model.feature_extractor.n_samples
-        batch = [i for i, r in enumerate(reqs) if _end_pad(r.audio).size <= window] if self._model.model.is_multilingual else []
+        """Utterances that fit one window by `_decode_batch`, those of one encoder window
+        (`_final_frames`) in one batched pass; a longer one by `transcribe` (window by window).
+        If a batch fails, each of it alone, so a failure stays its own."""
+        fe = self._model.feature_extractor
+        fits = [i for i, r in enumerate(reqs) if _end_pad(r.audio).size <= fe.n_samples] \
+            if self._model.model.is_multilingual else []
+        by_window: Dict[int, List[int]] = {}
+        for i in fits:
+            by_window.setdefault(self._final_frames(reqs[i].audio.size), []).append(i)
         answers: Dict[int, Any] = {}
-        if len(batch) > 1:
-            try:
-                texts = self._guarded(f"recognition of {len(batch)} utterances together", self._decode_batch,
-                                      [reqs[i] for i in batch])
-                answers = dict(zip(batch, texts, strict=True))
-            except Exception:  # noqa: BLE001 - logged by _guarded; each alone below
-                pass
+        for i in fits:
+            if reqs[i].audio.size == 0 and reqs[i].language != "auto":
+                answers[i] = ("", reqs[i].language)  # no audio, no words (a short window may loop on silence)
+        for frames, idx in sorted(by_window.items()):
+            idx = [i for i in idx if i not in answers]
+            if not idx:
+                continue
+            if len(idx) > 1:
+                try:
+                    texts = self._guarded(f"recognition of {len(idx)} utterances together", self._decode_batch,
+                                          [reqs[i] for i in idx], frames)
+                    answers.update(zip(idx, texts, strict=True))
+                    continue
+                except Exception:  # noqa: BLE001 - logged by _guarded; each alone below
+                    pass
+            for i in idx:
+                answers[i] = self._decode_alone(reqs[i], frames)
         alone = [i for i in range(len(reqs)) if i not in answers]
         answers.update(zip(alone, super().decode_requests([reqs[i] for i in alone]), strict=True))
         return [answers[i] for i in range(len(reqs))]
 
-    def _decode_batch(self, reqs: Sequence[Decode], partial_frames: int = 0) -> List[Tuple[str, str]]:
-        """(text, language) of each utterance (one window each), decoded as `_transcribe` decodes
-        it alone (faster-whisper's sequential path on its first window), but all in one beam
-        search (on CUDA one encode as well); "auto" detects each language from the encoder
-        output, as faster-whisper's BatchedInferencePipeline does. `partial_frames`: partials,
-        greedy in a window of that many frames (see PARTIAL_PAD_SECONDS)."""
+    def _decode_alone(self, req: Decode, frames: int) -> Any:
+        """One utterance by `_decode_batch`: (text, language), or the exception it raised."""
+        try:
+            return self._guarded("recognition", self._decode_batch, [req], frames)[0]
+        except Exception as e:  # noqa: BLE001 - logged by _guarded; this utterance's own failure
+            return e
+
+    def _decode_batch(self, reqs: Sequence[Decode], frames: int = 0, partial: bool = False) -> List[Tuple[str, str]]:
+        """(text, language) of each utterance (one window each), decoded as faster-whisper's
+        sequential path (`_transcribe`) decodes its first window, but in an encoder window of
+        `frames` mel frames (0: Whisper's 30 s; see FINAL_MIN_WINDOW_SECONDS) and all in one beam
+        search (on CUDA one encode as well), each item as it would be alone; "auto" detects each
+        language from the encoder output, as faster-whisper's BatchedInferencePipeline does.
+        `partial`: partials, greedy and without timestamps (see PARTIAL_PAD_SECONDS)."""
         import ctranslate2
         from faster_whisper.audio import pad_or_trim
         from faster_whisper.tokenizer import Tokenizer
@@ -295,15 +336,15 @@ class WhisperPool(PoolBase):
 
         model = self._model
         fe = model.feature_extractor
-        window = partial_frames or fe.nb_max_frames
-        frames, mels = [], []
-        timestamps = FINAL_TIMESTAMPS and not partial_frames
+        window = frames or fe.nb_max_frames
+        content, mels = [], []
+        timestamps = FINAL_TIMESTAMPS and not partial
         for r in reqs:
-            mel = fe(r.audio if partial_frames else _end_pad(r.audio))
+            mel = fe(r.audio if partial else _end_pad(r.audio))
             n = mel.shape[-1] - 1  # faster-whisper's content frames: the last one is padding
-            if n > fe.nb_max_frames:
-                raise ValueError(f"{r.audio.size / SAMPLE_RATE:.1f} s is more than one window")
-            frames.append(n)
+            if n > window:
+                raise ValueError(f"{r.audio.size / SAMPLE_RATE:.1f} s is more than its window")
+            content.append(n)
             mels.append(pad_or_trim(mel[:, :n], window))
         if self.device.startswith("cuda"):
             encoded = model.encode(np.stack(mels))
@@ -320,7 +361,7 @@ class WhisperPool(PoolBase):
                       for lang in set(langs)}
         tokenizer = tokenizers[langs[0]]
         max_length, beam, no_repeat = model.max_length, self.config.beam_size, 0
-        if partial_frames:
+        if partial:
             longest = max(r.audio.size for r in reqs) / SAMPLE_RATE
             max_length = min(max_length, int(10 + PARTIAL_TOKENS_PER_SECOND * longest))
             beam, no_repeat = 1, PARTIAL_NO_REPEAT_NGRAM
@@ -333,7 +374,7 @@ class WhisperPool(PoolBase):
             suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
             max_initial_timestamp_index=int(round(MAX_INITIAL_TIMESTAMP / model.time_precision)))
         out = []
-        for n, lang, res in zip(frames, langs, results, strict=True):
+        for n, lang, res in zip(content, langs, results, strict=True):
             tokens = res.sequences_ids[0]
             avg_logprob = res.scores[0] * len(tokens) ** LENGTH_PENALTY / (len(tokens) + 1)
             silent = res.no_speech_prob > NO_SPEECH_THRESHOLD and not avg_logprob > LOG_PROB_THRESHOLD

@@ -144,7 +144,7 @@ def score(pool: Any, judge: Any, rows: List[Dict[str, Any]]) -> None:
     from daemon.asr.turn_judge import unfinished_words
 
     for r in rows:
-        ans = pool.decode_request(Decode(r["speech"], (), "zh"))
+        ans = pool.decode_requests([Decode(r["speech"], (), "zh")])[0]  # the daemon's path (its window)
         r["text"] = ans if isinstance(ans, str) else str(ans[0] if isinstance(ans, tuple) else ans)
         r["text_end"] = bool(pool.sentence_end_request(SentenceEnd(r["text"]))) if r["text"].strip() else False
         r["words_unfinished"] = unfinished_words(r["text"])
