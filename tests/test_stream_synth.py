@@ -67,14 +67,14 @@ def test_first_clause_is_cut_once_long_enough():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("你好，我是你的语音助手。", ["你好，我是你的语音助手。"]),  # 2 characters: too short to stand alone
-    ("好的，已经为你设置了计时器。", ["好的，已经为你设置了计时器。"]),
-    ("打开客厅灯、空调和窗帘。", ["打开客厅灯、空调和窗帘。"]),  # 、 after 5: not yet
-    ("打开客厅里的灯、空调和窗帘。", ["打开客厅里的灯、", "空调和窗帘。"]),
+    ("你好，我是你的语音助手。", ["你好，", "我是你的语音助手。"]),  # 2 characters: an opener of its own
+    ("好的，已经为你设置了计时器。", ["好的，", "已经为你设置了计时器。"]),
+    ("嗯，好的。", ["嗯，好的。"]),  # 1 character: too short to stand alone
+    ("打开客厅灯、空调和窗帘。", ["打开客厅灯、", "空调和窗帘。"]),
     ("提醒事项如下：明天上午十点开会。", ["提醒事项如下：", "明天上午十点开会。"]),
     ("Well, hello there, my friend. Yes.", ["Well, hello there, my friend.", "Yes."]),  # English: never
     ("今天是2024年5月1日，晴。", ["今天是2024年5月1日，", "晴。"]),  # digits: not counted, 6 CJK
-    ("今天2024年5月1日，晴。", ["今天2024年5月1日，晴。"]),  # 5 CJK
+    ("2024年5月1日，晴。", ["2024年5月1日，", "晴。"]),  # digits: not counted, 3 CJK
     ("没有逗号的一整句话说完了。", ["没有逗号的一整句话说完了。"]),
 ])
 def test_first_clause_cases(text, expected):
@@ -366,4 +366,5 @@ def test_a_reply_past_one_requests_text_goes_on_in_a_second(bridge_stack, agent_
     assert [s["sentence"] for s in starts] == list(range(len(starts)))  # numbered on across requests
     assert "".join(s["text"] for s in starts) == long
     conn = c.of("hello")[0]["connection"]
-    assert _requests(daemon)[before:] == [(f"{conn}-1", "7"), (f"{conn}-1-1", "2")]
+    # 8 pieces: the first sentence's word cut (这是第一句 | 比较长的话。, textsplit) and 7 sentences
+    assert _requests(daemon)[before:] == [(f"{conn}-1", "8"), (f"{conn}-1-1", "2")]

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon.tts import textsplit
 from daemon.tts.textsplit import (SentenceBuffer, is_speakable, melo_speakable, normalize_text,
                               split_sentences)
 
@@ -146,3 +147,62 @@ def test_speakable():
     assert not is_speakable("。！😀 …")
     assert melo_speakable("WiFi") and melo_speakable("好")
     assert not melo_speakable("Привет 😀")
+
+
+# --- the first piece: a clause of 2+ CJK characters, else a word cut in a long first clause -------
+
+FIRST = textsplit.FIRST_CLAUSE_MIN_CJK
+
+
+@pytest.mark.parametrize("text,first", [
+    ("你好，我是你的语音助手。今天北京晴。", "你好，"),            # an opener is its own piece
+    ("最近的加油站在前方两公里处。沿着这条路直走。", "最近的加油站"),  # no clause mark: a word cut
+    ("打开WiFi然后播放音乐吧！音量调到了三十。", "打开WiFi"),       # never after 然后 (it opens what follows)
+    ("红烧肉一般需要用小火炖一个小时左右。", "红烧肉一般"),
+    ("最近的加油站在前方两公里处", "最近的加油站"),            # no end mark: cut as well (在 opens the rest)
+    ("明天早上七点叫我起床。", "明天早上"),
+    ("请帮我把客厅的灯调暗一点。", "请帮我把客厅的灯调暗一点。"),  # no cut before 的 or after 我
+    ("请把客厅的灯关掉。", "请把客厅的灯关掉。"),                 # 8 characters: short enough as it is
+    ("这本书我已经看了三遍了。", "这本书我已经看了三遍了。"),
+    ("Well, hello there, my friend. Yes.", "Well, hello there, my friend."),  # English: never
+])
+def test_first_piece(text, first):
+    pieces = split_sentences(text, first_clause_cjk=FIRST)
+    assert pieces[0] == first and "".join(pieces).replace(" ", "") == text.replace(" ", "")
+    b = SentenceBuffer(first_clause_cjk=FIRST)
+    out = []
+    for i in range(0, len(text), 2):  # streamed as an LLM would: the same pieces
+        out += b.push(text[i:i + 2])
+    assert out + b.flush() == pieces
+    head, rest = textsplit.first_clause(text)
+    assert (head or rest).startswith(first) and head + rest == text.lstrip()
+
+
+def test_word_cut_waits_for_the_sentence_end_when_streamed():
+    """jieba's words in a prefix may differ from the whole sentence's: the cut is made only once
+    the sentence is complete, where the whole text makes it."""
+    b = SentenceBuffer(first_clause_cjk=FIRST)
+    assert b.push("最近的加油站在前方两公里") == []
+    assert b.push("处。沿着") == ["最近的加油站", "在前方两公里处。"]
+
+
+zh_texts = st.lists(st.sampled_from(["你好", "。", "，", "最近的加油站在前方两公里处", "打开WiFi然后播放音乐", "吧",
+                                     "红烧肉一般需要", "用小火炖", " ", "Hello", "！", "的", "3.14"]),
+                    max_size=12).map("".join)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=zh_texts, cuts=st.lists(st.integers(min_value=0, max_value=120), max_size=8))
+def test_streaming_matches_whole_text_with_the_first_piece(text, cuts):
+    b = SentenceBuffer(max_chars=24, first_clause_cjk=FIRST)
+    out = []
+    pos = 0
+    for c in sorted(set(min(c, len(text)) for c in cuts)) + [len(text)]:
+        out += b.push(text[pos:c])
+        pos = c
+    out += b.flush()
+
+    def spoken(pieces):
+        return ["".join(ch for ch in p if ch.isalnum()) for p in pieces]
+
+    assert spoken(out) == spoken(split_sentences(text, max_chars=24, first_clause_cjk=FIRST))

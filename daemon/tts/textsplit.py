@@ -9,10 +9,13 @@ end (not decimals like 3.14, not abbreviations like "Mr."); newlines. A clause l
 `max_chars` is cut at the last comma (，,、：) before the limit, and with no comma at a
 space or between CJK characters, never inside an English word.
 
-The first clause: a streamed reply's first sentence is cut at its first clause mark (，、：)
+The first piece: a streamed reply's first sentence is cut at its first clause mark (，、：)
 once the clause before it holds FIRST_CLAUSE_MIN_CJK Chinese characters (`first_clause`), so
-the first audio leaves after one clause; shorter openers (你好，) stay with their sentence, and
-English is never cut there (the daemon's TTS jobs ask for it; see daemon/tts/jobs.py).
+the first audio leaves after one clause (你好，/ 好的，are pieces of their own). A first clause
+longer than FIRST_PIECE_MAX_CJK with no such mark (最近的加油站在前方两公里处。) is cut at a word
+boundary (jieba's dictionary) after at most FIRST_WORD_CUT_CJK characters: 最近的加油站 | 在前方...
+The synthesis cost of Kokoro grows with the audio, so a shorter first piece is a sooner first
+audio. English is never cut there (the daemon's TTS jobs ask for it; see daemon/tts/jobs.py).
 
 `normalize_text()` turns numbers, dates, percentages, times and phone numbers into words
 (cn2an for Chinese) before MeloTTS sees them; melo's own ZH normaliser only converts bare
@@ -34,9 +37,15 @@ DEFAULT_MAX_CHARS = 60
 MIN_CLAUSE_CHARS = 4
 
 # The first clause of a reply is cut off at a clause mark once it holds this many CJK
-# characters: Kokoro speaks 6 as a whole phrase, at the pace of the same words inside their
-# sentence (measured, tests/test_stream_synth.py); 你好，(2) or 好的，(2) would sound clipped.
-FIRST_CLAUSE_MIN_CJK = 6
+# characters. 6 kept Kokoro's pace exactly, but its first audio was 0.85-1.2 s on a quiet 2-core
+# machine; an opener of 2 (你好，/ 好的，, heard back unchanged by Whisper, spoken ~1.7x slower
+# than inside its sentence) leaves in ~0.3 s (BENCHMARKS.md "Streamed synthesis").
+FIRST_CLAUSE_MIN_CJK = 2
+# A first clause with more CJK characters than this and no clause mark is cut at a word boundary
+# after at most FIRST_WORD_CUT_CJK of them (at least FIRST_WORD_MIN_CJK before and after the cut).
+FIRST_PIECE_MAX_CJK = 8
+FIRST_WORD_CUT_CJK = 6
+FIRST_WORD_MIN_CJK = 3
 _CLAUSE_MARKS = "，、："
 
 _CJK_TERMINATORS = "。！？；…"
@@ -152,24 +161,91 @@ def _first_clause_end(text: str, min_cjk: int, limit: int) -> Optional[int]:
     return None
 
 
+def _units(text: str) -> int:
+    """A piece's length as Chinese characters: each CJK character 1, each Latin word 2."""
+    return sum(map(_is_cjk, text)) + 2 * len(re.findall(r"[A-Za-z]+", text))
+
+
+# Words that open what follows them: a first piece never ends with one (打开WiFi | 然后播放...).
+_OPENING_WORDS = frozenset("然后 而且 但是 所以 因为 如果 或者 还是 以及 并且 虽然 可是 不过 于是 就是 只是 "
+                           "可以 需要 应该 已经 正在 没有".split())
+
+
+def _may_end_piece(word: str) -> bool:
+    """A word a first piece may end with: a Latin word, or 2+ CJK characters that do not open
+    what follows (a single character is mostly a particle or a numeral: 的, 在, 一)."""
+    if re.fullmatch(r"[A-Za-z]+", word):
+        return True
+    return sum(map(_is_cjk, word)) >= 2 and len(word) == sum(map(_is_cjk, word)) and word not in _OPENING_WORDS
+
+
+# Single characters a piece may open with: prepositions and adverbs that start a phrase
+# (最近的加油站 | 在前方两公里处). Others mostly attach to the word before (的, 里, 我 after 提醒).
+_OPENING_CHARS = frozenset("在从给和跟把向往对就也都还再又才要会去")
+
+
+def _may_open_piece(word: str) -> bool:
+    """A word the rest may start with: a Latin word, 2+ CJK characters not starting with a
+    particle, or one of _OPENING_CHARS."""
+    if re.fullmatch(r"[A-Za-z]+", word):
+        return True
+    if len(word) == 1:
+        return word in _OPENING_CHARS
+    return _is_cjk(word[0]) and word[0] not in "的了着过们里上中地得吗呢吧啊"
+
+
+def _first_word_cut(text: str, end: int) -> Optional[int]:
+    """Where the first sentence text[:end] (mostly Chinese, no clause mark early enough) is cut at
+    a word boundary: the last boundary after at most FIRST_WORD_CUT_CJK units with at least
+    FIRST_WORD_MIN_CJK units before and FIRST_WORD_MIN_CJK CJK characters after, or None."""
+    sentence = text[:end]
+    marks = [i for i, ch in enumerate(sentence) if ch in _CLAUSE_MARKS]
+    span = sentence[:marks[0]] if marks else sentence  # only the first clause is cut
+    if sum(map(_is_cjk, span)) <= FIRST_PIECE_MAX_CJK:
+        return None
+    import jieba  # dictionary segmentation (the Kokoro G2P's own; loaded once per process)
+
+    best, at = None, 0
+    words = jieba.lcut(span, HMM=False)
+    for word, nxt in zip(words, words[1:]):
+        at += len(word)
+        before = _units(span[:at])
+        if before > FIRST_WORD_CUT_CJK:
+            break
+        if before >= FIRST_WORD_MIN_CJK and sum(map(_is_cjk, sentence[at:])) >= FIRST_WORD_MIN_CJK \
+                and _may_end_piece(word) and _may_open_piece(nxt):
+            best = at
+    return best
+
+
 def first_clause(text: str, min_cjk: int = FIRST_CLAUSE_MIN_CJK,
                  max_chars: int = DEFAULT_MAX_CHARS) -> Tuple[str, str]:
     """A whole text's first clause and the rest, (clause, rest), when its first sentence has a
     clause mark after at least min_cjk CJK characters; else ("", text)."""
     stripped = _drop_leading_strays(text)
     end, _ = _boundary(stripped, True)
-    cut = _first_clause_end(stripped, min_cjk, min(end if end is not None else len(stripped), max_chars))
+    cut = _first_piece_end(stripped, min_cjk, end if end is not None else len(stripped), max_chars)
     if cut is None or not is_speakable(stripped[cut:]):
         return "", text
     return stripped[:cut], stripped[cut:]
 
 
+def _first_piece_end(text: str, min_cjk: int, end: Optional[int], max_chars: int) -> Optional[int]:
+    """End of the first piece: its first clause (`_first_clause_end`), else a word cut in its
+    first sentence (`_first_word_cut`) once that sentence's end is known (end not None)."""
+    cut = _first_clause_end(text, min_cjk, min(end if end is not None else len(text), max_chars))
+    if cut is None and end is not None and end <= max_chars:
+        cut = _first_word_cut(text, end)
+    return cut
+
+
 def _take(text: str, max_chars: int, final: bool, clause: int = 0) -> Tuple[Optional[str], str]:
     """Split one sentence off the front of text: (sentence or None, rest). clause > 0: a first
-    clause of at least that many CJK characters ends the piece (`first_clause`)."""
+    clause of at least that many CJK characters, or a word cut in a long first clause, ends the
+    piece (`first_clause`)."""
     end, waiting = _boundary(text, final)
     if clause:
-        cut = _first_clause_end(text, clause, min(end if end is not None else len(text), max_chars))
+        cut = _first_piece_end(text, clause, end if end is not None or not final else len(text), max_chars)
         if cut is not None and (final is False or is_speakable(text[cut:])):
             return text[:cut], text[cut:]
     if end is not None and end <= max_chars:
