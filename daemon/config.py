@@ -161,25 +161,24 @@ class TTSConfig:
 
 @dataclass(frozen=True)
 class TurnConfig:
-    # Seconds of silence inside an utterance after which the daemon decodes it so far
-    # (`tentative`, for sessions that ask); under the VAD's 0.8 s end silence; 0 = never.
+    # Silence in an utterance before it is decoded so far (`tentative`); < the VAD's 0.8 s; 0 = never.
     early_silence: float = 0.3
-    # The bridge starts the agent and the first sentence's synthesis on a tentative and holds
-    # them until the final: released when the texts match, cancelled when they do not.
+    # The bridge starts the agent and the first sentence's synthesis on a tentative, held until the
+    # final: released when the texts match, cancelled when they do not.
     speculate: bool = True
-    # Endpointing that knows sentences: at that early silence, speech the punctuation model
-    # judges a whole sentence gets its final at once; speech that stops mid-phrase waits for
-    # the VAD's full end silence (for sessions that ask for tentatives, i.e. the bridge's).
+    # At that early silence, speech the punctuation model judges a whole sentence gets its final at
+    # once; speech that stops mid-phrase waits for the VAD's end silence (tentative sessions).
     sentence_end: bool = True
-    # The turn judge at that early silence (daemon/asr/turn_judge.py): Smart Turn's P(complete), the
-    # engine's text signal and the words; complete -> final at once, unfinished -> wait up to
-    # max_silence seconds, else the VAD's 0.8 s. Off (or the model missing): the VAD decides.
+    # The turn judge at that early silence (daemon/asr/turn_judge.py): Smart Turn, the engine's text
+    # signal, the words; complete -> final now, unfinished -> wait up to max_silence, else the VAD.
     judge: bool = False
     smart_turn: str = "smart-turn/smart-turn-v3.2-cpu.onnx"
     max_silence: float = 2.0
     judge_complete: float = 0.99
     judge_with_text: float = 0.5
     judge_unfinished: float = 0.0
+    judge_text_end: float = 0.45  # an engine's P(sentence ends) (Whisper, asr/end_mark.py): it ended
+    judge_text_unfinished: float = 0.02  # ... under this: it goes on (held like unfinished words)
 
 
 @dataclass(frozen=True)
@@ -400,6 +399,8 @@ def _validate(cfg: Config) -> None:
     if not 0.0 <= t.judge_unfinished <= t.judge_with_text <= t.judge_complete <= 1.0:
         raise ConfigError("turn.judge_complete", "need 0 <= judge_unfinished <= judge_with_text <= "
                           "judge_complete <= 1", src)
+    if not 0.0 <= t.judge_text_unfinished <= t.judge_text_end <= 1.0:
+        raise ConfigError("turn.judge_text_end", "need 0 <= judge_text_unfinished <= judge_text_end <= 1", src)
     if cfg.asr.whisper.partial_interval < 0:
         raise ConfigError("asr.whisper.partial_interval", "must be 0 (no partials) or more seconds", src)
     if cfg.asr.ncpu < 0:

@@ -29,7 +29,8 @@ from daemon.engines import (ASREvent, Capabilities, Fallback, FinalEvent, Resume
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
 from daemon.rules import check_language, clean_hotwords
 from daemon.asr.steps import run_steps
-from daemon.asr.turn_judge import PRE_SPEECH, WINDOW, TurnCheck, TurnJudge, decide, unfinished_words
+from daemon.asr.turn_judge import (PRE_SPEECH, WINDOW, TextSignal, TurnCheck, TurnJudge, decide, text_signal,
+                                   unfinished_words)
 from daemon.asr.vad import SAMPLE_RATE, VADBlock, VADEvent
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,13 @@ class Decode:
 
 @dataclass
 class SentenceEnd:
-    """Does this text (the utterance so far, at a pause) end a sentence? The answer is a bool."""
+    """Does this text (the utterance so far, at a pause) end a sentence? The answer is a bool;
+    with `audio` (the turn judge asks so), an engine that can weigh the words against the audio
+    answers a probability instead (Whisper: daemon/asr/end_mark.py)."""
 
     text: str
+    audio: Optional[np.ndarray] = None
+    language: str = ""
 
 
 # What ends a sentence in a final's text (Whisper writes its own punctuation).
@@ -130,7 +135,7 @@ class StreamingEngine:
         self._tentative: Optional[Tuple[int, str]] = None  # (utterance, text) of the open pause
         self.sentence_end = False  # a pause after a whole sentence ends the utterance there
         # The paused utterance the turn judge has yet to weigh: (utterance, text, text signal).
-        self._judge_due: Optional[Tuple[int, str, Optional[bool]]] = None
+        self._judge_due: Optional[Tuple[int, str, TextSignal]] = None
         if hotwords:
             self.set_hotwords(hotwords)
 
@@ -271,7 +276,7 @@ class StreamingEngine:
         elif self.sentence_end and judge is not None and judge.usable:
             # The turn judge weighs it on the next feed: the tentative goes out first, so a
             # speculative reply starts while the judge runs.
-            self._judge_due = (self._utt, text, bool((yield SentenceEnd(text))))
+            self._judge_due = (self._utt, text, text_signal((yield SentenceEnd(text, audio, self.language))))
         elif self.sentence_end and (yield SentenceEnd(text)):
             self._tentative = None
             return [self._final(self._seg.close_at_pause(), text)]

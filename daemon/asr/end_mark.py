@@ -41,7 +41,8 @@ class EndMarkScorer:
         self._tokenizer_for = tokenizer_for
         self._cache: Dict[str, Any] = {}  # language -> (tokenizer, prompt ids, end-mark ids)
 
-    def supports(self, language: str) -> bool:
+    @staticmethod
+    def supports_language(language: str) -> bool:
         return language in PROMPTS
 
     def _setup(self, language: str) -> Any:
@@ -55,7 +56,7 @@ class EndMarkScorer:
     def score(self, encoded: Any, texts: Sequence[str], language: str) -> List[Optional[float]]:
         """One probability per text (the encoder output's items in order); None where the
         language has no prompt or the text has no words."""
-        if not self.supports(language):
+        if not self.supports_language(language):
             return [None] * len(texts)
         tok, prompt, ends = self._setup(language)
         bodies = [tok.encode(t.strip().rstrip(TRAILING)) if t.strip().rstrip(TRAILING) else [] for t in texts]

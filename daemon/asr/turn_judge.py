@@ -8,8 +8,9 @@ the judge weighs three signals and answers one of three verdicts:
   bundled by daemon/models/smart_turn.py; its code is not used: the Whisper log-mel features
   are computed here). All sessions due in one worker round share one batched ONNX call
   (`TurnCheck` requests, answered by `PoolBase.run_requests` like the VAD blocks).
-- The engine's own text signal at the pause (the `SentenceEnd` answer: Whisper's final mark,
-  FunASR's CT-Transformer label after the last word).
+- The engine's own text signal at the pause (the `SentenceEnd` answer: Whisper's P(a sentence-end
+  mark next | the words, the audio), daemon/asr/end_mark.py; FunASR's CT-Transformer label after
+  the last word).
 - The words: cheap signs of an unfinished Mandarin (or English) sentence, a trailing comma,
   conjunction, preposition, measure word, 的 ... (`unfinished_words`).
 
@@ -32,9 +33,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+
+from daemon.config import TurnConfig
 
 if TYPE_CHECKING:
     from daemon.engines import ASRPool
@@ -195,8 +198,8 @@ def text_says_end(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The rule's P(complete) thresholds (turn.judge_complete / judge_with_text /
-    judge_unfinished: their defaults and validation live in daemon/config.py)."""
+    """The rule's thresholds (turn.judge_complete / judge_with_text / judge_unfinished /
+    judge_text_end / judge_text_unfinished: their defaults and validation live in daemon/config.py)."""
 
     # P(complete) at or above which the audio alone calls the turn complete.
     complete: float
@@ -204,19 +207,41 @@ class Thresholds:
     with_text: float
     # P(complete) under which the turn is unfinished (held up to max_silence) even without words.
     unfinished: float
+    # An engine's P(the sentence ends here) (Whisper's, daemon/asr/end_mark.py): at or above it the
+    # text says the sentence ended; under `text_unfinished` it says the sentence goes on.
+    text_end: float = TurnConfig.judge_text_end
+    text_unfinished: float = TurnConfig.judge_text_unfinished
 
 
-def decide(p_complete: Optional[float], text_end: Optional[bool], text: str, th: Thresholds) -> str:
+# The engine's text signal at a pause: a yes/no (a mark, FunASR's punctuation label), a probability
+# (Whisper's P(end mark)), or None (none).
+TextSignal = Union[bool, float, None]
+
+
+def text_signal(answer: Any) -> TextSignal:
+    """A `SentenceEnd` answer as a signal (an engine's failure is no signal)."""
+    if isinstance(answer, bool) or answer is None:
+        return answer
+    return float(answer) if isinstance(answer, (int, float)) else None
+
+
+def decide(p_complete: Optional[float], text_end: TextSignal, text: str, th: Thresholds) -> str:
     """The verdict at a pause. `p_complete` None: no audio signal (the model is off); `text_end`
-    None: the engine has no text signal. Words that go on win (a sentence does not end on 和);
-    then the audio, with a lower bar when the text says the sentence ended."""
+    None: the engine has no text signal; a float: the engine's P(the sentence ends here), read
+    against th.text_end / th.text_unfinished. Words that go on win (a sentence does not end on
+    和); then the audio, with a lower bar when the text says the sentence ended; a probability
+    that says the sentence goes on holds the turn."""
     if unfinished_words(text):
         return UNFINISHED
+    goes_on = False
+    if isinstance(text_end, float):
+        goes_on = text_end < th.text_unfinished
+        text_end = text_end >= th.text_end
     if p_complete is None:
-        return COMPLETE if text_end else UNSURE
+        return COMPLETE if text_end else UNFINISHED if goes_on else UNSURE
     if p_complete >= th.complete or (text_end and p_complete >= th.with_text):
         return COMPLETE
-    if p_complete < th.unfinished and not text_end:  # (off at the shipped 0: see BENCHMARKS.md)
+    if goes_on or (p_complete < th.unfinished and not text_end):  # (audio alone: off at the shipped 0)
         return UNFINISHED
     return UNSURE
 
@@ -320,14 +345,16 @@ class TurnJudge:
         return {"on": self.usable, "model": str(s.model) if s.model else None, "off_reason": self.failed,
                 "max_silence": s.max_silence,
                 "thresholds": {"complete": s.thresholds.complete, "with_text": s.thresholds.with_text,
-                               "unfinished": s.thresholds.unfinished},
+                               "unfinished": s.thresholds.unfinished, "text_end": s.thresholds.text_end,
+                               "text_unfinished": s.thresholds.text_unfinished},
                 "model_seconds": round(self.seconds, 3)}
 
 
 def settings_from(cfg: Any) -> JudgeSettings:
     t = cfg.turn
     return JudgeSettings(model=cfg.model_path(t.smart_turn) if t.smart_turn else None, max_silence=t.max_silence,
-                         thresholds=Thresholds(t.judge_complete, t.judge_with_text, t.judge_unfinished))
+                         thresholds=Thresholds(t.judge_complete, t.judge_with_text, t.judge_unfinished,
+                                               t.judge_text_end, t.judge_text_unfinished))
 
 
 def attach(pool: "ASRPool", cfg: Any) -> Optional[TurnJudge]:

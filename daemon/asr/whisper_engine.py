@@ -39,7 +39,8 @@ from daemon.engines import Capabilities, EngineInfo, FinalEvent, PartialEvent
 from daemon.rules import LANGUAGES
 from daemon.serving.workers import extend_budget
 from daemon.config import WhisperModels
-from daemon.asr.base import ASRSettings, Decode, PoolBase, Steps, StreamingEngine
+from daemon.asr.base import ASRSettings, Decode, PoolBase, SentenceEnd, Steps, StreamingEngine
+from daemon.asr.end_mark import EndMarkScorer
 from daemon.asr.load import LOAD_WINDOW_SECONDS
 from daemon.asr.vad import SAMPLE_RATE, FsmnVAD, require_dir
 
@@ -157,6 +158,7 @@ class WhisperPool(PoolBase):
         super().__init__(config)
         self.compute_type = ""
         self._model: Any = None
+        self._end_marks: Optional[EndMarkScorer] = None  # the turn judge's text signal (lazily)
         self._load, self._load_at = 0.0, time.monotonic()
         self.partial_counts = {"decoded": 0, "skipped": 0}
 
@@ -282,6 +284,30 @@ class WhisperPool(PoolBase):
 
     def decode_request(self, req: Decode) -> Tuple[str, str]:
         return self.transcribe(req.audio, req.language)
+
+    def sentence_end_request(self, req: SentenceEnd) -> Any:
+        """With the audio (the turn judge's question): P(a sentence-end mark follows the words)
+        from the decoder itself (daemon/asr/end_mark.py), on the utterance end-padded in a
+        final's encoder window (the thresholds were measured so); else the text's own mark."""
+        language = req.language if req.language and req.language != "auto" else self.config.language
+        if req.audio is None or not req.audio.size or not EndMarkScorer.supports_language(language):
+            return super().sentence_end_request(req)
+        return self._guarded("sentence end", self._end_mark, req.audio, req.text, language)
+
+    def _end_mark(self, audio: np.ndarray, text: str, language: str) -> Optional[float]:
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+
+        model = self._model
+        if self._end_marks is None or self._end_marks.model is not model:  # (reloaded on the CPU)
+            self._end_marks = EndMarkScorer(model, lambda lang: Tokenizer(model.hf_tokenizer, True,
+                                                                          task="transcribe", language=lang))
+        fe = model.feature_extractor
+        padded = _end_pad(audio)[-fe.n_samples:]  # the last 30 s at most: what the sentence ends on
+        mel = fe(padded)
+        frames = self._final_frames(padded.size - int(END_PAD_SECONDS * SAMPLE_RATE))
+        encoded = model.encode(pad_or_trim(mel[:, :mel.shape[-1] - 1], frames))
+        return self._end_marks.score(encoded, [text], language)[0]
 
     def decode_requests(self, reqs: List[Decode]) -> List[Any]:
         """Utterances that fit one window by `_decode_batch`, those of one encoder window

@@ -141,12 +141,15 @@ def collect(pool: Any, clips: Sequence[Tuple[str, np.ndarray, str]], cuts: Seque
 def score(pool: Any, judge: Any, rows: List[Dict[str, Any]]) -> None:
     """Fill in each pause's signals: text (Whisper), text_end (the engine's), words, p (Smart Turn)."""
     from daemon.asr.base import Decode, SentenceEnd
-    from daemon.asr.turn_judge import unfinished_words
+    from daemon.asr.turn_judge import text_says_end, text_signal, unfinished_words
 
     for r in rows:
         ans = pool.decode_requests([Decode(r["speech"], (), "zh")])[0]  # the daemon's path (its window)
         r["text"] = ans if isinstance(ans, str) else str(ans[0] if isinstance(ans, tuple) else ans)
-        r["text_end"] = bool(pool.sentence_end_request(SentenceEnd(r["text"]))) if r["text"].strip() else False
+        r["text_mark"] = text_says_end(r["text"])
+        # What the judge gets: Whisper's P(end mark | words, audio) (daemon/asr/end_mark.py).
+        r["text_end"] = (text_signal(pool.sentence_end_request(SentenceEnd(r["text"], r["speech"], "zh")))
+                         if r["text"].strip() else False)
         r["words_unfinished"] = unfinished_words(r["text"])
     probs = judge.predict([r["judge_audio"] for r in rows]) if rows else []
     for r, p in zip(rows, probs):
@@ -170,15 +173,19 @@ def signal_table(rows: List[Dict[str, Any]], th: Any) -> List[Dict[str, Any]]:
     table_rows: List[Dict[str, Any]] = []
     for t in (0.5, 0.7, 0.9, 0.95, 0.97, 0.99):
         table_rows.append(dict(signal=f"Smart Turn alone, P >= {t}", **rates(rows, lambda r, t=t: r["p"] >= t)))
-    table_rows.append(dict(signal="Whisper's final mark alone (。？！)", **rates(rows, lambda r: r["text_end"])))
+    table_rows.append(dict(signal="Whisper's final mark alone (。？！)", **rates(rows, lambda r: r["text_mark"])))
+    for t in (0.3, 0.45, 0.6):
+        table_rows.append(dict(signal=f"Whisper's P(end mark) alone >= {t}",
+                               **rates(rows, lambda r, t=t: float(r["text_end"] or 0.0) >= t)))
     table_rows.append(dict(signal="words alone (no unfinished tail)", **rates(rows, lambda r: not r["words_unfinished"])))
-    table_rows.append(dict(signal="mark and words", **rates(rows, lambda r: r["text_end"] and not r["words_unfinished"])))
+    table_rows.append(dict(signal="mark and words", **rates(rows, lambda r: r["text_mark"] and not r["words_unfinished"])))
     grid = []
     for c in (0.9, 0.95, 0.97, 0.98, 0.99, 1.01):
         for w in (0.3, 0.5, 0.9):
             if w > c:
                 continue
-            t2 = Thresholds(complete=c, with_text=min(w, c), unfinished=min(th.unfinished, w))
+            t2 = Thresholds(complete=c, with_text=min(w, c), unfinished=min(th.unfinished, w), text_end=th.text_end,
+                            text_unfinished=th.text_unfinished)
             rr = rates(rows, lambda r, t2=t2: decide(r["p"], r["text_end"], r["text"], t2) == COMPLETE)
             grid.append(dict(signal=f"combined: complete {c}, with text {w}", **rr))
     table_rows.append(dict(signal=f"combined (configured: complete {th.complete}, with text {th.with_text})",
@@ -452,7 +459,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from daemon.config import TurnConfig
 
     tc = TurnConfig()
-    th = Thresholds(tc.judge_complete, tc.judge_with_text, tc.judge_unfinished)
+    th = Thresholds(tc.judge_complete, tc.judge_with_text, tc.judge_unfinished, tc.judge_text_end,
+                    tc.judge_text_unfinished)
     result = {"clips": len(clips) + (long_wav is not None), "table": signal_table(rows, th), "cost": cost(judge),
               "load": f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores)",
               "pauses": [{k: v for k, v in r.items() if k not in ("speech", "judge_audio")} for r in rows]}
