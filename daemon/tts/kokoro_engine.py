@@ -12,8 +12,6 @@ npm package kokoro-js, daemon/models/kokoro_voices.py). The text frontend, all o
   silver; the phoneme set Kokoro was trained on), spelt letter by letter when they are short
   all-capital acronyms, and otherwise phonemised by espeak-ng (the copy piper-tts ships) and
   mapped onto misaki's symbols. misaki's own English G2P needs spaCy and a model download.
-  Where an English word meets Chinese it is set apart by a comma's pause on that side: run into
-  the syllables around it, the Mandarin voice made WiFi sound like 外发 to Whisper.
 
 `KokoroEngine` speaks everything with the one Kokoro voice. `RoutedTTS` is the bundled fallback
 when MeloTTS is absent ("kokoro+piper"): Chinese or mixed text goes to Kokoro, English-only text
@@ -74,9 +72,6 @@ _ESPEAK_TO_MISAKI = (
     ("ɜː", "ɜɹ"), ("ɚ", "əɹ"), ("ɐ", "ə"), ("r", "ɹ"), ("x", "k"), ("ç", "k"), ("ɬ", "l"),
     ("ː", ""), ("ɾ", "T"), ("ʔ", "t"), ("o", "ɔ"),
 )
-
-# The pause around an English word inside Mandarin (KokoroG2P): a comma, ~0.25 s.
-_PAUSE = ","
 
 # espeak-ng keeps global state (the voice): one caller at a time in this process.
 _ESPEAK_LOCK = threading.Lock()
@@ -165,13 +160,7 @@ class KokoroG2P:
         out: List[str] = []
         for m in _SEGMENT_RE.finditer(text):
             if m.group(1):
-                # A short pause on each side where it meets Chinese: without it the Mandarin voice
-                # runs the English word into the syllables around it and Whisper hears Chinese
-                # (WiFi -> 外发, movie -> 目的); measured in BENCHMARKS.md "English words".
-                left, right = text[:m.start()].rstrip(), text[m.end():].lstrip()
-                before = _PAUSE if left and _CJK_RE.match(left[-1]) else ""
-                after = _PAUSE if right and _CJK_RE.match(right[0]) else ""
-                out.append(f" {before} {self.en(m.group(1))} {after} ")
+                out.append(f" {self.en(m.group(1))} ")
             elif m.group(2).strip():
                 out.append(self.zh(m.group(2))[0])
         return re.sub(r"\s+", " ", "".join(out)).strip()
