@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -579,3 +580,54 @@ def test_the_load_figure_counts_a_decode_while_it_runs():
         gate.set()
         for p in pools:
             p.shutdown()
+
+
+def test_decodes_due_a_moment_apart_while_others_stream_go_in_one_call(pool, speech, monkeypatch):
+    """Two streams whose utterances end a few tens of milliseconds apart (full-size streams of
+    equal recordings did: 14.45 and 14.42 s): the decode thread waits DECODE_GATHER_SECONDS
+    while other sessions stream, and decodes both in one call; they were decoded one after the
+    other, the second final a whole decode (~0.45 s) late, the 4-stream p95 over 1 s. A lone
+    session's decode does not wait."""
+    from daemon.asr import batch as B
+
+    calls: list = []
+    decode_requests = pool.decode_requests
+
+    def counted(reqs):
+        calls.append(len(reqs))
+        return decode_requests(reqs)
+
+    monkeypatch.setattr(pool, "decode_requests", counted)
+    monkeypatch.setattr(pool, "offload_decodes", True)
+    worker = Worker("asr", pool.submit)
+    batcher = FeedBatcher(worker, pool)
+    a, b = pool.open("gather-a"), pool.open("gather-b")
+    pcm = [float_to_pcm16(x) for x in speech[:2]]
+    open_at = 2 * SR * 2  # two seconds: the utterances are still open when the finalizes come
+
+    async def together():
+        for k in range(0, open_at, FRAME):
+            await asyncio.gather(*(batcher.feed(e, p[k:k + FRAME]) for e, p in zip((a, b), pcm)))
+        first = asyncio.ensure_future(batcher.finalize(a))
+        await asyncio.sleep(B.DECODE_GATHER_SECONDS / 3)
+        second = asyncio.ensure_future(batcher.finalize(b))
+        return await asyncio.wait_for(asyncio.gather(first, second), 20)
+
+    results = asyncio.run(together())
+    assert calls == [2], calls
+    for events in results:
+        assert events[-1]["type"] == "final" and events[-1]["text"], events
+
+    calls.clear()
+    lone = pool.open("gather-lone")
+
+    async def alone():
+        await asyncio.sleep(B.STREAMING_SECONDS + 0.1)  # the two above have stopped streaming
+        for k in range(0, open_at, FRAME):
+            await batcher.feed(lone, pcm[0][k:k + FRAME])
+        t0 = time.monotonic()
+        events = await asyncio.wait_for(batcher.finalize(lone), 20)
+        return events, time.monotonic() - t0
+
+    events, _ = asyncio.run(alone())
+    assert calls == [1] and batcher._streaming() == 1, (calls, batcher._streaming())

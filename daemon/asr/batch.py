@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, Generator, List, Optional, Set, Tuple
 
 from daemon.asr.steps import Done, drive
@@ -40,6 +41,10 @@ from daemon.serving.workers import BATCH_FEED_PERIODS, Worker, WorkerGone, exten
 logger = logging.getLogger(__name__)
 
 _Resume = Tuple[Any, Optional[BaseException]]  # what a session's steps are driven on with
+# How long the decode thread waits, while other sessions are being fed, for decodes about to come
+# due before it starts one (utterances of streams that end together, seen a feed apart).
+DECODE_GATHER_SECONDS = 0.08
+STREAMING_SECONDS = 1.0  # a session fed within this long is streaming
 
 
 class _Item:
@@ -67,6 +72,7 @@ class FeedBatcher:
         self.decoder = Worker(f"{worker.name}-decode", pool.submit_decode, worker.period, worker.clock)
         worker.helpers.append(self.decoder)
         self._queued: List[Tuple[_Item, Any]] = []  # requests for the decode thread
+        self._fed_at: Dict[int, float] = {}  # id(engine) -> when it was last fed (see _streaming)
         self._queue_lock = threading.Lock()
         # describe's counters: worker calls made, session feeds they carried, most in one call
         self.counters = counters if counters is not None else {}
@@ -75,6 +81,7 @@ class FeedBatcher:
 
     async def feed(self, engine: ASRSession, pcm: Any) -> List[ASREvent]:
         """engine.feed_steps(pcm)'s events, computed in a batch with the other sessions' feeds."""
+        self._fed_at[id(engine)] = time.monotonic()
         return await self._steps(lambda: engine.feed_steps(pcm))
 
     async def finalize(self, engine: ASRSession) -> List[ASREvent]:
@@ -154,9 +161,22 @@ class FeedBatcher:
             for item, _ in taken:
                 loop.call_soon_threadsafe(self._resume, loop, item, e)
 
+    def _streaming(self) -> int:
+        """Sessions fed within the last STREAMING_SECONDS (read on the decode thread: a snapshot)."""
+        since = time.monotonic() - STREAMING_SECONDS
+        recent = [k for k, t in list(self._fed_at.items()) if t >= since]
+        if len(self._fed_at) > 4 * len(recent) + 64:  # forget sessions long gone
+            self._fed_at = {k: self._fed_at[k] for k in recent if k in self._fed_at}
+        return len(recent)
+
     def _decode(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the decode thread: every queued request answered (none: an earlier call took them);
-        each session's feed resumes on the loop as its own answer comes."""
+        each session's feed resumes on the loop as its own answer comes. While other sessions are
+        streaming (fed lately), it first waits DECODE_GATHER_SECONDS for their decodes
+        that are about to come due: two streams ending together otherwise decoded one after the
+        other, the second final a whole decode late."""
+        if self._streaming() > 1:
+            time.sleep(DECODE_GATHER_SECONDS)
         with self._queue_lock:
             taken, self._queued = self._queued, []
         if not taken:
