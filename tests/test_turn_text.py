@@ -20,7 +20,7 @@ from daemon.asr.base import SentenceEnd
 from daemon.asr.turn_judge import (COMPLETE, UNFINISHED, UNSURE, JudgeSettings, Thresholds, TurnJudge, decide,
                                text_signal)
 from daemon.config import ConfigError, TurnConfig, parse_config
-from test_turn_judge import SMART_TURN, pcm_f32, silence
+from test_turn_judge import SMART_TURN, pcm_f32, run, silence
 
 SR = 16000
 TH = Thresholds(complete=0.99, with_text=0.5, unfinished=0.0, text_end=0.45, text_unfinished=0.02)
@@ -84,14 +84,7 @@ def test_whisper_answers_the_judge_with_a_probability(whisper):
 
 
 def _run(pool, audio: np.ndarray, name: str) -> List[Dict[str, Any]]:
-    e = pool.open(name, partials=False)
-    e.set_early_silence(0.3)
-    e.set_sentence_end(True)
-    events: List[Dict[str, Any]] = []
-    for i in range(0, len(audio), 3200):
-        events += [dict(ev, at=(i + 3200) / SR) for ev in e.feed(audio[i:i + 3200])]
-    events += [dict(ev, at=len(audio) / SR) for ev in e.finalize_events()]
-    return [ev for ev in events if ev["type"] in ("tentative", "final") and ev.get("text")]
+    return [ev for ev in run(pool, audio, name) if ev["type"] in ("tentative", "final") and ev.get("text")]
 
 
 def test_the_default_engine_ends_a_whole_sentence_at_the_pause_and_not_a_cut_one(whisper, models_dir):
