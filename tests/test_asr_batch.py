@@ -611,7 +611,10 @@ def test_decodes_due_a_moment_apart_while_others_stream_go_in_one_call(pool, spe
         first = asyncio.ensure_future(batcher.finalize(a))
         await asyncio.sleep(B.DECODE_GATHER_SECONDS / 3)
         second = asyncio.ensure_future(batcher.finalize(b))
-        return await asyncio.wait_for(asyncio.gather(first, second), 20)
+        done = await asyncio.wait_for(asyncio.gather(first, second), 20)
+        while batcher._running:  # a session's result comes before its worker call has ended
+            await asyncio.sleep(0.001)
+        return done
 
     results = asyncio.run(together())
     assert calls == [2], calls
@@ -627,6 +630,8 @@ def test_decodes_due_a_moment_apart_while_others_stream_go_in_one_call(pool, spe
             await batcher.feed(lone, pcm[0][k:k + FRAME])
         t0 = time.monotonic()
         events = await asyncio.wait_for(batcher.finalize(lone), 20)
+        while batcher._running:
+            await asyncio.sleep(0.001)
         return events, time.monotonic() - t0
 
     events, _ = asyncio.run(alone())
