@@ -263,6 +263,9 @@ class ASRSession(Protocol):
     def finalize_events(self) -> List[ASREvent]:
         """Flush buffered audio; return every event that produces (ends with a final)."""
 
+    def finalize_steps(self) -> Steps:
+        """finalize_events as steps (the daemon finalizes in a worker batch like a feed)."""
+
     def reset(self) -> None:
         """Forget all streaming state; the next audio starts a new session timeline."""
 

@@ -178,6 +178,11 @@ class FakeASRSession:
             self._buf = np.zeros(0, dtype=np.float32)
         return [self._final("finalize")]
 
+    def finalize_steps(self) -> Any:
+        """finalize_events as steps (it asks the pool nothing)."""
+        return self.finalize_events()
+        yield  # a generator: the daemon drives it as a feed's steps
+
 
 class FakeASRPool:
     """The daemon's `ASRPool` contract (daemon/engines.py); keeps no sessions, as the real pools."""

@@ -10,8 +10,8 @@ Environment:
                    Piper's use_cuda=True is dropped), so the daemon's own code believes it runs
                    on the GPU and takes its GPU error paths for real.
   S2S_FAULT_DIR    directory whose files `asr_oom` and `tts_oom` hold a count N: the next N
-                   calls of the real inference (faster_whisper.WhisperModel.transcribe,
-                   piper.PiperVoice.synthesize) raise torch.cuda.OutOfMemoryError, as a GPU
+                   calls of the real inference (faster_whisper.WhisperModel.transcribe or
+                   .encode, piper.PiperVoice.synthesize) raise torch.cuda.OutOfMemoryError, as a GPU
                    out of memory in the middle of a request does. A test writes the file while
                    the daemon runs.
 """
@@ -89,7 +89,14 @@ def install() -> None:
             raise _oom()
         return wm_transcribe(self, *a, **kw)
 
-    WM.__init__, WM.transcribe = init, transcribe
+    wm_encode = WM.encode
+
+    def encode(self: Any, *a: Any, **kw: Any) -> Any:  # the daemon's batched decodes start here
+        if _take("asr_oom"):
+            raise _oom()
+        return wm_encode(self, *a, **kw)
+
+    WM.__init__, WM.transcribe, WM.encode = init, transcribe, encode
 
     PV = piper.PiperVoice
     pv_load, pv_synth = PV.load, PV.synthesize

@@ -412,8 +412,10 @@ def test_long_wav_in_real_time(real_stack, agent_srv, fixtures_dir, manifest):
     for f, seg in zip(finals, segs):
         cer = jiwer.cer(" ".join(norm(seg["text"])), " ".join(norm(f["text"])))
         assert cer < 0.5, (f["text"], seg["text"], cer)
-        # measured and plausible (>= the VAD's end silence); speed targets live in s2s-bench e2e
-        assert f["latency_ms"] is not None and 700 < f["latency_ms"] < 20000
+        # measured and plausible: not before turn.early_silence's 0.3 s pause (a whole sentence the
+        # engine confirms ends there; at the VAD's end the final reuses the tentative's decode, so
+        # it can come ~0.6 s after the last loud frame); speed targets live in s2s-bench
+        assert f["latency_ms"] is not None and 300 < f["latency_ms"] < 20000, f
     # user turns -> agent runs, in order, with what was recognised (speculative runs started at a
     # comma pause and cancelled when the user went on are not turns)
     runs = [r for r in agent_srv.runs if r.completed and not r.cancelled]

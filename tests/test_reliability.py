@@ -398,8 +398,10 @@ def _start_faulty_daemon(cfg: Path, log: Path, fault_dir: Path, timeout: float =
 
 
 def _transcribe_events(endpoint: str, pcm: bytes) -> List[Any]:
+    """Without partials: an injected fault then hits the final's decode (a failed partial is
+    only skipped)."""
     with ASRClient(endpoint, timeout=60) as c:
-        st = c.open(language="zh")
+        st = c.open(language="zh", partials=False)
         for off in range(0, len(pcm), 6400):
             st.send(pcm[off:off + 6400])
         st.send(b"\0\0" * 16000)

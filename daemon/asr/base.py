@@ -29,8 +29,8 @@ from daemon.engines import (ASREvent, Capabilities, Fallback, FinalEvent, Resume
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
 from daemon.rules import check_language, clean_hotwords
 from daemon.asr.steps import run_steps
-from daemon.asr.turn_judge import (PRE_SPEECH, WINDOW, TextSignal, TurnCheck, TurnJudge, decide, text_signal,
-                                   unfinished_words)
+from daemon.asr.turn_judge import (PRE_SPEECH, WINDOW, TextSignal, TurnCheck, TurnJudge, decide, sentence_ended,
+                                   text_says_end, text_signal, unfinished_words)
 from daemon.asr.vad import SAMPLE_RATE, VADBlock, VADEvent
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,8 @@ class Decode:
 
 @dataclass
 class SentenceEnd:
-    """Does this text (the utterance so far, at a pause) end a sentence? The answer is a bool;
-    with `audio` (the turn judge asks so), an engine that can weigh the words against the audio
-    answers a probability instead (Whisper: daemon/asr/end_mark.py)."""
+    """Does this text (the utterance so far, at a pause) end a sentence? A bool, or with `audio`
+    a probability where the engine weighs the words against it (Whisper: asr/end_mark.py)."""
 
     text: str
     audio: Optional[np.ndarray] = None
@@ -159,9 +158,9 @@ class StreamingEngine:
         return events
 
     def finalize_events(self) -> List[ASREvent]:
-        return run_steps(self._finalize_steps(), self.pool.run_list)
+        return run_steps(self.finalize_steps(), self.pool.run_list)
 
-    def _finalize_steps(self) -> Steps:
+    def finalize_steps(self) -> Steps:
         events = list(self._queue)
         self._queue.clear()
         for ev in self._seg.flush():
@@ -277,7 +276,8 @@ class StreamingEngine:
             # The turn judge weighs it on the next feed: the tentative goes out first, so a
             # speculative reply starts while the judge runs.
             self._judge_due = (self._utt, text, text_signal((yield SentenceEnd(text, audio, self.language))))
-        elif self.sentence_end and (yield SentenceEnd(text)):
+        elif self.sentence_end and text_says_end(text) and sentence_ended((yield SentenceEnd(text, audio,
+                                                                                           self.language))):
             self._tentative = None
             return [self._final(self._seg.close_at_pause(), text)]
         self._tentative = (self._utt, text)

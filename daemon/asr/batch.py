@@ -85,15 +85,11 @@ class FeedBatcher:
         return await self._steps(lambda: engine.feed_steps(pcm))
 
     async def finalize(self, engine: ASRSession) -> List[ASREvent]:
-        """engine.finalize_events(). An engine that has them as steps (`finalize_steps`: the
-        FunASR engine) is finalized in a batch like a feed: the utterance it flushes is decoded
-        where a feed's would be (on the decode thread when the pool offloads), so a finalize does
-        not hold the worker, and the other sessions' chunks, for a whole decode. Others: one
-        worker call."""
-        steps = getattr(engine, "finalize_steps", None)
-        if steps is None:
-            return list(await self.worker.call("finalize", engine.finalize_events))
-        return await self._steps(steps)
+        """engine.finalize_events(), as steps (`finalize_steps`) in a batch like a feed: the
+        utterance it flushes is decoded where a feed's would be (on the decode thread when the
+        pool offloads), so a finalize does not hold the worker, and the other sessions' chunks,
+        for a whole decode."""
+        return await self._steps(engine.finalize_steps)
 
     async def _steps(self, make: Callable[[], Generator[Any, Any, Any]]) -> List[ASREvent]:
         loop = asyncio.get_running_loop()

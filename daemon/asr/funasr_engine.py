@@ -356,11 +356,6 @@ class FunASREngine(StreamingEngine):
                          c.max_utterance_seconds if max_utterance_seconds is None else max_utterance_seconds)
         self.partials = self.partials and pool.has_partials
 
-    def finalize_steps(self) -> Steps:
-        """finalize_events as steps: the daemon finalizes a FunASR session in a worker batch
-        (daemon/asr/batch.py `FeedBatcher.finalize`), its last decode on the decode thread."""
-        return self._finalize_steps()
-
     def _partial_reset(self) -> None:
         self._stream_cache = {}
         self._stream_text = ""
