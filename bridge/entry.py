@@ -27,7 +27,7 @@ def load(prog: str, args: argparse.Namespace) -> Optional[Config]:
     try:
         configure_clients(cfg)
     except CurveError as e:
-        print(f"{prog}: {e.message}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: {e.message}\n")  # (logging is not set up yet: its config failed)
         return None
     return cfg
 

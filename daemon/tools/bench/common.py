@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,3 +223,13 @@ def noise_pcm(seconds: float, level: float = 1e-4, seed: int = 7) -> bytes:
     return (x * 32767).astype("<i2").tobytes()
 
 
+def report_logger(bench: str) -> logging.Logger:
+    """A bench's results go to stdout through logging, whatever level the run's log is at."""
+    out = logging.getLogger(f"s2s-bench.{bench}.report")
+    if not out.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        out.addHandler(h)
+        out.setLevel(logging.INFO)
+        out.propagate = False
+    return out

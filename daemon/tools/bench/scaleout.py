@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, cast
@@ -32,7 +31,7 @@ from daemon.tools.bench.capacity import (CAPACITY_P95_S, FRAME_S, OPEN_TIMEOUT_S
                                          _warm_up, build_recordings, cap_recordings, largest_holding,
                                          parse_streams, parse_warmup, print_capacity, stack_sessions,
                                          summarize)
-from daemon.tools.bench.common import load_manifest, machine
+from daemon.tools.bench.common import load_manifest, machine, report_logger
 from daemon.tools.bench.stack import Stack, open_stack
 from daemon.asr.load import SATURATION_MEMORY_SECONDS
 from daemon.errors import S2SError
@@ -41,18 +40,6 @@ from daemon.wire.client_base import DaemonError
 from daemon.wire.placement import ClientMember, Placement
 
 logger = logging.getLogger(__name__)
-
-
-def _report_logger() -> logging.Logger:
-    """The results go to stdout through logging, whatever level the run's log is at."""
-    out = logging.getLogger("s2s-bench.scaleout.report")
-    if not out.handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(message)s"))
-        out.addHandler(h)
-        out.setLevel(logging.INFO)
-        out.propagate = False
-    return out
 
 DEFAULT_ONE = "8,16,24,32,40"
 DEFAULT_ALL = "16,24,32,40,48,56,64,72,80"
@@ -211,7 +198,7 @@ def main(argv: Optional[List[str]], base_args: Callable[[List[str]], argparse.Na
                            *args.bench_args.split()])
     base.one, base.all, base.settle, base.warmup = args.one, args.all, args.settle, args.warmup
     sessions = stack_sessions(args.one + args.all + args.warmup)
-    say = _report_logger()
+    say = report_logger("scaleout")
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         sts = [stack.enter_context(open_stack(base, need_bridge=False, sessions=sessions)) for _ in range(args.daemons)]

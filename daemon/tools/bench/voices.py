@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from daemon.tools.bench.common import fmt, table, write_result
+from daemon.tools.bench.common import fmt, report_logger, table, write_result
 from daemon.tools.bench.stack import default_models
 from daemon.tools.metrics import cer_counts
 
@@ -137,9 +137,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     t0 = time.monotonic()
     result = run_voices(Path(args.models), [v for v in args.voices.split(",") if v], args.threads)
-    print(print_voices(result))
+    say = report_logger("voices")
+    say.info("%s", print_voices(result))
     path = write_result(Path(args.out), "voices", {"mode": "voices", "result": result,
                                                   "elapsed_s": round(time.monotonic() - t0, 1)})
-    print(f"wrote {path}")
-    print(json.dumps({v: round(result["voices"][v]["cer"], 3) for v in result["ranked"]}))
+    say.info("wrote %s", path)
+    say.info("%s", json.dumps({v: round(result["voices"][v]["cer"], 3) for v in result["ranked"]}))
     return 0
