@@ -289,6 +289,7 @@ class ASRPool(Protocol):
     # The worker's cost per stream, measured at load (daemon/asr/calibrate.py; None: not
     # measured), read by the daemon's admission (daemon/asr/capacity.py).
     cost_curve: Optional[Tuple[float, float]]
+    decode_cost_curve: Optional[Tuple[float, float]]  # ... its decode thread's, where it has one
 
     def load(self) -> None: ...
 

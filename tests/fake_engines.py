@@ -195,6 +195,7 @@ class FakeASRPool:
         self.judge: Optional[TurnJudge] = None
         self.feeds_waiting: Callable[[], int] = lambda: 0
         self.cost_curve: Optional[Tuple[float, float]] = None
+        self.decode_cost_curve: Optional[Tuple[float, float]] = None
         self.stop_event = threading.Event()
         self._ex: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.loaded = False

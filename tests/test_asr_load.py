@@ -409,3 +409,64 @@ def test_per_utterance_sessions_past_capacity_are_still_refused():
     refused, worst = per_utterance_clients(cap, c, clients=16, seconds=60.0, final_cost=0.3)
     assert refused > 0 and cap.busy_open_lag > 0
     assert worst < limits().max_session_lag  # refused in time: nobody's audio is shed
+
+
+# --- a pool that decodes on a thread of its own: two load figures (issue 30) ----------------------
+
+def _two_threads(worker: float, decode: float, streams: int = 3) -> "tuple[Capacity, Clock, list]":
+    """Admission after windows of `streams` real-time streams that kept the worker thread
+    `worker` busy and the decode thread `decode` busy (the figures of 4 full-size streams:
+    0.58 and 0.47 of each thread, on two cores)."""
+    c = Clock()
+    dec = {"busy": 0.0}
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.0225, max_sessions=100), c, lambda: c.busy,
+                   lambda: None, lambda: dec["busy"])
+    live = [Backlog(f"s{i}", 16000, opened=c.t) for i in range(streams)]
+    for _ in range(6):
+        c.t += LOAD_WINDOW_SECONDS
+        c.busy += worker * LOAD_WINDOW_SECONDS
+        dec["busy"] += decode * LOAD_WINDOW_SECONDS
+        for b in live:
+            b.accept(1600, c.t)
+            b.done(1)
+        cap.tick(live)
+    return cap, c, live
+
+
+def test_the_worker_and_the_decode_thread_are_measured_apart():
+    """3 full-size streams kept the worker 0.44 and the decode thread 0.35 busy: together 0.79
+    of 'one core', which one figure extrapolated past 0.9 for a 4th stream (admitted 3 of 4 in
+    half the runs); each thread has room for it."""
+    cap, _, live = _two_threads(worker=0.44, decode=0.35)
+    assert cap.load.load == pytest.approx(0.44) and cap.decode.load == pytest.approx(0.35)
+    cap.admit_open(len(live), live, "fourth")
+    assert cap.busy_open_load == 0 and cap.stream_capacity(0.9) >= 4
+
+
+def test_a_busy_decode_thread_refuses_a_stream_the_worker_could_take():
+    """Finals queue on the decode thread long before it is full: 5 streams kept it 0.54 busy
+    at final p95 1.46 s. With 3 streams at 0.45 of it, a 4th is predicted at 0.6: refused, and
+    the message says which thread."""
+    cap, _, live = _two_threads(worker=0.30, decode=0.45)
+    with pytest.raises(S2SError) as e:
+        cap.admit_open(len(live), live, "fourth")
+    assert e.value.code == ErrorCode.BUSY and "decode thread" in str(e.value)
+    assert cap.stream_capacity(0.9) == 3
+
+
+def test_calibration_gives_the_decode_thread_its_own_curve():
+    import time
+
+    from daemon.asr.calibrate import measure
+
+    def stream(chunks: list, caches: list) -> None:
+        time.sleep(0.004 * len(chunks))
+
+    def decode(audios: list) -> None:
+        time.sleep(0.03)
+
+    worker, decoder = measure(stream, decode, lambda frame: None, 16000, 9600, decode_apart=True)
+    together, none = measure(stream, decode, lambda frame: None, 16000, 9600)
+    assert none is None and decoder is not None
+    assert decoder[0] == pytest.approx(0.01, rel=0.5) and decoder[1] == 1.0  # 30 ms per 3 s of audio
+    assert worker[0] < together[0] - 0.005  # the worker's curve no longer carries the decodes

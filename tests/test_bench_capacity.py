@@ -141,6 +141,6 @@ def test_capacity_real_run(models_dir, tmp_path):
         assert p["cpu_s_per_audio_s"] > 0 and p["daemon_cpu_percent"] > 0
         assert p["client_cpu_percent"] is not None and p["sessions_before"] == 0
         assert set(p) >= {"final_latency_s", "partial_cadence_s", "errors", "holds", "daemon_max_lag_s"}
-        assert set(p["admission"]) >= {"worker_load_max", "asr_stream_cost", "asr_fixed_load"}
+        assert set(p["admission"]) >= {"worker_load_max", "worker_load_mean", "decode_load_max", "asr_stream_cost", "asr_fixed_load"}
         assert 0.0 < p["admission"]["worker_load_max"] <= 1.0
     assert r["holds_up_to"] in (None, 1, 2)

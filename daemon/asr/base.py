@@ -359,8 +359,7 @@ class PoolBase:
     engine_class: Callable[..., StreamingEngine]
 
     def __init__(self, config: ASRSettings) -> None:
-        # No session cap or table here: the daemon admits (limits.max_sessions, reloadable) and
-        # keeps the sessions; a pool used without the daemon opens as many as it is asked for.
+        # No session cap or table here: the daemon admits (limits.max_sessions) and keeps the sessions.
         self.config = config
         self.device = "cpu"  # where the models are (after load: config.device, or the fallback)
         self.dtype = "float32"
@@ -369,7 +368,8 @@ class PoolBase:
         self.fallbacks: List[Fallback] = []
         # Feeds of other sessions waiting for the worker (set by daemon/asr/batch.FeedBatcher).
         self.feeds_waiting: Callable[[], int] = lambda: 0
-        self.cost_curve: Optional[Tuple[float, float]] = None  # FunASR measures it at load
+        self.cost_curve: Optional[Tuple[float, float]] = None  # FunASR measures it at load, and
+        self.decode_cost_curve: Optional[Tuple[float, float]] = None  # its decode thread's
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
         # Offline decodes on a second thread (`offloads`, `submit_decode`): a pool whose decodes
         # are long (a full-size Paraformer on the CPU) sets this; torch releases the GIL in its ops.

@@ -14,8 +14,12 @@ From those, the worker seconds per second of `n` real-time streams that speak al
     cost(n) = chunk(n) / 0.6 s + n x (decode / DECODE_SECONDS + a fed second)
 
 and the power law through cost(1) and cost(CALIBRATE_STREAMS) is the curve admission starts
-from (`LoadModel(curve=...)`) until it has measured the real one. Small models are not
-calibrated: their cost is per-call overhead that the prior already describes.
+from (`LoadModel(curve=...)`) until it has measured the real one. A pool that decodes on a
+thread of its own (`offload_decodes`) gets two curves: the worker's, `chunk(n) / 0.6 s + n x a
+fed second`, and the decode thread's, `n x decode / DECODE_SECONDS` (one load figure for both
+priced 4 full-size streams at 0.86-0.93 and admitted 3 of them in half the runs, where the two
+threads held 4). Small models are not calibrated: their cost is per-call overhead that the prior
+already describes.
 """
 
 from __future__ import annotations
@@ -58,9 +62,11 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def measure(stream: Optional[Callable[[List[np.ndarray], List[Any]], Any]], decode: Callable[[List[np.ndarray]], Any],
-            feed: Callable[[np.ndarray], Any], rate: int, chunk_samples: int) -> Tuple[float, float]:
-    """Time the pool's calls (run on its worker) on quiet noise; the (scale, exponent) curve.
-    `stream(chunks, caches)`: one batched streaming call, or None without partials;
+            feed: Callable[[np.ndarray], Any], rate: int, chunk_samples: int,
+            decode_apart: bool = False) -> Tuple[Tuple[float, float], Optional[Tuple[float, float]]]:
+    """Time the pool's calls (run on its worker) on quiet noise; the worker's (scale, exponent)
+    curve, and the decode thread's where `decode_apart` (else None: the decodes are the
+    worker's). `stream(chunks, caches)`: one batched streaming call, or None without partials;
     `decode(audios)`: one offline decode; `feed(frame)`: one frame into one session."""
     rng = np.random.default_rng(0)
     audio = (0.05 * rng.standard_normal(int(DECODE_SECONDS * rate))).astype(np.float32)
@@ -87,11 +93,14 @@ def measure(stream: Optional[Callable[[List[np.ndarray], List[Any]], Any]], deco
             feed(f)
 
     vad_s = _timed(fed_second)
-    cost1 = chunk1 / CHUNK_SECONDS + per_s + vad_s
-    cost_n = chunk_n / CHUNK_SECONDS + CALIBRATE_STREAMS * (per_s + vad_s)
+    on_worker = 0.0 if decode_apart else per_s
+    cost1 = chunk1 / CHUNK_SECONDS + on_worker + vad_s
+    cost_n = chunk_n / CHUNK_SECONDS + CALIBRATE_STREAMS * (on_worker + vad_s)
     scale, p = curve(cost1, cost_n)
+    decoder = (per_s, 1.0) if decode_apart else None
     logger.info("asr calibration: a streaming chunk %.0f ms (%d at once: %.0f ms), a %g s decode %.0f ms, a fed second "
-                "%.0f ms -> one stream %.3f of the worker, %d streams %.3f (load = %.3f x N ^ %.2f)",
+                "%.0f ms -> one stream %.3f of the worker, %d streams %.3f (load = %.3f x N ^ %.2f)%s",
                 1000 * chunk1, CALIBRATE_STREAMS, 1000 * chunk_n, DECODE_SECONDS, 1000 * per_s * DECODE_SECONDS,
-                1000 * vad_s, cost1, CALIBRATE_STREAMS, cost_n, scale, p)
-    return scale, p
+                1000 * vad_s, cost1, CALIBRATE_STREAMS, cost_n, scale, p,
+                f"; the decode thread {per_s:.3f} per stream" if decode_apart else "")
+    return (scale, p), decoder

@@ -13,8 +13,9 @@ than real time is not "behind".
   of any kind (zero-length audio and `reset` included) at `MAX_QUEUED_COMMANDS`.
 - `open` is also refused (`busy`) when the streams it would make are predicted to load the
   worker past `limits.max_asr_load` (daemon/asr/load.py: the load measured now plus the cost
-  per stream fitted to what the worker did), so the stream one too many is told to retry
-  before the others fall behind; `limits.max_asr_load: 0` turns this off.
+  per stream fitted to what the worker did), or the pool's decode thread, where it has one,
+  past `load.DECODE_MAX_LOAD`, so the stream one too many is told to retry before the others
+  fall behind; `limits.max_asr_load: 0` turns this off.
 - Sessions are shared between ZeroMQ peers (`FairShare`), work-conserving: a peer may hold
   any number of sessions while nobody else wants one, but while another peer is waiting (it
   was refused `busy` in the last `WAITING_SECONDS` past its retry hint, and has not been
@@ -30,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from daemon.asr.load import LOAD_WINDOW_SECONDS, LoadModel, streams_throughout
+from daemon.asr.load import DECODE_MAX_LOAD, LOAD_WINDOW_SECONDS, LoadModel, streams_throughout
 from daemon.config import LimitsConfig
 from daemon.errors import AudioError, ErrorCode, S2SError
 
@@ -109,13 +110,19 @@ class Capacity:
 
     def __init__(self, limits: Callable[[], LimitsConfig], clock: Callable[[], float],
                  busy: Callable[[], float] = lambda: 0.0,
-                 curve: Callable[[], Optional[Tuple[float, float]]] = lambda: None):
+                 curve: Callable[[], Optional[Tuple[float, float]]] = lambda: None,
+                 decode_busy: Callable[[], float] = lambda: 0.0,
+                 decode_curve: Callable[[], Optional[Tuple[float, float]]] = lambda: None):
         self.limits = limits
         self.clock = clock
         self.busy_open_lag = 0
         self.busy_open_load = 0
         self.audio_shed = 0
         self.load = LoadModel(busy, clock, lambda: limits().asr_stream_cost, curve)  # curve: the pool's, at load
+        # The pool's decode thread, where it has one (daemon/asr/batch.py; idle otherwise): no
+        # prior cost, no ceilings learnt (its saturated windows are bursts of finals), and a
+        # straight line where its observations span one stream count (a decode per utterance).
+        self.decode = LoadModel(decode_busy, clock, lambda: 0.0, lambda: decode_curve() or (0.0, 1.0))
         self._batch_seen = False  # this window carried other work than the streams' steady state
         self._churn = False       # a session's audio began or ended in this window, or a session went
         self._seen: Set[str] = set()  # the sessions at the last tick
@@ -138,10 +145,13 @@ class Capacity:
         # sessions not counted as its streams (an ended session's last decode, the first audio
         # of a new one), so saturation then is a burst, not "this many streams are too many".
         growing = worst > CATCHING_UP_SECONDS and worst > self._lag_mark and not self._churn
-        if self.load.tick(lambda t0: streams_throughout([b.first_audio for b in rt], [b.last_audio for b in rt], t0,
-                                                        now, STREAMING_GAP_SECONDS),
-                          clean=not self._batch_seen and not self._churn and worst <= CATCHING_UP_SECONDS,
-                          behind=growing):
+        def streams(t0: float) -> int:
+            return streams_throughout([b.first_audio for b in rt], [b.last_audio for b in rt], t0, now,
+                                      STREAMING_GAP_SECONDS)
+
+        clean = not self._batch_seen and not self._churn and worst <= CATCHING_UP_SECONDS
+        self.decode.tick(streams, clean=clean)
+        if self.load.tick(streams, clean=clean, behind=growing):
             self._batch_seen = self._churn = False
             self._lag_mark = worst
 
@@ -194,17 +204,28 @@ class Capacity:
         # With no other stream live there is nobody to protect: one stream is always served
         # (the lag rule above still holds).
         if lim.max_asr_load > 0 and live:
-            predicted, fit = self.load.predict(len(live) + 1)
-            if predicted > lim.max_asr_load:
+            for model, thread, limit, why in (
+                    (self.load, "worker", lim.max_asr_load, f"limits.max_asr_load={lim.max_asr_load:g}"),
+                    (self.decode, "decode thread", min(lim.max_asr_load, DECODE_MAX_LOAD),
+                     f"its finals queue past {min(lim.max_asr_load, DECODE_MAX_LOAD):.0%}")):
+                predicted, fit = model.predict(len(live) + 1)
+                if predicted <= limit:
+                    continue
                 self.busy_open_load += 1
-                logger.info("open %s refused: %d streams predicted to load the ASR worker %.0f %% (%.3f x N ^ %.2f; "
-                            "saturated at %s; measured %.0f %%; limits.max_asr_load=%g)", session_id, len(live) + 1,
-                            100 * predicted, fit.scale, fit.exponent, self.load.saturated_at, 100 * self.load.load,
-                            lim.max_asr_load)
+                logger.info("open %s refused: %d streams predicted to load the ASR %s %.0f %% (%.3f x N ^ %.2f; "
+                            "saturated at %s; measured %.0f %%; limit %.0f %%)", session_id, len(live) + 1, thread,
+                            100 * predicted, fit.scale, fit.exponent, model.saturated_at, 100 * model.load,
+                            100 * limit)
                 raise S2SError(f"speech recognition is at capacity ({len(live)} real-time streams; one more is "
-                               f"predicted to load it {predicted:.0%}, limits.max_asr_load={lim.max_asr_load:g}); "
-                               f"retry later",
+                               f"predicted to load its {thread} {predicted:.0%}, {why}); retry later",
                                ErrorCode.BUSY, retry_after=retry_after(LOAD_WINDOW_SECONDS + 1.0))
+
+    def stream_capacity(self, max_load: float) -> int:
+        """Real-time streams predicted to fit (0: no limit set): the fewer of the worker's and
+        the decode thread's."""
+        worker = self.load.capacity(max_load)
+        decode = self.decode.capacity(min(max_load, DECODE_MAX_LOAD))
+        return min(worker, decode) if worker and decode else worker
 
     def admit_command(self, b: Backlog, queued: int) -> None:
         """One more command for a session that has `queued` commands waiting."""

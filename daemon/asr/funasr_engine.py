@@ -112,7 +112,9 @@ class FunASRPool(PoolBase):
         self._stream_batcher: Optional[BatchedStreaming] = None
         self._decode_lock = threading.Lock()  # the worker's finalize and the decode thread share the model
         self.large = False  # full-size models (LARGE_MODEL_BYTES): int8 partials, threaded decodes
-        self.cost_curve: Optional[Tuple[float, float]] = None  # measured at load (daemon/asr/calibrate.py)
+        # measured at load (daemon/asr/calibrate.py): the worker's and the decode thread's
+        self.cost_curve: Optional[Tuple[float, float]] = None
+        self.decode_cost_curve: Optional[Tuple[float, float]] = None
 
     # -- loading ----------------------------------------------------------------------
 
@@ -128,10 +130,10 @@ class FunASRPool(PoolBase):
                                    lambda src, dst, why: self._note_fallback(src, dst, why, "load"))
         self._loaded = True
         if self.large:
-            self.cost_curve = calibrate.measure(
+            self.cost_curve, self.decode_cost_curve = calibrate.measure(
                 self._stream_batch if self._stream is not None else None,
                 lambda audios: self._decode_batch(audios, ()),
-                self.open("calibration", partials=False).feed, SAMPLE_RATE, STREAM_SAMPLES)
+                self.open("calibration", partials=False).feed, SAMPLE_RATE, STREAM_SAMPLES, self.offload_decodes)
         logger.info("funasr: loaded %s (%s) on %s/%s in %.1f s; punctuation %s; partials %s",
                     c.paraformer_dir, self.asr_class, self.device, self.dtype, time.monotonic() - t0,
                     "on" if self._punc is not None else "off", "on" if self._stream is not None else "off")

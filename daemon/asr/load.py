@@ -37,6 +37,14 @@ transcribed) takes whatever the worker has left, so a window in which one was se
 an observation of the curve (`tick(..., clean=False)`); nor is one that ends with a session
 behind real time (the worker was catching up: its load belonged to earlier, busier windows).
 
+A pool that answers its offline decodes on a thread of its own (a full-size FunASR pool on the
+CPU) has two of these models: the worker thread's (feeds: VAD, streaming chunks) and the decode
+thread's (finals), each from that thread's own busy time. One figure for both, capped at one
+core, read 4 full-size streams as 0.86-0.93 of the worker (0.58 + 0.47 measured apart) and
+admitted 3 in half the runs, where the two threads on two cores held 4; its calibrated curve
+had the same sum. The decode thread's prediction is held under `DECODE_MAX_LOAD`, the worker's
+under `limits.max_asr_load`.
+
 Admission (`Capacity.admit_open`) asks `predict(streams after the new one)`, counting the
 streams opened but not measured yet too, so a burst of opens at one instant cannot all be
 admitted into a worker that then falls behind. Before anything has been measured each stream
@@ -55,6 +63,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 LOAD_WINDOW_SECONDS = 2.0
+# The most a pool's decode thread (daemon/asr/batch.py: a full-size pool's finals) may be predicted
+# busy. It serves finals, which come in bursts (utterances that end together), so it queues long
+# before it is full: 4 full-size streams kept it 0.47 busy at final p95 0.98 s, 5 kept it 0.54
+# busy at 1.46 s and 6 at 0.55 and 1.57 s, while the worker thread was 0.58 / 0.65 / 0.69 busy
+# (admission off, fresh daemons, s2s-bench capacity --engines full, BENCHMARKS.md). The pool's
+# calibration at load prices a stream at 0.127 of it (speech all the time): 4 streams 0.51, 5
+# 0.64; a fit through 4 measured streams puts 5 at ~0.59. 0.5 refused the 4th.
+DECODE_MAX_LOAD = 0.55
 DECAY = 0.85                 # weight kept by an observation per newer window
 SATURATED = 0.95             # a window this busy measured a floor, not the demand
 SATURATION_MEMORY_SECONDS = 30.0  # how long "N streams saturated it" holds as a ceiling

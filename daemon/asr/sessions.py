@@ -89,8 +89,10 @@ class ASRSessions:
         self.counters = counters
         self.info = info
         self.clock = clock
-        self.capacity = Capacity(lambda: cfg().limits, clock, lambda: worker.busy_s,
-                                 lambda: pool.cost_curve)  # measured at load (full-size FunASR)
+        # Each thread's own load: the worker's, and the decode thread's (a helper, daemon/asr/batch.py);
+        # the curves were measured at load (full-size FunASR).
+        self.capacity = Capacity(lambda: cfg().limits, clock, lambda: worker.own_busy_s, lambda: pool.cost_curve,
+                                 lambda: sum(h.own_busy_s for h in worker.helpers), lambda: pool.decode_cost_curve)
         self.fair = FairShare(clock)
         self.batcher = FeedBatcher(worker, pool, counters)
         self.sessions: Dict[str, Session] = {}

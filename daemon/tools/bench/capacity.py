@@ -291,7 +291,12 @@ async def _poll_lag(st: Stack, stop: asyncio.Event, out: dict[str, float]) -> No
                 q = (await c.describe()).get("queues", {})
                 out["max_lag_s"] = max(out.get("max_lag_s", 0.0), float(q.get("asr_max_lag", 0.0)))
                 # What admission measured and learned (the last poll's fit; the busiest window).
-                out["worker_load_max"] = max(out.get("worker_load_max", 0.0), float(q.get("asr_worker_load", 0.0)))
+                # Each thread's (the worker, the decode thread) busiest window, and their mean.
+                for name in ("worker", "decode"):
+                    x = float(q.get(f"asr_{name}_load", 0.0))
+                    out[f"{name}_load_max"] = max(out.get(f"{name}_load_max", 0.0), x)
+                    out[f"{name}_load_sum"] = out.get(f"{name}_load_sum", 0.0) + x
+                    out[f"{name}_load_polls"] = out.get(f"{name}_load_polls", 0.0) + 1
                 for key in ("asr_stream_cost", "asr_fixed_load", "asr_stream_capacity"):
                     if key in q:
                         out[key] = q[key]
@@ -329,6 +334,9 @@ async def _point(st: Stack, n: int, recs: Sequence[Recording], drain_timeout: fl
             await c.close()
     point = summarize(n, records, None if d0 is None or d1 is None else d1 - d0,
                       None if c0 is None or c1 is None else c1 - c0, wall, lag.get("max_lag_s"))
+    for name in ("worker", "decode"):
+        if f"{name}_load_polls" in lag:
+            lag[f"{name}_load_mean"] = round(lag.pop(f"{name}_load_sum") / lag.pop(f"{name}_load_polls"), 3)
     point["admission"] = {k: v for k, v in lag.items() if k != "max_lag_s"}
     # The machine's 1-minute load average at the point's start and end (`uptime`): on a shared
     # machine CPU-s per audio-s is the figure contention disturbs least, latencies the most.
