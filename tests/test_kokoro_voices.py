@@ -23,7 +23,7 @@ from daemon_harness import DaemonProcess
 def test_the_default_voice_is_a_bundled_mandarin_voice(models_dir):
     assert KokoroModels.voice in kv.ZH_VOICES and KokoroConfig.voice == KokoroModels.voice
     with np.load(models_dir / "kokoro" / "voices.npz") as npz:
-        assert set(kv.ZH_VOICES) <= set(npz.files), "s2s-models bundled did not take the Mandarin voices (npm?)"
+        assert set(kv.ZH_VOICES) | set(kv.EN_VOICES) <= set(npz.files), "s2s-models bundled did not take the npm voices"
         assert npz[KokoroModels.voice].shape == (510, 1, 256) and npz[KokoroModels.voice].dtype == np.float32
         assert kv.SUBSTITUTE in npz.files  # the Japanese styles stay beside them
     assert not (models_dir / "kokoro" / kv.MISSING_FILE).exists()
@@ -32,7 +32,7 @@ def test_the_default_voice_is_a_bundled_mandarin_voice(models_dir):
 def test_voices_are_checked_against_the_recorded_sums(models_dir, tmp_path):
     tgz = models_dir / ".cache" / kv.TARBALL
     voices = kv.read_voices(tgz)
-    assert sorted(voices) == sorted(kv.ZH_VOICES)
+    assert sorted(voices) == sorted({**kv.ZH_VOICES, **kv.EN_VOICES})
     # The same tarball with one voice's bytes changed is refused, naming the voice.
     bad = tmp_path / kv.TARBALL
     with tarfile.open(tgz, "r:gz") as src, tarfile.open(bad, "w:gz") as dst:
@@ -104,6 +104,9 @@ def test_without_npm_the_engine_speaks_with_the_substitute_and_lists_it(no_npm_m
         assert len(fb) == 1 and (fb[0].from_, fb[0].to) == (KokoroModels.voice, kv.SUBSTITUTE)
         assert reason in fb[0].reason and "npm" in fb[0].reason
         assert len(eng.synthesize("今天上海的天气怎么样？")) > 24000  # still speaks Mandarin
+        # The English voices came from npm too: English words are the substitute's, said once.
+        assert eng.english_voice == "" and eng.info().details["english_voice"] is None
+        assert all(isinstance(c, str) for c in eng._calls("打开WiFi。", "zh", 1.0))
     finally:
         eng.shutdown()
 
@@ -114,6 +117,17 @@ def test_a_voice_that_is_not_a_known_one_is_still_a_config_error(models_dir):
     eng = KokoroEngine(KokoroConfig(model_dir=models_dir / "kokoro", voice="zm_nobody"))
     try:
         with pytest.raises(ModelMissingError, match="tts.kokoro.voice"):
+            eng.load()
+    finally:
+        eng.shutdown()
+
+
+def test_an_english_voice_that_is_not_bundled_is_a_config_error(models_dir):
+    from daemon.errors import ModelMissingError
+
+    eng = KokoroEngine(KokoroConfig(model_dir=models_dir / "kokoro", english_voice="am_nobody"))
+    try:
+        with pytest.raises(ModelMissingError, match="tts.kokoro.english_voice"):
             eng.load()
     finally:
         eng.shutdown()

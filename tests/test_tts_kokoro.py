@@ -70,6 +70,30 @@ def test_protocol_info_and_voices(engine):
     assert d["threads"] >= 1
 
 
+def test_english_words_inside_mandarin_are_an_english_voices(models_dir, engine):
+    """The default male Mandarin voice takes am_adam for English words (Whisper base heard WiFi as
+    外发 and Zoom as 宗 in the Mandarin voice's mouth): a mixed sentence is one call of runs, each
+    spoken by its voice and spliced; Mandarin alone, and a voice configured without one, are
+    the one voice's calls as before."""
+    assert engine.english_voice == "am_adam" and engine.info().details["english_voice"] == "am_adam"
+    calls = engine._calls("帮我打开WiFi，然后放一首歌。", "zh", 1.0)
+    assert len(calls) == 1 and [en for _, en in calls[0]] == [False, True, False]
+    assert calls[0][0][0] == engine.phonemes("帮我打开") and calls[0][1][0] == engine.phonemes("WiFi", "en")
+    assert all(isinstance(c, str) for c in engine._calls("今天上海的天气怎么样？", "zh", 1.0))
+    pcm = engine.synthesize("帮我打开WiFi，然后放一首歌。")
+    assert len(pcm) > SR * 2  # more than a second of speech
+    female = KokoroEngine(KokoroConfig(model_dir=models_dir / "kokoro", voice="zf_xiaobei"))
+    plain = KokoroEngine(KokoroConfig(model_dir=models_dir / "kokoro", english_voice=""))
+    try:
+        female.load()
+        plain.load()
+        assert female.english_voice == "af_heart" and plain.english_voice == ""
+        assert all(isinstance(c, str) for c in plain._calls("帮我打开WiFi。", "zh", 1.0))
+    finally:
+        female.shutdown()
+        plain.shutdown()
+
+
 def test_frontend_numbers_in_chinese_and_english_words_phonemised(engine):
     ph = engine.phonemes(engine._prepare("会议改到下午3点，一共25个人。", "zh"))
     assert not any(c.isdigit() for c in ph)
@@ -237,11 +261,11 @@ def test_whisper_hears_the_mandarin_back(kd, whisper):
 
 
 def test_english_words_in_mixed_sentences_are_heard(kd, whisper):
-    """English words inside Mandarin, spoken by the default (Mandarin) voice, heard back: at least
-    half of them. Kokoro's Mandarin voices read misaki's US-English phonemes with a Mandarin
-    speaker's timbre, and Whisper base hears some as Chinese syllables (movie -> 目的, WiFi -> 外发;
-    BENCHMARKS.md "Kokoro voices": the Japanese jf_alpha kept these four, at 2.4x the CER on the
-    Mandarin around them). Issue 25 asks for every one: still open."""
+    """English words inside Mandarin, heard back through the default daemon: all but one of
+    four (movie, followed by a lone 吧, is dropped by Whisper base). The Mandarin voice reading
+    misaki's US-English phonemes was heard as Chinese syllables (movie -> 目的, WiFi -> 外发);
+    the English runs are now am_adam's (BENCHMARKS.md "English words inside Mandarin, spoken by
+    an English voice": 9 of 11 words where the Mandarin voice kept 5)."""
     kept, missed = 0, []
     for text, words in MIXED:
         heard = metrics.normalize(_hear(whisper, _speak(kd, text))).replace(" ", "").replace("-", "")
@@ -250,7 +274,7 @@ def test_english_words_in_mixed_sentences_are_heard(kd, whisper):
                 kept += 1
             else:
                 missed.append((text, w, heard))
-    assert kept * 2 >= kept + len(missed), missed
+    assert len(missed) <= 1, missed
 
 
 def test_english_only_text_goes_to_piper(kd, whisper):

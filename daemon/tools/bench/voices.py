@@ -43,6 +43,13 @@ MIXED_SENTENCES = (
     "我的iPhone没电了，帮我找一个充电器。",
     "明天上午十点在Zoom上开会。",
     "把这封email转发给老王。",
+    "请把PPT发到我的邮箱。",
+    "我刚买了一台MacBook，用起来很顺手。",
+    "打开Bluetooth连接耳机。",
+    "晚上用Netflix看一部电影吧。",
+    "帮我在Google上查一下明天的天气。",
+    "这个App需要更新到最新版本。",
+    "我们下午用Teams开个短会。",
 )
 LATIN = re.compile(r"[A-Za-z]+")
 
@@ -67,13 +74,14 @@ def _hear(model: Any, pcm24k: np.ndarray) -> Dict[str, Any]:
     return {"text": "".join(s.text for s in segments).strip(), "language": info.language}
 
 
-def run_voices(models: Path, voices: Sequence[str], threads: int = 0) -> Dict[str, Any]:
+def run_voices(models: Path, voices: Sequence[str], threads: int = 0, english_voice: str = "auto") -> Dict[str, Any]:
     from daemon.tts.kokoro_engine import KokoroConfig, KokoroEngine
 
     listener = _listener(models)
     rows: Dict[str, Any] = {}
     for voice in voices:
-        engine = KokoroEngine(KokoroConfig(model_dir=models / "kokoro", voice=voice, threads=threads))
+        engine = KokoroEngine(KokoroConfig(model_dir=models / "kokoro", voice=voice, threads=threads,
+                                           english_voice=english_voice))
         engine.load()
         if engine.voice != voice:
             rows[voice] = {"missing": True, "spoken_by": engine.voice}
@@ -107,9 +115,11 @@ def run_voices(models: Path, voices: Sequence[str], threads: int = 0) -> Dict[st
                        "cer_zh": by_kind["zh"][0] / max(1, by_kind["zh"][1]),
                        "cer_mixed": by_kind["mixed"][0] / max(1, by_kind["mixed"][1]),
                        "english_words_kept": english_kept, "english_words": english_total,
-                       "synth_s_per_audio_s": synth_s / audio_s if audio_s else None, "sentences": per}
+                       "synth_s_per_audio_s": synth_s / audio_s if audio_s else None, "sentences": per,
+                       "english_voice": engine.english_voice}
     ranked = sorted((v for v in rows if not rows[v].get("missing")), key=lambda v: rows[v]["cer"])
-    return {"voices": rows, "ranked": ranked, "sentences": len(ZH_SENTENCES) + len(MIXED_SENTENCES)}
+    return {"voices": rows, "ranked": ranked, "sentences": len(ZH_SENTENCES) + len(MIXED_SENTENCES),
+            "english_voice": english_voice}
 
 
 def print_voices(r: Dict[str, Any]) -> str:
@@ -133,10 +143,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", default=str(default_models()))
     p.add_argument("--voices", default=",".join([*ZH_VOICES, SUBSTITUTE]))
     p.add_argument("--threads", type=int, default=0, help="Kokoro intra-op threads (0 = one per core)")
+    p.add_argument("--english-voice", default="auto",
+                   help="tts.kokoro.english_voice for every voice (auto; '' = the voice itself)")
     p.add_argument("--out", default="bench-results")
     args = p.parse_args(argv)
     t0 = time.monotonic()
-    result = run_voices(Path(args.models), [v for v in args.voices.split(",") if v], args.threads)
+    result = run_voices(Path(args.models), [v for v in args.voices.split(",") if v], args.threads, args.english_voice)
     say = report_logger("voices")
     say.info("%s", print_voices(result))
     path = write_result(Path(args.out), "voices", {"mode": "voices", "result": result,
