@@ -273,9 +273,9 @@ class ASRSession(Protocol):
         """Report `tentative` after this much silence inside an utterance (and `resume` when
         speech goes on); 0: never."""
 
-    def set_sentence_end(self, on: bool) -> None:
+    def set_sentence_end(self, on: bool, text_end: Optional[float] = None) -> None:
         """At such a pause after a whole sentence, the final comes at once (reason `sentence`
-        or `turn`)."""
+        or `turn`); `text_end`: turn.judge_text_end, the engine's P(end) that makes it whole."""
 
 
 @runtime_checkable

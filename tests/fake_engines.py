@@ -98,7 +98,7 @@ class FakeASRSession:
     def set_early_silence(self, seconds: float) -> None:
         self.early_silence = seconds  # kept, not acted on: the fake reports no tentatives
 
-    def set_sentence_end(self, on: bool) -> None:
+    def set_sentence_end(self, on: bool, text_end: Optional[float] = None) -> None:
         self.sentence_end = on
 
     def set_hotwords(self, hotwords: Sequence[str]) -> None:

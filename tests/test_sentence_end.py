@@ -46,10 +46,11 @@ def judge(pool, monkeypatch):
     return state
 
 
-def run(pool, audio: np.ndarray, name: str, early: float = 0.3, sentences: bool = True) -> List[Dict[str, Any]]:
+def run(pool, audio: np.ndarray, name: str, early: float = 0.3, sentences: bool = True,
+        text_end: "float | None" = None) -> List[Dict[str, Any]]:
     e = pool.open(name, partials=False)
     e.set_early_silence(early)
-    e.set_sentence_end(sentences)
+    e.set_sentence_end(sentences, text_end)
     events: List[Dict[str, Any]] = []
     for i in range(0, len(audio), 3200):
         events += e.feed(audio[i:i + 3200])
@@ -74,6 +75,22 @@ def test_a_whole_sentence_is_final_at_the_early_silence(pool, judge):
     assert not [e for e in on if e["type"] == "tentative"]
     assert abs(f_on[0]["end"] - f_off[0]["end"]) < 0.25, (f_on, f_off)
     assert [e["type"] for e in on] == ["speech_start", "final"]
+
+
+def test_a_probability_is_read_against_the_configured_text_end(pool, judge, monkeypatch):
+    """An engine that answers P(the sentence ends) (Whisper, asr/end_mark.py): the sentence rule
+    reads it against turn.judge_text_end as configured (the daemon passes it), not the default
+    0.45 (before: the default, whatever the config said). The probability is FAKED, 0.3."""
+    audio = np.concatenate([pcm_f32("01.wav"), np.zeros(2 * SR, np.float32)])
+    monkeypatch.setattr(pool, "sentence_end_request", lambda req: (judge["asked"].append(req.text), 0.3)[1])
+
+    def reasons(**kw: Any) -> List[str]:
+        return [e["reason"] for e in run(pool, audio, f"p-{kw}", **kw) if e["type"] == "final"]
+
+    assert reasons() != ["sentence"]                     # 0.3 < the default 0.45
+    assert reasons(text_end=0.25) == ["sentence"]        # turn.judge_text_end: 0.25
+    assert reasons(text_end=0.5) != ["sentence"]
+    assert judge["asked"]
 
 
 def test_speech_that_goes_on_after_a_sentence_is_the_next_utterance(pool, judge):

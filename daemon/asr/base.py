@@ -23,7 +23,7 @@ import numpy as np
 
 from daemon import devices
 from daemon.audio import to_float32
-from daemon.config import ASRConfig, Config, LimitsConfig
+from daemon.config import ASRConfig, Config, LimitsConfig, TurnConfig
 from daemon.engines import (ASREvent, Capabilities, Fallback, FinalEvent, ResumeEvent, SpeechStartEvent, Steps,
                             TentativeEvent)
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
@@ -132,7 +132,7 @@ class StreamingEngine:
         self._queue: Deque[ASREvent] = deque()
         self._utt = 0
         self._tentative: Optional[Tuple[int, str]] = None  # (utterance, text) of the open pause
-        self.sentence_end = False  # a pause after a whole sentence ends the utterance there
+        self.sentence_end, self._text_end = False, TurnConfig.judge_text_end  # a pause after a whole sentence ends it
         # The paused utterance the turn judge has yet to weigh: (utterance, text, text signal).
         self._judge_due: Optional[Tuple[int, str, TextSignal]] = None
         if hotwords:
@@ -201,11 +201,11 @@ class StreamingEngine:
         """Decode the utterance so far after this much silence inside it (`tentative`); 0: never."""
         self._seg.early_silence_ms = max(int(round(float(seconds) * 1000)), 0)
 
-    def set_sentence_end(self, on: bool) -> None:
-        """Endpointing that knows sentences: at a pause (see set_early_silence) after speech the
-        engine judges a whole sentence, the final comes at once (reason `sentence`) instead of
-        after the VAD's full end silence; speech that goes on is the next utterance."""
-        self.sentence_end = bool(on)
+    def set_sentence_end(self, on: bool, text_end: Optional[float] = None) -> None:
+        """Endpointing that knows sentences: at a pause (see set_early_silence) after a whole
+        sentence (the engine's P(end) >= `text_end`: turn.judge_text_end), the final comes at once
+        (reason `sentence`), not after the VAD's end silence; speech that goes on is the next utterance."""
+        self.sentence_end, self._text_end = bool(on), TurnConfig.judge_text_end if text_end is None else text_end
 
     @property
     def early_silence(self) -> float:
@@ -276,8 +276,8 @@ class StreamingEngine:
             # The turn judge weighs it on the next feed: the tentative goes out first, so a
             # speculative reply starts while the judge runs.
             self._judge_due = (self._utt, text, text_signal((yield SentenceEnd(text, audio, self.language))))
-        elif self.sentence_end and text_says_end(text) and sentence_ended((yield SentenceEnd(text, audio,
-                                                                                           self.language))):
+        elif self.sentence_end and text_says_end(text) and sentence_ended((yield SentenceEnd(text, audio, self.language)),
+                                                                          self._text_end):
             self._tentative = None
             return [self._final(self._seg.close_at_pause(), text)]
         self._tentative = (self._utt, text)

@@ -250,7 +250,7 @@ class ASRSessions:
         turn = self.cfg().turn
         early = turn.early_silence if s.tentative else 0.0
         engine.set_early_silence(early)
-        engine.set_sentence_end(bool(early and turn.sentence_end))
+        engine.set_sentence_end(bool(early and turn.sentence_end), turn.judge_text_end)
         return engine
 
     async def _must_send(self, s: Session, msg: P.Message) -> None:

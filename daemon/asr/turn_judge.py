@@ -225,12 +225,14 @@ def text_signal(answer: Any) -> TextSignal:
     return float(answer) if isinstance(answer, (int, float)) else None
 
 
-def sentence_ended(answer: Any) -> bool:
+def sentence_ended(answer: Any, text_end: Optional[float] = None) -> bool:
     """turn.sentence_end's rule on a text that ends in a mark, as the engine confirms it (FunASR:
-    its punctuation label; Whisper: its P(end mark) >= turn.judge_text_end's default, which keeps
-    a 。 Whisper writes at a comma pause from ending the utterance there)."""
+    its punctuation label; Whisper: its P(end mark) >= `text_end`, turn.judge_text_end (None: its
+    default), which keeps a 。 Whisper writes at a comma pause from ending the utterance there)."""
     signal = text_signal(answer)
-    return signal >= TurnConfig.judge_text_end if isinstance(signal, float) else bool(signal)
+    if isinstance(signal, float):
+        return signal >= (TurnConfig.judge_text_end if text_end is None else text_end)
+    return bool(signal)
 
 
 def decide(p_complete: Optional[float], text_end: TextSignal, text: str, th: Thresholds) -> str:
