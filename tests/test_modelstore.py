@@ -52,6 +52,7 @@ def test_list_names_the_kokoro_voices(bundled_dir):
     r = cli("list", bundled_dir)
     assert r.returncode == 0, r.stderr
     assert "voices (tts.kokoro.voice): jf_alpha, jf_gongitsune, jf_nezumi, jf_tebukuro, jm_kumo" in r.stdout
+    assert "English voices (tts.kokoro.english_voice): " in r.stdout
 
 
 def test_kokoro_join_refuses_a_wrong_sha256(tmp_path):

@@ -104,7 +104,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for name, meta in sorted(read_manifest(root)["components"].items()):
                 print(f"{name:36s} {meta.get('engine', ''):16s} {meta.get('source', '')}")
                 if meta.get("kind") == "kokoro":
-                    print(f"    voices (tts.kokoro.voice): {', '.join(kokoro_voices(root / name)) or '(none)'}")
+                    voices = kokoro_voices(root / name)
+                    english = [v for v in voices if v[:1] in ("a", "b")]  # Kokoro's American, British voices
+                    print(f"    voices (tts.kokoro.voice): {', '.join(v for v in voices if v not in english) or '(none)'}")
+                    print(f"    English voices (tts.kokoro.english_voice): {', '.join(english) or '(none)'}")
             return 0
     except ModelStoreError as e:
         print(f"s2s-models: {e}", file=sys.stderr)

