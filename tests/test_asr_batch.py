@@ -480,7 +480,8 @@ def test_a_stuck_or_dead_decode_thread_is_the_asr_workers_problem(pool, speech, 
         busy_while = worker.busy_s
         gate.set()
         await asyncio.wait_for(task, 20)
-        while batcher._running:  # a session's result comes before its worker call has ended
+        # a session's result comes before its worker call (here: the decode thread's) has ended
+        while batcher._running or batcher.decoder.current is not None:
             await asyncio.sleep(0.001)
         return problem, busy, busy_while
 
@@ -636,3 +637,66 @@ def test_decodes_due_a_moment_apart_while_others_stream_go_in_one_call(pool, spe
 
     events, _ = asyncio.run(alone())
     assert calls == [1] and batcher._streaming() == 1, (calls, batcher._streaming())
+
+
+def test_a_finalizes_final_goes_out_from_the_decode_thread_while_the_worker_is_busy(pool, speech, monkeypatch):
+    """When the decode thread answers a finalize's decode, the session's steps go on there: its
+    final needs no worker call (it waited for the worker's current batch and then a call of its
+    own: ~0.1-0.2 s at 4 full-size streams)."""
+    gate, busy, decoding = threading.Event(), threading.Event(), threading.Event()
+    decode_requests = pool.decode_requests
+
+    def slow(reqs):  # FAKE slowness: the real decode, after the test lets it go
+        decoding.set()
+        assert gate.wait(20)
+        return decode_requests(reqs)
+
+    monkeypatch.setattr(pool, "decode_requests", slow)
+    monkeypatch.setattr(pool, "offload_decodes", True)
+    worker = Worker("asr", pool.submit)
+    batcher = FeedBatcher(worker, pool)
+    a = pool.open("go-on")
+    pcm = float_to_pcm16(speech[0])
+
+    async def main():
+        for k in range(0, 2 * SR * 2, FRAME):  # two seconds: the utterance is open at the finalize
+            await batcher.feed(a, pcm[k:k + FRAME])
+        while batcher._running:
+            await asyncio.sleep(0.001)
+        final = asyncio.ensure_future(batcher.finalize(a))
+        while not decoding.is_set():
+            await asyncio.sleep(0.01)
+        held = worker.submit("feed", busy.wait, 20)  # FAKE: the worker busy with a long batch meanwhile
+        gate.set()
+        try:
+            events = await asyncio.wait_for(final, 10)
+            return events, not held.done()
+        finally:
+            busy.set()
+            await asyncio.wrap_future(held)
+
+    try:
+        events, worker_was_busy = asyncio.run(main())
+    finally:
+        gate.set()
+        busy.set()
+    assert worker_was_busy
+    assert events[-1]["type"] == "final" and events[-1]["text"], events
+
+
+def test_asking_resumes_steps_at_the_request_they_wait_on():
+    from daemon.asr.steps import asking, run_steps
+
+    def steps():
+        first = yield "r1"
+        try:
+            yield "r2"
+        except ValueError as e:
+            return first, str(e)
+        return first, None
+
+    g = steps()
+    assert next(g) == "r1" and g.send(1) == "r2"  # went on elsewhere up to its next request
+    asked = []
+    out = run_steps(asking("r2", g), lambda reqs: (asked.extend(reqs), [ValueError("no")])[1])
+    assert asked == ["r2"] and out == (1, "no")  # the request asked again, its error delivered

@@ -18,11 +18,13 @@ generator finishes, not when the whole batch does.
 A pool whose offline decodes are long (`pool.offloads`: a full-size Paraformer on the CPU, about
 a second of compute at each utterance end) has them answered on its decode thread instead: the
 session asking leaves the worker call there (`drive`'s `park`), the worker goes on with the other
-sessions' VAD blocks and streaming chunks, and when the decode is done the session's feed
-continues in the next worker call from where it stopped. A finalize goes the same way
-(`finalize`). Each call of the decode thread answers every request queued by then, together. Its events still come together at the
-end of its feed, so nothing of one feed overtakes another, and a session's next feed waits for
-this one as before. The decode thread is a `Worker` of its own (kind "decode"), a helper of the
+sessions' VAD blocks and streaming chunks, and when the decode is done the session's steps go on
+on the decode thread as far as they need no model: a finalize's final goes out from there (it
+waited for the worker's current call and then a call of its own, ~0.1-0.2 s at 4 full-size
+streams); at their next model request they go back to the worker, which goes on from there
+(`steps.asking`). Each call of the decode thread answers every request queued by then,
+together. A session's events still come together at the end of its feed, so nothing of one feed
+overtakes another, and a session's next feed waits for this one as before. The decode thread is a `Worker` of its own (kind "decode"), a helper of the
 ASR worker: its budget is watched with the worker's and its run time counts in the load figure.
 """
 
@@ -34,7 +36,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Generator, List, Optional, Set, Tuple
 
-from daemon.asr.steps import Done, drive
+from daemon.asr.steps import Done, asking, drive
 from daemon.engines import ASREvent, ASRPool, ASRSession
 from daemon.serving.workers import BATCH_FEED_PERIODS, Worker, WorkerGone, extend_budget
 
@@ -141,7 +143,7 @@ class FeedBatcher:
 
     def _offload(self, loop: asyncio.AbstractEventLoop, items: List[_Item], reqs: List[Any]) -> None:
         """On the worker: answer these sessions' requests on the decode thread; each session's
-        feed goes on (`_resume`) in a later worker call. Requests queue for the decode thread, and
+        steps go on when it is answered (`_go_on`). Requests queue for the decode thread, and
         each of its calls takes every one queued by then: decodes that came due while another
         ran (two streams ending together) are answered together, in one padded forward where
         their lengths allow (a full-size pair cost 0.45 s of the decode thread's CPU where each
@@ -182,12 +184,37 @@ class FeedBatcher:
         try:
             for pos, answer in self.pool.run_requests([req for _, req in taken]):
                 answered.add(pos)
-                loop.call_soon_threadsafe(self._resume, loop, taken[pos][0], answer)
+                self._go_on(loop, taken[pos][0], answer)
         except Exception as e:  # noqa: BLE001 - the batch machinery failed: every waiter hears it
             logger.exception("asr: %d offloaded decodes failed", len(taken))
             for pos, (item, _) in enumerate(taken):
                 if pos not in answered:
                     loop.call_soon_threadsafe(self._resume, loop, item, e)
+
+    def _go_on(self, loop: asyncio.AbstractEventLoop, item: _Item, answer: Any) -> None:
+        """On the decode thread: the session's steps go on with their answer up to their next
+        model request, which goes back to the worker (`asking`); steps that end here settle the
+        session's waiter from here. Nobody else drives them meanwhile: the session was parked."""
+        assert item.steps is not None
+        if item.fut.done():  # the session was cancelled meanwhile: its steps stay where they are
+            return
+        try:
+            req = item.steps.throw(answer) if isinstance(answer, BaseException) else item.steps.send(answer)
+        except StopIteration as stop:
+            loop.call_soon_threadsafe(_settle, item.fut, stop.value, None)
+            return
+        except Exception as e:  # noqa: BLE001 - the session's own failure, reported to it
+            loop.call_soon_threadsafe(_settle, item.fut, None, e)
+            return
+        item.steps, item.first = asking(req, item.steps), (None, None)
+        loop.call_soon_threadsafe(self._resume_asking, loop, item)
+
+    def _resume_asking(self, loop: asyncio.AbstractEventLoop, item: _Item) -> None:
+        """On the loop: steps that went on on the decode thread ask the model again: the worker's next batch."""
+        if item.fut.done():  # the session was cancelled meanwhile
+            return
+        self._pending.append(item)
+        self._start(loop)
 
     def _resume(self, loop: asyncio.AbstractEventLoop, item: _Item, answer: Any) -> None:
         """On the loop: a parked session's request is answered; its feed goes on in the next batch."""

@@ -121,8 +121,9 @@ class Capacity:
         self.load = LoadModel(busy, clock, lambda: limits().asr_stream_cost, curve)  # curve: the pool's, at load
         # The pool's decode thread, where it has one (daemon/asr/batch.py; idle otherwise): no
         # prior cost, no ceilings learnt (its saturated windows are bursts of finals), and a
-        # straight line where its observations span one stream count (a decode per utterance).
-        self.decode = LoadModel(decode_busy, clock, lambda: 0.0, lambda: decode_curve() or (0.0, 1.0))
+        # straight line (a decode per utterance: after 1 and 2 streams a fitted 0.63 put 4 at 0.38
+        # of it, where they measured 0.49 and held p95 1.45 s).
+        self.decode = LoadModel(decode_busy, clock, lambda: 0.0, decode_curve, min_exponent=1.0)
         self._batch_seen = False  # this window carried other work than the streams' steady state
         self._churn = False       # a session's audio began or ended in this window, or a session went
         self._seen: Set[str] = set()  # the sessions at the last tick

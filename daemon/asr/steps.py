@@ -81,3 +81,20 @@ def run_steps(steps: Generator[Any, Any, R], run: Callable[[List[Any]], List[Any
     if out["error"] is not None:
         raise out["error"]
     return out["value"]  # type: ignore[no-any-return]
+
+
+def asking(req: Any, steps: Generator[Any, Any, R]) -> Generator[Any, Any, R]:
+    """Steps that yielded `req` and were not answered yet, as fresh steps: the first thing they
+    yield is `req`, its answer (or error) goes on into `steps`, and so on (FeedBatcher: steps
+    driven on the decode thread up to their next model request go back to the worker with it)."""
+    value: Any = None
+    error: Optional[BaseException] = None
+    while True:
+        try:
+            value, error = (yield req), None
+        except Exception as e:  # noqa: BLE001 - the request's failure is the steps' to handle
+            value, error = None, e
+        try:
+            req = steps.throw(error) if error is not None else steps.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
