@@ -424,20 +424,27 @@ def test_offloaded_decodes_give_the_same_events_in_the_same_order(pool, speech, 
                 seen.add(e["utterance"])
 
 
-def test_the_worker_feeds_other_sessions_while_a_decode_runs(pool, speech, monkeypatch):
-    """A session whose final is decoding waits on the decode thread; the worker goes on with the
-    other sessions' feeds, and the decode's session gets its final when it is done."""
-    gate = threading.Event()
-    decoding = threading.Event()
+def _gated_decodes(pool, monkeypatch):
+    """FAKE slowness: the pool's real decodes on its decode thread, each after the test sets
+    `gate`; `decoding` is set when one starts, `calls` holds each call's batch size."""
+    gate, decoding, calls = threading.Event(), threading.Event(), []
     decode_requests = pool.decode_requests
 
-    def slow(reqs):  # FAKE slowness: the real decode, after the test lets it go
+    def slow(reqs):
+        calls.append(len(reqs))
         decoding.set()
         assert gate.wait(20)
         return decode_requests(reqs)
 
     monkeypatch.setattr(pool, "decode_requests", slow)
     monkeypatch.setattr(pool, "offload_decodes", True)
+    return gate, decoding, calls
+
+
+def test_the_worker_feeds_other_sessions_while_a_decode_runs(pool, speech, monkeypatch):
+    """A session whose final is decoding waits on the decode thread; the worker goes on with the
+    other sessions' feeds, and the decode's session gets its final when it is done."""
+    gate, decoding, _ = _gated_decodes(pool, monkeypatch)
     worker = Worker("asr", pool.submit)
     batcher = FeedBatcher(worker, pool)
     a, b = pool.open("dec-a"), pool.open("dec-b")
@@ -508,17 +515,7 @@ def test_finalizes_decode_on_the_decode_thread_and_decodes_due_meanwhile_go_toge
     the decode thread while the worker goes on with another session's feeds (it was a worker call
     of its own, holding the worker for the whole decode), and the decodes that come due while one
     runs are answered together in the decode thread's next call (each was a call of its own)."""
-    gate = threading.Event()
-    calls: list = []
-    decode_requests = pool.decode_requests
-
-    def slow(reqs):  # FAKE slowness: the real decode, after the test lets it go
-        calls.append(len(reqs))
-        assert gate.wait(20)
-        return decode_requests(reqs)
-
-    monkeypatch.setattr(pool, "decode_requests", slow)
-    monkeypatch.setattr(pool, "offload_decodes", True)
+    gate, _, calls = _gated_decodes(pool, monkeypatch)
     worker = Worker("asr", pool.submit)
     counters: dict = {}
     batcher = FeedBatcher(worker, pool, counters)
@@ -643,16 +640,8 @@ def test_a_finalizes_final_goes_out_from_the_decode_thread_while_the_worker_is_b
     """When the decode thread answers a finalize's decode, the session's steps go on there: its
     final needs no worker call (it waited for the worker's current batch and then a call of its
     own: ~0.1-0.2 s at 4 full-size streams)."""
-    gate, busy, decoding = threading.Event(), threading.Event(), threading.Event()
-    decode_requests = pool.decode_requests
-
-    def slow(reqs):  # FAKE slowness: the real decode, after the test lets it go
-        decoding.set()
-        assert gate.wait(20)
-        return decode_requests(reqs)
-
-    monkeypatch.setattr(pool, "decode_requests", slow)
-    monkeypatch.setattr(pool, "offload_decodes", True)
+    gate, decoding, _ = _gated_decodes(pool, monkeypatch)
+    busy = threading.Event()
     worker = Worker("asr", pool.submit)
     batcher = FeedBatcher(worker, pool)
     a = pool.open("go-on")
