@@ -111,23 +111,14 @@ def test_without_npm_the_engine_speaks_with_the_substitute_and_lists_it(no_npm_m
         eng.shutdown()
 
 
-def test_a_voice_that_is_not_a_known_one_is_still_a_config_error(models_dir):
+@pytest.mark.parametrize("key, setting", [("voice", {"voice": "zm_nobody"}),
+                                          ("english_voice", {"english_voice": "am_nobody"})])
+def test_a_voice_that_is_not_a_known_one_is_still_a_config_error(models_dir, key, setting):
     from daemon.errors import ModelMissingError
 
-    eng = KokoroEngine(KokoroConfig(model_dir=models_dir / "kokoro", voice="zm_nobody"))
+    eng = KokoroEngine(KokoroConfig(model_dir=models_dir / "kokoro", **setting))
     try:
-        with pytest.raises(ModelMissingError, match="tts.kokoro.voice"):
-            eng.load()
-    finally:
-        eng.shutdown()
-
-
-def test_an_english_voice_that_is_not_bundled_is_a_config_error(models_dir):
-    from daemon.errors import ModelMissingError
-
-    eng = KokoroEngine(KokoroConfig(model_dir=models_dir / "kokoro", english_voice="am_nobody"))
-    try:
-        with pytest.raises(ModelMissingError, match="tts.kokoro.english_voice"):
+        with pytest.raises(ModelMissingError, match=f"tts.kokoro.{key}"):
             eng.load()
     finally:
         eng.shutdown()

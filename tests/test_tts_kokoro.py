@@ -94,6 +94,19 @@ def test_english_words_inside_mandarin_are_an_english_voices(models_dir, engine)
         plain.shutdown()
 
 
+def test_text_alternating_scripts_cannot_multiply_a_sentences_model_calls(engine):
+    """Each spliced run is a model call with its own edge silence (~0.3 s of compute here): a
+    client's 中a中a... would have cost one call per character. Past SPLICE_MAX_RUNS runs the
+    sentence is the one voice's calls, as before the splice."""
+    from daemon.tts.kokoro_engine import SPLICE_MAX_RUNS
+
+    text = "中a" * 40 + "。"
+    calls = engine._calls(text, "zh", 1.0)
+    assert all(isinstance(c, str) for c in calls) and len(calls) <= 2
+    within = engine._calls("中a" * (SPLICE_MAX_RUNS // 2) + "中。", "zh", 1.0)
+    assert len(within) == 1 and len(within[0]) == SPLICE_MAX_RUNS  # up to the bound: spliced
+
+
 def test_frontend_numbers_in_chinese_and_english_words_phonemised(engine):
     ph = engine.phonemes(engine._prepare("会议改到下午3点，一共25个人。", "zh"))
     assert not any(c.isdigit() for c in ph)

@@ -24,8 +24,9 @@ waited for the worker's current call and then a call of its own, ~0.1-0.2 s at 4
 streams); at their next model request they go back to the worker, which goes on from there
 (`steps.asking`). Each call of the decode thread answers every request queued by then,
 together. A session's events still come together at the end of its feed, so nothing of one feed
-overtakes another, and a session's next feed waits for this one as before. The decode thread is a `Worker` of its own (kind "decode"), a helper of the
-ASR worker: its budget is watched with the worker's and its run time counts in the load figure.
+overtakes another, and a session's next feed waits for this one as before. The decode thread is
+a `Worker` of its own (kind "decode"), a helper of the ASR worker: its budget is watched with the
+worker's, and its run time is the decode thread's load figure (daemon/asr/capacity.py).
 """
 
 from __future__ import annotations

