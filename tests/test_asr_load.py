@@ -458,17 +458,14 @@ def test_calibration_gives_the_decode_thread_its_own_curve():
 
     from daemon.asr.calibrate import measure
 
-    def stream(chunks: list, caches: list) -> None:
-        time.sleep(0.004 * len(chunks))
-
     def decode(audios: list) -> None:
-        time.sleep(0.03)
+        time.sleep(0.03)  # FAKE: a decode of 30 ms per 3 s of audio; the streaming calls cost ~nothing
 
-    worker, decoder = measure(stream, decode, lambda frame: None, 16000, 9600, decode_apart=True)
-    together, none = measure(stream, decode, lambda frame: None, 16000, 9600)
+    worker, decoder = measure(lambda chunks, caches: None, decode, lambda frame: None, 16000, 9600, decode_apart=True)
+    together, none = measure(lambda chunks, caches: None, decode, lambda frame: None, 16000, 9600)
     assert none is None and decoder is not None
-    assert decoder[0] == pytest.approx(0.01, rel=0.5) and decoder[1] == 1.0  # 30 ms per 3 s of audio
-    assert worker[0] < together[0] - 0.005  # the worker's curve no longer carries the decodes
+    assert 0.0099 < decoder[0] < 0.03 and decoder[1] == 1.0  # a sleep is never shorter; a loaded machine longer
+    assert worker[0] < 0.005 < together[0]  # the worker's curve no longer carries the decodes
 
 
 def test_the_decode_threads_cost_is_a_straight_line():
