@@ -86,6 +86,7 @@ class FunASRModels:
     punc: str = "ct-punc"
     # Optional: streaming Paraformer for 2-pass partials. Empty = no partials.
     streaming: str = ""
+    quantize: str = "auto"  # full-size models on the CPU: auto int8 (as FunASR's CPU runtime), partials, off
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ CHOICES = {
     "asr.dtype": ("auto", "float16", "float32"),
     "asr.language": LANGUAGES,
     "asr.whisper.compute_type": ("int8", "int8_float16", "float16", "float32", "default"),
+    "asr.funasr.quantize": ("auto", "partials", "off"),
     "tts.engine": ("melo", "kokoro", "piper", "kokoro+piper"),
     "tts.fallback_engine": ("kokoro+piper", "kokoro", "piper", "melo", "none"),
     "tts.language": tuple(lang.upper() for lang in SPOKEN_LANGUAGES),
@@ -303,9 +305,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return tuple(_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is typing.Union:  # Optional[...]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key, source)
+        return None if value is None else _coerce(value, args[0], key, source)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}", source)

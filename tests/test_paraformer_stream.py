@@ -11,6 +11,7 @@ import torch
 from daemon.asr.base import StreamChunk
 from daemon.asr.funasr_engine import STREAM_KW, STREAM_SAMPLES
 from daemon.audio import read_wav
+from daemon.config import Config
 from daemon.asr.paraformer_stream import BatchedStreaming, _cif
 
 
@@ -297,10 +298,11 @@ def test_small_models_keep_float32_one_thread_and_the_prior(tiny_funasr_pool):
     assert torch.get_num_threads() == threads == p.config.ncpu == 1
 
 
-def test_a_full_size_pool_runs_int8_partials_threaded_decodes_and_measures_its_cost(models_dir, monkeypatch):
-    """The same tiny models taken as full size (the threshold lowered): the streaming model is
-    int8, the offline decode runs on `ncpu_large` threads and the count is back after it, and
-    the pool measured its cost curve at load (daemon/asr/calibrate.py) for admission."""
+def test_a_full_size_pool_runs_int8_threaded_decodes_and_measures_its_cost(models_dir, monkeypatch):
+    """The same tiny models taken as full size (the threshold lowered), with the default
+    `asr.funasr.quantize` (auto): the streaming and the offline models are int8, the offline
+    decode runs on `ncpu_large` threads and the count is back after it, and the pool measured
+    its cost curve at load (daemon/asr/calibrate.py) for admission."""
     import dataclasses
 
     from daemon.asr import funasr_engine
@@ -314,7 +316,8 @@ def test_a_full_size_pool_runs_int8_partials_threaded_decodes_and_measures_its_c
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real_set(n)))
     try:
         pool.load()
-        assert pool.large and _quantized(pool._stream.model) and not _quantized(pool._asr.model)
+        assert pool.config.quantize == "auto" == Config().asr.funasr.quantize
+        assert pool.large and _quantized(pool._stream.model) and _quantized(pool._asr.model)
         scale, exponent = pool.cost_curve
         assert scale > 0 and 0.5 <= exponent <= 1.0
         seen.clear()
@@ -326,7 +329,25 @@ def test_a_full_size_pool_runs_int8_partials_threaded_decodes_and_measures_its_c
         # the offline forward on ncpu_large threads; punctuation (funasr sets its model's 1) and
         # the restore after it leave the calling thread at 1
         assert during == [2] and seen[0] == 2 and seen[-1] == 1 and torch.get_num_threads() == 1
-        assert any("int8" in n for n in pool.notes)
+        assert any("finals run int8" in n for n in pool.notes)
     finally:
         pool.shutdown()
         real_set(1)
+
+
+@pytest.mark.parametrize("quantize, stream_int8, offline_int8", [("partials", True, False), ("off", False, False)])
+def test_quantize_partials_keeps_float32_finals_and_off_keeps_both(models_dir, monkeypatch, quantize, stream_int8,
+                                                                   offline_int8):
+    """`asr.funasr.quantize` is the one switch: "partials" int8 for the streaming model only
+    (finals float32), "off" float32 for both, on a full-size pool on the CPU."""
+    import dataclasses
+
+    from daemon.asr import funasr_engine
+    from daemon.asr.funasr_engine import FunASRPool
+    from helpers.funasr_tiny import make_config
+
+    monkeypatch.setattr(funasr_engine, "LARGE_MODEL_BYTES", 0)
+    pool = FunASRPool(dataclasses.replace(make_config(models_dir), quantize=quantize))
+    pool._load_models("cpu", "float32")
+    assert pool.large
+    assert (_quantized(pool._stream.model), _quantized(pool._asr.model)) == (stream_int8, offline_int8)

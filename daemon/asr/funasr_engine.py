@@ -49,11 +49,13 @@ RELOAD_BUDGET_SECONDS = 120.0
 SENTENCE_END_LABELS = ("。", "？")
 PUNCTUATION_MARKS = "，。？、,.?!！"
 # A model directory this big is "full size" (Paraformer-large: 880 MB of float32 weights, 220 M
-# parameters; the tiny test models: a few MB): on the CPU its streaming Paraformer runs int8 and
-# its offline decodes get `ncpu_large` intra-op threads (BENCHMARKS.md, "Capacity at full
+# parameters; the tiny test models: a few MB): on the CPU its Paraformers run int8 (`quantize`)
+# and its offline decodes get `ncpu_large` intra-op threads (BENCHMARKS.md, "Capacity at full
 # size"). Small models keep one thread and float32: their calls are too short for either to pay.
 # Judged from the files, before loading: funasr fixes a model's threads when it is built.
 LARGE_MODEL_BYTES = 200_000_000
+# Layers `_int8` leaves float: the token scores, whose near-ties int8 would break.
+KEEP_FLOAT = ("decoder.output_layer",)
 STREAM_KW = {"chunk_size": STREAM_CHUNK, "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
 
 
@@ -65,6 +67,9 @@ class FunASRConfig(ASRSettings):
     partials: bool = True
     partial_interval: float = 0.6
     ncpu_large: int = 1  # intra-op threads for a full-size model's offline decodes
+    # full-size models on the CPU: "auto" partials and finals int8 (FunASR's CPU runtime's default,
+    # --quantize true), "partials" the streaming model only, "off" float32 (asr.funasr.quantize)
+    quantize: str = "auto"
     batch_size: int = 1
 
     @classmethod
@@ -75,7 +80,7 @@ class FunASRConfig(ASRSettings):
             paraformer_dir=cfg.model_path(f.paraformer),
             punc_dir=cfg.model_path(f.punc) if f.punc else None,
             streaming_dir=cfg.model_path(f.streaming) if f.streaming else None,
-            partials=cfg.asr.partials, partial_interval=cfg.asr.partial_interval,
+            partials=cfg.asr.partials, partial_interval=cfg.asr.partial_interval, quantize=f.quantize,
             ncpu_large=devices.cpu_threads(cfg.asr.ncpu, "funasr-large"), **ASRSettings.of(cfg, "funasr", f.vad))
 
     def missing(self) -> List[str]:
@@ -111,7 +116,7 @@ class FunASRPool(PoolBase):
         self._stream: Any = None
         self._stream_batcher: Optional[BatchedStreaming] = None
         self._decode_lock = threading.Lock()  # the worker's finalize and the decode thread share the model
-        self.large = False  # full-size models (LARGE_MODEL_BYTES): int8 partials, threaded decodes
+        self.large = False  # full-size models (LARGE_MODEL_BYTES): int8 (quantize), threaded decodes
         # measured at load (daemon/asr/calibrate.py): the worker's and the decode thread's
         self.cost_curve: Optional[Tuple[float, float]] = None
         self.decode_cost_curve: Optional[Tuple[float, float]] = None
@@ -167,10 +172,13 @@ class FunASRPool(PoolBase):
                     stream = AutoModel(model=str(c.streaming_dir), frontend_conf={"dither": 0.0}, **common)
         self.large = large
         self.offload_decodes = large  # about a second of compute: on the decode thread (asr/batch.py)
-        if stream is not None and device == "cpu" and _large(c.streaming_dir):
+        if stream is not None and device == "cpu" and c.quantize != "off" and _large(c.streaming_dir):
             _int8(stream.model)
-            self._note("the streaming Paraformer is full size: its partials run int8 on the CPU "
-                       "(finals stay float32)")
+            self._note("the streaming Paraformer is full size: its partials run int8 on the CPU")
+        if large and c.quantize == "auto":
+            _int8(asr.model)
+            self._note("the offline Paraformer is full size: its finals run int8 on the CPU "
+                       "(asr.funasr.quantize: partials or off for float32)")
         self._asr, self._punc, self._stream = asr, punc, stream
         self.device, self.dtype = device, dtype
         self.generation += 1
@@ -396,10 +404,17 @@ def _large(model_dir: Any) -> bool:
 def _int8(model: Any) -> None:
     """A full-size model's Linear layers to dynamic int8 (torch's quantize_dynamic, in place):
     the streaming Paraformer's 600 ms chunks are small matrices against 880 MB of float32
-    weights, bound by reading them; int8 reads a quarter (measured 284 -> 114 ms CPU a chunk)."""
+    weights, bound by reading them; int8 reads a quarter (measured 284 -> 114 ms CPU a chunk).
+    The offline decode of a ~3 s utterance: 250 -> 169 ms on 2 threads (BENCHMARKS.md).
+    Weights scaled per output channel, and the decoder's output layer (the token scores) kept
+    float, as FunASR's own int8 export does: on the tiny model 87 -> 93 % of a final's tokens
+    as in float32, at no measured cost."""
     import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig
 
-    torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    spec = {name: per_channel_dynamic_qconfig for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name not in KEEP_FLOAT}
+    torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
 @contextlib.contextmanager
