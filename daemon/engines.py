@@ -286,6 +286,7 @@ class ASRPool(Protocol):
     # Set by the daemon (daemon/asr/batch.py): feeds waiting for the worker, so an engine may
     # skip optional work (partials) under load.
     feeds_waiting: Callable[[], int]
+    streaming_sessions: Callable[[], int]  # ... and sessions fed lately, so a pool may gather their chunks
     # The worker's cost per stream, measured at load (daemon/asr/calibrate.py; None: not
     # measured), read by the daemon's admission (daemon/asr/capacity.py).
     cost_curve: Optional[Tuple[float, float]]
@@ -314,6 +315,10 @@ class ASRPool(Protocol):
 
     def submit_decode(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run fn on this pool's decode thread."""
+
+    def gather_wait(self, pending: int) -> float:
+        """Seconds the daemon holds the worker's next call, `pending` feeds waiting, for more
+        sessions' feeds to answer together (0: start it now)."""
 
     def info(self) -> EngineInfo:
         """engine, device, dtype, model paths, capabilities, fallbacks taken."""

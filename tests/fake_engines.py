@@ -194,6 +194,7 @@ class FakeASRPool:
         self.fallbacks: List[Fallback] = []
         self.judge: Optional[TurnJudge] = None
         self.feeds_waiting: Callable[[], int] = lambda: 0
+        self.streaming_sessions: Callable[[], int] = lambda: 0
         self.cost_curve: Optional[Tuple[float, float]] = None
         self.decode_cost_curve: Optional[Tuple[float, float]] = None
         self.stop_event = threading.Event()
@@ -245,6 +246,9 @@ class FakeASRPool:
 
     def submit_decode(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         return self.submit(fn, *args, **kwargs)
+
+    def gather_wait(self, pending: int) -> float:
+        return 0.0  # every feed starts the worker at once
 
     def info(self) -> EngineInfo:
         return EngineInfo(kind="asr", engine="fake", device="cpu", requested_device="cpu", dtype="float32",

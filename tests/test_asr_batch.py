@@ -183,6 +183,32 @@ def test_feed_batcher_batches_under_load_and_not_when_idle(pool, speech):
     assert all(any(e["type"] == "speech_start" for e in r) for r in results)
 
 
+def test_feed_batcher_holds_an_idle_worker_while_the_pool_gathers_feeds(pool, speech, monkeypatch):
+    """`pool.gather_wait` (a full-size FunASR pool right after a chunk tick) holds the worker's
+    next call: a feed to the idle worker waits for the other session's, and both go in one
+    call; a feed nobody joins goes when the wait is over (never stuck)."""
+    worker = Worker("asr", pool.submit)
+    counters: dict = {}
+    batcher = FeedBatcher(worker, pool, counters)
+    engines = [pool.open(f"gw{i}") for i in range(2)]
+    pcm = [float_to_pcm16(x) for x in speech[:2]]
+    monkeypatch.setattr(pool, "gather_wait", lambda pending: 0.0 if pending >= 2 else 0.3)
+
+    async def main():
+        t0 = time.monotonic()
+        first = asyncio.ensure_future(batcher.feed(engines[0], pcm[0][:FRAME]))
+        await asyncio.sleep(0.05)
+        assert counters["asr_feed_batches"] == 0 and not first.done()  # held for the other's feed
+        await asyncio.gather(first, batcher.feed(engines[1], pcm[1][:FRAME]))
+        assert counters["asr_feed_batches"] == 1 and counters["asr_largest_batch"] == 2
+        assert time.monotonic() - t0 < 0.3  # started when both were in, not at the wait's end
+        t0 = time.monotonic()
+        await batcher.feed(engines[0], pcm[0][FRAME:2 * FRAME])  # alone: after the wait
+        assert counters["asr_feed_batches"] == 2 and time.monotonic() - t0 >= 0.3
+
+    asyncio.run(main())
+
+
 def test_feed_batcher_reports_a_dead_worker_to_every_waiter(pool):
     def refuse(*a, **kw):
         raise RuntimeError("cannot schedule new futures after shutdown")

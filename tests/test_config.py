@@ -67,6 +67,7 @@ def test_empty_file_gives_defaults(tmp_path):
     ("daemon: {socket_mode: '999'}\n", "daemon.socket_mode"),
     ("daemon: {asr_endpoint: 'http://x'}\n", "daemon.asr_endpoint"),
     ("asr: {funasr: {paraformer: ''}}\n", "asr.funasr.paraformer"),
+    ("asr: {funasr: {quantize: int4}}\n", "asr.funasr.quantize"),
     ("tts: {engine: piper, piper: {voice: ''}}\n", "tts.piper.voice"),
     ("agent: {kind: gpt}\n", "agent.kind"),
 ])

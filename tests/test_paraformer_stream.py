@@ -351,3 +351,78 @@ def test_quantize_partials_keeps_float32_finals_and_off_keeps_both(models_dir, m
     pool._load_models("cpu", "float32")
     assert pool.large
     assert (_quantized(pool._stream.model), _quantized(pool._asr.model)) == (stream_int8, offline_int8)
+
+
+def test_a_full_size_pool_runs_a_due_chunk_at_the_next_tick_and_gathers_the_feeds(models_dir, monkeypatch):
+    """`chunk_due`: small models, or a session streaming alone, run a chunk the moment it is due;
+    a full-size pool with 2+ sessions streaming runs it once a tick of the shared clock (every
+    CHUNK_PERIOD of monotonic time) has passed since it was due, and never later than a period."""
+    from daemon.asr import funasr_engine
+    from daemon.asr.funasr_engine import CHUNK_GATHER, CHUNK_MAX_WAIT, CHUNK_PERIOD, FunASRPool
+    from helpers.funasr_tiny import make_config
+
+    pool = FunASRPool(make_config(models_dir))
+    now = [10 * CHUNK_PERIOD + 0.25]  # the last tick 0.25 s ago
+    monkeypatch.setattr(funasr_engine.time, "monotonic", lambda: now[0])
+    assert pool.chunk_due(0.0, 0.0)  # small models
+    pool.large = True
+    assert pool.chunk_due(0.0, 0.0)  # nobody else streaming
+    pool.streaming_sessions = lambda: 2
+    assert not pool.chunk_due(0.0, 0.6) and not pool.chunk_due(0.2, 0.6)  # due after the last tick: the next
+    assert pool.chunk_due(0.26, 0.6) and pool.chunk_due(0.4, 0.6)  # due before it: now
+    now[0] = 11 * CHUNK_PERIOD - 0.001  # just before a tick: at most a period late
+    assert pool.chunk_due(CHUNK_PERIOD, 0.6) and not pool.chunk_due(CHUNK_PERIOD - 0.01, 0.6)
+    assert pool.chunk_due(0.0, CHUNK_MAX_WAIT)  # its last chunk that long ago: now, whatever the tick
+    # the daemon holds the worker's next call for CHUNK_GATHER after a tick, until all are in
+    now[0] = 11 * CHUNK_PERIOD + 0.03
+    assert pool.gather_wait(1) == pytest.approx(CHUNK_GATHER - 0.03) and pool.gather_wait(2) == 0.0
+    now[0] = 11 * CHUNK_PERIOD + CHUNK_GATHER + 0.01
+    assert pool.gather_wait(1) == 0.0
+    pool.streaming_sessions = lambda: 1
+    now[0] = 11 * CHUNK_PERIOD + 0.03
+    assert pool.gather_wait(0) == 0.0
+
+
+def test_sessions_due_at_different_times_stream_their_chunks_in_the_same_forward(models_dir, speech, monkeypatch):
+    """Two sessions fed together in real time, the second speaking 0.3 s after the first: their
+    chunks come due half a period apart. A full-size pool gathers them at the shared tick: after
+    each session's first, every chunk runs in a forward with the other session's (before: none),
+    and each session still gets a partial for every chunk of its speech."""
+    from daemon.asr import funasr_engine
+    from daemon.asr.funasr_engine import FunASRPool
+    from daemon.asr.steps import drive
+    from helpers.funasr_tiny import make_config
+
+    monkeypatch.setattr(funasr_engine, "LARGE_MODEL_BYTES", 0)
+    pool = FunASRPool(make_config(models_dir))
+    pool.load()
+    try:
+        a = np.concatenate([speech[0], np.zeros(16000, np.float32)])
+        b = np.concatenate([np.zeros(4800, np.float32), speech[0], np.zeros(11200, np.float32)])
+        frame = 960  # 60 ms, as the bench and the page send
+        sizes = []
+        run_chunks = pool.stream_requests
+        monkeypatch.setattr(pool, "stream_requests", lambda reqs: (sizes.append(len(reqs)), run_chunks(reqs))[1])
+
+        def run(streaming):
+            pool.streaming_sessions = lambda: streaming
+            sizes.clear()
+            sessions = [pool.open(f"s{i}", partials=True) for i in range(2)]
+            partials = [0, 0]
+            for pos in range(0, len(a), frame):
+                monkeypatch.setattr(funasr_engine.time, "monotonic", lambda t=pos / 16000: 100.0 + t)
+
+                def done(i, events, error):
+                    assert error is None, error
+                    partials[i] += sum(e["type"] == "partial" for e in events)
+                drive(pool.run_requests, [s.feed_steps(x[pos:pos + frame]) for s, x in zip(sessions, (a, b))], done)
+            return list(sizes), partials
+
+        alone, partials_alone = run(1)
+        gathered, partials_gathered = run(2)
+        assert alone and set(alone) == {1}  # due half a period apart: one forward each
+        # each session's first chunk at once (its first partial is never held), then together
+        assert gathered[:2] == [1, 1] and set(gathered[2:]) == {2} and sum(gathered) == sum(alone)
+        assert partials_gathered == partials_alone and min(partials_alone) > 0
+    finally:
+        pool.shutdown()

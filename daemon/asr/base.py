@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 # --- the requests an engine's steps yield (answered by PoolBase.run_requests) ----------
 
-
 @dataclass
 class Decode:
     """Decode one utterance (or the utterance so far); the answer is the engine's decode result."""
@@ -70,8 +69,8 @@ class StreamChunk:
     cache: Dict[str, Any]
 
 
-# Utterances decoded in one batch at most, and how much longer than the shortest in its batch
-# an utterance may be (padding is wasted work; a long one must not hold short ones).
+# Utterances decoded in one batch at most, and how much longer than the shortest in its batch an
+# utterance may be (padding is wasted work; a long one must not hold short ones).
 MAX_DECODE_BATCH = 16
 MAX_DECODE_STRETCH = 2.0
 
@@ -361,13 +360,13 @@ class PoolBase:
     def __init__(self, config: ASRSettings) -> None:
         # No session cap or table here: the daemon admits (limits.max_sessions) and keeps the sessions.
         self.config = config
-        self.device = "cpu"  # where the models are (after load: config.device, or the fallback)
-        self.dtype = "float32"
+        self.device, self.dtype = "cpu", "float32"  # where the models are (after load: config's, or the fallback)
         self.vad: Any = None
         self.judge: Optional[TurnJudge] = None  # set by daemon/asr/turn_judge.py:attach (turn.judge)
         self.fallbacks: List[Fallback] = []
-        # Feeds of other sessions waiting for the worker (set by daemon/asr/batch.FeedBatcher).
+        # Feeds waiting for the worker, and sessions streaming lately (set by daemon/asr/batch.FeedBatcher).
         self.feeds_waiting: Callable[[], int] = lambda: 0
+        self.streaming_sessions: Callable[[], int] = lambda: 0
         self.cost_curve: Optional[Tuple[float, float]] = None  # FunASR measures it at load, and
         self.decode_cost_curve: Optional[Tuple[float, float]] = None  # its decode thread's
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
@@ -429,8 +428,7 @@ class PoolBase:
             yield i, _answer(self.sentence_end_request, reqs[i])
         turns = by_kind.pop(TurnCheck, [])
         if turns:
-            judge = self.judge
-            answers = judge.run_requests([reqs[i] for i in turns]) if judge is not None else [None] * len(turns)
+            answers = self.judge.run_requests([reqs[i] for i in turns]) if self.judge else [None] * len(turns)
             yield from zip(turns, answers, strict=True)
         dec = by_kind.pop(Decode, [])
         keyed: Dict[Tuple[Tuple[str, ...], str], List[int]] = {}
@@ -475,9 +473,11 @@ class PoolBase:
         return self._executor.submit(fn, *args, **kwargs)
 
     def offloads(self, req: Any) -> bool:
-        """Is `req` answered on the decode thread (`submit_decode`) rather than in the worker's batch?
-        (daemon/asr/batch.py: the session waiting on it goes on in a later worker call.)"""
+        """Is `req` answered on the decode thread (`submit_decode`), not in the worker's batch?"""
         return self.offload_decodes and isinstance(req, Decode)
+
+    def gather_wait(self, pending: int) -> float:
+        return 0.0  # the next worker call starts at once (a full-size FunASR pool gathers chunks)
 
     def submit_decode(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run fn on the pool's decode thread (started at first use)."""

@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Generator, List, Optional, Set, Tuple
 
+from daemon.asr.base import StreamChunk
 from daemon.asr.steps import Done, asking, drive
 from daemon.engines import ASREvent, ASRPool, ASRSession
 from daemon.serving.workers import BATCH_FEED_PERIODS, Worker, WorkerGone, extend_budget
@@ -71,12 +72,14 @@ class FeedBatcher:
         self._pending: List[_Item] = []
         self._running = False
         pool.feeds_waiting = lambda: len(self._pending)  # an engine may skip partials while feeds wait
+        pool.streaming_sessions = self._streaming  # a full-size FunASR pool gathers their chunks
         # The pool's decode thread (used when pool.offloads a request), watched with the worker.
         self.decoder = Worker(f"{worker.name}-decode", pool.submit_decode, worker.period, worker.clock)
         worker.helpers.append(self.decoder)
         self._queued: List[Tuple[_Item, Any]] = []  # requests for the decode thread
         self._fed_at: Dict[int, float] = {}  # id(engine) -> when it was last fed (see _streaming)
         self._queue_lock = threading.Lock()
+        self._gathering: Optional[asyncio.TimerHandle] = None  # a held worker call (pool.gather_wait)
         # describe's counters: worker calls made, session feeds they carried, most in one call
         self.counters = counters if counters is not None else {}
         for k in ("asr_feed_batches", "asr_batched_feeds", "asr_largest_batch", "asr_offloaded_decodes"):
@@ -101,9 +104,17 @@ class FeedBatcher:
         self._start(loop)
         return await fut
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _start(self, loop: asyncio.AbstractEventLoop, gathered: bool = False) -> None:
         if self._running or not self._pending:
             return
+        wait = 0.0 if gathered else self.pool.gather_wait(len(self._pending))
+        if wait > 0:  # more sessions' feeds are due: one worker call for all (their chunks together)
+            if self._gathering is None:
+                self._gathering = loop.call_later(wait, self._gathered, loop)
+            return
+        if self._gathering is not None:
+            self._gathering.cancel()
+            self._gathering = None
         batch = [item for item in self._pending if not item.fut.done()]  # a cancelled session: skip
         self._pending = []
         if not batch:
@@ -126,6 +137,10 @@ class FeedBatcher:
             return
         cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finished, loop, batch, f))
 
+    def _gathered(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._gathering = None
+        self._start(loop, gathered=True)
+
     def _run(self, loop: asyncio.AbstractEventLoop, batch: List[_Item], settle: Done) -> None:
         extend_budget(BATCH_FEED_PERIODS * self.worker.period * (len(batch) - 1))
 
@@ -140,7 +155,7 @@ class FeedBatcher:
             if item.steps is None:
                 item.steps = item.make()
             steps.append(item.steps)
-        drive(self.pool.run_requests, steps, settle, [item.first for item in batch], park)
+        drive(self.pool.run_requests, steps, settle, [item.first for item in batch], park, _chunk)
 
     def _offload(self, loop: asyncio.AbstractEventLoop, items: List[_Item], reqs: List[Any]) -> None:
         """On the worker: answer these sessions' requests on the decode thread; each session's
@@ -161,7 +176,8 @@ class FeedBatcher:
                 loop.call_soon_threadsafe(self._resume, loop, item, e)
 
     def _streaming(self) -> int:
-        """Sessions fed within the last STREAMING_SECONDS (read on the decode thread: a snapshot)."""
+        """Sessions fed within the last STREAMING_SECONDS (read on the worker and the decode
+        thread: a snapshot)."""
         since = time.monotonic() - STREAMING_SECONDS
         recent = [k for k, t in list(self._fed_at.items()) if t >= since]
         if len(self._fed_at) > 4 * len(recent) + 64:  # forget sessions long gone
@@ -232,6 +248,11 @@ class FeedBatcher:
             for item in batch:
                 _settle(item.fut, None, error)
         self._start(loop)
+
+
+def _chunk(req: Any) -> bool:
+    """Streaming chunks are answered after the other requests of a worker call, all together."""
+    return isinstance(req, StreamChunk)
 
 
 def _settle(fut: "asyncio.Future[List[ASREvent]]", value: Any, error: Optional[BaseException]) -> None:

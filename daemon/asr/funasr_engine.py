@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from daemon import devices
+from daemon.config import FunASRModels
 from daemon.engines import ASREvent, Capabilities, EngineInfo, PartialEvent
 from daemon.errors import EngineError, ModelMissingError, S2SError
 from daemon.rules import LANGUAGES
@@ -56,6 +57,17 @@ PUNCTUATION_MARKS = "，。？、,.?!！"
 LARGE_MODEL_BYTES = 200_000_000
 # Layers `_int8` leaves float: the token scores, whose near-ties int8 would break.
 KEEP_FLOAT = ("decoder.output_layer",)
+# A full-size streaming chunk is bound by reading the weights: 4 sessions' chunks in one forward
+# cost 1.4x one alone (int8: 185 against 129 ms). While 2+ sessions stream, a session's due chunk
+# waits for the next tick of a shared clock (every chunk period), so theirs run in the same
+# worker calls instead of one call each (a partial comes up to one period later, as often).
+CHUNK_PERIOD = STREAM_SAMPLES / SAMPLE_RATE
+# ... and for this long after a tick the daemon holds the worker's next call until every streaming
+# session's feed is in (their frames come every 60 ms): one forward for all their chunks.
+CHUNK_GATHER = 0.08
+# A session whose last chunk ran this long ago runs its due one at once: a chunk due just after a
+# tick would otherwise wait a period, and its partial come 1.2 s after the one before.
+CHUNK_MAX_WAIT = 0.9
 STREAM_KW = {"chunk_size": STREAM_CHUNK, "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
 
 
@@ -69,7 +81,7 @@ class FunASRConfig(ASRSettings):
     ncpu_large: int = 1  # intra-op threads for a full-size model's offline decodes
     # full-size models on the CPU: "auto" partials and finals int8 (FunASR's CPU runtime's default,
     # --quantize true), "partials" the streaming model only, "off" float32 (asr.funasr.quantize)
-    quantize: str = "auto"
+    quantize: str = FunASRModels.quantize
     batch_size: int = 1
 
     @classmethod
@@ -187,6 +199,23 @@ class FunASRPool(PoolBase):
         if msg not in self.notes:
             self.notes.append(msg)
             logger.warning("funasr: %s", msg)
+
+    def chunk_due(self, overdue: float, waited: float) -> bool:
+        """Whether a session's streaming chunk, complete `overdue` seconds of audio ago, its last
+        chunk `waited` seconds ago, runs in this feed: at once for small models, a session
+        streaming alone or one that waited CHUNK_MAX_WAIT, else once a tick of the shared clock
+        (monotonic time in CHUNK_PERIOD steps) has passed since it was due."""
+        if not self.large or self.streaming_sessions() < 2 or waited >= CHUNK_MAX_WAIT:
+            return True
+        return overdue >= time.monotonic() % CHUNK_PERIOD
+
+    def gather_wait(self, pending: int) -> float:
+        """Right after a tick (CHUNK_GATHER), the time left until every streaming session's feed
+        is in; 0 for small models, a session streaming alone, or once they all are."""
+        streaming = self.streaming_sessions()
+        if not self.large or streaming < 2 or pending >= streaming:
+            return 0.0
+        return max(0.0, CHUNK_GATHER - time.monotonic() % CHUNK_PERIOD)
 
     # -- inference (run these on the worker) ------------------------------------------
 
@@ -359,6 +388,7 @@ class FunASREngine(StreamingEngine):
         self._stream_pos = 0
         self._stream_text = ""
         self._since_partial = 0
+        self._chunk_at = -CHUNK_MAX_WAIT  # when its last streaming chunk ran (monotonic)
         self._generation = pool.generation
         super().__init__(pool, session_id, language or c.language,
                          hotwords or (),  # the daemon decides a session's hotwords (asr/sessions.py)
@@ -382,6 +412,10 @@ class FunASREngine(StreamingEngine):
             self._stream_cache = {}
         events: List[ASREvent] = []
         pos = max(self._stream_pos, start)
+        if self._seg.total - pos < STREAM_SAMPLES or not self.pool.chunk_due(
+                (self._seg.total - pos - STREAM_SAMPLES) / SAMPLE_RATE, time.monotonic() - self._chunk_at):
+            return []
+        self._chunk_at = time.monotonic()
         while self._seg.total - pos >= STREAM_SAMPLES:
             chunk = self._seg.audio(pos, pos + STREAM_SAMPLES)
             self._stream_text += str((yield StreamChunk(chunk, self._stream_cache)))
@@ -405,7 +439,7 @@ def _int8(model: Any) -> None:
     """A full-size model's Linear layers to dynamic int8 (torch's quantize_dynamic, in place):
     the streaming Paraformer's 600 ms chunks are small matrices against 880 MB of float32
     weights, bound by reading them; int8 reads a quarter (measured 284 -> 114 ms CPU a chunk).
-    The offline decode of a ~3 s utterance: 250 -> 169 ms on 2 threads (BENCHMARKS.md).
+    A final's decode costs 1.5x less (BENCHMARKS.md "Int8 finals").
     Weights scaled per output channel, and the decoder's output layer (the token scores) kept
     float, as FunASR's own int8 export does: on the tiny model 87 -> 93 % of a final's tokens
     as in float32, at no measured cost."""

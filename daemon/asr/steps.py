@@ -21,7 +21,8 @@ Park = Callable[[List[Tuple[int, Any]]], Set[int]]
 
 def drive(run_requests: Callable[[Sequence[Any]], Iterable[Tuple[int, Any]]],
           steps: Sequence[Generator[Any, Any, Any]], done: Done,
-          first: Optional[Sequence[Tuple[Any, Optional[BaseException]]]] = None, park: Optional[Park] = None) -> None:
+          first: Optional[Sequence[Tuple[Any, Optional[BaseException]]]] = None, park: Optional[Park] = None,
+          later: Optional[Callable[[Any], bool]] = None) -> None:
     """Advance every generator until it returns; `done(i, value, error)` once per generator.
     `run_requests(reqs)` yields (index into reqs, answer or exception).
 
@@ -29,7 +30,9 @@ def drive(run_requests: Callable[[Sequence[Any]], Iterable[Tuple[int, Any]]],
     generator that left an earlier drive waiting on a request. `park(round)` sees each round's
     requests as (generator index, request) before they are answered and returns the indices it
     takes: those generators leave this drive without `done` (the caller answers their request
-    elsewhere and drives them again with `first`)."""
+    elsewhere and drives them again with `first`). Requests that are `later` wait while any other
+    kind is waiting, so they are answered together: sessions whose feeds start with different
+    requests (a VAD block or not) reach their streaming chunks in different rounds."""
     waiting: Dict[int, Any] = {}
 
     def advance(i: int, value: Any = None, error: Optional[BaseException] = None) -> None:
@@ -51,6 +54,9 @@ def drive(run_requests: Callable[[Sequence[Any]], Iterable[Tuple[int, Any]]],
     while waiting:
         round_ = list(waiting.items())
         waiting.clear()
+        if later is not None and not all(later(req) for _, req in round_):
+            waiting.update((i, req) for i, req in round_ if later(req))
+            round_ = [(i, req) for i, req in round_ if not later(req)]
         if park is not None:
             taken = park(round_)
             round_ = [r for r in round_ if r[0] not in taken]
