@@ -511,3 +511,25 @@ def test_a_bursty_decode_thread_is_priced_by_its_mean_load():
     # ~0.48 (the recent windows weigh more: 0.6 here); the logarithms' mean gave ~0.1
     assert 0.35 < cap.decode.predict(4)[0] < 0.7
     assert cap.stream_capacity(0.9) <= 3
+
+
+def test_a_decode_threads_full_windows_count_in_its_mean():
+    """Four full-size streams with the chunks gathered at a tick: the decode thread read 0.9-1.0
+    in the windows with decodes and little between them. Windows that full were left out of the
+    line as a ceiling, so it priced a stream at a tenth of its cost and admitted 6 of 6 (final
+    p95 1.35-2.19 s). A straight line is a mean: its full windows count."""
+    c = Clock()
+    dec = {"busy": 0.0}
+    cap = Capacity(lambda: limits(max_asr_load=0.9, asr_stream_cost=0.0225, max_sessions=100), c, lambda: c.busy,
+                   lambda: None, lambda: dec["busy"])
+    live = [Backlog(f"f{i}", 16000, opened=c.t) for i in range(4)]
+    for k in range(16):
+        c.t += LOAD_WINDOW_SECONDS
+        c.busy += 0.5 * LOAD_WINDOW_SECONDS
+        dec["busy"] += (1.0 if k % 3 == 2 else 0.2) * LOAD_WINDOW_SECONDS  # mean ~0.47
+        for b in live:
+            b.accept(1600, c.t)
+            b.done(1)
+        cap.tick(live)
+    assert 0.09 < cap.decode.fit().scale < 0.15  # per stream: the mean load over 4
+    assert cap.decode.predict(5)[0] > 0.5 and cap.stream_capacity(0.9) == 4

@@ -164,7 +164,8 @@ class LoadModel:
                             "streams are admitted for %g s", 100 * self.load, n, n - 1, SATURATION_MEMORY_SECONDS)
             self.saturated_at = n if self.saturated_at is None else min(self.saturated_at, n)
             self._saturated_seen = now
-        elif n > 0 and clean and not behind and self.load < SATURATED:
+        elif n > 0 and clean and not behind and (self.load < SATURATED or self.min_exponent >= 1.0):
+            # A straight line is a mean: a bursty thread's full windows (its decodes) belong in it.
             self.observe(n, self.load)
             if self.saturated_at is not None and n >= self.saturated_at:
                 self.saturated_at = None  # as many streams fit now (the machine got quieter)
