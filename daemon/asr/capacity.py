@@ -150,9 +150,10 @@ class Capacity:
             return streams_throughout([b.first_audio for b in rt], [b.last_audio for b in rt], t0, now,
                                       STREAMING_GAP_SECONDS)
 
-        clean = not self._batch_seen and not self._churn and worst <= CATCHING_UP_SECONDS
-        self.decode.tick(streams, clean=clean)
-        if self.load.tick(streams, clean=clean, behind=growing):
+        steady = not self._batch_seen and not self._churn
+        # A decode parks its session's feed: the lag it makes is the decode thread's own work.
+        self.decode.tick(streams, clean=steady)
+        if self.load.tick(streams, clean=steady and worst <= CATCHING_UP_SECONDS, behind=growing):
             self._batch_seen = self._churn = False
             self._lag_mark = worst
 
