@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 # (the same wall time for twice the CPU at one stream, and far worse with the cores shared);
 # CTranslate2's Whisper decodes are large GEMMs that two threads finish 27 % sooner.
 # A full-size FunASR model's offline decode (Paraformer-large, 220 M) is large GEMMs too: two
-# threads finish it 1.85x sooner ("funasr-large": the pool applies it to those decodes only).
+# threads finish it 1.85x sooner alone ("funasr-large": the pool applies it to those decodes
+# only), but not under the daemon's OPENMP_ENV (below), where the second thread sleeps between
+# the forward's parallel regions: 324 against 305 ms on one (BENCHMARKS.md "Int8 finals").
 AUTO_THREADS = {"funasr": 1, "funasr-large": 2, "whisper": 2}
 
 
