@@ -373,8 +373,11 @@ def test_a_full_size_pool_runs_a_due_chunk_at_the_next_tick_and_gathers_the_feed
     now[0] = 11 * CHUNK_PERIOD - 0.001  # just before a tick: at most a period late
     assert pool.chunk_due(CHUNK_PERIOD, 0.6) and not pool.chunk_due(CHUNK_PERIOD - 0.01, 0.6)
     assert pool.chunk_due(0.0, CHUNK_MAX_WAIT)  # its last chunk that long ago: now, whatever the tick
-    # the daemon holds the worker's next call for CHUNK_GATHER after a tick, until all are in
+    # the daemon holds the worker's next call for CHUNK_GATHER after a tick, until all are in;
+    # never without a streaming model (no chunks to gather: partials off)
     now[0] = 11 * CHUNK_PERIOD + 0.03
+    assert pool._stream is None and pool.gather_wait(1) == 0.0
+    pool._stream = object()
     assert pool.gather_wait(1) == pytest.approx(CHUNK_GATHER - 0.03) and pool.gather_wait(2) == 0.0
     now[0] = 11 * CHUNK_PERIOD + CHUNK_GATHER + 0.01
     assert pool.gather_wait(1) == 0.0

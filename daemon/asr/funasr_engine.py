@@ -211,9 +211,9 @@ class FunASRPool(PoolBase):
 
     def gather_wait(self, pending: int) -> float:
         """Right after a tick (CHUNK_GATHER), the time left until every streaming session's feed
-        is in; 0 for small models, a session streaming alone, or once they all are."""
+        is in; 0 for small models, no streaming model, a session streaming alone, or once they all are."""
         streaming = self.streaming_sessions()
-        if not self.large or streaming < 2 or pending >= streaming:
+        if not self.large or self._stream is None or streaming < 2 or pending >= streaming:
             return 0.0
         return max(0.0, CHUNK_GATHER - time.monotonic() % CHUNK_PERIOD)
 
