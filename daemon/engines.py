@@ -286,7 +286,6 @@ class ASRPool(Protocol):
     # Set by the daemon (daemon/asr/batch.py): feeds waiting for the worker, so an engine may
     # skip optional work (partials) under load.
     feeds_waiting: Callable[[], int]
-    streaming_sessions: Callable[[], int]  # ... and sessions fed lately, so a pool may gather their chunks
     # The worker's cost per stream, measured at load (daemon/asr/calibrate.py; None: not
     # measured), read by the daemon's admission (daemon/asr/capacity.py).
     cost_curve: Optional[Tuple[float, float]]

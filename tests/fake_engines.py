@@ -194,7 +194,6 @@ class FakeASRPool:
         self.fallbacks: List[Fallback] = []
         self.judge: Optional[TurnJudge] = None
         self.feeds_waiting: Callable[[], int] = lambda: 0
-        self.streaming_sessions: Callable[[], int] = lambda: 0
         self.cost_curve: Optional[Tuple[float, float]] = None
         self.decode_cost_curve: Optional[Tuple[float, float]] = None
         self.stop_event = threading.Event()

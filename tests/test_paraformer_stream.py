@@ -354,35 +354,43 @@ def test_quantize_partials_keeps_float32_finals_and_off_keeps_both(models_dir, m
 
 
 def test_a_full_size_pool_runs_a_due_chunk_at_the_next_tick_and_gathers_the_feeds(models_dir, monkeypatch):
-    """`chunk_due`: small models, or a session streaming alone, run a chunk the moment it is due;
-    a full-size pool with 2+ sessions streaming runs it once a tick of the shared clock (every
-    CHUNK_PERIOD of monotonic time) has passed since it was due, and never later than a period."""
+    """`chunk_due`: small models, or a session speaking alone, run a chunk the moment it is due;
+    a full-size pool with 2+ sessions running chunks (speaking; one fed silence runs none) runs it
+    once a tick of the shared clock (every CHUNK_PERIOD of monotonic time) has passed since it
+    was due, and never more than CHUNK_MAX_WAIT after the session's last chunk."""
     from daemon.asr import funasr_engine
-    from daemon.asr.funasr_engine import CHUNK_GATHER, CHUNK_MAX_WAIT, CHUNK_PERIOD, FunASRPool
+    from daemon.asr.funasr_engine import CHUNK_ACTIVE, CHUNK_GATHER, CHUNK_MAX_WAIT, CHUNK_PERIOD, FunASRPool
     from helpers.funasr_tiny import make_config
 
     pool = FunASRPool(make_config(models_dir))
     now = [10 * CHUNK_PERIOD + 0.25]  # the last tick 0.25 s ago
     monkeypatch.setattr(funasr_engine.time, "monotonic", lambda: now[0])
-    assert pool.chunk_due(0.0, 0.0)  # small models
+    assert pool.chunk_due("a", 0.0)  # small models
     pool.large = True
-    assert pool.chunk_due(0.0, 0.0)  # nobody else streaming
-    pool.streaming_sessions = lambda: 2
-    assert not pool.chunk_due(0.0, 0.6) and not pool.chunk_due(0.2, 0.6)  # due after the last tick: the next
-    assert pool.chunk_due(0.26, 0.6) and pool.chunk_due(0.4, 0.6)  # due before it: now
-    now[0] = 11 * CHUNK_PERIOD - 0.001  # just before a tick: at most a period late
-    assert pool.chunk_due(CHUNK_PERIOD, 0.6) and not pool.chunk_due(CHUNK_PERIOD - 0.01, 0.6)
-    assert pool.chunk_due(0.0, CHUNK_MAX_WAIT)  # its last chunk that long ago: now, whatever the tick
+    now[0] += 0.3
+    assert pool.chunk_due("a", 0.0) and pool.streaming_sessions() == 1  # speaking alone
+    now[0] = 11 * CHUNK_PERIOD + 0.25
+    assert pool.chunk_due("b", 0.0)  # b's first chunk: at once (a's ran 0.35 s ago)
+    assert pool.streaming_sessions() == 2
+    assert not pool.chunk_due("a", 0.0) and not pool.chunk_due("b", 0.2)  # due after the last tick: the next
+    assert pool.chunk_due("a", 0.26) and pool.chunk_due("b", 0.4)  # due before it: now
+    now[0] = 12 * CHUNK_PERIOD - 0.001  # just before a tick, 0.349 s after their last chunks
+    assert not pool.chunk_due("a", CHUNK_PERIOD - 0.01) and pool.chunk_due("a", CHUNK_PERIOD)
+    now[0] += CHUNK_MAX_WAIT  # b's last chunk that long ago: now, whatever the tick
+    assert pool.chunk_due("b", 0.0)
+    now[0] += CHUNK_ACTIVE + 0.01  # both quiet since: nobody else is speaking
+    assert pool.streaming_sessions() == 0 and pool.chunk_due("a", 0.0)
     # the daemon holds the worker's next call for CHUNK_GATHER after a tick, until all are in;
     # never without a streaming model (no chunks to gather: partials off)
-    now[0] = 11 * CHUNK_PERIOD + 0.03
+    monkeypatch.setattr(pool, "streaming_sessions", lambda: 2)
+    now[0] = 20 * CHUNK_PERIOD + 0.03
     assert pool._stream is None and pool.gather_wait(1) == 0.0
     pool._stream = object()
     assert pool.gather_wait(1) == pytest.approx(CHUNK_GATHER - 0.03) and pool.gather_wait(2) == 0.0
-    now[0] = 11 * CHUNK_PERIOD + CHUNK_GATHER + 0.01
+    now[0] = 20 * CHUNK_PERIOD + CHUNK_GATHER + 0.01
     assert pool.gather_wait(1) == 0.0
-    pool.streaming_sessions = lambda: 1
-    now[0] = 11 * CHUNK_PERIOD + 0.03
+    monkeypatch.setattr(pool, "streaming_sessions", lambda: 1)
+    now[0] = 20 * CHUNK_PERIOD + 0.03
     assert pool.gather_wait(0) == 0.0
 
 
@@ -407,13 +415,14 @@ def test_sessions_due_at_different_times_stream_their_chunks_in_the_same_forward
         run_chunks = pool.stream_requests
         monkeypatch.setattr(pool, "stream_requests", lambda reqs: (sizes.append(len(reqs)), run_chunks(reqs))[1])
 
-        def run(streaming):
-            pool.streaming_sessions = lambda: streaming
+        def run(large):
+            pool.large = large  # False: each chunk at once, as small models
             sizes.clear()
-            sessions = [pool.open(f"s{i}", partials=True) for i in range(2)]
+            sessions = [pool.open(f"s{large}{i}", partials=True) for i in range(2)]
             partials = [0, 0]
+            t0 = 1000.0 if large else 100.0  # the runs' clocks apart (chunks run: remembered a while)
             for pos in range(0, len(a), frame):
-                monkeypatch.setattr(funasr_engine.time, "monotonic", lambda t=pos / 16000: 100.0 + t)
+                monkeypatch.setattr(funasr_engine.time, "monotonic", lambda t=t0 + pos / 16000: t)
 
                 def done(i, events, error):
                     assert error is None, error
@@ -421,8 +430,8 @@ def test_sessions_due_at_different_times_stream_their_chunks_in_the_same_forward
                 drive(pool.run_requests, [s.feed_steps(x[pos:pos + frame]) for s, x in zip(sessions, (a, b))], done)
             return list(sizes), partials
 
-        alone, partials_alone = run(1)
-        gathered, partials_gathered = run(2)
+        alone, partials_alone = run(False)
+        gathered, partials_gathered = run(True)
         assert alone and set(alone) == {1}  # due half a period apart: one forward each
         # each session's first chunk at once (its first partial is never held), then together
         assert gathered[:2] == [1, 1] and set(gathered[2:]) == {2} and sum(gathered) == sum(alone)

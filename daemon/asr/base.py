@@ -364,9 +364,8 @@ class PoolBase:
         self.vad: Any = None
         self.judge: Optional[TurnJudge] = None  # set by daemon/asr/turn_judge.py:attach (turn.judge)
         self.fallbacks: List[Fallback] = []
-        # Feeds waiting for the worker, and sessions streaming lately (set by daemon/asr/batch.FeedBatcher).
+        # Feeds of other sessions waiting for the worker (set by daemon/asr/batch.FeedBatcher).
         self.feeds_waiting: Callable[[], int] = lambda: 0
-        self.streaming_sessions: Callable[[], int] = lambda: 0
         self.cost_curve: Optional[Tuple[float, float]] = None  # FunASR measures it at load, and
         self.decode_cost_curve: Optional[Tuple[float, float]] = None  # its decode thread's
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")

@@ -72,7 +72,6 @@ class FeedBatcher:
         self._pending: List[_Item] = []
         self._running = False
         pool.feeds_waiting = lambda: len(self._pending)  # an engine may skip partials while feeds wait
-        pool.streaming_sessions = self._streaming  # a full-size FunASR pool gathers their chunks
         # The pool's decode thread (used when pool.offloads a request), watched with the worker.
         self.decoder = Worker(f"{worker.name}-decode", pool.submit_decode, worker.period, worker.clock)
         worker.helpers.append(self.decoder)
@@ -176,8 +175,7 @@ class FeedBatcher:
                 loop.call_soon_threadsafe(self._resume, loop, item, e)
 
     def _streaming(self) -> int:
-        """Sessions fed within the last STREAMING_SECONDS (read on the worker and the decode
-        thread: a snapshot)."""
+        """Sessions fed within the last STREAMING_SECONDS (read on the decode thread: a snapshot)."""
         since = time.monotonic() - STREAMING_SECONDS
         recent = [k for k, t in list(self._fed_at.items()) if t >= since]
         if len(self._fed_at) > 4 * len(recent) + 64:  # forget sessions long gone

@@ -68,6 +68,8 @@ CHUNK_GATHER = 0.08
 # A session whose last chunk ran this long ago runs its due one at once: a chunk due just after a
 # tick would otherwise wait a period, and its partial come 1.2 s after the one before.
 CHUNK_MAX_WAIT = 0.9
+# Sessions that ran a chunk this recently are streaming speech (a session fed silence runs none).
+CHUNK_ACTIVE = CHUNK_MAX_WAIT + CHUNK_PERIOD
 STREAM_KW = {"chunk_size": STREAM_CHUNK, "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
 
 
@@ -129,6 +131,7 @@ class FunASRPool(PoolBase):
         self._stream_batcher: Optional[BatchedStreaming] = None
         self._decode_lock = threading.Lock()  # the worker's finalize and the decode thread share the model
         self.large = False  # full-size models (LARGE_MODEL_BYTES): int8 (quantize), threaded decodes
+        self._chunk_ran: Dict[str, float] = {}  # session id -> when its last streaming chunk ran
         # measured at load (daemon/asr/calibrate.py): the worker's and the decode thread's
         self.cost_curve: Optional[Tuple[float, float]] = None
         self.decode_cost_curve: Optional[Tuple[float, float]] = None
@@ -200,14 +203,26 @@ class FunASRPool(PoolBase):
             self.notes.append(msg)
             logger.warning("funasr: %s", msg)
 
-    def chunk_due(self, overdue: float, waited: float) -> bool:
-        """Whether a session's streaming chunk, complete `overdue` seconds of audio ago, its last
-        chunk `waited` seconds ago, runs in this feed: at once for small models, a session
-        streaming alone or one that waited CHUNK_MAX_WAIT, else once a tick of the shared clock
-        (monotonic time in CHUNK_PERIOD steps) has passed since it was due."""
-        if not self.large or self.streaming_sessions() < 2 or waited >= CHUNK_MAX_WAIT:
-            return True
-        return overdue >= time.monotonic() % CHUNK_PERIOD
+    def streaming_sessions(self) -> int:
+        """Sessions that ran a streaming chunk within CHUNK_ACTIVE (the speakers, not the sessions
+        fed silence; read on the worker and the decode thread: a snapshot)."""
+        since = time.monotonic() - CHUNK_ACTIVE
+        recent = {k: t for k, t in list(self._chunk_ran.items()) if t >= since}
+        if len(self._chunk_ran) > 2 * len(recent) + 64:  # forget sessions long quiet or gone
+            self._chunk_ran = recent
+        return len(recent)
+
+    def chunk_due(self, session_id: str, overdue: float) -> bool:
+        """Whether a session's streaming chunk, complete `overdue` seconds of audio ago, runs in
+        this feed (and if so it is noted as run): at once for small models, a session speaking
+        alone, or one whose last chunk ran CHUNK_MAX_WAIT ago or more; else once a tick of the
+        shared clock (monotonic time in CHUNK_PERIOD steps) has passed since it was due."""
+        now = time.monotonic()
+        run = (not self.large or self.streaming_sessions() < 2 or overdue >= now % CHUNK_PERIOD
+               or now - self._chunk_ran.get(session_id, -CHUNK_ACTIVE) >= CHUNK_MAX_WAIT)
+        if run:
+            self._chunk_ran[session_id] = now
+        return run
 
     def gather_wait(self, pending: int) -> float:
         """Right after a tick (CHUNK_GATHER), the time left until every streaming session's feed
@@ -388,7 +403,6 @@ class FunASREngine(StreamingEngine):
         self._stream_pos = 0
         self._stream_text = ""
         self._since_partial = 0
-        self._chunk_at = -CHUNK_MAX_WAIT  # when its last streaming chunk ran (monotonic)
         self._generation = pool.generation
         super().__init__(pool, session_id, language or c.language,
                          hotwords or (),  # the daemon decides a session's hotwords (asr/sessions.py)
@@ -413,9 +427,8 @@ class FunASREngine(StreamingEngine):
         events: List[ASREvent] = []
         pos = max(self._stream_pos, start)
         if self._seg.total - pos < STREAM_SAMPLES or not self.pool.chunk_due(
-                (self._seg.total - pos - STREAM_SAMPLES) / SAMPLE_RATE, time.monotonic() - self._chunk_at):
+                self.session_id, (self._seg.total - pos - STREAM_SAMPLES) / SAMPLE_RATE):
             return []
-        self._chunk_at = time.monotonic()
         while self._seg.total - pos >= STREAM_SAMPLES:
             chunk = self._seg.audio(pos, pos + STREAM_SAMPLES)
             self._stream_text += str((yield StreamChunk(chunk, self._stream_cache)))
