@@ -365,7 +365,8 @@ def test_a_full_size_pool_runs_a_due_chunk_at_the_next_tick_and_gathers_the_feed
     pool = FunASRPool(make_config(models_dir))
     now = [10 * CHUNK_PERIOD + 0.25]  # the last tick 0.25 s ago
     monkeypatch.setattr(funasr_engine.time, "monotonic", lambda: now[0])
-    assert pool.chunk_due("a", 0.0)  # small models
+    assert pool.chunk_due("a", 0.0)  # small models, and nothing remembered of their sessions
+    assert pool._chunk_ran == {}
     pool.large = True
     now[0] += 0.3
     assert pool.chunk_due("a", 0.0) and pool.streaming_sessions() == 1  # speaking alone

@@ -58,7 +58,7 @@ LARGE_MODEL_BYTES = 200_000_000
 # Layers `_int8` leaves float: the token scores, whose near-ties int8 would break.
 KEEP_FLOAT = ("decoder.output_layer",)
 # A full-size streaming chunk is bound by reading the weights: 4 sessions' chunks in one forward
-# cost 1.4x one alone (int8: 185 against 129 ms). While 2+ sessions stream, a session's due chunk
+# cost 1.4x one alone (int8: 185 against 129 ms). While 2+ sessions speak, a session's due chunk
 # waits for the next tick of a shared clock (every chunk period), so theirs run in the same
 # worker calls instead of one call each (a partial comes up to one period later, as often).
 CHUNK_PERIOD = STREAM_SAMPLES / SAMPLE_RATE
@@ -217,8 +217,10 @@ class FunASRPool(PoolBase):
         this feed (and if so it is noted as run): at once for small models, a session speaking
         alone, or one whose last chunk ran CHUNK_MAX_WAIT ago or more; else once a tick of the
         shared clock (monotonic time in CHUNK_PERIOD steps) has passed since it was due."""
+        if not self.large:
+            return True  # and nothing noted: only the tick reads it, and pruning runs only here
         now = time.monotonic()
-        run = (not self.large or self.streaming_sessions() < 2 or overdue >= now % CHUNK_PERIOD
+        run = (self.streaming_sessions() < 2 or overdue >= now % CHUNK_PERIOD
                or now - self._chunk_ran.get(session_id, -CHUNK_ACTIVE) >= CHUNK_MAX_WAIT)
         if run:
             self._chunk_ran[session_id] = now
@@ -227,8 +229,10 @@ class FunASRPool(PoolBase):
     def gather_wait(self, pending: int) -> float:
         """Right after a tick (CHUNK_GATHER), the time left until every streaming session's feed
         is in; 0 for small models, no streaming model, a session streaming alone, or once they all are."""
+        if not self.large or self._stream is None:
+            return 0.0  # on the event loop at every feed: nothing more for small models
         streaming = self.streaming_sessions()
-        if not self.large or self._stream is None or streaming < 2 or pending >= streaming:
+        if streaming < 2 or pending >= streaming:
             return 0.0
         return max(0.0, CHUNK_GATHER - time.monotonic() % CHUNK_PERIOD)
 
