@@ -1,0 +1,87 @@
+"""fsmn-vad without all of funasr (daemon/asr/funasr_import.py): the bundled Whisper's endpointing
+loads fsmn-vad's own funasr modules, not every model family funasr ships (7 s of each start
+here); whatever asks funasr for more afterwards (the FunASR engine, funasr's own code) gets all
+of it; a config naming a class those modules lack still loads, saying so.
+
+Each case runs in a fresh interpreter: what is imported is the thing measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VAD_ONLY = """
+import json, sys
+import numpy as np
+from daemon.asr.vad import FsmnVAD
+v = FsmnVAD(sys.argv[1], ncpu=1)
+v.load()
+seg = v.segmenter()
+x = np.zeros(16000, np.float32)
+x[4000:12000] = 0.3 * np.sin(np.arange(8000) * 0.2)
+seg.push(x); seg.flush()
+heavy = [m for m in ("funasr.models.paraformer.model", "funasr.models.llm_asr.model", "transformers")
+         if m in sys.modules]
+print(json.dumps({"heavy": heavy, "families": len(sys.modules["funasr.register"].tables.model_classes)}))
+"""
+
+VAD_THEN_FUNASR = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from daemon.asr.vad import FsmnVAD
+FsmnVAD(Path(sys.argv[1]) / "fsmn-vad", ncpu=1).load()
+from funasr import AutoModel  # the FunASR engine's own question
+import funasr
+from daemon.asr.funasr_engine import FunASRPool
+from helpers.funasr_tiny import make_config
+import numpy as np
+from daemon.audio import read_wav
+pool = FunASRPool(make_config(Path(sys.argv[1])))
+pool.load()
+x, _ = read_wav("tests/fixtures/zh/01.wav")
+text = pool.decode(x.astype(np.float32))
+print(json.dumps({"version": funasr.__version__, "paraformer": "funasr.models.paraformer.model" in sys.modules,
+                  "same": AutoModel is sys.modules["funasr.auto.auto_model"].AutoModel, "text": text}))
+"""
+
+MISSING_MODULE = """
+import json, sys, logging
+logging.basicConfig(level=logging.WARNING)
+import daemon.asr.vad as vad
+vad.VAD_MODULES = ("funasr.frontends.wav_frontend",)  # the encoder's module left out
+v = vad.FsmnVAD(sys.argv[1], ncpu=1)
+v.load()
+print(json.dumps({"loaded": v.loaded}))
+"""
+
+
+def _run(code: str, arg: Path) -> tuple:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    r = subprocess.run([sys.executable, "-c", code, str(arg)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def test_fsmn_vad_loads_without_the_rest_of_funasr(models_dir):
+    out, _ = _run(VAD_ONLY, models_dir / "fsmn-vad")
+    assert out["heavy"] == [], out
+    assert out["families"] <= 3, out  # FsmnVADStreaming and its kin, not funasr's ~50 model classes
+
+
+def test_the_funasr_engine_loads_after_the_vad_in_the_same_process(models_dir):
+    out, _ = _run(VAD_THEN_FUNASR, models_dir)
+    assert out["paraformer"] and out["same"] and out["version"].count(".") >= 1, out
+    assert isinstance(out["text"], str)
+
+
+def test_a_class_its_modules_lack_loads_with_all_of_funasr_and_says_so(models_dir):
+    out, err = _run(MISSING_MODULE, models_dir / "fsmn-vad")
+    assert out["loaded"], out
+    assert "importing all of funasr" in err, err[-3000:]
