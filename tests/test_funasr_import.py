@@ -1,7 +1,8 @@
-"""fsmn-vad without all of funasr (daemon/asr/funasr_import.py): the bundled Whisper's endpointing
-loads fsmn-vad's own funasr modules, not every model family funasr ships (7 s of each start
-here); whatever asks funasr for more afterwards (the FunASR engine, funasr's own code) gets all
-of it; a config naming a class those modules lack still loads, saying so.
+"""funasr's models without all of funasr (daemon/asr/funasr_import.py): fsmn-vad (the bundled
+Whisper's endpointing) and the FunASR engine load their own funasr modules, not every model
+family funasr ships (7 s of each start here); whatever asks funasr for more afterwards
+(funasr's own code) gets all of it; a config naming a class those modules lack still loads,
+saying so.
 
 Each case runs in a fresh interpreter: what is imported is the thing measured."""
 
@@ -36,26 +37,28 @@ from pathlib import Path
 sys.path.insert(0, "tests")
 from daemon.asr.vad import FsmnVAD
 FsmnVAD(Path(sys.argv[1]) / "fsmn-vad", ncpu=1).load()
-from funasr import AutoModel  # the FunASR engine's own question
-import funasr
 from daemon.asr.funasr_engine import FunASRPool
 from helpers.funasr_tiny import make_config
 import numpy as np
 from daemon.audio import read_wav
 pool = FunASRPool(make_config(Path(sys.argv[1])))
 pool.load()
+light = sorted(m for m in ("transformers", "funasr.models.llm_asr.model") if m in sys.modules)
+from funasr import AutoModel  # funasr's own question, asked after
+import funasr
 x, _ = read_wav("tests/fixtures/zh/01.wav")
 text = pool.decode(x.astype(np.float32))
-print(json.dumps({"version": funasr.__version__, "paraformer": "funasr.models.paraformer.model" in sys.modules,
+print(json.dumps({"light": light, "version": funasr.__version__, "paraformer": "funasr.models.paraformer.model" in sys.modules,
                   "same": AutoModel is sys.modules["funasr.auto.auto_model"].AutoModel, "text": text}))
 """
 
 MISSING_MODULE = """
 import json, sys, logging
 logging.basicConfig(level=logging.WARNING)
-import daemon.asr.vad as vad
-vad.VAD_MODULES = ("funasr.frontends.wav_frontend",)  # the encoder's module left out
-v = vad.FsmnVAD(sys.argv[1], ncpu=1)
+import daemon.asr.funasr_import as fi
+from daemon.asr.vad import FsmnVAD
+fi.VAD_MODULES = ("funasr.frontends.wav_frontend",)  # the encoder's module left out
+v = FsmnVAD(sys.argv[1], ncpu=1)
 v.load()
 print(json.dumps({"loaded": v.loaded}))
 """
@@ -75,8 +78,9 @@ def test_fsmn_vad_loads_without_the_rest_of_funasr(models_dir):
     assert out["families"] <= 3, out  # FsmnVADStreaming and its kin, not funasr's ~50 model classes
 
 
-def test_the_funasr_engine_loads_after_the_vad_in_the_same_process(models_dir):
+def test_the_funasr_engine_loads_its_own_modules_and_funasr_answers_the_rest(models_dir):
     out, _ = _run(VAD_THEN_FUNASR, models_dir)
+    assert out["light"] == [], out  # the tiny Paraformer, streaming and punctuation: their own modules only
     assert out["paraformer"] and out["same"] and out["version"].count(".") >= 1, out
     assert isinstance(out["text"], str)
 

@@ -16,6 +16,7 @@ float32): funasr's BiCif/SeACo inference paths do not cast their input to half.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -159,7 +160,9 @@ class FunASRPool(PoolBase):
                     "on" if self._punc is not None else "off", "on" if self._stream is not None else "off")
 
     def _load_models(self, device: str, dtype: str) -> None:
-        from funasr import AutoModel
+        from daemon.asr import funasr_import
+
+        AutoModel = functools.partial(funasr_import.build, funasr_import.PARAFORMER_MODULES)  # not all of funasr
 
         c = self.config
         common = dict(device=device, ncpu=c.ncpu, batch_size=c.batch_size, **FUNASR_QUIET)

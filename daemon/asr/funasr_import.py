@@ -2,19 +2,20 @@
 
 `import funasr` runs `import_submodules`: every model family funasr ships (speaker clustering
 with sklearn, LLM ASR with transformers, ...) is imported so that each registers its classes.
-That is 7 s of a daemon's start on this machine, and fsmn-vad (the endpointing of every engine,
-the bundled Whisper's included) needs one family of them.
+That is 7 s of a daemon's start on this machine, where fsmn-vad (the endpointing of every engine,
+the bundled Whisper's included) needs one family of them and the FunASR engine a few.
 
-`auto_model(modules)` puts funasr's package in `sys.modules` with its `__init__` deferred,
+`build(modules, **kwargs)` (or `auto_model(modules)`) puts funasr's package in `sys.modules` with its `__init__` deferred,
 imports AutoModel and the named modules (which register the classes a model's config names)
 and returns AutoModel. Whatever asks the package for anything else (`from funasr import
-AutoModel`, as the FunASR engine and funasr's own code do) gets it: the first such question
+AutoModel`, as funasr's own code and the benchmarks do) gets it: the first such question
 runs funasr's own `__init__` in that same module object, as a plain `import funasr` would have.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import importlib.util
 import pkgutil
 import sys
@@ -23,6 +24,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
 
+logger = logging.getLogger(__name__)
+
+# The funasr modules whose classes the models we load name in their config.yaml (a package: all
+# its submodules). fsmn-vad:
+VAD_MODULES = ("funasr.models.fsmn_vad_streaming", "funasr.frontends.wav_frontend")
+# Paraformer offline (plain, SeACo, BiCif), streaming, and CT-Transformer punctuation:
+PARAFORMER_MODULES = ("funasr.models.paraformer", "funasr.models.sanm", "funasr.models.scama", "funasr.models.bicif_paraformer",
+                      "funasr.models.seaco_paraformer", "funasr.models.paraformer_streaming",
+                      "funasr.models.ct_transformer", "funasr.tokenizer.char_tokenizer", "funasr.frontends.wav_frontend")
 _lock = threading.RLock()
 
 
@@ -43,6 +53,26 @@ def _import_tree(name: str) -> None:
     mod = importlib.import_module(name)
     for info in pkgutil.iter_modules(getattr(mod, "__path__", None) or []):
         _import_tree(f"{name}.{info.name}")
+
+
+def build(modules: Iterable[str], **kwargs: Any) -> Any:
+    """AutoModel(**kwargs) with `modules` imported beside it. Should that fail (a class the model's
+    config names is in none of them), once more with all of funasr, saying so: the second error,
+    if there is one, is the model's own."""
+    whole = _completed()  # (funasr's own error message, for a class it lacks, completes the import)
+    try:
+        return auto_model(modules)(**kwargs)
+    except Exception as e:  # noqa: BLE001 - retried once with every funasr family registered
+        if whole:
+            raise
+        logger.warning("funasr: %s did not build from %s (%s: %s); importing all of funasr", kwargs.get("model"),
+                       ", ".join(modules), type(e).__name__, e)
+        return complete().AutoModel(**kwargs)
+
+
+def _completed() -> bool:
+    mod = sys.modules.get("funasr")
+    return mod is not None and "import_submodules" in mod.__dict__
 
 
 def complete() -> ModuleType:

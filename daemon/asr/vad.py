@@ -51,8 +51,6 @@ RESUME_LOOKBACK = SAMPLE_RATE // 2
 
 # funasr quiet-mode flags accepted by AutoModel.
 FUNASR_QUIET = {"disable_update": True, "disable_pbar": True, "disable_log": True}
-# The funasr modules fsmn-vad's config names classes from (daemon/asr/funasr_import.py).
-VAD_MODULES = ("funasr.models.fsmn_vad_streaming", "funasr.frontends.wav_frontend")
 
 
 def require_dir(path: Optional[Path], what: str, marker: str = "config.yaml") -> Path:
@@ -83,17 +81,11 @@ class FsmnVAD:
 
     def load(self) -> None:
         require_dir(self.model_dir, "fsmn-vad")
-        from daemon.asr.funasr_import import auto_model, complete
+        from daemon.asr import funasr_import
 
-        # CPU always: see the module docstring. Only fsmn-vad's own funasr modules are imported (4 s
-        # of a start); should that ever miss a class the model's config names, all of funasr is.
-        kwargs = dict(model=str(self.model_dir), device="cpu", ncpu=self.ncpu, **FUNASR_QUIET)
-        try:
-            self._model = auto_model(VAD_MODULES)(**kwargs)
-        except Exception:  # noqa: BLE001 - retried once with every funasr family registered
-            logger.warning("vad: fsmn-vad did not build from its own funasr modules; importing all of funasr",
-                           exc_info=True)
-            self._model = complete().AutoModel(**kwargs)
+        # CPU always: see the module docstring. Only fsmn-vad's own funasr modules are imported.
+        self._model = funasr_import.build(funasr_import.VAD_MODULES, model=str(self.model_dir), device="cpu", ncpu=self.ncpu,
+                                          **FUNASR_QUIET)
         opts = getattr(getattr(self._model, "model", None), "vad_opts", None)
         if opts is not None:
             self.frame_ms = int(getattr(opts, "frame_in_ms", self.frame_ms))
