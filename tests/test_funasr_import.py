@@ -16,30 +16,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-VAD_ONLY = """
+VAD_THEN_FUNASR = """
 import json, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
 import numpy as np
 from daemon.asr.vad import FsmnVAD
-v = FsmnVAD(sys.argv[1], ncpu=1)
+v = FsmnVAD(Path(sys.argv[1]) / "fsmn-vad", ncpu=1)
 v.load()
 seg = v.segmenter()
 x = np.zeros(16000, np.float32)
 x[4000:12000] = 0.3 * np.sin(np.arange(8000) * 0.2)
 seg.push(x); seg.flush()
-heavy = [m for m in ("funasr.models.paraformer.model", "funasr.models.llm_asr.model", "transformers")
-         if m in sys.modules]
-print(json.dumps({"heavy": heavy, "families": len(sys.modules["funasr.register"].tables.model_classes)}))
-"""
-
-VAD_THEN_FUNASR = """
-import json, sys
-from pathlib import Path
-sys.path.insert(0, "tests")
-from daemon.asr.vad import FsmnVAD
-FsmnVAD(Path(sys.argv[1]) / "fsmn-vad", ncpu=1).load()
+vad = {"heavy": [m for m in ("funasr.models.paraformer.model", "funasr.models.llm_asr.model", "transformers")
+                 if m in sys.modules], "families": len(sys.modules["funasr.register"].tables.model_classes)}
 from daemon.asr.funasr_engine import FunASRPool
 from helpers.funasr_tiny import make_config
-import numpy as np
 from daemon.audio import read_wav
 pool = FunASRPool(make_config(Path(sys.argv[1])))
 pool.load()
@@ -48,7 +40,7 @@ from funasr import AutoModel  # funasr's own question, asked after
 import funasr
 x, _ = read_wav("tests/fixtures/zh/01.wav")
 text = pool.decode(x.astype(np.float32))
-print(json.dumps({"light": light, "version": funasr.__version__, "paraformer": "funasr.models.paraformer.model" in sys.modules,
+print(json.dumps({"vad": vad, "light": light, "version": funasr.__version__, "paraformer": "funasr.models.paraformer.model" in sys.modules,
                   "same": AutoModel is sys.modules["funasr.auto.auto_model"].AutoModel, "text": text}))
 """
 
@@ -72,14 +64,10 @@ def _run(code: str, arg: Path) -> tuple:
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
 
 
-def test_fsmn_vad_loads_without_the_rest_of_funasr(models_dir):
-    out, _ = _run(VAD_ONLY, models_dir / "fsmn-vad")
-    assert out["heavy"] == [], out
-    assert out["families"] <= 3, out  # FsmnVADStreaming and its kin, not funasr's ~50 model classes
-
-
-def test_the_funasr_engine_loads_its_own_modules_and_funasr_answers_the_rest(models_dir):
+def test_fsmn_vad_then_the_funasr_engine_load_their_own_modules_and_funasr_answers_the_rest(models_dir):
     out, _ = _run(VAD_THEN_FUNASR, models_dir)
+    assert out["vad"]["heavy"] == [], out  # fsmn-vad alone: not Paraformer, not funasr's LLM families
+    assert out["vad"]["families"] <= 3, out  # FsmnVADStreaming and its kin, not funasr's ~50 model classes
     assert out["light"] == [], out  # the tiny Paraformer, streaming and punctuation: their own modules only
     assert out["paraformer"] and out["same"] and out["version"].count(".") >= 1, out
     assert isinstance(out["text"], str)
