@@ -5,6 +5,8 @@
 #   scripts/test.sh                 the whole suite
 #   scripts/test.sh tests/test_config.py -k env
 #   S2S_SLOW=1 scripts/test.sh      include the long soak/load tests
+#   S2S_TEST_WORKERS=0 scripts/test.sh   one process (default 2: pytest-xdist, each test file whole
+#                                         in one worker; -s output then shows with -n 0 only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --test
@@ -17,4 +19,4 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export S2S_TEST_MODELS=${S2S_TEST_MODELS:-$PWD/.models}
 s2s-models bundled --out "$S2S_TEST_MODELS" >/dev/null
 s2s-models tiny --out "$S2S_TEST_MODELS" >/dev/null
-exec python -m pytest -p no:cacheprovider "$@"
+exec python -m pytest -p no:cacheprovider -n "${S2S_TEST_WORKERS:-2}" --dist loadfile "$@"
