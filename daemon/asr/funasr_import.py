@@ -5,18 +5,20 @@ with sklearn, LLM ASR with transformers, ...) is imported so that each registers
 That is 7 s of a daemon's start on this machine, where fsmn-vad (the endpointing of every engine,
 the bundled Whisper's included) needs one family of them and the FunASR engine a few.
 
-`build(modules, **kwargs)` (or `auto_model(modules)`) puts funasr's package in `sys.modules` with its `__init__` deferred,
-imports AutoModel and the named modules (which register the classes a model's config names)
-and returns AutoModel. Whatever asks the package for anything else (`from funasr import
-AutoModel`, as funasr's own code and the benchmarks do) gets it: the first such question
-runs funasr's own `__init__` in that same module object, as a plain `import funasr` would have.
+`build(modules, **kwargs)` (and `auto_model(modules)`, which it calls) puts funasr's package in
+`sys.modules` with its `__init__` deferred, imports AutoModel and the named modules (which
+register the classes a model's config names) and builds the model. Whatever asks the package
+for anything else (`from funasr import AutoModel`, as funasr's own code and the benchmarks do)
+gets it: the first such question runs funasr's own `__init__` in that same module object, as a
+plain `import funasr` would have. A model whose config names a class none of the modules
+registers is built again with all of funasr, and the log says so once.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import importlib.util
+import logging
 import pkgutil
 import sys
 import threading
@@ -30,9 +32,10 @@ logger = logging.getLogger(__name__)
 # its submodules). fsmn-vad:
 VAD_MODULES = ("funasr.models.fsmn_vad_streaming", "funasr.frontends.wav_frontend")
 # Paraformer offline (plain, SeACo, BiCif), streaming, and CT-Transformer punctuation:
-PARAFORMER_MODULES = ("funasr.models.paraformer", "funasr.models.sanm", "funasr.models.scama", "funasr.models.bicif_paraformer",
-                      "funasr.models.seaco_paraformer", "funasr.models.paraformer_streaming",
-                      "funasr.models.ct_transformer", "funasr.tokenizer.char_tokenizer", "funasr.frontends.wav_frontend")
+PARAFORMER_MODULES = ("funasr.models.paraformer", "funasr.models.sanm", "funasr.models.scama",
+                      "funasr.models.bicif_paraformer", "funasr.models.seaco_paraformer",
+                      "funasr.models.paraformer_streaming", "funasr.models.ct_transformer",
+                      "funasr.tokenizer.char_tokenizer", "funasr.frontends.wav_frontend")
 _lock = threading.RLock()
 
 
@@ -65,8 +68,8 @@ def build(modules: Iterable[str], **kwargs: Any) -> Any:
     except Exception as e:  # noqa: BLE001 - retried once with every funasr family registered
         if whole:
             raise
-        logger.warning("funasr: %s did not build from %s (%s: %s); importing all of funasr", kwargs.get("model"),
-                       ", ".join(modules), type(e).__name__, e)
+        logger.warning("funasr: %s did not build from %s (%s: %s); importing all of funasr",
+                       kwargs.get("model"), ", ".join(modules), type(e).__name__, e)
         return complete().AutoModel(**kwargs)
 
 
