@@ -79,11 +79,17 @@ class Terminal:
     writing ^C to the master sends SIGINT to the whole foreground process group."""
 
     def __init__(self, cwd: Path, env: dict, log: Path):
+        self.cwd = Path(cwd)
         self.log_path = log
         self.master, slave = os.openpty()
 
         def own_terminal() -> None:  # runs in the child, after setsid (start_new_session)
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # As an interactive shell starts a command: ^C and ^\ at their defaults, whatever the
+            # test runner inherited (a job started with & by a non-interactive shell ignores both,
+            # and bash cannot trap a signal ignored when it starts).
+            for sig in (signal.SIGINT, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_DFL)
 
         self.proc = subprocess.Popen(["bash", "scripts/start-s2s.sh"], cwd=cwd, env=env, stdin=slave,
                                      stdout=slave, stderr=slave, start_new_session=True,
@@ -118,6 +124,13 @@ class Terminal:
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        # What the script started in sessions of their own (setsid) outlives its group: a test that
+        # failed before the script stopped them must not leave them on the default ports.
+        for pid in children(self.cwd):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
             self.proc.wait(10)
         try:
             os.close(self.master)
@@ -152,7 +165,7 @@ def children(clone: Path) -> list:
             cwd = os.readlink(d / "cwd")
         except OSError:
             continue
-        if ("s2s-speechd" in cmd or "s2s-bridge" in cmd) and cwd.startswith(str(clone)):
+        if any(f"s2s-{x}" in cmd for x in ("speechd", "bridge", "wyoming", "openai")) and cwd.startswith(str(clone)):
             found.append(int(d.name))
     return found
 
