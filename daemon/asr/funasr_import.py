@@ -31,10 +31,13 @@ logger = logging.getLogger(__name__)
 # The funasr modules whose classes the models we load name in their config.yaml (a package: all
 # its submodules). fsmn-vad:
 VAD_MODULES = ("funasr.models.fsmn_vad_streaming", "funasr.frontends.wav_frontend")
-# Paraformer offline (plain, SeACo, BiCif), streaming, and CT-Transformer punctuation:
+# Paraformer offline (plain, SeACo, BiCif), streaming, and CT-Transformer punctuation; the real
+# models' configs also name their training's SpecAugLFR (built, never run at inference) and may
+# name a feature normalisation:
 PARAFORMER_MODULES = ("funasr.models.paraformer", "funasr.models.sanm", "funasr.models.scama",
                       "funasr.models.bicif_paraformer", "funasr.models.seaco_paraformer",
                       "funasr.models.paraformer_streaming", "funasr.models.ct_transformer",
+                      "funasr.models.specaug", "funasr.models.normalize",
                       "funasr.tokenizer.char_tokenizer", "funasr.frontends.wav_frontend")
 _lock = threading.RLock()
 
