@@ -39,21 +39,26 @@ pool.load()
 import logging, shutil, tempfile, yaml
 from daemon.asr import funasr_import
 warned = []
-logging.getLogger("daemon.asr.funasr_import").addHandler(type("H", (logging.Handler,), {"emit": lambda h, r: warned.append(r.getMessage())})())
+class Warned(logging.Handler):
+    def emit(self, record):
+        warned.append(record.getMessage())
+logging.getLogger("daemon.asr.funasr_import").addHandler(Warned())
 real = Path(tempfile.mkdtemp()) / "paraformer"
 shutil.copytree(Path(sys.argv[1]) / "tiny" / "paraformer", real)
 cfg = yaml.safe_load((real / "config.yaml").read_text())
-cfg.update(specaug="SpecAugLFR", specaug_conf=dict(apply_time_warp=False, apply_freq_mask=True, freq_mask_width_range=[0, 30],
-           lfr_rate=6, num_freq_mask=1, apply_time_mask=True, time_mask_width_range=[0, 12], num_time_mask=1))
+cfg.update(specaug="SpecAugLFR", specaug_conf=dict(
+    apply_time_warp=False, apply_freq_mask=True, freq_mask_width_range=[0, 30], lfr_rate=6, num_freq_mask=1,
+    apply_time_mask=True, time_mask_width_range=[0, 12], num_time_mask=1))
 (real / "config.yaml").write_text(yaml.safe_dump(cfg))
-funasr_import.build(funasr_import.PARAFORMER_MODULES, model=str(real), device="cpu", disable_update=True, disable_pbar=True,
-                    disable_log=True)
+funasr_import.build(funasr_import.PARAFORMER_MODULES, model=str(real), device="cpu", disable_update=True,
+                    disable_pbar=True, disable_log=True)
 light = sorted(m for m in ("transformers", "funasr.models.llm_asr.model") if m in sys.modules) + warned
 from funasr import AutoModel  # funasr's own question, asked after
 import funasr
 x, _ = read_wav("tests/fixtures/zh/01.wav")
 text = pool.decode(x.astype(np.float32))
-print(json.dumps({"vad": vad, "light": light, "version": funasr.__version__, "paraformer": "funasr.models.paraformer.model" in sys.modules,
+print(json.dumps({"vad": vad, "light": light, "version": funasr.__version__,
+                  "paraformer": "funasr.models.paraformer.model" in sys.modules,
                   "same": AutoModel is sys.modules["funasr.auto.auto_model"].AutoModel, "text": text}))
 """
 

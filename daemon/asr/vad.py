@@ -84,8 +84,8 @@ class FsmnVAD:
         from daemon.asr import funasr_import
 
         # CPU always: see the module docstring. Only fsmn-vad's own funasr modules are imported.
-        self._model = funasr_import.build(funasr_import.VAD_MODULES, model=str(self.model_dir), device="cpu", ncpu=self.ncpu,
-                                          **FUNASR_QUIET)
+        self._model = funasr_import.build(funasr_import.VAD_MODULES, model=str(self.model_dir), device="cpu",
+                                          ncpu=self.ncpu, **FUNASR_QUIET)
         opts = getattr(getattr(self._model, "model", None), "vad_opts", None)
         if opts is not None:
             self.frame_ms = int(getattr(opts, "frame_in_ms", self.frame_ms))
