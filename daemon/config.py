@@ -142,8 +142,8 @@ class KokoroModels:
     english_voice: str = "auto"
     # The voice's own rate, multiplied by tts.speed or a request's speed.
     speed: float = 1.0
-    # onnxruntime intra-op threads; 0 = one per CPU core, at most 4.
-    threads: int = 0
+    threads: int = 0  # intra-op threads (onnxruntime, OpenVINO); 0 = one per CPU core, at most 4
+    runtime: str = "auto"  # or onnxruntime, openvino: daemon/tts/kokoro_runtime.py says which runs where
 
 
 @dataclass(frozen=True)
@@ -253,6 +253,7 @@ CHOICES = {
     "asr.funasr.quantize": ("auto", "partials", "off"),
     "tts.engine": ("melo", "kokoro", "piper", "kokoro+piper"),
     "tts.fallback_engine": ("kokoro+piper", "kokoro", "piper", "melo", "none"),
+    "tts.kokoro.runtime": ("auto", "onnxruntime", "openvino"),
     "tts.language": tuple(lang.upper() for lang in SPOKEN_LANGUAGES),
     "agent.kind": ("langgraph", "openai", "echo"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -410,10 +411,8 @@ def _validate(cfg: Config) -> None:
     if cfg.limits.max_session_lag < cfg.limits.max_asr_lag:
         raise ConfigError("limits.max_session_lag", "must be at least limits.max_asr_lag", src)
     # The selected engine must name its model paths (existence is checked at load).
-    required = {
-        "funasr": ("asr.funasr.paraformer", "asr.funasr.vad"),
-        "whisper": ("asr.whisper.model",),
-    }[cfg.asr.engine]
+    required = {"funasr": ("asr.funasr.paraformer", "asr.funasr.vad"),
+                "whisper": ("asr.whisper.model",)}[cfg.asr.engine]
     required += {"melo": ("tts.melo.model",), "piper": ("tts.piper.voice",), "kokoro": ("tts.kokoro.model",),
                  "kokoro+piper": ("tts.kokoro.model", "tts.piper.voice")}[cfg.tts.engine]
     if cfg.tts.kokoro.threads < 0:

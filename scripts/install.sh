@@ -63,7 +63,7 @@ mapfile -t torch_pins < <(grep -E '^(torch|torchaudio)==' requirements-speech.tx
 python -m pip install "${torch_pins[@]}"
 step "installing the pinned set (requirements-speech.txt)"
 python -m pip install -r requirements-speech.txt
-step "installing MeloTTS without its stale pins (requirements-nodeps.txt)"
+step "installing MeloTTS and OpenVINO without their extra pins (requirements-nodeps.txt)"
 python -m pip install --no-deps -r requirements-nodeps.txt
 step "installing s2s itself (editable)"
 python -m pip install -q --no-deps --no-build-isolation -e .

