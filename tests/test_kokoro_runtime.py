@@ -78,6 +78,34 @@ def test_bf16_decoder_keeps_the_waveform(models_dir):
     assert corr > 0.98 and snr_db(whole, bf16) > 15, (corr, snr_db(whole, bf16))
 
 
+def _rss_mb() -> float:
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def test_a_long_call_hands_its_memory_back(models_dir):
+    """OpenVINO keeps a call's buffers at the largest shape it has run: a 20 s call held ~500 MB
+    after it. Past kokoro_runtime.RELEASE_AFTER_SAMPLES they are released."""
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16: auto runs onnxruntime")
+    eng = KokoroEngine(KokoroConfig(model_dir=models_dir / "kokoro"))
+    eng.load()
+    try:
+        eng.synthesize("你好，我是你的语音助手。", "zh")
+        before = _rss_mb()
+        out = eng._run(eng.phonemes("九" * 45), 0.5)
+        assert out.size > 2 * kokoro_runtime.RELEASE_AFTER_SAMPLES
+        grew = _rss_mb() - before
+        assert grew < 200, f"{grew:.0f} MB kept after a {out.size / 24000:.0f} s call"
+    finally:
+        eng.shutdown()
+
+
 def test_default_runtime_follows_the_cpu(models_dir):
     """Nothing set: the split model with a bf16 decoder on a CPU with bf16, onnxruntime elsewhere;
     describe says which and why."""

