@@ -41,7 +41,10 @@ def test_a_reply_refused_busy_is_spoken_when_the_daemon_has_room(stack):
         await other.connect()
         hold = await other.synthesize_stream(text="[slow]一。" * 5, request_id="holder")
         await hold.end()
-        first = await hold.audio().__anext__()  # the holder runs: the queue (1) is full
+        # Kept referenced: an audio() generator dropped after one chunk is closed by asyncio's
+        # finalizer, which cancels the holder at the daemon and empties the queue (seen under load).
+        holder_audio = hold.audio()
+        first = await holder_audio.__anext__()  # the holder runs: the queue (1) is full
         assert first.pcm
         c = await WSClient.open(bridge.ws)
         await c.send_json({"type": "text", "text": "你好，请说两句话。第二句在这里。"})
@@ -52,7 +55,7 @@ def test_a_reply_refused_busy_is_spoken_when_the_daemon_has_room(stack):
         assert sum(len(pcm) for _, pcm in c.audio()) > 0
         assert "busy" in bridge.text() and "asking again" in bridge.text(), bridge.text()[-2000:]
         await c.close()
-        async for _ in hold.audio():
+        async for _ in holder_audio:
             pass
         await other.close()
 
