@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 # ~0.15 s more on the next call to allocate again). Typical sentences are 1-6 s.
 RELEASE_AFTER_SAMPLES = 8 * 24000
 
+
 def _ort_session(path: Path, threads: int, providers: List[Any]) -> Tuple[Any, Any]:
     import onnxruntime as ort
 
@@ -133,7 +134,7 @@ def choose(runtime: str, model_dir: Path, device: str) -> Tuple[str, bool, str]:
     bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if runtime == "auto" and not bf16:
         return "onnxruntime", False, "auto: this CPU has no bf16 instructions (OpenVINO in float32 is no faster)"
-    return "openvino", bf16, f"{'auto: this CPU has bf16' if runtime == 'auto' else 'tts.kokoro.runtime: openvino'}"
+    return "openvino", bf16, "auto: this CPU has bf16" if runtime == "auto" else "tts.kokoro.runtime: openvino"
 
 
 def open_model(runtime: str, model_dir: Path, model_file: str, device: str, threads: int) -> Tuple[Any, str]:
