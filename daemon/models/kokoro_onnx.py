@@ -217,15 +217,16 @@ def split(model_file: Path) -> Tuple[Path, Path]:
     dec = _graph(model, dec_nodes, _cut_types(enc_bytes, cut), list(g.output), "kokoro-decoder")
     d = model_file.parent
     enc_path, dec_path = d / SPLIT_ENCODER, d / SPLIT_DECODER
-    tmp_onnx = d / (SPLIT_DECODER + ".onnx.part")
+    tmp_onnx, tmp_enc, tmp_xml = d / (SPLIT_DECODER + ".onnx.part"), d / (SPLIT_ENCODER + ".part"), d / (
+        "part." + SPLIT_DECODER)
     try:
-        (d / (SPLIT_ENCODER + ".part")).write_bytes(enc_bytes)
+        tmp_enc.write_bytes(enc_bytes)
         onnx.save(dec, str(tmp_onnx))
-        tmp_xml = d / ("part." + SPLIT_DECODER)
         ov.save_model(ov.Core().read_model(str(tmp_onnx)), str(tmp_xml), compress_to_fp16=True)
         os.replace(tmp_xml.with_suffix(".bin"), dec_path.with_suffix(".bin"))
         os.replace(tmp_xml, dec_path)
-        os.replace(d / (SPLIT_ENCODER + ".part"), enc_path)
-    finally:
-        tmp_onnx.unlink(missing_ok=True)
+        os.replace(tmp_enc, enc_path)
+    finally:  # what a failed split left (after a success these are gone already)
+        for tmp in (tmp_onnx, tmp_enc, tmp_xml, tmp_xml.with_suffix(".bin")):
+            tmp.unlink(missing_ok=True)
     return enc_path, dec_path
