@@ -217,8 +217,9 @@ def split(model_file: Path) -> Tuple[Path, Path]:
     dec = _graph(model, dec_nodes, _cut_types(enc_bytes, cut), list(g.output), "kokoro-decoder")
     d = model_file.parent
     enc_path, dec_path = d / SPLIT_ENCODER, d / SPLIT_DECODER
-    tmp_onnx, tmp_enc, tmp_xml = d / (SPLIT_DECODER + ".onnx.part"), d / (SPLIT_ENCODER + ".part"), d / (
-        "part." + SPLIT_DECODER)
+    tmp_onnx = d / (SPLIT_DECODER + ".onnx.part")
+    tmp_enc = d / (SPLIT_ENCODER + ".part")
+    tmp_xml = d / ("part." + SPLIT_DECODER)  # its .bin beside it
     try:
         tmp_enc.write_bytes(enc_bytes)
         onnx.save(dec, str(tmp_onnx))
