@@ -13,8 +13,9 @@ It runs in this venv's python and funasr; its handler takes (websocket, path), t
 < 13 signature, so it is started with `serve` adapted to call it with path None, inside the
 file's own event loop (nothing else of the file is changed). Per point: a fresh server; N
 clients in `2pass` mode (chunk_size 5,10,5, chunk_interval 10: 60 ms frames), each sends its
-recording on an absolute real-time schedule, then `{"is_speaking": false}`; final latency = that message -> the last `2pass-offline` answer
-(the server sends one per utterance, the last after the end); partial cadence = gaps between
+recording on an absolute real-time schedule, then `{"is_speaking": false}`; final latency =
+that message -> the last `2pass-offline` answer (the server sends one per utterance, the last
+after the end); partial cadence = gaps between
 `2pass-online` messages; the server's CPU seconds per audio second. A stream whose last answer
 does not come within --drain-timeout counts as not held.
 """
@@ -32,7 +33,8 @@ from typing import Any, Dict, List, Optional
 
 from daemon.tools.bench.capacity import (CAPACITY_P95_S, FRAME_BYTES, FRAME_S, build_recordings, cap_recordings,
                                          parse_streams)
-from daemon.tools.bench.common import DEFAULT_MANIFEST, RATE, load_manifest, pct, table
+from daemon.tools.bench.common import (DEFAULT_MANIFEST, RATE, load_manifest, pct, proc_sample, report_logger,
+                                       table)
 from daemon.tools.bench.stack import Proc, _env
 from daemon.tools.bench_wyoming import free_port, wait_port
 
@@ -102,11 +104,10 @@ async def _stream(port: int, pcm: bytes, t0: float, drain: float, index: int) ->
 
 
 def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    import os
-
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    sample = proc_sample(pid)
+    if sample is None:
+        raise SystemExit(f"funasr_wss_server (pid {pid}) is gone")
+    return sample["cpu_s"]
 
 
 def run_point(args: argparse.Namespace, n: int, recs: List[Any]) -> Dict[str, Any]:
@@ -153,11 +154,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     def f(v: Optional[float]) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    print(table("FunASR's funasr_wss_server.py (2pass), the capacity recordings in real time",
-                ["streams", "answered", "final p50 s", "final p95 s", "max s", "partial gap p95 s", "CPU-s/audio-s",
-                 "holds"],
-                [[p["streams"], p["answered"], f(p["final_p50_s"]), f(p["final_p95_s"]), f(p["final_max_s"]),
-                  f(p["partial_gap_p95_s"]), f(p["cpu_s_per_audio_s"]), p["holds"]] for p in points]))
+    rows = [[p["streams"], p["answered"], f(p["final_p50_s"]), f(p["final_p95_s"]), f(p["final_max_s"]),
+             f(p["partial_gap_p95_s"]), f(p["cpu_s_per_audio_s"]), p["holds"]] for p in points]
+    report_logger("funasr-peer").info("%s", table(
+        "FunASR's funasr_wss_server.py (2pass), the capacity recordings in real time",
+        ["streams", "answered", "final p50 s", "final p95 s", "max s", "partial gap p95 s", "CPU-s/audio-s", "holds"],
+        rows))
     if args.json:
         Path(args.json).write_text(json.dumps(points, indent=1))
     return 0

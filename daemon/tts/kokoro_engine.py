@@ -94,7 +94,7 @@ class KokoroConfig(TTSSettings):
     voice: str = KokoroModels.voice
     # The voice's own rate; a request's speed (or tts.speed) multiplies it.
     voice_speed: float = KokoroModels.speed
-    # onnxruntime intra-op threads; 0 = one per core (at most 4).
+    # Intra-op threads (onnxruntime, and OpenVINO for the split decoder); 0 = one per core (at most 4).
     threads: int = KokoroModels.threads
     # auto | onnxruntime | openvino (daemon/tts/kokoro_runtime.py).
     runtime: str = KokoroModels.runtime
