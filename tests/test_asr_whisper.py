@@ -9,7 +9,7 @@ import pytest
 
 from daemon.tools import metrics
 from daemon.asr.base import Decode
-from daemon.asr.whisper_engine import END_PAD_SECONDS, WhisperConfig, WhisperPool, to_simplified
+from daemon.asr.whisper_engine import END_PAD_SECONDS, FINAL_TOKENS_PER_SECOND, WhisperConfig, WhisperPool, to_simplified
 from daemon.audio import read_wav
 from daemon.config import parse_config
 from daemon.engines import ASRPool, ASRSession
@@ -90,6 +90,15 @@ def test_english_heard_with_language_zh_is_one_bounded_pass(pool, fixtures_dir):
     for name, word in (("01.wav", "timer"), ("02.wav", "pharmacy")):
         events = transcribe(pool, fixtures_dir / "en" / name, "zh", f"zh-{name}")
         assert word in hypothesis(events, "en").lower(), events
+
+
+def test_a_final_of_near_silence_is_bounded_by_its_length(pool):
+    """Seconds of silence the VAD let through (or a client's zeros) made Whisper base loop to its
+    448-token limit (3 s of zeros: 223 characters of 对我对我..., seconds of the worker): a final's
+    tokens are bounded by its audio's length (FINAL_TOKENS_PER_SECOND), as a partial's are."""
+    for seconds in (3, 6):
+        text = pool.decode_requests([Decode(np.zeros(seconds * 16000, np.float32), (), "zh")])[0][0]
+        assert len(text) <= 10 + FINAL_TOKENS_PER_SECOND * seconds, (seconds, len(text), text[:40])
 
 
 def test_auto_language_detects_english(pool, fixtures_dir):

@@ -93,6 +93,11 @@ FINAL_MIN_WINDOW_SECONDS = 10.0
 # loop a truncated window can fall into).
 PARTIAL_TOKENS_PER_SECOND = 12
 PARTIAL_NO_REPEAT_NGRAM = 3
+# A final's text is bounded by its speech too, more loosely (fast Mandarin is ~7 characters a
+# second, a token or two each, plus timestamps): a window of near-silence the VAD let through made
+# Whisper base loop to its 448-token limit (3 s of zeros: 223 characters of 对我对我..., ~2-4 s of
+# the worker), which any client can send.
+FINAL_TOKENS_PER_SECOND = 20
 
 T = TypeVar("T")
 
@@ -387,8 +392,9 @@ class WhisperPool(PoolBase):
                       for lang in set(langs)}
         tokenizer = tokenizers[langs[0]]
         max_length, beam, no_repeat = model.max_length, self.config.beam_size, 0
+        longest = max(r.audio.size for r in reqs) / SAMPLE_RATE
+        max_length = min(max_length, int(10 + FINAL_TOKENS_PER_SECOND * longest))
         if partial:
-            longest = max(r.audio.size for r in reqs) / SAMPLE_RATE
             max_length = min(max_length, int(10 + PARTIAL_TOKENS_PER_SECOND * longest))
             beam, no_repeat = 1, PARTIAL_NO_REPEAT_NGRAM
         # DECODE_TEMPERATURE 0 is a beam search: faster-whisper passes no sampling options then.

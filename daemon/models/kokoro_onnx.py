@@ -27,6 +27,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Set, Tuple
 
+# The whole model as `convert` writes it (its convolutions float): the file name s2s-models installs
+# (daemon/models/store.py) and the engine loads (daemon/tts/kokoro_engine.py).
+MODEL_FILE = "kokoro-v1.0.int8-floatconv.onnx"
 # The two halves `split` writes beside the model (the .xml's weights in a .bin beside it).
 SPLIT_ENCODER = "kokoro-v1.0.encoder.onnx"
 SPLIT_DECODER = "kokoro-v1.0.decoder.xml"

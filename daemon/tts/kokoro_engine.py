@@ -36,13 +36,13 @@ from daemon.config import Config, KokoroModels
 from daemon.engines import Capabilities, EngineInfo, Fallback, TTSEngine
 from daemon.errors import ModelMissingError, TextError
 from daemon.models import kokoro_voices
+from daemon.models.kokoro_onnx import MODEL_FILE
 from daemon.rules import LANGUAGES
 from daemon.tts.base import SentenceTTS, TTSSettings, trim_silence
 from daemon.tts.kokoro_text import CJK_RE, LATIN_RE, KokoroG2P, language_of  # noqa: F401 (language_of: re-exported)
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "kokoro-v1.0.int8-floatconv.onnx"  # daemon/models/kokoro_onnx.py
 VOCAB_FILE = "vocab.json"
 VOICES_FILE = "voices.npz"
 MODEL_SAMPLE_RATE = 24000
