@@ -1,9 +1,10 @@
 """One browser's speech recognition: its daemon ASR session, audio batching and the event pump.
 
 Audio batching at the edge: the page sends 40 ms frames; the daemon's VAD works in 200 ms
-steps and would merge them again. Frames are collected per session and forwarded in whole
-steps (`BATCH_BYTES`), the rest on `stop`, so a session costs the daemon 5 messages a second
-instead of 25. Arrival times are kept per browser frame, so the speech end -> final latency
+steps (100 ms while it counts silence in an utterance, where endpointing is decided). Frames are
+collected per session and forwarded in pieces of that 100 ms step (`daemon.rules.FORWARD_BYTES`),
+the rest on `stop`, so a session costs the daemon 10 messages a second instead of 25 and the VAD
+has its tail step's audio when it is due. Arrival times are kept per browser frame, so the speech end -> final latency
 still counts from when the audio reached the bridge. One message to the daemon carries at most
 the `max_chunk_seconds` its `opened` advertises (limits.max_chunk_seconds; it refuses more).
 
@@ -32,14 +33,13 @@ from bridge.auth import AudioBudget
 from bridge.context import Context
 from bridge.daemon_link import OPEN_TIMEOUT
 from bridge.wire import ClientTooSlow, Events
+from daemon.rules import FORWARD_BYTES
 from daemon.wire import protocol as P
 from daemon.wire.client import AsyncASRStream, DaemonError, new_id
 
 logger = logging.getLogger(__name__)
 
 INPUT_RATE = 16000
-# 200 ms: the daemon VAD's step.
-BATCH_BYTES = INPUT_RATE * 2 // 5
 # Largest audio message forwarded to a daemon whose `opened` does not say its max_chunk_seconds.
 DAEMON_CHUNK_BYTES = INPUT_RATE * 2  # 1 s
 # Audio arrival marks kept for the speech-end -> final latency (40 ms chunks: ~2 minutes).
@@ -163,7 +163,7 @@ class Recognizer:
         self.marks.append((self.samples_in, now))
         self.stats["audio_bytes_in"] += len(pcm)
         self.pending += pcm
-        if len(self.pending) >= BATCH_BYTES:
+        if len(self.pending) >= FORWARD_BYTES:
             await self._forward()
 
     async def _refuse_fast(self, nbytes: int) -> None:
@@ -180,7 +180,7 @@ class Recognizer:
 
     async def _forward(self, final: bool = False) -> None:
         """Send the whole batches pending (everything when `final`)."""
-        n = len(self.pending) if final else len(self.pending) - len(self.pending) % BATCH_BYTES
+        n = len(self.pending) if final else len(self.pending) - len(self.pending) % FORWARD_BYTES
         if not n or self.stream is None:
             return
         data = bytes(self.pending[:n])

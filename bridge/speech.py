@@ -32,13 +32,11 @@ from daemon.wire import protocol as P
 from daemon.wire.client_async import AsyncASRStream
 from daemon.wire.client_base import DaemonError, new_id
 from daemon.errors import ErrorCode
-from daemon.rules import SPOKEN_LANGUAGES
+from daemon.rules import FORWARD_BYTES, SPOKEN_LANGUAGES
 
 logger = logging.getLogger(__name__)
 
 RATE = P.ASR_SAMPLE_RATE
-# 200 ms: the daemon VAD's step (bridge/asr.py sends the same).
-BATCH_BYTES = RATE * 2 // 5
 # Unacknowledged audio at most, seconds (the daemon caps a session's queue at 60 s).
 WINDOW_SECONDS = 8.0
 # How long a `busy` (or slow) daemon is asked again before the client is told.
@@ -193,9 +191,10 @@ class Transcription:
 
     @property
     def _step(self) -> int:
-        """BATCH_BYTES, or less when the session's `opened` says the daemon takes less at once."""
+        """FORWARD_BYTES (the daemon VAD's tail step, as bridge/asr.py sends), or less when the
+        session's `opened` says the daemon takes less at once."""
         most = self.stream.max_chunk_bytes if self.stream is not None else None
-        return min(BATCH_BYTES, most or BATCH_BYTES)
+        return min(FORWARD_BYTES, most or FORWARD_BYTES)
 
     async def _send(self, n: int) -> None:
         assert self.stream is not None

@@ -27,6 +27,14 @@ MAX_HOTWORD_TOTAL_CHARS = MAX_HOTWORDS * (MAX_HOTWORD_CHARS + 1)
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 # Client-chosen ids (session ids, request ids).
 MAX_ID_CHARS = 128
+# Endpointing's clock (daemon/asr/vad.py): fsmn-vad runs on every VAD_STEP_MS of a session's audio,
+# and on every VAD_TAIL_STEP_MS while it counts silence inside an utterance, so a pause and an
+# utterance's end are seen up to that much sooner (BENCHMARKS.md "The VAD's tail step"). Front ends
+# forward microphone audio to the daemon in pieces of FORWARD_BYTES (PCM16 16 kHz, one tail step):
+# larger pieces would hold back the audio the tail step needs.
+VAD_STEP_MS = 200
+VAD_TAIL_STEP_MS = 100
+FORWARD_BYTES = 16000 * 2 * VAD_TAIL_STEP_MS // 1000
 
 
 def check_language(lang: Any) -> str:

@@ -338,7 +338,8 @@ def test_vad_block_in_one_forward_gives_the_same_segments(models_dir, fixtures_d
     def segments(piece: int, steps_only: bool) -> List[tuple]:
         seg = vad.segmenter()
         if steps_only:
-            seg.vad = SimpleNamespace(run=old_run, step_ms=vad.step_ms)
+            seg.vad = SimpleNamespace(run=old_run, step_ms=vad.step_ms, tail_step_ms=vad.tail_step_ms,
+                                      frame_ms=vad.frame_ms)
         events = []
         for off in range(0, len(x), piece):
             events += seg.push(x[off:off + piece])

@@ -75,6 +75,62 @@ def test_chunk_size_does_not_change_segments(vad, fixtures_dir):
     assert all(s == spans[0] for s in spans), spans
 
 
+def _seen(vad: FsmnVAD, x: np.ndarray, kind: str, early_ms: int = 300) -> list:
+    """When (samples pushed so far, in 100 ms pieces as the bridge sends) each `kind` event came."""
+    seg = vad.segmenter()
+    seg.early_silence_ms = early_ms
+    at = []
+    for i in range(0, len(x), SR // 10):
+        at += [seg.total for ev in seg.push(x[i:i + SR // 10]) if ev.kind == kind]
+    return at
+
+
+@pytest.mark.parametrize("kind", ["pause", "end"])
+def test_silence_in_an_utterance_is_watched_at_the_tail_step(vad, models_dir, fixtures_dir, manifest, kind):
+    """While the VAD counts silence inside an utterance it runs every 100 ms (tail_step_ms), not
+    every 200 ms: a pause (turn.early_silence) and the utterance's end are seen exactly when a
+    VAD run every 100 ms throughout sees them (with 200 ms steps: up to 100 ms later, in about
+    half the clips), and speech itself stays on 200 ms steps."""
+    assert (vad.step_ms, vad.tail_step_ms) == (200, 100)
+    fine = FsmnVAD(models_dir / "fsmn-vad", ncpu=1, step_ms=100)
+    fine.load()
+    pad = np.zeros(2 * SR, np.float32)
+    clips = [read_wav(fixtures_dir / r["path"])[0] for r in manifest if r["lang"] == "zh" and r["kind"] == "utt"]
+    for x in clips[:6]:
+        y = np.concatenate([x, pad])
+        assert _seen(vad, y, kind) == _seen(fine, y, kind)
+    seg = vad.segmenter()
+    sizes = []
+    steps = seg.push_steps(clips[0][: 2 * SR])  # speech: whole 200 ms steps
+    try:
+        block = next(steps)
+        while True:
+            sizes.append(block.audio.size)
+            block = steps.send(vad.run(block.audio, block.cache, is_final=False))
+    except StopIteration:
+        pass
+    assert sizes and all(n % (SR // 5) == 0 for n in sizes), sizes
+
+
+def test_a_pause_is_not_withdrawn_by_the_vad_settling_at_its_edge(vad, fixtures_dir):
+    """A sentence with 400 ms of silence cut into it, then silence; turn.early_silence 0.2 (the
+    speculation tests'), 100 ms pieces as the bridge sends: a pause in the cut, withdrawn by the
+    speech after it, a pause at the end, the end. The VAD may still confirm a frame at a pause's
+    edge: that was taken for speech again (a `resume` that withdrew the tentative, and another
+    pause 100 ms later, another speculative reply wasted)."""
+    x, _ = read_wav(fixtures_dir / "zh" / "01.wav")
+    rms = np.sqrt(np.convolve(x * x, np.ones(320) / 320, mode="same"))
+    lo, hi = int(len(x) * 0.4), int(len(x) * 0.6)
+    cut = lo + int(np.argmin(rms[lo:hi]))
+    y = np.concatenate([x[:cut], np.zeros(int(0.4 * SR), np.float32), x[cut:], np.zeros(int(1.5 * SR), np.float32)])
+    seg = vad.segmenter()
+    seg.early_silence_ms = 200
+    events = stream(seg, y, SR // 10)
+    assert [e.kind for e in events] == ["start", "pause", "resume", "pause", "end"], [
+        (e.kind, e.end / SR) for e in events]
+    assert events[-1].after_pause
+
+
 def test_silence_and_empty_input_give_nothing(vad):
     seg = vad.segmenter()
     assert seg.push(np.zeros(0, np.float32)) == []

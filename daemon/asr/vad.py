@@ -12,7 +12,10 @@ Why these choices:
   config, so short comma pauses (under 0.5 s) never split an utterance and 0.8 s gaps do.
 - VAD runs on the CPU in steps of `step_ms` (200 ms), never per 10 ms frame: it is the CPU hot
   spot of FunASR's own server, and a GPU launch per 200 ms of audio buys nothing for a model
-  this small.
+  this small. While the VAD counts silence inside an utterance it runs every `tail_step_ms`
+  (100 ms) instead: that is where the time is decided (a pause at turn.early_silence, the end at
+  0.8 s), and a 200 ms step saw each up to 200 ms late (finals ~80 ms sooner end to end, ~12 %
+  more CPU at 32 tiny streams: BENCHMARKS.md "The VAD's tail step").
 - Only the current utterance (plus a few seconds of history for the VAD's look-back) is kept;
   `max_utterance_seconds` forces a final, so memory stays bounded on endless input.
 - Speculative turns (`turn.early_silence`, sessions that ask for them): a short silence inside
@@ -35,6 +38,7 @@ from typing import Any, Deque, Dict, Generator, List, Optional
 import numpy as np
 
 from daemon.errors import ModelMissingError
+from daemon.rules import VAD_STEP_MS, VAD_TAIL_STEP_MS
 from daemon.asr.steps import run_steps
 from daemon.asr.vad_batch import VADBlock
 
@@ -67,11 +71,13 @@ def require_dir(path: Optional[Path], what: str, marker: str = "config.yaml") ->
 class FsmnVAD:
     """The loaded fsmn-vad model, shared by all sessions (use it from one thread)."""
 
-    def __init__(self, model_dir: Path, ncpu: int = 1, max_end_silence_ms: int = 800, step_ms: int = 200):
+    def __init__(self, model_dir: Path, ncpu: int = 1, max_end_silence_ms: int = 800, step_ms: int = VAD_STEP_MS,
+                 tail_step_ms: int = VAD_TAIL_STEP_MS):
         self.model_dir = Path(model_dir)
         self.ncpu = ncpu
         self.max_end_silence_ms = max_end_silence_ms
         self.step_ms = step_ms
+        self.tail_step_ms = min(tail_step_ms, step_ms)
         # fsmn-vad options read at load (its config's values; these are the shipped ones).
         self.frame_ms = 10
         self.speech_to_sil_ms = 150  # silence the VAD's window needs before it counts frames
@@ -94,21 +100,21 @@ class FsmnVAD:
         from daemon.asr.vad_batch import BatchedFsmn
 
         self._batched = BatchedFsmn(self._model, self.max_end_silence_ms)
-        logger.info("vad: loaded %s (step %d ms, end silence %d ms)", self.model_dir, self.step_ms,
-                    self.max_end_silence_ms)
+        logger.info("vad: loaded %s (step %d ms, %d ms in a silence, end silence %d ms)", self.model_dir,
+                    self.step_ms, self.tail_step_ms, self.max_end_silence_ms)
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
 
     def run(self, audio: np.ndarray, cache: Dict[str, Any], is_final: bool) -> List[List[int]]:
-        """Feed one block (a multiple of step_ms unless final); return [start_ms, end_ms] pairs
+        """Feed one block (a multiple of step_ms, or one tail step, unless final); return [start_ms, end_ms] pairs
         (-1 for a side not in this block), ms relative to the cache's first sample."""
         # funasr runs one model forward per chunk_size of input: a whole block in one forward
         # gives the same segments at a fraction of the cost (the per-forward overhead dominates
         # a 200 ms step), which is what lets merged audio from the daemon run cheaper.
         ms = audio.size * 1000 // SAMPLE_RATE
-        chunk_ms = ms if not is_final and ms > self.step_ms and ms % self.step_ms == 0 else self.step_ms
+        chunk_ms = ms if not is_final and (ms < self.step_ms or ms % self.step_ms == 0) else self.step_ms
         try:
             res = self._model.generate(input=audio, cache=cache, is_final=is_final, chunk_size=chunk_ms,
                                        max_end_silence_time=self.max_end_silence_ms, disable_pbar=True)
@@ -201,6 +207,7 @@ class VADSegmenter:
         self.vad = vad
         self.session_id = session_id
         self.step = int(vad.step_ms * SAMPLE_RATE / 1000)
+        self.tail_step = int(vad.tail_step_ms * SAMPLE_RATE / 1000)  # while silence is counted in an utterance
         self.max_utterance = int(max_utterance_seconds * SAMPLE_RATE)
         self.history = int(self.HISTORY_SECONDS * SAMPLE_RATE)
         # Silence inside an utterance that makes a "pause" event (0: none; per session).
@@ -261,12 +268,17 @@ class VADSegmenter:
 
     def push_steps(self, x: np.ndarray) -> Generator[VADBlock, Any, List[VADEvent]]:
         """`push` as steps: yields each `VADBlock` for the model and takes back its segments, so a
-        scheduler can run many sessions' blocks in one forward (daemon/asr/batch.py)."""
+        scheduler can run many sessions' blocks in one forward (daemon/asr/batch.py). Whole steps,
+        merged up to MAX_BLOCK_STEPS; one tail step at a time while the VAD counts silence in an
+        utterance (the pause and end checks then run every tail step)."""
         self._ring.append(np.asarray(x, dtype=np.float32))
         events: List[VADEvent] = []
-        block = self.step * self.MAX_BLOCK_STEPS
-        while self._ring.end - self._vad_fed >= self.step:
-            n = min(block, (self._ring.end - self._vad_fed) // self.step * self.step)
+        while True:
+            step = self.tail_step if self._utt_start is not None and self.trailing_silence() > 0 else self.step
+            if self._ring.end - self._vad_fed < step:
+                break
+            block = step if step < self.step else step * self.MAX_BLOCK_STEPS
+            n = min(block, (self._ring.end - self._vad_fed) // step * step)
             audio = self._ring.slice(self._vad_fed, self._vad_fed + n)
             pairs = yield VADBlock(audio, self._cache)
             events += self._apply(pairs, audio.size, final=False)
@@ -354,7 +366,10 @@ class VADSegmenter:
         last = int(getattr(stats, "latest_confirmed_speech_frame", -1))
         silent = int(getattr(stats, "continous_silence_frame_count", 0))
         if self._pause_end is not None:
-            if last > self._pause_frame:
+            # Speech again: confirmed frames past the pause's by more than the VAD's settling (it
+            # may still confirm a frame or two at the pause's edge, more often when it runs every
+            # tail step: a "resume" there withdrew the tentative and paused again 100 ms later).
+            if (last - self._pause_frame) * self.vad.frame_ms * 16 > PAUSE_END_SLACK:
                 ev = VADEvent("resume", self._utt_start, self._vad_origin + last * self.vad.frame_ms * 16)
                 self._pause_end, self._pause_frame = None, -1
                 return [ev]
