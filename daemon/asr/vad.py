@@ -14,7 +14,7 @@ Why these choices:
   spot of FunASR's own server, and a GPU launch per 200 ms of audio buys nothing for a model
   this small. While the VAD counts silence inside an utterance it runs every `tail_step_ms`
   (100 ms) instead: that is where the time is decided (a pause at turn.early_silence, the end at
-  0.8 s), and a 200 ms step saw each up to 200 ms late (finals ~80 ms sooner end to end, ~12 %
+  0.8 s), and a 200 ms step saw each up to 200 ms late (finals ~90 ms sooner end to end, 7-10 %
   more CPU at 32 tiny streams: BENCHMARKS.md "The VAD's tail step").
 - Only the current utterance (plus a few seconds of history for the VAD's look-back) is kept;
   `max_utterance_seconds` forces a final, so memory stays bounded on endless input.
