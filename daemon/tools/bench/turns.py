@@ -287,11 +287,13 @@ def run_e2e(args: argparse.Namespace) -> Dict[str, Any]:
         cut = s + int((e - s) * 0.65)
         clips.append((u.id, "cut65", x[:cut].tobytes(), cut / SR))
     out: Dict[str, Any] = {"engines": args.engines, "agent_ttft_ms": round(args.agent_ttft * 1000), "runs": {},
-                           "judge_complete": args.judge_complete}
+                           "judge_complete": args.judge_complete, "early_silence": args.early_silence}
     for judge in (("off", "on") if args.off_first else ("on", "off")):
         tmp = Path(tempfile.mkdtemp(prefix="s2s-turns-"))
         data = engine_config(args.engines, Path(args.models), tmp / "run")
         data["turn"] = {"judge": judge == "on"}
+        if args.early_silence is not None:
+            data["turn"]["early_silence"] = args.early_silence
         if args.judge_complete is not None:
             data["turn"].update(judge_complete=args.judge_complete,
                                 judge_with_text=min(args.judge_complete, 0.5), judge_unfinished=0.0)
@@ -418,6 +420,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--off-first", action="store_true", help="--e2e: run the stack without the judge first")
     p.add_argument("--judge-complete", type=float, default=None,
                    help="--e2e: turn.judge_complete for the judged stack (default: the config's)")
+    p.add_argument("--early-silence", type=float, default=None,
+                   help="--e2e: turn.early_silence for both stacks (default: the config's)")
     p.add_argument("--cpu", action="store_true", help="instead: the ASR worker's CPU with the judge off and on")
     p.add_argument("--streams", type=int, default=16, help="--cpu: sessions")
     p.add_argument("--seconds", type=float, default=30.0, help="--cpu: seconds of audio per session")
