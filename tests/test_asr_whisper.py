@@ -9,7 +9,8 @@ import pytest
 
 from daemon.tools import metrics
 from daemon.asr.base import Decode
-from daemon.asr.whisper_engine import END_PAD_SECONDS, FINAL_TOKENS_PER_SECOND, WhisperConfig, WhisperPool, to_simplified
+from daemon.asr.whisper_engine import (END_PAD_SECONDS, FINAL_TOKENS_PER_SECOND, WhisperConfig, WhisperPool,
+                                        to_simplified)
 from daemon.audio import read_wav
 from daemon.config import parse_config
 from daemon.engines import ASRPool, ASRSession
