@@ -189,27 +189,6 @@ def test_complete_gives_the_final_at_the_pause_after_a_tentative(pool, with_judg
     assert len(f_off) == 1 and f_off[0]["text"] == final["text"] and f_off[0]["at"] >= final["at"] + 0.4, off
 
 
-def test_the_tentative_does_not_wait_for_the_engines_text_signal(pool, with_judge, monkeypatch):
-    """The engine's text signal at the pause (Whisper's end-mark pass: 0.1-0.26 s on this CPU) is the
-    judge's to ask, in its round on the next feed: the tentative, and the speculative reply started
-    on it, go out right after the decode (before, the pause's feed asked for it first)."""
-    with_judge(FakeJudge(0.99))
-    asked: List[str] = []
-    real = pool.run_list
-    monkeypatch.setattr(pool, "run_list", lambda reqs: (asked.extend(type(r).__name__ for r in reqs), real(reqs))[1])
-    e = pool.open("j-order", partials=False)
-    e.set_early_silence(0.3)
-    e.set_sentence_end(True)
-    x = np.concatenate([pcm_f32("01.wav"), silence(2.0)])
-    feeds = []
-    for i in range(0, len(x), 3200):
-        asked.clear()
-        feeds.append(([ev["type"] for ev in e.feed(x[i:i + 3200])], list(asked)))
-    at = next(i for i, (types, _) in enumerate(feeds) if "tentative" in types)
-    assert "Decode" in feeds[at][1] and "SentenceEnd" not in feeds[at][1], feeds[at]
-    assert feeds[at + 1][0] == ["final"] and feeds[at + 1][1][-2:] == ["SentenceEnd", "TurnCheck"], feeds[at + 1]
-
-
 def test_unfinished_waits_past_the_vad_silence_and_the_rest_joins_the_same_utterance(pool, with_judge):
     """A 1.2 s pause mid-sentence: the VAD alone makes two finals (its 0.8 s end silence); the
     judge calling the first part unfinished keeps one utterance, decoded whole."""

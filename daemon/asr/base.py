@@ -29,7 +29,7 @@ from daemon.engines import (ASREvent, Capabilities, Fallback, FinalEvent, Resume
 from daemon.errors import AudioError, ErrorCode, S2SError, UnsupportedError
 from daemon.rules import check_language, clean_hotwords
 from daemon.asr.steps import run_steps
-from daemon.asr.turn_judge import (PRE_SPEECH, WINDOW, TurnCheck, TurnJudge, decide, sentence_ended,
+from daemon.asr.turn_judge import (PRE_SPEECH, WINDOW, TextSignal, TurnCheck, TurnJudge, decide, sentence_ended,
                                    text_says_end, text_signal, unfinished_words)
 from daemon.asr.vad import SAMPLE_RATE, VADBlock, VADEvent
 
@@ -132,8 +132,8 @@ class StreamingEngine:
         self._utt = 0
         self._tentative: Optional[Tuple[int, str]] = None  # (utterance, text) of the open pause
         self.sentence_end, self._text_end = False, TurnConfig.judge_text_end  # a pause after a whole sentence ends it
-        # The paused utterance the turn judge has yet to weigh: (utterance, text, its speech).
-        self._judge_due: Optional[Tuple[int, str, np.ndarray]] = None
+        # The paused utterance the turn judge has yet to weigh: (utterance, text, text signal).
+        self._judge_due: Optional[Tuple[int, str, TextSignal]] = None
         if hotwords:
             self.set_hotwords(hotwords)
 
@@ -272,9 +272,9 @@ class StreamingEngine:
             judge.count("unfinished")
             self._seg.hold(judge.settings.max_silence)
         elif self.sentence_end and judge is not None and judge.usable:
-            # The turn judge weighs it on the next feed (the engine's text signal too): the tentative
-            # goes out first, so a speculative reply starts while the judge runs.
-            self._judge_due = (self._utt, text, audio)
+            # The turn judge weighs it on the next feed: the tentative goes out first, so a
+            # speculative reply starts while the judge runs.
+            self._judge_due = (self._utt, text, text_signal((yield SentenceEnd(text, audio, self.language))))
         elif self.sentence_end and text_says_end(text) and sentence_ended((yield SentenceEnd(text, audio, self.language)),
                                                                           self._text_end):
             self._tentative = None
@@ -289,12 +289,11 @@ class StreamingEngine:
         """The turn judge's verdict on the paused utterance (daemon/asr/turn_judge.py): complete ->
         the final now (reason `turn`); unfinished -> the VAD's end waits up to turn.max_silence;
         unsure, or the judge failed -> the VAD's end silence (with the text rule of sentence_end)."""
-        (utt, text, speech), self._judge_due = self._judge_due or (0, "", None), None
+        (utt, text, text_end), self._judge_due = self._judge_due or (0, "", None), None
         judge = self.pool.judge
         start = self._seg.utterance_start
         if judge is None or utt != self._utt or not self._seg.paused or start is None:
             return []  # speech went on, or the VAD already ended it
-        text_end = text_signal((yield SentenceEnd(text, speech, self.language)))
         now = self._seg.total
         p = yield TurnCheck(self._seg.audio(max(start - PRE_SPEECH, now - WINDOW), now))
         p = p if isinstance(p, float) else None
